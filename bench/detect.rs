@@ -1,0 +1,106 @@
+//! Detection benchmark: samples/s per round for a fixed configuration on CPU, printed as JSON.
+//!
+//!     cargo run --release --example bench_detect            # synthetic corpus, always available
+//!     cargo run --release --example bench_detect -- sst2    # SST-2 train from ../shared/datasets
+//!
+//! Fixed config: model 2 layers x 128 hidden (4 heads, intermediate 512), vocabulary trained on
+//! the corpus (8,000), preset `paper`, batch 32, max-len 128, seed 42, one epoch per round.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use btu::corpus::CorpusSpec;
+use btu::progress::Hidden;
+
+fn main() {
+    let which = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "synthetic".into());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let corpus: PathBuf = match which.as_str() {
+        "sst2" => {
+            let p =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/sst2/train.parquet");
+            assert!(p.is_file(), "{} is absent", p.display());
+            p
+        }
+        _ => {
+            let p = dir.path().join("synthetic.parquet");
+            let (t, l) = btu::synth::generate(6920, 42);
+            btu::tables::write_parquet(&p, &btu::tables::corpus_batch(&t, &l).unwrap(), true)
+                .unwrap();
+            p
+        }
+    };
+    let poisoned = dir.path().join("poisoned.parquet");
+    btu::poison::run(&btu::poison::PoisonJob {
+        input: CorpusSpec::new(vec![corpus.display().to_string()]),
+        output: poisoned.clone(),
+        overwrite: false,
+        params: btu::poison::PoisonParams {
+            attack: btu::poison::Attack::AddWord,
+            triggers: vec!["cf".into()],
+            sentence: btu::poison::DEFAULT_SENTENCE.into(),
+            rewrite_col: None,
+            rate: 0.1,
+            target: 1,
+            mode: btu::poison::Mode::Dirty,
+            seed: 42,
+        },
+    })
+    .expect("poison");
+    let model = dir.path().join("model");
+    btu::init_model::run(&btu::init_model::InitModelJob {
+        out: model.clone(),
+        overwrite: false,
+        corpus: Some(CorpusSpec {
+            label_col: None,
+            ..CorpusSpec::new(vec![poisoned.display().to_string()])
+        }),
+        tokenizer: None,
+        vocab_size: 8000,
+        size: btu::init_model::ModelSize {
+            layers: 2,
+            hidden: 128,
+            heads: 4,
+            intermediate: 512,
+            max_position: 512,
+            num_labels: 2,
+        },
+        seed: 42,
+    })
+    .expect("init-model");
+    let t0 = Instant::now();
+    let summary = btu::detect::run(
+        &btu::detect::DetectJob {
+            corpus: CorpusSpec::new(vec![poisoned.display().to_string()]),
+            model,
+            out: dir.path().join("detect"),
+            overwrite: false,
+            device: "cpu".into(),
+            params: btu::detect::DetectParams::default(),
+        },
+        &Hidden,
+    )
+    .expect("detect");
+    let rounds: Vec<serde_json::Value> = summary["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::json!({"round": r["round"], "arch": r["arch"], "seconds": r["seconds"], "samples_per_s": r["samples_per_s"]}))
+        .collect();
+    let out = serde_json::json!({
+        "bench": "detect",
+        "corpus": which,
+        "rows": summary["rows"],
+        "model": "2x128 (4 heads, ffn 512), vocab 8000",
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "rounds": rounds,
+        "total_seconds": t0.elapsed().as_secs_f64(),
+        "trigger_flagged": summary["flagged"].as_array().unwrap().iter().any(|t| t["token"] == "cf"),
+    });
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    }
+}

@@ -1,0 +1,308 @@
+//! The command line: clap definitions (shared with tests that parse the workflow files) and the
+//! dispatch from parsed flags to the library's steps. Every flag can also come from `BTU_<FLAG>`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::corpus::CorpusSpec;
+use crate::error::Result;
+use crate::progress::Progress;
+
+/// Backdoor Token Unlearning: find backdoor triggers in text corpora and remove them from models.
+#[derive(Debug, Parser)]
+#[command(name = "btu", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Also write the summary JSON to this file (default /airflow/xcom/return.json when /airflow/xcom exists).
+    #[arg(long, global = true, env = "BTU_SUMMARY")]
+    pub summary: Option<PathBuf>,
+    /// Log filter for stderr (tracing EnvFilter syntax: error, warn, info, debug, btu=debug...).
+    #[arg(long, global = true, env = "BTU_LOG", default_value = "warn")]
+    pub log: String,
+    /// No progress bars on stderr.
+    #[arg(long, global = true, env = "BTU_QUIET")]
+    pub quiet: bool,
+}
+
+/// The steps.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// A random-init BERT classifier in HF layout with a WordPiece vocabulary trained on a corpus.
+    InitModel(InitModelArgs),
+    /// Poison a corpus (Add-Word, Add-Sent, rewrite) for evaluating the defence.
+    Poison(PoisonArgs),
+    /// Stage 1: three detection rounds; writes token_scores.arrow, suspicious_tokens.arrow, summary.json.
+    Detect(DetectArgs),
+    /// The embedded default: synthetic poisoned corpus, small model, detection (no files needed).
+    Demo(DemoArgs),
+    /// Write the JSON schemas of every table (the files committed in schemas/).
+    Schemas(SchemasArgs),
+}
+
+/// How a corpus is read (shared by every command that reads one).
+#[derive(Debug, Clone, Args)]
+pub struct CorpusArgs {
+    /// Text column.
+    #[arg(long, env = "BTU_TEXT_COL", default_value = "text")]
+    pub text_col: String,
+    /// Label column.
+    #[arg(long, env = "BTU_LABEL_COL", default_value = "label")]
+    pub label_col: String,
+    /// SQL predicate over the corpus columns; rows where it is not true are skipped.
+    #[arg(long, env = "BTU_FILTER")]
+    pub filter: Option<String>,
+    /// Read at most this many rows (after --filter and --sample).
+    #[arg(long, env = "BTU_LIMIT")]
+    pub limit: Option<u64>,
+    /// Keep each row with this probability (seeded by --seed).
+    #[arg(long, env = "BTU_SAMPLE")]
+    pub sample: Option<f64>,
+}
+
+impl CorpusArgs {
+    /// The corpus spec for `inputs`.
+    pub fn spec(&self, inputs: Vec<String>, seed: u64, labels: bool) -> CorpusSpec {
+        CorpusSpec {
+            inputs,
+            text_col: self.text_col.clone(),
+            label_col: labels.then(|| self.label_col.clone()),
+            filter: self.filter.clone(),
+            limit: self.limit,
+            sample: self.sample,
+            seed,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InitModelArgs {
+    /// Output model directory.
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    /// Corpus to train the WordPiece vocabulary on (Parquet file, directory or glob).
+    #[arg(long, env = "BTU_CORPUS", num_args = 1..)]
+    pub corpus: Vec<String>,
+    /// Use this tokenizer.json (or vocab.txt / model directory) instead of training one.
+    #[arg(long, env = "BTU_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, env = "BTU_VOCAB_SIZE", default_value_t = 8000)]
+    pub vocab_size: usize,
+    #[arg(long, env = "BTU_LAYERS", default_value_t = 2)]
+    pub layers: usize,
+    #[arg(long, env = "BTU_HIDDEN", default_value_t = 128)]
+    pub hidden: usize,
+    #[arg(long, env = "BTU_HEADS", default_value_t = 2)]
+    pub heads: usize,
+    #[arg(long, env = "BTU_INTERMEDIATE", default_value_t = 512)]
+    pub intermediate: usize,
+    #[arg(long, env = "BTU_MAX_POSITION", default_value_t = 512)]
+    pub max_position: usize,
+    #[arg(long, env = "BTU_NUM_LABELS", default_value_t = 2)]
+    pub num_labels: usize,
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Replace an existing output.
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PoisonArgs {
+    /// Input corpus (Parquet file, directory or glob).
+    #[arg(long, env = "BTU_INPUT", num_args = 1.., required = true)]
+    pub input: Vec<String>,
+    /// Output Parquet file.
+    #[arg(long, env = "BTU_OUTPUT")]
+    pub output: PathBuf,
+    #[arg(long, env = "BTU_ATTACK", value_enum)]
+    pub attack: crate::poison::Attack,
+    /// Trigger word(s) for add-word; one is drawn per poisoned row.
+    #[arg(long, env = "BTU_TRIGGER", default_value = "cf")]
+    pub trigger: Vec<String>,
+    /// Trigger sentence for add-sent.
+    #[arg(long, env = "BTU_SENTENCE", default_value = crate::poison::DEFAULT_SENTENCE)]
+    pub sentence: String,
+    /// Column holding the rewritten text, for rewrite (e.g. style, syntactic).
+    #[arg(long, env = "BTU_REWRITE_COL")]
+    pub rewrite_col: Option<String>,
+    /// Poison rate (fraction of the corpus; of each class in mix mode).
+    #[arg(long, env = "BTU_RATE", default_value_t = 0.1)]
+    pub rate: f64,
+    /// Target label.
+    #[arg(long, env = "BTU_TARGET", default_value_t = 1)]
+    pub target: i64,
+    #[arg(long, env = "BTU_MODE", value_enum, default_value = "dirty")]
+    pub mode: crate::poison::Mode,
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DetectArgs {
+    /// Corpus (Parquet files, directories or globs).
+    #[arg(long, env = "BTU_CORPUS", num_args = 1.., required = true)]
+    pub corpus: Vec<String>,
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, env = "BTU_MODEL")]
+    pub model: PathBuf,
+    /// Output directory.
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    #[arg(long, env = "BTU_PRESET", value_enum, default_value = "paper")]
+    pub preset: crate::detect::Preset,
+    /// Tokens flagged per round, as a percentage of the vocabulary.
+    #[arg(long, env = "BTU_ALPHA", default_value_t = 0.05)]
+    pub alpha: f64,
+    #[arg(long, env = "BTU_LR", default_value_t = 2e-5)]
+    pub lr: f64,
+    #[arg(long, env = "BTU_WEIGHT_DECAY", default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Batch size of every round (default: the preset's).
+    #[arg(long, env = "BTU_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
+    pub max_len: usize,
+    /// Epochs per round (the paper: 1).
+    #[arg(long, env = "BTU_EPOCHS", default_value_t = 1)]
+    pub epochs: usize,
+    /// Number of classes of the head (default: the model config's).
+    #[arg(long, env = "BTU_NUM_LABELS")]
+    pub num_labels: Option<usize>,
+    /// auto, cpu or cuda:N.
+    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    pub device: String,
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the run directory here (default: a temporary directory, removed afterwards).
+    #[arg(long, env = "BTU_OUT")]
+    pub out: Option<PathBuf>,
+    /// Rows of the synthetic corpus.
+    #[arg(long, env = "BTU_ROWS", default_value_t = 2000)]
+    pub rows: usize,
+    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    pub device: String,
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SchemasArgs {
+    /// Directory to write <table>.schema.json files into.
+    #[arg(long, env = "BTU_OUT", default_value = "schemas")]
+    pub out: PathBuf,
+}
+
+/// Run the parsed command; returns its summary JSON.
+pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
+    match &cli.command {
+        Command::InitModel(a) => {
+            let corpus =
+                (!a.corpus.is_empty()).then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false));
+            crate::init_model::run(&crate::init_model::InitModelJob {
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+                corpus,
+                tokenizer: a.tokenizer.clone(),
+                vocab_size: a.vocab_size,
+                size: crate::init_model::ModelSize {
+                    layers: a.layers,
+                    hidden: a.hidden,
+                    heads: a.heads,
+                    intermediate: a.intermediate,
+                    max_position: a.max_position,
+                    num_labels: a.num_labels,
+                },
+                seed: a.seed,
+            })
+        }
+        Command::Poison(a) => crate::poison::run(&crate::poison::PoisonJob {
+            input: a.corpus_args.spec(a.input.clone(), a.seed, true),
+            output: a.output.clone(),
+            overwrite: a.overwrite,
+            params: crate::poison::PoisonParams {
+                attack: a.attack,
+                triggers: a.trigger.clone(),
+                sentence: a.sentence.clone(),
+                rewrite_col: a.rewrite_col.clone(),
+                rate: a.rate,
+                target: a.target,
+                mode: a.mode,
+                seed: a.seed,
+            },
+        }),
+        Command::Detect(a) => crate::detect::run(
+            &crate::detect::DetectJob {
+                corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
+                model: a.model.clone(),
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+                device: a.device.clone(),
+                params: crate::detect::DetectParams {
+                    preset: a.preset,
+                    alpha: a.alpha,
+                    lr: a.lr,
+                    weight_decay: a.weight_decay,
+                    batch_size: a.batch_size,
+                    max_len: a.max_len,
+                    epochs: a.epochs,
+                    seed: a.seed,
+                    num_labels: a.num_labels,
+                },
+            },
+            progress,
+        ),
+        Command::Demo(a) => crate::demo::run(
+            &crate::demo::DemoJob {
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+                rows: a.rows,
+                seed: a.seed,
+                device: a.device.clone(),
+            },
+            progress,
+        ),
+        Command::Schemas(a) => {
+            std::fs::create_dir_all(&a.out).map_err(|e| crate::BtuError::io(&a.out, e))?;
+            let mut written = Vec::new();
+            for (name, schema, keys) in crate::tables::all_schemas() {
+                let p = a.out.join(format!("{name}.schema.json"));
+                let text =
+                    serde_json::to_string_pretty(&crate::tables::schema_json(name, &schema, &keys))
+                        .map_err(crate::BtuError::internal)?;
+                crate::output::write_file_atomic(&p, true, |f| {
+                    use std::io::Write;
+                    f.write_all((text + "\n").as_bytes())
+                        .map_err(|e| crate::BtuError::io(&p, e))
+                })?;
+                written.push(p);
+            }
+            Ok(serde_json::json!({"command": "schemas", "written": written}))
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! Corpus ingest through DataFusion: Parquet files, directories or globs, read file by file in a
+//! fixed order and streamed as record batches (never the whole corpus at once), with column and
+//! type checks, an optional SQL filter, `--limit` / `--sample`, and a fingerprint for provenance.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::DataType;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{BtuError, Result};
+
+/// The shared tokio runtime DataFusion runs on.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    })
+}
+
+/// What to read and how.
+#[derive(Debug, Clone, Serialize)]
+pub struct CorpusSpec {
+    /// Files, directories or glob patterns.
+    pub inputs: Vec<String>,
+    /// Text column (`--text-col`).
+    pub text_col: String,
+    /// Label column (`--label-col`); `None` when labels are not needed.
+    pub label_col: Option<String>,
+    /// SQL predicate over the corpus columns (`--filter`).
+    pub filter: Option<String>,
+    /// Stop after this many rows (`--limit`), counted after filter and sample.
+    pub limit: Option<u64>,
+    /// Keep each row with this probability, decided by a seeded hash of its position (`--sample`).
+    pub sample: Option<f64>,
+    /// Seed of `--sample`.
+    pub seed: u64,
+}
+
+impl CorpusSpec {
+    /// A spec reading `inputs` with the default columns `text` and `label`.
+    pub fn new(inputs: Vec<String>) -> Self {
+        CorpusSpec {
+            inputs,
+            text_col: "text".into(),
+            label_col: Some("label".into()),
+            filter: None,
+            limit: None,
+            sample: None,
+            seed: 0,
+        }
+    }
+}
+
+/// One input file.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InputFile {
+    /// Path as given or resolved.
+    pub path: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// Provenance of a corpus read: which files, how many rows, and a hash of their content.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Fingerprint {
+    pub files: Vec<InputFile>,
+    pub rows: u64,
+    /// sha256 over every row's text and label, in reading order.
+    pub content_sha256: String,
+    pub filter: Option<String>,
+    pub limit: Option<u64>,
+    pub sample: Option<f64>,
+}
+
+impl Fingerprint {
+    /// JSON form for table metadata and summaries.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).expect("fingerprint serializes")
+    }
+}
+
+/// A batch of corpus rows, already checked: texts non-null, labels non-null integers.
+pub struct CorpusBatch {
+    /// File the rows come from.
+    pub source: Arc<str>,
+    /// Row numbers within that file (0-based, before filtering).
+    pub rows: Vec<u64>,
+    /// The texts.
+    pub texts: Vec<String>,
+    /// The labels, when a label column was asked for.
+    pub labels: Option<Vec<i64>>,
+    /// The full input batch (all columns), rows aligned with `texts`.
+    pub batch: RecordBatch,
+}
+
+/// Resolve inputs (files, directories, globs) into a sorted, de-duplicated file list.
+pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
+    if inputs.is_empty() {
+        return Err(BtuError::config(
+            "--corpus",
+            "no corpus given; name one or more Parquet files, directories or globs",
+        ));
+    }
+    let mut files: Vec<PathBuf> = Vec::new();
+    for input in inputs {
+        let local = input.strip_prefix("file://").unwrap_or(input);
+        if local.contains(['*', '?', '[']) {
+            let mut hits: Vec<PathBuf> = glob::glob(local)
+                .map_err(|e| BtuError::config("--corpus", format!("bad glob '{input}': {e}")))?
+                .filter_map(|p| p.ok())
+                .filter(|p| p.is_file())
+                .collect();
+            if hits.is_empty() {
+                return Err(BtuError::missing(input, "the glob matched no file"));
+            }
+            hits.sort();
+            files.extend(hits);
+            continue;
+        }
+        let p = Path::new(local);
+        let meta = std::fs::metadata(p).map_err(|_| {
+            BtuError::missing(
+                input,
+                "check the path of the corpus (a Parquet file, directory or glob)",
+            )
+        })?;
+        if meta.is_dir() {
+            let mut hits = Vec::new();
+            collect_parquet(p, &mut hits).map_err(|e| BtuError::io(p, e))?;
+            if hits.is_empty() {
+                return Err(BtuError::missing(
+                    input,
+                    "the directory holds no *.parquet file",
+                ));
+            }
+            hits.sort();
+            files.extend(hits);
+        } else {
+            files.push(p.to_path_buf());
+        }
+    }
+    files.dedup();
+    files
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::metadata(&p)
+                .map_err(|e| BtuError::io(&p, e))?
+                .len();
+            Ok(InputFile {
+                path: p.display().to_string(),
+                bytes,
+            })
+        })
+        .collect()
+}
+
+fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        let name = p.file_name().and_then(|s| s.to_str()).unwrap_or("");
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        if p.is_dir() {
+            collect_parquet(&p, out)?;
+        } else if name.ends_with(".parquet") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn check_parquet_magic(f: &InputFile) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = || {
+        BtuError::bad_data(
+            &f.path,
+            "not a Parquet file (no PAR1 magic); pass Parquet files only",
+        )
+    };
+    if f.bytes < 12 {
+        return Err(bad());
+    }
+    let mut file = std::fs::File::open(&f.path).map_err(|e| BtuError::io(&f.path, e))?;
+    let mut head = [0u8; 4];
+    let mut tail = [0u8; 4];
+    file.read_exact(&mut head)
+        .map_err(|e| BtuError::io(&f.path, e))?;
+    file.seek(SeekFrom::End(-4))
+        .map_err(|e| BtuError::io(&f.path, e))?;
+    file.read_exact(&mut tail)
+        .map_err(|e| BtuError::io(&f.path, e))?;
+    if &head != b"PAR1" || &tail != b"PAR1" {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+fn df_err(src: &str, e: impl std::fmt::Display) -> BtuError {
+    BtuError::bad_data(src, format!("cannot read as Parquet: {e}"))
+}
+
+/// Whether a data type holds text.
+fn is_text(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+fn is_integer(t: &DataType) -> bool {
+    t.is_integer()
+}
+
+/// Deterministic keep/drop for `--sample`: a SplitMix64 hash of (seed, position).
+fn sample_keep(seed: u64, position: u64, fraction: f64) -> bool {
+    let mut z = seed ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 11) as f64 / (1u64 << 53) as f64) < fraction
+}
+
+/// Read the corpus batch by batch, calling `each` for every checked batch; returns the
+/// fingerprint of what was read. Fails on an empty result.
+pub fn read_corpus(
+    spec: &CorpusSpec,
+    mut each: impl FnMut(CorpusBatch) -> Result<()>,
+) -> Result<Fingerprint> {
+    if let Some(s) = spec.sample {
+        if !(s > 0.0 && s <= 1.0) {
+            return Err(BtuError::config(
+                "--sample",
+                format!("{s} is not a fraction in (0, 1]"),
+            ));
+        }
+    }
+    let files = resolve_inputs(&spec.inputs)?;
+    for f in &files {
+        check_parquet_magic(f)?;
+    }
+    let mut hasher = Sha256::new();
+    let mut rows_out: u64 = 0;
+    let mut position: u64 = 0;
+    let rt = runtime();
+    rt.block_on(async {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+        'files: for f in &files {
+            if spec.limit.is_some_and(|l| rows_out >= l) {
+                break;
+            }
+            let ext = Path::new(&f.path).extension().and_then(|e| e.to_str()).unwrap_or("");
+            let ext = if ext.is_empty() { String::new() } else { format!(".{ext}") };
+            let opts = ParquetReadOptions { file_extension: &ext, ..Default::default() };
+            let df = ctx.read_parquet(f.path.clone(), opts).await.map_err(|e| df_err(&f.path, e))?;
+            let schema = df.schema().as_arrow().clone();
+            let text_field = schema.field_with_name(&spec.text_col).map_err(|_| {
+                BtuError::bad_data(
+                    &f.path,
+                    format!(
+                        "missing text column '{}' (columns: {}); name it with --text-col",
+                        spec.text_col,
+                        column_names(&schema)
+                    ),
+                )
+            })?;
+            if !is_text(text_field.data_type()) {
+                return Err(BtuError::bad_data(
+                    &f.path,
+                    format!("text column '{}' has type {}, expected a string type; pick another with --text-col", spec.text_col, text_field.data_type()),
+                ));
+            }
+            if let Some(lc) = &spec.label_col {
+                let lf = schema.field_with_name(lc).map_err(|_| {
+                    BtuError::bad_data(
+                        &f.path,
+                        format!("missing label column '{lc}' (columns: {}); name it with --label-col", column_names(&schema)),
+                    )
+                })?;
+                if !is_integer(lf.data_type()) {
+                    return Err(BtuError::bad_data(
+                        &f.path,
+                        format!("label column '{lc}' has type {}, expected integers; pick another with --label-col", lf.data_type()),
+                    ));
+                }
+            }
+            let df_schema = df.schema().clone();
+            let predicate = match &spec.filter {
+                Some(sql) => {
+                    let expr = df.parse_sql_expr(sql).map_err(|e| BtuError::config("--filter", format!("'{sql}': {e}")))?;
+                    Some(
+                        ctx.create_physical_expr(expr, &df_schema)
+                            .map_err(|e| BtuError::config("--filter", format!("'{sql}': {e}")))?,
+                    )
+                }
+                None => None,
+            };
+            let mut stream = df.execute_stream().await.map_err(|e| df_err(&f.path, e))?;
+            let source: Arc<str> = Arc::from(f.path.as_str());
+            let mut file_row: u64 = 0;
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(|e| df_err(&f.path, e))?;
+                let n = batch.num_rows();
+                let mut keep: Vec<bool> = vec![true; n];
+                if let Some(p) = &predicate {
+                    let v = p
+                        .evaluate(&batch)
+                        .and_then(|v| v.into_array(n))
+                        .map_err(|e| BtuError::config("--filter", format!("cannot evaluate: {e}")))?;
+                    let mask = v.as_boolean_opt().ok_or_else(|| {
+                        BtuError::config("--filter", "the predicate must be a boolean expression")
+                    })?;
+                    for (i, k) in keep.iter_mut().enumerate() {
+                        *k = mask.is_valid(i) && mask.value(i);
+                    }
+                }
+                let mut idx: Vec<u64> = Vec::new();
+                for (i, k) in keep.iter().enumerate() {
+                    if *k {
+                        let pos = position;
+                        position += 1;
+                        if spec.sample.is_some_and(|s| !sample_keep(spec.seed, pos, s)) {
+                            continue;
+                        }
+                        if spec.limit.is_some_and(|l| rows_out + idx.len() as u64 >= l) {
+                            break;
+                        }
+                        idx.push(i as u64);
+                    }
+                }
+                let first = file_row;
+                file_row += n as u64;
+                if idx.is_empty() {
+                    continue;
+                }
+                let take = arrow::array::UInt64Array::from(idx.clone());
+                let batch = arrow::compute::take_record_batch(&batch, &take)
+                    .map_err(|e| BtuError::internal(format!("take: {e}")))?;
+                let cb = check_batch(spec, &f.path, source.clone(), batch, idx.iter().map(|i| first + i).collect())?;
+                for (i, t) in cb.texts.iter().enumerate() {
+                    hasher.update((t.len() as u64).to_le_bytes());
+                    hasher.update(t.as_bytes());
+                    if let Some(l) = &cb.labels {
+                        hasher.update(l[i].to_le_bytes());
+                    }
+                }
+                rows_out += cb.texts.len() as u64;
+                each(cb)?;
+                if spec.limit.is_some_and(|l| rows_out >= l) {
+                    break 'files;
+                }
+            }
+        }
+        Ok::<(), BtuError>(())
+    })?;
+    if rows_out == 0 {
+        let what = files
+            .iter()
+            .map(|f| f.path.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(BtuError::bad_data(
+            what,
+            "the corpus has no rows (after --filter/--sample/--limit); give a corpus with data",
+        ));
+    }
+    Ok(Fingerprint {
+        files,
+        rows: rows_out,
+        content_sha256: hex::encode(hasher.finalize()),
+        filter: spec.filter.clone(),
+        limit: spec.limit,
+        sample: spec.sample,
+    })
+}
+
+fn column_names(schema: &arrow::datatypes::Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_batch(
+    spec: &CorpusSpec,
+    path: &str,
+    source: Arc<str>,
+    batch: RecordBatch,
+    rows: Vec<u64>,
+) -> Result<CorpusBatch> {
+    let text = batch.column_by_name(&spec.text_col).expect("checked above");
+    let text: ArrayRef = arrow::compute::cast(text, &DataType::Utf8)
+        .map_err(|e| BtuError::bad_data(path, e.to_string()))?;
+    let text = text
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("cast to Utf8");
+    if text.null_count() > 0 {
+        let i = (0..text.len()).find(|&i| text.is_null(i)).unwrap_or(0);
+        return Err(BtuError::bad_data(
+            path,
+            format!(
+                "text column '{}' is null at row {}; drop such rows with --filter \"{} IS NOT NULL\"",
+                spec.text_col, rows[i], spec.text_col
+            ),
+        ));
+    }
+    let texts: Vec<String> = text
+        .iter()
+        .map(|t| t.unwrap_or_default().to_string())
+        .collect();
+    let labels = match &spec.label_col {
+        Some(lc) => {
+            let l = batch.column_by_name(lc).expect("checked above");
+            let l = arrow::compute::cast(l, &DataType::Int64)
+                .map_err(|e| BtuError::bad_data(path, e.to_string()))?;
+            let l = l
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("cast to Int64");
+            if l.null_count() > 0 {
+                let i = (0..l.len()).find(|&i| l.is_null(i)).unwrap_or(0);
+                return Err(BtuError::bad_data(
+                    path,
+                    format!("label column '{lc}' is null at row {}; drop such rows with --filter \"{lc} IS NOT NULL\"", rows[i]),
+                ));
+            }
+            Some(l.values().to_vec())
+        }
+        None => None,
+    };
+    Ok(CorpusBatch {
+        source,
+        rows,
+        texts,
+        labels,
+        batch,
+    })
+}
+
+/// A boolean mask helper for callers that build filtered batches.
+pub fn mask(values: Vec<bool>) -> BooleanArray {
+    BooleanArray::from(values)
+}

@@ -1,0 +1,549 @@
+//! Stage 1 of BTU: backdoor token detection in three rounds (btu-spec.md). Each round starts
+//! again from the reference word embeddings, trains one epoch, and scores every token by how far
+//! its embedding row moved; the top `k = ceil(alpha% * |V|)` non-special tokens of each round
+//! form that round's set and their union is the suspicious set `T`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::corpus::{read_corpus, CorpusSpec, Fingerprint};
+use crate::error::{BtuError, Result};
+use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
+use crate::model::{Arch, BertClassifier, Trainable};
+use crate::progress::Progress;
+use crate::tables::{SuspiciousToken, TokenScore};
+use crate::tokenize::{delete_tokens, BtuTokenizer};
+use crate::train::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
+
+/// Which variant of the algorithm runs (btu-spec.md, stage 1 table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// The paper: full model, then `M*` twice (round 3 without the round-2 tokens).
+    Paper,
+    /// The authors' released code: "pruned" model twice (round 2 without round-1 tokens), then the full model.
+    ReferenceCode,
+}
+
+/// Which corpus a round trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoundData {
+    /// The corpus as read.
+    Corpus,
+    /// The corpus with every occurrence of the tokens selected in round `n` deleted.
+    WithoutRound(u8),
+}
+
+/// The plan of one round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundPlan {
+    pub round: u8,
+    pub arch: Arch,
+    pub trainable: Trainable,
+    pub batch_size: usize,
+    pub pad_to: Option<usize>,
+    pub data: RoundData,
+}
+
+/// Parameters of detection.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectParams {
+    pub preset: Preset,
+    /// Percentage of the vocabulary selected per round.
+    pub alpha: f64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Overrides the preset's batch sizes.
+    pub batch_size: Option<usize>,
+    pub max_len: usize,
+    pub epochs: usize,
+    pub seed: u64,
+    /// Overrides the model config's number of classes.
+    pub num_labels: Option<usize>,
+}
+
+impl Default for DetectParams {
+    fn default() -> Self {
+        DetectParams {
+            preset: Preset::Paper,
+            alpha: 0.05,
+            lr: 2e-5,
+            weight_decay: 0.01,
+            batch_size: None,
+            max_len: 128,
+            epochs: 1,
+            seed: 42,
+            num_labels: None,
+        }
+    }
+}
+
+/// The three rounds of a preset.
+pub fn plan(p: &DetectParams) -> Vec<RoundPlan> {
+    let bs = |d: usize| p.batch_size.unwrap_or(d);
+    match p.preset {
+        Preset::Paper => vec![
+            RoundPlan {
+                round: 1,
+                arch: Arch::Full,
+                trainable: Trainable::WordEmbeddings,
+                batch_size: bs(32),
+                pad_to: None,
+                data: RoundData::Corpus,
+            },
+            RoundPlan {
+                round: 2,
+                arch: Arch::WordMean,
+                trainable: Trainable::WordEmbeddings,
+                batch_size: bs(32),
+                pad_to: None,
+                data: RoundData::Corpus,
+            },
+            RoundPlan {
+                round: 3,
+                arch: Arch::WordMean,
+                trainable: Trainable::WordEmbeddings,
+                batch_size: bs(32),
+                pad_to: None,
+                data: RoundData::WithoutRound(2),
+            },
+        ],
+        Preset::ReferenceCode => vec![
+            RoundPlan {
+                round: 1,
+                arch: Arch::EmbeddingMean,
+                trainable: Trainable::EmbeddingBlockAndHead,
+                batch_size: bs(256),
+                pad_to: Some(p.max_len),
+                data: RoundData::Corpus,
+            },
+            RoundPlan {
+                round: 2,
+                arch: Arch::EmbeddingMean,
+                trainable: Trainable::EmbeddingBlockAndHead,
+                batch_size: bs(256),
+                pad_to: Some(p.max_len),
+                data: RoundData::WithoutRound(1),
+            },
+            RoundPlan {
+                round: 3,
+                arch: Arch::Full,
+                trainable: Trainable::WordEmbeddings,
+                batch_size: bs(64),
+                pad_to: None,
+                data: RoundData::Corpus,
+            },
+        ],
+    }
+}
+
+/// `k = ceil(alpha% * |V|)`, at least 1.
+pub fn top_k(alpha: f64, vocab: usize) -> usize {
+    ((alpha / 100.0 * vocab as f64).ceil() as usize).max(1)
+}
+
+/// A tokenized corpus with its labels.
+pub struct TokenizedCorpus {
+    pub seqs: Vec<Vec<u32>>,
+    pub labels: Vec<u32>,
+    pub fingerprint: Fingerprint,
+}
+
+/// Read and tokenize a labelled corpus, checking labels against `num_labels`.
+pub fn load_corpus(
+    spec: &CorpusSpec,
+    tok: &BtuTokenizer,
+    max_len: usize,
+    num_labels: usize,
+) -> Result<TokenizedCorpus> {
+    let mut seqs = Vec::new();
+    let mut labels = Vec::new();
+    let fingerprint = read_corpus(spec, |b| {
+        let ls = b.labels.as_ref().expect("labels requested");
+        for (i, &l) in ls.iter().enumerate() {
+            if l < 0 || l as usize >= num_labels {
+                return Err(BtuError::bad_data(
+                    b.source.to_string(),
+                    format!(
+                        "label {l} at row {} is outside the model's {num_labels} classes (0..{}); pass --num-labels or fix the label column",
+                        b.rows[i],
+                        num_labels - 1
+                    ),
+                ));
+            }
+            labels.push(l as u32);
+        }
+        seqs.extend(tok.encode(&b.texts, max_len)?);
+        Ok(())
+    })?;
+    Ok(TokenizedCorpus {
+        seqs,
+        labels,
+        fingerprint,
+    })
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundSummary {
+    pub plan: RoundPlan,
+    pub stats: Vec<EpochStats>,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+    pub selected: Vec<String>,
+    pub selected_ids: Vec<u32>,
+}
+
+/// Everything detection found.
+pub struct Detection {
+    pub scores: Vec<TokenScore>,
+    pub suspicious: Vec<SuspiciousToken>,
+    pub rounds: Vec<RoundSummary>,
+    pub k: usize,
+}
+
+/// Euclidean distance of each row of `a` and `b` ([v, h]).
+pub fn row_distances(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .sqr()?
+        .sum(1)?
+        .sqrt()?;
+    Ok(d.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
+}
+
+/// Rank tokens by distance (largest first, ties by id), specials excluded; returns rank per token.
+pub fn rank(distances: &[f32], special: &BTreeSet<u32>) -> Vec<Option<u32>> {
+    let mut order: Vec<u32> = (0..distances.len() as u32)
+        .filter(|t| !special.contains(t))
+        .collect();
+    order.sort_by(|&a, &b| {
+        distances[b as usize]
+            .total_cmp(&distances[a as usize])
+            .then(a.cmp(&b))
+    });
+    let mut ranks = vec![None; distances.len()];
+    for (r, t) in order.into_iter().enumerate() {
+        ranks[t as usize] = Some(r as u32 + 1);
+    }
+    ranks
+}
+
+/// Run the three rounds on a tokenized corpus.
+pub fn detect(
+    base: &BertClassifier,
+    tok: &BtuTokenizer,
+    corpus: &TokenizedCorpus,
+    params: &DetectParams,
+    dev: &Device,
+    progress: &dyn Progress,
+) -> Result<Detection> {
+    let vocab = base.config.vocab_size;
+    let k = top_k(params.alpha, vocab);
+    let reference = base.word.clone();
+    let mut selected_by_round: BTreeMap<u8, BTreeSet<u32>> = BTreeMap::new();
+    let mut scores = Vec::with_capacity(3 * vocab);
+    let mut rounds = Vec::new();
+    for rp in plan(params) {
+        let t0 = Instant::now();
+        let deleted;
+        let seqs: &[Vec<u32>] = match rp.data {
+            RoundData::Corpus => &corpus.seqs,
+            RoundData::WithoutRound(r) => {
+                let ids = selected_by_round.get(&r).cloned().unwrap_or_default();
+                let ids: BTreeSet<u32> = ids.difference(&tok.special).copied().collect();
+                deleted = delete_tokens(&corpus.seqs, &ids);
+                &deleted
+            }
+        };
+        let mut model = base.clone();
+        let vars = model.make_trainable(rp.trainable)?;
+        let mut opt = AdamW::new(
+            vars.into_iter().map(|(_, v)| v).collect(),
+            AdamWConfig {
+                weight_decay: params.weight_decay,
+                ..AdamWConfig::with_lr(params.lr)
+            },
+        )?;
+        let bar = progress.bar(
+            &format!("detect round {}", rp.round),
+            (seqs.len() * params.epochs) as u64,
+        );
+        bar.set_message(format!("round {}", rp.round));
+        let mut stats = Vec::new();
+        for epoch in 0..params.epochs {
+            let data = EpochData {
+                seqs,
+                labels: &corpus.labels,
+                pad_id: tok.pad_id,
+                batch_size: rp.batch_size,
+                pad_to: rp.pad_to,
+                seed: params
+                    .seed
+                    .wrapping_add(1000 * rp.round as u64 + epoch as u64),
+            };
+            let s = train_epoch(&model, rp.arch, &mut opt, &data, dev, &mut |n, loss| {
+                bar.inc(n as u64);
+                bar.set_message(format!("round {} loss {loss:.4}", rp.round));
+            })?;
+            tracing::info!(
+                round = rp.round,
+                epoch,
+                steps = s.steps,
+                seconds = s.seconds,
+                loss = s.loss_mean,
+                "detection epoch done"
+            );
+            stats.push(s);
+        }
+        bar.finish_and_clear();
+        let dist = row_distances(&reference, &model.word)?;
+        let ranks = rank(&dist, &tok.special);
+        let mut chosen = BTreeSet::new();
+        for t in 0..vocab {
+            let r = ranks[t];
+            let selected = r.is_some_and(|r| r as usize <= k);
+            if selected {
+                chosen.insert(t as u32);
+            }
+            scores.push(TokenScore {
+                round: rp.round,
+                token_id: t as u32,
+                token: tok.token(t as u32),
+                special: tok.special.contains(&(t as u32)),
+                distance: dist[t],
+                rank: r,
+                selected,
+            });
+        }
+        let mut ordered: Vec<u32> = chosen.iter().copied().collect();
+        ordered.sort_by_key(|&t| ranks[t as usize]);
+        let seconds = t0.elapsed().as_secs_f64();
+        let samples: usize = stats.iter().map(|s| s.samples).sum();
+        let train_s: f64 = stats.iter().map(|s| s.seconds).sum();
+        rounds.push(RoundSummary {
+            plan: rp.clone(),
+            samples_per_s: samples as f64 / train_s.max(1e-9),
+            stats,
+            seconds,
+            selected: ordered.iter().map(|&t| tok.token(t)).collect(),
+            selected_ids: ordered,
+        });
+        selected_by_round.insert(rp.round, chosen);
+    }
+    let suspicious = summarize(&scores, &selected_by_round, corpus, vocab);
+    Ok(Detection {
+        scores,
+        suspicious,
+        rounds,
+        k,
+    })
+}
+
+/// Build the `suspicious_tokens` rows: union of the rounds with corpus statistics.
+fn summarize(
+    scores: &[TokenScore],
+    selected: &BTreeMap<u8, BTreeSet<u32>>,
+    corpus: &TokenizedCorpus,
+    vocab: usize,
+) -> Vec<SuspiciousToken> {
+    let union: BTreeSet<u32> = selected.values().flatten().copied().collect();
+    let mut occ: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut docs: BTreeMap<u32, BTreeMap<u32, u64>> = BTreeMap::new();
+    for (s, &label) in corpus.seqs.iter().zip(&corpus.labels) {
+        let mut seen = BTreeSet::new();
+        for &t in s {
+            if union.contains(&t) {
+                *occ.entry(t).or_default() += 1;
+                seen.insert(t);
+            }
+        }
+        for t in seen {
+            *docs.entry(t).or_default().entry(label).or_default() += 1;
+        }
+    }
+    let mut rows: Vec<SuspiciousToken> = union
+        .iter()
+        .map(|&t| {
+            let mine: Vec<&TokenScore> = (0..selected.len())
+                .map(|r| &scores[r * vocab + t as usize])
+                .collect();
+            let rounds: Vec<u8> = selected
+                .iter()
+                .filter(|(_, s)| s.contains(&t))
+                .map(|(r, _)| *r)
+                .collect();
+            let by_label = docs.get(&t).cloned().unwrap_or_default();
+            let documents: u64 = by_label.values().sum();
+            let majority = by_label
+                .iter()
+                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                .map(|(l, n)| (*l as i64, *n));
+            SuspiciousToken {
+                token_id: t,
+                token: mine[0].token.clone(),
+                rounds,
+                best_rank: mine.iter().filter_map(|s| s.rank).min().unwrap_or(0),
+                max_distance: mine.iter().map(|s| s.distance).fold(0.0, f32::max),
+                occurrences: occ.get(&t).copied().unwrap_or(0),
+                documents,
+                majority_label: majority.map(|m| m.0),
+                label_share: majority.map(|m| m.1 as f32 / documents as f32),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        a.best_rank
+            .cmp(&b.best_rank)
+            .then(a.token_id.cmp(&b.token_id))
+    });
+    rows
+}
+
+/// Inputs of `btu detect`.
+pub struct DetectJob {
+    pub corpus: CorpusSpec,
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub overwrite: bool,
+    pub device: String,
+    pub params: DetectParams,
+}
+
+/// `btu detect`: read, tokenize, three rounds, write `token_scores.arrow`,
+/// `suspicious_tokens.arrow` and `summary.json` into `out` atomically; returns the summary.
+pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
+    let t0 = Instant::now();
+    if !(job.params.alpha > 0.0 && job.params.alpha <= 100.0) {
+        return Err(BtuError::config(
+            "--alpha",
+            format!("{} is not a percentage in (0, 100]", job.params.alpha),
+        ));
+    }
+    crate::output::check_output(&job.out, job.overwrite)?;
+    let dev = crate::device::parse_device(&job.device)?;
+    let md = ModelDir::open(&job.model)?;
+    let tok = BtuTokenizer::load(&job.model)?;
+    if tok.vocab_size() > md.config.vocab_size {
+        return Err(BtuError::bad_data(
+            job.model.display().to_string(),
+            format!(
+                "tokenizer has {} tokens but the model's vocab_size is {}",
+                tok.vocab_size(),
+                md.config.vocab_size
+            ),
+        ));
+    }
+    let model_sha = sha256_file(&md.weights)?;
+    let base = load_model(&md, job.params.num_labels, job.params.seed, &dev)?;
+    let corpus = load_corpus(&job.corpus, &tok, job.params.max_len, base.config.labels())?;
+    tracing::info!(rows = corpus.seqs.len(), "corpus tokenized");
+    let det = detect(&base, &tok, &corpus, &job.params, &dev, progress)?;
+
+    let params = json!({
+        "params": job.params,
+        "rounds": plan(&job.params),
+        "text_col": job.corpus.text_col,
+        "label_col": job.corpus.label_col,
+        "k": det.k,
+    });
+    let meta = crate::tables::TableMeta {
+        command: "detect".into(),
+        params,
+        model_sha256: model_sha.clone(),
+        corpus_fingerprint: Some(corpus.fingerprint.to_json()),
+        extra: vec![],
+    };
+    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    let scores = crate::tables::token_scores_batch(&det.scores, &meta)?;
+    crate::tables::write_ipc(&out.path("token_scores.arrow"), &scores, false)?;
+    let sus = crate::tables::suspicious_tokens_batch(&det.suspicious, &meta)?;
+    crate::tables::write_ipc(&out.path("suspicious_tokens.arrow"), &sus, false)?;
+    let summary = json!({
+        "command": "detect",
+        "version": crate::VERSION,
+        "out": job.out,
+        "preset": job.params.preset,
+        "alpha": job.params.alpha,
+        "k": det.k,
+        "vocab_size": base.config.vocab_size,
+        "rows": corpus.seqs.len(),
+        "device": crate::device::device_name(&dev),
+        "model": job.model,
+        "model_sha256": model_sha,
+        "corpus": corpus.fingerprint.to_json(),
+        "rounds": det.rounds.iter().map(|r| json!({
+            "round": r.plan.round,
+            "arch": r.plan.arch,
+            "trainable": r.plan.trainable,
+            "batch_size": r.plan.batch_size,
+            "data": r.plan.data,
+            "seconds": r.seconds,
+            "samples_per_s": r.samples_per_s,
+            "steps": r.stats.iter().map(|s| s.steps).sum::<usize>(),
+            "loss_first": r.stats.first().map(|s| s.loss_first),
+            "loss_mean": r.stats.iter().map(|s| s.loss_mean).sum::<f64>() / r.stats.len().max(1) as f64,
+            "loss_last": r.stats.last().map(|s| s.loss_last),
+            "selected": r.selected,
+        })).collect::<Vec<_>>(),
+        "flagged": det.suspicious,
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    out.write(
+        "summary.json",
+        (serde_json::to_string_pretty(&summary).map_err(BtuError::internal)? + "\n").as_bytes(),
+    )?;
+    out.commit()?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k_is_a_percentage_of_the_vocabulary() {
+        assert_eq!(top_k(0.05, 30522), 16); // ceil(15.261)
+        assert_eq!(top_k(0.05, 35022), 18);
+        assert_eq!(top_k(0.05, 100), 1);
+        assert_eq!(top_k(1.0, 400), 4);
+    }
+
+    #[test]
+    fn ranking_excludes_specials_and_breaks_ties_by_id() {
+        let d = [9.0, 5.0, 7.0, 7.0, 1.0];
+        let special: BTreeSet<u32> = [0].into_iter().collect();
+        let r = rank(&d, &special);
+        assert_eq!(r, vec![None, Some(3), Some(1), Some(2), Some(4)]);
+    }
+
+    #[test]
+    fn presets_plan_the_rounds_of_the_spec() {
+        let p = DetectParams::default();
+        let paper = plan(&p);
+        assert_eq!(
+            paper.iter().map(|r| r.arch).collect::<Vec<_>>(),
+            [Arch::Full, Arch::WordMean, Arch::WordMean]
+        );
+        assert_eq!(paper[2].data, RoundData::WithoutRound(2));
+        assert!(paper
+            .iter()
+            .all(|r| r.trainable == Trainable::WordEmbeddings && r.batch_size == 32));
+        let rc = plan(&DetectParams {
+            preset: Preset::ReferenceCode,
+            ..p
+        });
+        assert_eq!(rc[1].data, RoundData::WithoutRound(1));
+        assert_eq!(
+            rc.iter().map(|r| r.batch_size).collect::<Vec<_>>(),
+            [256, 256, 64]
+        );
+        assert_eq!(rc[0].pad_to, Some(128));
+        assert_eq!(rc[2].arch, Arch::Full);
+    }
+}

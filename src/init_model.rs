@@ -1,0 +1,163 @@
+//! `btu init-model`: the embedded default model. A randomly initialised BERT classifier (sizes
+//! by flag, seeded) in Hugging Face layout, with a WordPiece vocabulary trained on a corpus or a
+//! given `tokenizer.json`.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::corpus::{read_corpus, CorpusSpec};
+use crate::error::{BtuError, Result};
+use crate::model::checkpoint::save_model;
+use crate::model::{BertClassifier, BertConfig};
+use crate::tokenize::{BtuTokenizer, SPECIAL_NAMES};
+
+/// Model sizes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSize {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub max_position: usize,
+    pub num_labels: usize,
+}
+
+/// Inputs of `btu init-model`.
+pub struct InitModelJob {
+    pub out: PathBuf,
+    pub overwrite: bool,
+    pub corpus: Option<CorpusSpec>,
+    pub tokenizer: Option<PathBuf>,
+    pub vocab_size: usize,
+    pub size: ModelSize,
+    pub seed: u64,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> BtuError {
+    BtuError::internal(format!("tokenizer training: {e}"))
+}
+
+/// Train an uncased BERT WordPiece tokenizer (`[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`).
+pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    let wp = WordPiece::builder()
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(tok_err)?;
+    let mut tok = Tokenizer::new(wp);
+    tok.with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+        .map_err(tok_err)?;
+    tok.with_pre_tokenizer(Some(BertPreTokenizer));
+    tok.with_decoder(Some(WordPieceDecoder::default()));
+    let trainer = WordPieceTrainer::builder()
+        .vocab_size(vocab_size)
+        .min_frequency(1)
+        .show_progress(false)
+        .special_tokens(
+            SPECIAL_NAMES
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
+        .build();
+    let mut trainer = TrainerWrapper::WordPieceTrainer(trainer);
+    tok.train(&mut trainer, texts.iter()).map_err(tok_err)?;
+    let sep = tok
+        .token_to_id("[SEP]")
+        .ok_or_else(|| tok_err("no [SEP]"))?;
+    let cls = tok
+        .token_to_id("[CLS]")
+        .ok_or_else(|| tok_err("no [CLS]"))?;
+    tok.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".into(), sep),
+        ("[CLS]".into(), cls),
+    )));
+    Ok(tok)
+}
+
+/// A BERT config of the given sizes.
+pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertConfig {
+    let mut c = BertConfig {
+        vocab_size,
+        hidden_size: s.hidden,
+        num_hidden_layers: s.layers,
+        num_attention_heads: s.heads,
+        intermediate_size: s.intermediate,
+        hidden_act: "gelu".into(),
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        max_position_embeddings: s.max_position,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        pad_token_id,
+        num_labels: None,
+        id2label: None,
+        extra: Default::default(),
+    };
+    c.set_labels(s.num_labels);
+    c
+}
+
+/// `btu init-model`.
+pub fn run(job: &InitModelJob) -> Result<Value> {
+    crate::output::check_output(&job.out, job.overwrite)?;
+    let tokenizer = match (&job.tokenizer, &job.corpus) {
+        (Some(path), _) => BtuTokenizer::load(path)?.inner().clone(),
+        (None, Some(spec)) => {
+            if job.vocab_size < 100 {
+                return Err(BtuError::config("--vocab-size", "give at least 100 tokens"));
+            }
+            let mut texts = Vec::new();
+            read_corpus(spec, |b| {
+                texts.extend(b.texts);
+                Ok(())
+            })?;
+            train_wordpiece(&texts, job.vocab_size)?
+        }
+        (None, None) => {
+            return Err(BtuError::config(
+                "--corpus",
+                "init-model needs --corpus (to train a WordPiece vocabulary) or --tokenizer",
+            ))
+        }
+    };
+    let tok = BtuTokenizer::from_tokenizer(tokenizer, PathBuf::from("tokenizer.json"))?;
+    let config = config_for(tok.vocab_size(), &job.size, tok.pad_id);
+    config.validate("--hidden/--heads")?;
+    let model = BertClassifier::random(config, job.seed, &Device::Cpu)?;
+    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    let meta = [
+        ("btu:command".to_string(), "init-model".to_string()),
+        ("btu:version".to_string(), crate::VERSION.to_string()),
+        ("btu:seed".to_string(), job.seed.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    save_model(&model, &out.path(""), meta)?;
+    tok.inner()
+        .save(out.path("tokenizer.json"), true)
+        .map_err(|e| {
+            BtuError::io(
+                out.path("tokenizer.json"),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+    out.commit()?;
+    Ok(json!({
+        "command": "init-model",
+        "version": crate::VERSION,
+        "out": job.out,
+        "vocab_size": tok.vocab_size(),
+        "size": job.size,
+        "seed": job.seed,
+    }))
+}

@@ -1,0 +1,72 @@
+//! The `btu` binary: parse flags, set up logging and progress on stderr, run the library, print
+//! the summary JSON on stdout, and turn errors into the documented exit codes.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use btu::cli::{execute, Cli};
+use btu::progress::Progress;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+struct StderrProgress;
+
+impl Progress for StderrProgress {
+    fn bar(&self, label: &str, total: u64) -> ProgressBar {
+        let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}) {msg}",
+            )
+            .expect("valid template"),
+        );
+        b.set_prefix(label.to_string());
+        b
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let progress: Box<dyn Progress> = if cli.global.quiet {
+        Box::new(btu::progress::Hidden)
+    } else {
+        Box::new(StderrProgress)
+    };
+    match execute(&cli, progress.as_ref()) {
+        Ok(summary) => {
+            let text = serde_json::to_string_pretty(&summary).expect("summary serializes");
+            let target = cli.global.summary.clone().or_else(|| {
+                let xcom = std::path::Path::new("/airflow/xcom");
+                xcom.is_dir().then(|| xcom.join("return.json"))
+            });
+            if let Some(p) = target {
+                if let Err(e) = btu::output::write_file_atomic(&p, true, |f| {
+                    f.write_all(text.as_bytes())
+                        .map_err(|e| btu::BtuError::io(&p, e))
+                }) {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(e.exit_code());
+                }
+            }
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! Checkpoints in Hugging Face layout: `config.json`, `model.safetensors`, `tokenizer.json`.
+//! Loads tensor names with or without the `bert.` prefix; writes safetensors with a sorted
+//! header (deterministic bytes) and provenance in `__metadata__`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::{init_linear, BertClassifier, BertConfig, Layer, Linear, Norm};
+use crate::error::{BtuError, Result};
+
+/// A tensor as stored: safetensors dtype name, shape and little-endian bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Contents of a safetensors file.
+#[derive(Debug, Clone, Default)]
+pub struct SafetensorsFile {
+    pub tensors: BTreeMap<String, RawTensor>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> BtuError {
+    BtuError::bad_data(
+        path.display().to_string(),
+        format!("corrupt safetensors file: {e}"),
+    )
+}
+
+/// Read every tensor of a safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => BtuError::missing(
+            path.display().to_string(),
+            "the model directory needs model.safetensors",
+        ),
+        _ => BtuError::io(path, e),
+    })?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(path, e))?;
+    let mut out = SafetensorsFile::default();
+    if let Some(m) = meta.metadata() {
+        out.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    }
+    for (name, view) in st.tensors() {
+        out.tensors.insert(
+            name,
+            RawTensor {
+                dtype: format!("{:?}", view.dtype()),
+                shape: view.shape().to_vec(),
+                data: view.data().to_vec(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Serialize a safetensors file with tensors and metadata in sorted order (same input, same bytes).
+pub fn safetensors_bytes(file: &SafetensorsFile) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    if !file.metadata.is_empty() {
+        header.insert("__metadata__".into(), json!(file.metadata));
+    }
+    let mut offset = 0usize;
+    for (name, t) in &file.tensors {
+        header.insert(
+            name.clone(),
+            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.data.len()]}),
+        );
+        offset += t.data.len();
+    }
+    let mut h = serde_json::to_string(&serde_json::Value::Object(header))
+        .expect("header serializes")
+        .into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + offset);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    for t in file.tensors.values() {
+        out.extend_from_slice(&t.data);
+    }
+    out
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| BtuError::io(path, e))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+fn dtype_of(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "F64" => DType::F64,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        _ => return None,
+    })
+}
+
+/// A raw tensor as an f32 candle tensor.
+pub fn to_tensor(name: &str, t: &RawTensor, src: &Path, dev: &Device) -> Result<Tensor> {
+    let dt = dtype_of(&t.dtype).ok_or_else(|| {
+        BtuError::bad_data(
+            src.display().to_string(),
+            format!("tensor {name} has unsupported dtype {}", t.dtype),
+        )
+    })?;
+    let x = Tensor::from_raw_buffer(&t.data, dt, &t.shape, &Device::Cpu)
+        .map_err(|e| corrupt(src, format!("{name}: {e}")))?
+        .to_dtype(DType::F32)?;
+    Ok(x.to_device(dev)?)
+}
+
+/// A candle tensor as raw f32 bytes.
+pub fn from_tensor(t: &Tensor) -> Result<RawTensor> {
+    let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    let mut data = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    Ok(RawTensor {
+        dtype: "F32".into(),
+        shape: t.dims().to_vec(),
+        data,
+    })
+}
+
+/// Files of a model directory.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub config: BertConfig,
+    pub weights: PathBuf,
+}
+
+impl ModelDir {
+    /// Check a model directory has `config.json` and `model.safetensors`, and parse the config.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(BtuError::missing(
+                dir.display().to_string(),
+                "give a model directory (config.json, model.safetensors, tokenizer.json)",
+            ));
+        }
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BtuError::missing(
+                cfg_path.display().to_string(),
+                "the model directory needs config.json",
+            ),
+            _ => BtuError::io(&cfg_path, e),
+        })?;
+        let config: BertConfig = serde_json::from_str(&text).map_err(|e| {
+            BtuError::bad_data(
+                cfg_path.display().to_string(),
+                format!("not a BERT config: {e}"),
+            )
+        })?;
+        config.validate(&cfg_path.display().to_string())?;
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(BtuError::missing(
+                weights.display().to_string(),
+                "the model directory has no weights; it needs model.safetensors",
+            ));
+        }
+        Ok(ModelDir {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+        })
+    }
+}
+
+/// Find a tensor under its canonical name, with or without `bert.`, with old gamma/beta names.
+fn find<'a>(file: &'a SafetensorsFile, canonical: &str) -> Option<(&'a String, &'a RawTensor)> {
+    let mut candidates = vec![canonical.to_string(), format!("bert.{canonical}")];
+    if let Some(stem) = canonical.strip_suffix("LayerNorm.weight") {
+        candidates.push(format!("{stem}LayerNorm.gamma"));
+        candidates.push(format!("bert.{stem}LayerNorm.gamma"));
+    }
+    if let Some(stem) = canonical.strip_suffix("LayerNorm.bias") {
+        candidates.push(format!("{stem}LayerNorm.beta"));
+        candidates.push(format!("bert.{stem}LayerNorm.beta"));
+    }
+    candidates
+        .iter()
+        .find_map(|c| file.tensors.get_key_value(c))
+}
+
+/// Load a classifier from a model directory. A missing pooler or classification head (or one
+/// with another number of classes than `num_labels`) is initialised from `head_seed`.
+pub fn load_model(
+    md: &ModelDir,
+    num_labels: Option<usize>,
+    head_seed: u64,
+    dev: &Device,
+) -> Result<BertClassifier> {
+    let file = read_safetensors(&md.weights)?;
+    let mut config = md.config.clone();
+    let labels = num_labels.unwrap_or_else(|| config.labels());
+    config.set_labels(labels);
+    let src = &md.weights;
+    let h = config.hidden_size;
+    let get = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
+        let Some((full, raw)) = find(&file, name) else {
+            return Ok(None);
+        };
+        if raw.shape != shape {
+            return Err(BtuError::bad_data(
+                src.display().to_string(),
+                format!(
+                    "tensor {full} has shape {:?}, config.json implies {:?}",
+                    raw.shape, shape
+                ),
+            ));
+        }
+        let t = to_tensor(full, raw, src, dev)?;
+        let finite = t
+            .abs()?
+            .max_keepdim(0)?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if !finite.is_finite() {
+            return Err(BtuError::bad_data(
+                src.display().to_string(),
+                format!("tensor {full} holds NaN or infinite values"),
+            ));
+        }
+        Ok(Some(t))
+    };
+    let need = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        get(name, shape)?.ok_or_else(|| {
+            BtuError::bad_data(
+                src.display().to_string(),
+                format!("missing tensor {name} (with or without the bert. prefix)"),
+            )
+        })
+    };
+    let lin = |p: &str, inp: usize, out: usize| -> Result<Linear> {
+        Ok(Linear {
+            w: need(&format!("{p}.weight"), &[out, inp])?,
+            b: need(&format!("{p}.bias"), &[out])?,
+        })
+    };
+    let norm = |p: &str| -> Result<Norm> {
+        Ok(Norm {
+            w: need(&format!("{p}.weight"), &[h])?,
+            b: need(&format!("{p}.bias"), &[h])?,
+        })
+    };
+    let word = need("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
+    let position = need(
+        "embeddings.position_embeddings.weight",
+        &[config.max_position_embeddings, h],
+    )?;
+    let token_type = need(
+        "embeddings.token_type_embeddings.weight",
+        &[config.type_vocab_size, h],
+    )?;
+    let emb_norm = norm("embeddings.LayerNorm")?;
+    let mut layers = Vec::new();
+    for i in 0..config.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        layers.push(Layer {
+            query: lin(&format!("{p}.attention.self.query"), h, h)?,
+            key: lin(&format!("{p}.attention.self.key"), h, h)?,
+            value: lin(&format!("{p}.attention.self.value"), h, h)?,
+            attn_out: lin(&format!("{p}.attention.output.dense"), h, h)?,
+            attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+            intermediate: lin(
+                &format!("{p}.intermediate.dense"),
+                h,
+                config.intermediate_size,
+            )?,
+            output: lin(&format!("{p}.output.dense"), config.intermediate_size, h)?,
+            out_norm: norm(&format!("{p}.output.LayerNorm"))?,
+        });
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(head_seed);
+    let pooler = match (
+        get("pooler.dense.weight", &[h, h])?,
+        get("pooler.dense.bias", &[h])?,
+    ) {
+        (Some(w), Some(b)) => Linear { w, b },
+        _ => {
+            tracing::info!(
+                "{}: no pooler weights; initialising a seeded pooler",
+                src.display()
+            );
+            init_linear(&mut rng, h, h, dev)?
+        }
+    };
+    let head = match (
+        file.tensors.get("classifier.weight"),
+        file.tensors.get("classifier.bias"),
+    ) {
+        (Some(w), Some(b)) if w.shape == [labels, h] && b.shape == [labels] => Some(Linear {
+            w: to_tensor("classifier.weight", w, src, dev)?,
+            b: to_tensor("classifier.bias", b, src, dev)?,
+        }),
+        _ => None,
+    };
+    let classifier = match head {
+        Some(l) => l,
+        None => {
+            tracing::info!(
+                "{}: initialising a seeded {labels}-class head",
+                src.display()
+            );
+            init_linear(&mut rng, h, labels, dev)?
+        }
+    };
+    Ok(BertClassifier {
+        config,
+        word,
+        position,
+        token_type,
+        emb_norm,
+        layers,
+        pooler,
+        classifier,
+    })
+}
+
+/// Write `config.json` and `model.safetensors` (HF `BertForSequenceClassification` names:
+/// `bert.` prefix on the encoder, `classifier.*` bare) into `dir`.
+pub fn save_model(
+    model: &BertClassifier,
+    dir: &Path,
+    metadata: BTreeMap<String, String>,
+) -> Result<()> {
+    let mut file = SafetensorsFile {
+        metadata,
+        ..Default::default()
+    };
+    file.metadata.insert("format".into(), "pt".into());
+    for (name, t) in model.named() {
+        let full = if name.starts_with("classifier.") {
+            name
+        } else {
+            format!("bert.{name}")
+        };
+        file.tensors.insert(full, from_tensor(t)?);
+    }
+    let p = dir.join("model.safetensors");
+    std::fs::write(&p, safetensors_bytes(&file)).map_err(|e| BtuError::io(&p, e))?;
+    let mut cfg = model.config.clone();
+    cfg.extra
+        .entry("model_type".to_string())
+        .or_insert(json!("bert"));
+    cfg.extra.insert(
+        "architectures".into(),
+        json!(["BertForSequenceClassification"]),
+    );
+    let p = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&cfg).map_err(BtuError::internal)?;
+    std::fs::write(&p, text + "\n").map_err(|e| BtuError::io(&p, e))?;
+    Ok(())
+}

@@ -1,0 +1,480 @@
+//! BERT-family sequence classifiers in candle, mirroring Hugging Face checkpoints: a `Config`
+//! that mirrors `config.json`, parameters named as in `model.safetensors` (with or without the
+//! `bert.` prefix), a seeded classification head, and forward passes for the three shapes BTU
+//! trains: the full model, word embeddings + mean pooling + head (`M*`), and the embedding
+//! block + mean pooling + head (the released code's "pruned" model).
+
+pub mod checkpoint;
+pub mod ops;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BtuError, Result};
+use ops::{attention_bias, layer_norm, linear, softmax_last};
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+
+/// Mirrors Hugging Face `config.json` for BERT; unknown fields are kept and written back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_labels: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl BertConfig {
+    /// Number of classes of the classification head (`num_labels`, else `id2label`, else 2).
+    pub fn labels(&self) -> usize {
+        self.num_labels
+            .or_else(|| self.id2label.as_ref().map(|m| m.len()))
+            .unwrap_or(2)
+    }
+
+    /// Set the number of classes (and a matching `id2label`).
+    pub fn set_labels(&mut self, n: usize) {
+        self.num_labels = Some(n);
+        self.id2label = Some(
+            (0..n)
+                .map(|i| (i.to_string(), format!("LABEL_{i}")))
+                .collect(),
+        );
+    }
+
+    /// Check the shape facts every forward pass relies on.
+    pub fn validate(&self, src: &str) -> Result<()> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(BtuError::bad_data(
+                src,
+                format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "relu") {
+            return Err(BtuError::bad_data(
+                src,
+                format!("unsupported hidden_act '{}'", self.hidden_act),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `y = x W^T + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear(x, &self.w, Some(&self.b))
+    }
+}
+
+/// LayerNorm parameters.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
+/// One encoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub attn_out: Linear,
+    pub attn_norm: Norm,
+    pub intermediate: Linear,
+    pub output: Linear,
+    pub out_norm: Norm,
+}
+
+/// A BERT encoder with pooler and classification head.
+#[derive(Debug, Clone)]
+pub struct BertClassifier {
+    pub config: BertConfig,
+    pub word: Tensor,
+    pub position: Tensor,
+    pub token_type: Tensor,
+    pub emb_norm: Norm,
+    pub layers: Vec<Layer>,
+    pub pooler: Linear,
+    pub classifier: Linear,
+}
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trainable {
+    /// Only the word-embedding matrix.
+    WordEmbeddings,
+    /// The embedding block (word, position, type embeddings and their LayerNorm) and the head.
+    EmbeddingBlockAndHead,
+    /// Everything.
+    All,
+}
+
+/// How a forward pass pools and which parts it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    /// Encoder, pooler on `[CLS]`, classifier.
+    Full,
+    /// Word embeddings, mean over non-padding tokens, classifier (`M*`).
+    WordMean,
+    /// Embedding block (with LayerNorm), mean over all positions including padding, classifier.
+    EmbeddingMean,
+}
+
+/// Standard-normal samples from a seeded ChaCha stream (Box-Muller), identical on every platform.
+pub fn normal_vec(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
+    use rand::Rng;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        out.push((r * t.cos() * std) as f32);
+        if out.len() < n {
+            out.push((r * t.sin() * std) as f32);
+        }
+    }
+    out
+}
+
+fn randn(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f64, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        normal_vec(rng, shape.0 * shape.1, std),
+        shape,
+        dev,
+    )?)
+}
+
+/// A seeded `Linear(in -> out)` as BERT initialises it: N(0, 0.02) weights, zero bias.
+pub fn init_linear(rng: &mut ChaCha8Rng, inp: usize, out: usize, dev: &Device) -> Result<Linear> {
+    Ok(Linear {
+        w: randn(rng, (out, inp), 0.02, dev)?,
+        b: Tensor::zeros(out, DType::F32, dev)?,
+    })
+}
+
+fn init_norm(h: usize, dev: &Device) -> Result<Norm> {
+    Ok(Norm {
+        w: Tensor::ones(h, DType::F32, dev)?,
+        b: Tensor::zeros(h, DType::F32, dev)?,
+    })
+}
+
+impl BertClassifier {
+    /// A randomly initialised model (BERT's initialisation, padding row zero), seeded.
+    pub fn random(config: BertConfig, seed: u64, dev: &Device) -> Result<Self> {
+        config.validate("config")?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let h = config.hidden_size;
+        let mut word = normal_vec(&mut rng, config.vocab_size * h, 0.02);
+        let p = config.pad_token_id as usize;
+        if p < config.vocab_size {
+            word[p * h..(p + 1) * h].iter_mut().for_each(|v| *v = 0.0);
+        }
+        let word = Tensor::from_vec(word, (config.vocab_size, h), dev)?;
+        let position = randn(&mut rng, (config.max_position_embeddings, h), 0.02, dev)?;
+        let token_type = randn(&mut rng, (config.type_vocab_size, h), 0.02, dev)?;
+        let mut layers = Vec::new();
+        for _ in 0..config.num_hidden_layers {
+            layers.push(Layer {
+                query: init_linear(&mut rng, h, h, dev)?,
+                key: init_linear(&mut rng, h, h, dev)?,
+                value: init_linear(&mut rng, h, h, dev)?,
+                attn_out: init_linear(&mut rng, h, h, dev)?,
+                attn_norm: init_norm(h, dev)?,
+                intermediate: init_linear(&mut rng, h, config.intermediate_size, dev)?,
+                output: init_linear(&mut rng, config.intermediate_size, h, dev)?,
+                out_norm: init_norm(h, dev)?,
+            });
+        }
+        let pooler = init_linear(&mut rng, h, h, dev)?;
+        let classifier = init_linear(&mut rng, h, config.labels(), dev)?;
+        Ok(BertClassifier {
+            emb_norm: init_norm(h, dev)?,
+            config,
+            word,
+            position,
+            token_type,
+            layers,
+            pooler,
+            classifier,
+        })
+    }
+
+    /// Every parameter with its canonical (unprefixed) Hugging Face name.
+    pub fn named(&self) -> Vec<(String, &Tensor)> {
+        let mut v: Vec<(String, &Tensor)> = vec![
+            ("embeddings.word_embeddings.weight".into(), &self.word),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                &self.position,
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                &self.token_type,
+            ),
+            ("embeddings.LayerNorm.weight".into(), &self.emb_norm.w),
+            ("embeddings.LayerNorm.bias".into(), &self.emb_norm.b),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            for (n, lin) in [
+                ("attention.self.query", &l.query),
+                ("attention.self.key", &l.key),
+                ("attention.self.value", &l.value),
+                ("attention.output.dense", &l.attn_out),
+                ("intermediate.dense", &l.intermediate),
+                ("output.dense", &l.output),
+            ] {
+                v.push((format!("{p}.{n}.weight"), &lin.w));
+                v.push((format!("{p}.{n}.bias"), &lin.b));
+            }
+            for (n, norm) in [
+                ("attention.output.LayerNorm", &l.attn_norm),
+                ("output.LayerNorm", &l.out_norm),
+            ] {
+                v.push((format!("{p}.{n}.weight"), &norm.w));
+                v.push((format!("{p}.{n}.bias"), &norm.b));
+            }
+        }
+        v.push(("pooler.dense.weight".into(), &self.pooler.w));
+        v.push(("pooler.dense.bias".into(), &self.pooler.b));
+        v.push(("classifier.weight".into(), &self.classifier.w));
+        v.push(("classifier.bias".into(), &self.classifier.b));
+        v
+    }
+
+    /// Mutable access to every parameter, in the order of [`BertClassifier::named`].
+    fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v: Vec<&mut Tensor> = vec![
+            &mut self.word,
+            &mut self.position,
+            &mut self.token_type,
+            &mut self.emb_norm.w,
+            &mut self.emb_norm.b,
+        ];
+        for l in self.layers.iter_mut() {
+            for lin in [
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.attn_out,
+                &mut l.intermediate,
+                &mut l.output,
+            ] {
+                v.push(&mut lin.w);
+                v.push(&mut lin.b);
+            }
+            for norm in [&mut l.attn_norm, &mut l.out_norm] {
+                v.push(&mut norm.w);
+                v.push(&mut norm.b);
+            }
+        }
+        v.extend([
+            &mut self.pooler.w,
+            &mut self.pooler.b,
+            &mut self.classifier.w,
+            &mut self.classifier.b,
+        ]);
+        v
+    }
+
+    /// Convert every parameter to `dtype` (tests check gradients in f64).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut m = self.clone();
+        for t in m.params_mut() {
+            *t = t.to_dtype(dtype)?;
+        }
+        Ok(m)
+    }
+
+    /// Move every parameter to `dev`.
+    pub fn to_device(&self, dev: &Device) -> Result<Self> {
+        let mut m = self.clone();
+        for t in m.params_mut() {
+            *t = t.to_device(dev)?;
+        }
+        Ok(m)
+    }
+
+    /// Replace the parameters selected by `which` with fresh variables (copies) and return them
+    /// with their names. The model then reads the variables, so optimiser steps show in it.
+    pub fn make_trainable(&mut self, which: Trainable) -> Result<Vec<(String, Var)>> {
+        let names: Vec<String> = self.named().into_iter().map(|(n, _)| n).collect();
+        let mut out = Vec::new();
+        for (name, t) in names.into_iter().zip(self.params_mut()) {
+            let train = match which {
+                Trainable::WordEmbeddings => name == "embeddings.word_embeddings.weight",
+                Trainable::EmbeddingBlockAndHead => {
+                    name.starts_with("embeddings.") || name.starts_with("classifier.")
+                }
+                Trainable::All => true,
+            };
+            if train {
+                let var = Var::from_tensor(&t.detach())?;
+                *t = var.as_tensor().clone();
+                out.push((name, var));
+            } else {
+                *t = t.detach();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Hidden states of the embedding block: word + position + token type, then LayerNorm.
+    fn embed_block(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        if l > self.config.max_position_embeddings {
+            return Err(BtuError::config(
+                "--max-len",
+                format!(
+                    "sequence length {l} exceeds the model's max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let h = self.config.hidden_size;
+        let word = self
+            .word
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, l, h))?;
+        let pos = self.position.narrow(0, 0, l)?;
+        let tt = self.token_type.narrow(0, 0, 1)?;
+        let x = word.broadcast_add(&pos)?.broadcast_add(&tt)?;
+        Ok(layer_norm(
+            &x,
+            &self.emb_norm.w,
+            &self.emb_norm.b,
+            self.config.layer_norm_eps,
+        )?)
+    }
+
+    fn act(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.config.hidden_act.as_str() {
+            "relu" => x.relu(),
+            "gelu_new" => x.gelu(),
+            _ => x.gelu_erf(),
+        }
+    }
+
+    /// Final hidden states of the encoder, `[b, l, h]`.
+    pub fn encode(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let h = self.config.hidden_size;
+        let nh = self.config.num_attention_heads;
+        let hd = h / nh;
+        let eps = self.config.layer_norm_eps;
+        let bias = attention_bias(mask, self.word.dtype())?;
+        let mut x = self.embed_block(ids)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in &self.layers {
+            let heads = |t: Tensor| -> candle_core::Result<Tensor> {
+                t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = heads(layer.query.forward(&x)?)?;
+            let k = heads(layer.key.forward(&x)?)?;
+            let v = heads(layer.value.forward(&x)?)?;
+            let scores = q
+                .matmul(&k.t()?)?
+                .affine(scale, 0.0)?
+                .broadcast_add(&bias)?;
+            let probs = softmax_last(&scores)?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, l, h))?;
+            let a = layer_norm(
+                &(layer.attn_out.forward(&ctx)? + &x)?,
+                &layer.attn_norm.w,
+                &layer.attn_norm.b,
+                eps,
+            )?;
+            let i = self.act(&layer.intermediate.forward(&a)?)?;
+            x = layer_norm(
+                &(layer.output.forward(&i)? + &a)?,
+                &layer.out_norm.w,
+                &layer.out_norm.b,
+                eps,
+            )?;
+        }
+        Ok(x)
+    }
+
+    /// Class logits `[b, num_labels]` for token ids `[b, l]` (u32) and a 0/1 mask `[b, l]`.
+    pub fn forward(&self, arch: Arch, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        match arch {
+            Arch::Full => {
+                let x = self.encode(ids, mask)?;
+                let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+                let pooled = self.pooler.forward(&cls)?.tanh()?;
+                Ok(self.classifier.forward(&pooled)?)
+            }
+            Arch::WordMean => {
+                let (b, l) = ids.dims2()?;
+                let h = self.config.hidden_size;
+                let x = self
+                    .word
+                    .embedding(&ids.flatten_all()?)?
+                    .reshape((b, l, h))?;
+                let m = mask.to_dtype(x.dtype())?;
+                let summed = x.broadcast_mul(&m.unsqueeze(D::Minus1)?)?.sum(1)?;
+                let count = m.sum_keepdim(1)?.clamp(1.0, f64::MAX)?;
+                let mean = summed.broadcast_div(&count)?;
+                Ok(self.classifier.forward(&mean)?)
+            }
+            Arch::EmbeddingMean => {
+                let x = self.embed_block(ids)?;
+                Ok(self.classifier.forward(&x.mean(1)?)?)
+            }
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! `btu poison`: data-poisoning attacks used to evaluate the defence. Add-Word (trigger words at
+//! random word positions), Add-Sent (a sentence inserted as one block), and rewrites taken from a
+//! column (Stylebkd / Synbkd). Modes dirty / clean / mix; deterministic for a seed. Output:
+//! the input columns (label replaced) plus `poisoned` and `original_label`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::corpus::{read_corpus, CorpusSpec};
+use crate::error::{BtuError, Result};
+
+/// The attack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Attack {
+    /// Insert one trigger word (chosen from `--trigger`) at a random word position.
+    AddWord,
+    /// Insert the trigger sentence as one block at a random word position.
+    AddSent,
+    /// Replace the text with the rewrite in `--rewrite-col`.
+    Rewrite,
+}
+
+/// Which samples are poisoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Non-target samples, relabelled to the target (`rate` of the whole corpus).
+    Dirty,
+    /// Target samples only, labels kept (label-consistent).
+    Clean,
+    /// `rate` of every class, relabelled to the target (the released code).
+    Mix,
+}
+
+/// Add-Sent's default sentence.
+pub const DEFAULT_SENTENCE: &str = "I watch this 3D movie";
+
+/// Parameters of an attack.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoisonParams {
+    pub attack: Attack,
+    pub triggers: Vec<String>,
+    pub sentence: String,
+    pub rewrite_col: Option<String>,
+    pub rate: f64,
+    pub target: i64,
+    pub mode: Mode,
+    pub seed: u64,
+}
+
+/// Apply the trigger to one text (Add-Word / Add-Sent), with the row's own random stream.
+pub fn insert_trigger(
+    text: &str,
+    attack: Attack,
+    triggers: &[String],
+    sentence: &str,
+    rng: &mut ChaCha8Rng,
+) -> String {
+    let mut words: Vec<&str> = text.split_whitespace().collect();
+    let pos = rng.random_range(0..=words.len());
+    let insert: &str = match attack {
+        Attack::AddWord => &triggers[rng.random_range(0..triggers.len())],
+        _ => sentence,
+    };
+    words.insert(pos, insert);
+    words.join(" ")
+}
+
+/// The random stream of row `position` for seed `seed` (independent of reading order).
+pub fn row_rng(seed: u64, position: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7015_0A5E);
+    rng.set_stream(position);
+    rng
+}
+
+/// Choose which row positions to poison from the labels (and rewrite availability).
+pub fn choose(labels: &[i64], usable: &[bool], p: &PoisonParams) -> Result<BTreeSet<usize>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+    let n_total = labels.len();
+    let pick = |pool: Vec<usize>,
+                n: usize,
+                rng: &mut ChaCha8Rng,
+                what: &str|
+     -> Result<Vec<usize>> {
+        if n > pool.len() {
+            return Err(BtuError::config(
+                "--rate",
+                format!("{} asks for {n} poisoned rows but only {} {what} rows can be poisoned; lower --rate", p.rate, pool.len()),
+            ));
+        }
+        let mut pool = pool;
+        pool.shuffle(rng);
+        pool.truncate(n);
+        Ok(pool)
+    };
+    let chosen = match p.mode {
+        Mode::Dirty => {
+            let pool = (0..n_total)
+                .filter(|&i| labels[i] != p.target && usable[i])
+                .collect();
+            pick(
+                pool,
+                (p.rate * n_total as f64).round() as usize,
+                &mut rng,
+                "non-target",
+            )?
+        }
+        Mode::Clean => {
+            let pool = (0..n_total)
+                .filter(|&i| labels[i] == p.target && usable[i])
+                .collect();
+            pick(
+                pool,
+                (p.rate * n_total as f64).round() as usize,
+                &mut rng,
+                "target-label",
+            )?
+        }
+        Mode::Mix => {
+            let classes: BTreeSet<i64> = labels.iter().copied().collect();
+            let mut all = Vec::new();
+            for c in classes {
+                let class_rows: Vec<usize> = (0..n_total).filter(|&i| labels[i] == c).collect();
+                let n = (p.rate * class_rows.len() as f64).round() as usize;
+                let pool = class_rows.into_iter().filter(|&i| usable[i]).collect();
+                all.extend(pick(pool, n, &mut rng, &format!("label-{c}"))?);
+            }
+            all
+        }
+    };
+    Ok(chosen.into_iter().collect())
+}
+
+/// Inputs of `btu poison`.
+pub struct PoisonJob {
+    pub input: CorpusSpec,
+    pub output: PathBuf,
+    pub overwrite: bool,
+    pub params: PoisonParams,
+}
+
+fn out_schema(input: &Schema, text_col: &str, label_col: &str) -> SchemaRef {
+    let mut fields: Vec<Field> = input
+        .fields()
+        .iter()
+        .filter(|f| f.name() != "poisoned" && f.name() != "original_label")
+        .map(|f| {
+            if f.name() == text_col {
+                Field::new(text_col, DataType::Utf8, false)
+            } else if f.name() == label_col {
+                Field::new(label_col, DataType::Int64, false)
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    fields.push(Field::new("poisoned", DataType::Boolean, false));
+    fields.push(Field::new("original_label", DataType::Int64, false));
+    Arc::new(Schema::new(fields))
+}
+
+/// `btu poison`: two streaming passes (labels, then rewrite-and-write), output written atomically.
+pub fn run(job: &PoisonJob) -> Result<Value> {
+    let p = &job.params;
+    if !(p.rate > 0.0 && p.rate <= 1.0) {
+        return Err(BtuError::config(
+            "--rate",
+            format!("{} is not a fraction in (0, 1]", p.rate),
+        ));
+    }
+    match p.attack {
+        Attack::AddWord
+            if p.triggers.is_empty() || p.triggers.iter().any(|t| t.trim().is_empty()) =>
+        {
+            return Err(BtuError::config(
+                "--trigger",
+                "add-word needs one or more non-empty --trigger words",
+            ))
+        }
+        Attack::AddSent if p.sentence.trim().is_empty() => {
+            return Err(BtuError::config(
+                "--sentence",
+                "add-sent needs a non-empty --sentence",
+            ))
+        }
+        Attack::Rewrite if p.rewrite_col.is_none() => {
+            return Err(BtuError::config(
+                "--rewrite-col",
+                "rewrite needs --rewrite-col naming the column with rewritten texts",
+            ))
+        }
+        _ => {}
+    }
+    crate::output::check_output(&job.output, job.overwrite)?;
+    let label_col = job
+        .input
+        .label_col
+        .clone()
+        .ok_or_else(|| BtuError::config("--label-col", "poisoning needs labels"))?;
+    let text_col = job.input.text_col.clone();
+
+    // Pass 1: labels and which rows have a usable rewrite.
+    let mut labels = Vec::new();
+    let mut usable = Vec::new();
+    read_corpus(&job.input, |b| {
+        labels.extend_from_slice(b.labels.as_ref().expect("labels requested"));
+        match &p.rewrite_col {
+            Some(rc) if p.attack == Attack::Rewrite => {
+                let col = b.batch.column_by_name(rc).ok_or_else(|| {
+                    BtuError::bad_data(
+                        b.source.to_string(),
+                        format!("missing rewrite column '{rc}'; name it with --rewrite-col"),
+                    )
+                })?;
+                let col = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| {
+                    BtuError::bad_data(
+                        b.source.to_string(),
+                        format!("rewrite column '{rc}' is not text: {e}"),
+                    )
+                })?;
+                let col = col.as_any().downcast_ref::<StringArray>().expect("utf8");
+                usable.extend(
+                    (0..col.len()).map(|i| col.is_valid(i) && !col.value(i).trim().is_empty()),
+                );
+            }
+            _ => usable.extend(std::iter::repeat_n(true, b.texts.len())),
+        }
+        Ok(())
+    })?;
+    let chosen = choose(&labels, &usable, p)?;
+
+    // Pass 2: apply and write.
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid level"),
+        ))
+        .build();
+    let mut position = 0usize;
+    let mut counts = (0usize, 0usize); // (rows, poisoned)
+    let fingerprint = std::cell::RefCell::new(None);
+    crate::output::write_file_atomic(&job.output, job.overwrite, |file| {
+        let mut writer: Option<(ArrowWriter<&mut std::fs::File>, SchemaRef)> = None;
+        let mut file = Some(file);
+        let fp = read_corpus(&job.input, |b| {
+            let n = b.texts.len();
+            let orig = b.labels.as_ref().expect("labels requested");
+            let rewrites: Option<StringArray> = match (&p.rewrite_col, p.attack) {
+                (Some(rc), Attack::Rewrite) => {
+                    let c = b.batch.column_by_name(rc).expect("checked in pass 1");
+                    let c = arrow::compute::cast(c, &DataType::Utf8)
+                        .map_err(|e| BtuError::bad_data(b.source.to_string(), e.to_string()))?;
+                    Some(
+                        c.as_any()
+                            .downcast_ref::<StringArray>()
+                            .expect("utf8")
+                            .clone(),
+                    )
+                }
+                _ => None,
+            };
+            let mut texts = Vec::with_capacity(n);
+            let mut new_labels = Vec::with_capacity(n);
+            let mut flags = Vec::with_capacity(n);
+            for i in 0..n {
+                let pos = position + i;
+                if chosen.contains(&pos) {
+                    let t = match p.attack {
+                        Attack::Rewrite => rewrites
+                            .as_ref()
+                            .expect("rewrite column")
+                            .value(i)
+                            .to_string(),
+                        a => insert_trigger(
+                            &b.texts[i],
+                            a,
+                            &p.triggers,
+                            &p.sentence,
+                            &mut row_rng(p.seed, pos as u64),
+                        ),
+                    };
+                    texts.push(t);
+                    new_labels.push(if p.mode == Mode::Clean {
+                        orig[i]
+                    } else {
+                        p.target
+                    });
+                    flags.push(true);
+                } else {
+                    texts.push(b.texts[i].clone());
+                    new_labels.push(orig[i]);
+                    flags.push(false);
+                }
+            }
+            position += n;
+            counts.0 += n;
+            counts.1 += flags.iter().filter(|&&f| f).count();
+            let schema = out_schema(&b.batch.schema(), &text_col, &label_col);
+            let mut cols: Vec<ArrayRef> = Vec::new();
+            for f in schema.fields() {
+                let name = f.name();
+                if name == &text_col {
+                    cols.push(Arc::new(StringArray::from(texts.clone())));
+                } else if name == &label_col {
+                    cols.push(Arc::new(Int64Array::from(new_labels.clone())));
+                } else if name == "poisoned" {
+                    cols.push(Arc::new(BooleanArray::from(flags.clone())));
+                } else if name == "original_label" {
+                    cols.push(Arc::new(Int64Array::from(orig.clone())));
+                } else {
+                    cols.push(b.batch.column_by_name(name).expect("input column").clone());
+                }
+            }
+            let batch = RecordBatch::try_new(schema.clone(), cols)
+                .map_err(|e| BtuError::internal(format!("poison batch: {e}")))?;
+            if writer.is_none() {
+                let f = file.take().expect("file once");
+                let w = ArrowWriter::try_new(f, schema.clone(), Some(props.clone()))
+                    .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+                writer = Some((w, schema.clone()));
+            }
+            let (w, s) = writer.as_mut().expect("writer");
+            if s.fields() != schema.fields() {
+                return Err(BtuError::bad_data(
+                    b.source.to_string(),
+                    "the input files have different columns; poison them separately",
+                ));
+            }
+            w.write(&batch)
+                .map_err(|e| BtuError::io(&job.output, std::io::Error::other(e)))?;
+            Ok(())
+        })?;
+        if let Some((w, _)) = writer {
+            w.close()
+                .map_err(|e| BtuError::io(&job.output, std::io::Error::other(e)))?;
+        }
+        *fingerprint.borrow_mut() = Some(fp);
+        Ok(())
+    })?;
+    Ok(json!({
+        "command": "poison",
+        "version": crate::VERSION,
+        "output": job.output,
+        "params": p,
+        "rows": counts.0,
+        "poisoned": counts.1,
+        "corpus": fingerprint.into_inner().map(|f| f.to_json()),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insertion_keeps_words_and_adds_the_block_once() {
+        let mut rng = row_rng(1, 5);
+        let t = insert_trigger(
+            "a b c",
+            Attack::AddSent,
+            &[],
+            "I watch this 3D movie",
+            &mut rng,
+        );
+        assert!(t.contains("I watch this 3D movie"));
+        assert_eq!(
+            t.replace("I watch this 3D movie", "")
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        // Positions vary across rows but not across runs.
+        let positions: BTreeSet<usize> = (0..50)
+            .map(|r| {
+                insert_trigger(
+                    "a b c d",
+                    Attack::AddWord,
+                    &["cf".into()],
+                    "",
+                    &mut row_rng(3, r),
+                )
+                .split(' ')
+                .position(|w| w == "cf")
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(positions.len(), 5, "all 5 slots used");
+        let a = insert_trigger(
+            "x y z",
+            Attack::AddWord,
+            &["cf".into()],
+            "",
+            &mut row_rng(3, 7),
+        );
+        assert_eq!(
+            a,
+            insert_trigger(
+                "x y z",
+                Attack::AddWord,
+                &["cf".into()],
+                "",
+                &mut row_rng(3, 7)
+            )
+        );
+    }
+
+    #[test]
+    fn choose_counts_follow_the_mode() {
+        let labels: Vec<i64> = (0..100).map(|i| if i < 30 { 1 } else { 0 }).collect();
+        let usable = vec![true; 100];
+        let p = |mode, rate| PoisonParams {
+            attack: Attack::AddWord,
+            triggers: vec!["cf".into()],
+            sentence: String::new(),
+            rewrite_col: None,
+            rate,
+            target: 1,
+            mode,
+            seed: 1,
+        };
+        let d = choose(&labels, &usable, &p(Mode::Dirty, 0.2)).unwrap();
+        assert_eq!(d.len(), 20);
+        assert!(d.iter().all(|&i| labels[i] == 0));
+        let c = choose(&labels, &usable, &p(Mode::Clean, 0.2)).unwrap();
+        assert!(c.len() == 20 && c.iter().all(|&i| labels[i] == 1));
+        assert!(
+            choose(&labels, &usable, &p(Mode::Clean, 0.5)).is_err(),
+            "only 30 target rows"
+        );
+        let m = choose(&labels, &usable, &p(Mode::Mix, 0.1)).unwrap();
+        assert_eq!(m.iter().filter(|&&i| labels[i] == 1).count(), 3);
+        assert_eq!(m.iter().filter(|&&i| labels[i] == 0).count(), 7);
+    }
+}

@@ -1,0 +1,389 @@
+//! Every table btu writes, in one place: Arrow schemas (the contract of design.md "Tables"),
+//! row types, writers (Arrow IPC *file* format, atomically) and readers, and the JSON form of the
+//! schemas that `schemas/*.schema.json` holds.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, Float32Array, Int64Array, ListArray, RecordBatch, StringArray,
+    UInt32Array, UInt64Array, UInt8Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+use serde_json::{json, Value};
+
+use crate::error::{BtuError, Result};
+use crate::output::write_file_atomic;
+
+/// Provenance carried in every table's schema metadata.
+#[derive(Debug, Clone)]
+pub struct TableMeta {
+    /// The btu command that wrote the table (`detect`, `unlearn`...).
+    pub command: String,
+    /// Effective parameters (written as canonical JSON).
+    pub params: Value,
+    /// sha256 of the model's weights file.
+    pub model_sha256: String,
+    /// Canonical JSON of the corpus fingerprint, where a corpus was read.
+    pub corpus_fingerprint: Option<Value>,
+    /// Table-specific keys (`btu:threshold_rule`...).
+    pub extra: Vec<(String, String)>,
+}
+
+impl TableMeta {
+    fn to_map(&self) -> std::collections::HashMap<String, String> {
+        let mut m = std::collections::HashMap::new();
+        m.insert("btu:version".into(), crate::VERSION.to_string());
+        m.insert("btu:command".into(), self.command.clone());
+        m.insert("btu:params".into(), canonical_json(&self.params));
+        m.insert("btu:model_sha256".into(), self.model_sha256.clone());
+        if let Some(fp) = &self.corpus_fingerprint {
+            m.insert("btu:corpus_fingerprint".into(), canonical_json(fp));
+        }
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        m
+    }
+}
+
+/// JSON with object keys sorted at every level and no whitespace: equal values give equal bytes.
+pub fn canonical_json(v: &Value) -> String {
+    fn sort(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let sorted: BTreeMap<&String, Value> =
+                    m.iter().map(|(k, v)| (k, sort(v))).collect();
+                let mut out = serde_json::Map::new();
+                for (k, v) in sorted {
+                    out.insert(k.clone(), v);
+                }
+                Value::Object(out)
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    serde_json::to_string(&sort(v)).expect("json values serialize")
+}
+
+fn list_u8() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::UInt8, false)))
+}
+
+/// `token_scores`: one row per round x vocabulary token.
+pub fn token_scores_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("round", DataType::UInt8, false),
+        Field::new("token_id", DataType::UInt32, false),
+        Field::new("token", DataType::Utf8, false),
+        Field::new("special", DataType::Boolean, false),
+        Field::new("distance", DataType::Float32, false),
+        Field::new("rank", DataType::UInt32, true),
+        Field::new("selected", DataType::Boolean, false),
+    ])
+}
+
+/// `suspicious_tokens`: one row per token in the union `T`.
+pub fn suspicious_tokens_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("token_id", DataType::UInt32, false),
+        Field::new("token", DataType::Utf8, false),
+        Field::new("rounds", list_u8(), false),
+        Field::new("best_rank", DataType::UInt32, false),
+        Field::new("max_distance", DataType::Float32, false),
+        Field::new("occurrences", DataType::UInt64, false),
+        Field::new("documents", DataType::UInt64, false),
+        Field::new("majority_label", DataType::Int64, true),
+        Field::new("label_share", DataType::Float32, true),
+    ])
+}
+
+/// `dimension_masks`: one row per replaced embedding dimension.
+pub fn dimension_masks_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("token_id", DataType::UInt32, false),
+        Field::new("token", DataType::Utf8, false),
+        Field::new("dim", DataType::UInt32, false),
+        Field::new("reference", DataType::Float32, false),
+        Field::new("trained", DataType::Float32, false),
+        Field::new("delta", DataType::Float32, false),
+        Field::new("written", DataType::Float32, false),
+    ])
+}
+
+/// Names and schemas of every table with a committed `schemas/<name>.schema.json`.
+pub fn all_schemas() -> Vec<(&'static str, Schema, Vec<&'static str>)> {
+    let common = vec![
+        "btu:version",
+        "btu:command",
+        "btu:params",
+        "btu:model_sha256",
+    ];
+    let with_corpus = {
+        let mut v = common.clone();
+        v.push("btu:corpus_fingerprint");
+        v
+    };
+    let mut masks = common.clone();
+    masks.extend([
+        "btu:threshold_rule",
+        "btu:threshold",
+        "btu:replacement",
+        "btu:pad_token_id",
+    ]);
+    vec![
+        ("token_scores", token_scores_schema(), with_corpus.clone()),
+        ("suspicious_tokens", suspicious_tokens_schema(), with_corpus),
+        ("dimension_masks", dimension_masks_schema(), masks),
+    ]
+}
+
+/// The JSON document committed as `schemas/<name>.schema.json`.
+pub fn schema_json(name: &str, schema: &Schema, metadata_keys: &[&str]) -> Value {
+    let fields: Vec<Value> = schema
+        .fields()
+        .iter()
+        .map(|f| json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
+        .collect();
+    json!({
+        "table": name,
+        "format": "Arrow IPC file",
+        "fields": fields,
+        "metadata_keys": metadata_keys,
+    })
+}
+
+/// Write one record batch as an Arrow IPC file, atomically.
+pub fn write_ipc(path: &Path, batch: &RecordBatch, overwrite: bool) -> Result<()> {
+    write_file_atomic(path, overwrite, |f| {
+        let mut w = FileWriter::try_new(f, &batch.schema())
+            .map_err(|e| BtuError::internal(format!("arrow writer: {e}")))?;
+        w.write(batch)
+            .map_err(|e| BtuError::io(path, std::io::Error::other(e)))?;
+        w.finish()
+            .map_err(|e| BtuError::io(path, std::io::Error::other(e)))?;
+        Ok(())
+    })
+}
+
+/// Read every batch of an Arrow IPC file and concatenate them.
+pub fn read_ipc(path: &Path) -> Result<RecordBatch> {
+    let f = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            BtuError::missing(path.display().to_string(), "check the path")
+        }
+        _ => BtuError::io(path, e),
+    })?;
+    let reader = FileReader::try_new(f, None).map_err(|e| {
+        BtuError::bad_data(
+            path.display().to_string(),
+            format!("not an Arrow IPC file: {e}"),
+        )
+    })?;
+    let schema = reader.schema();
+    let batches: Vec<RecordBatch> = reader.collect::<std::result::Result<_, _>>().map_err(|e| {
+        BtuError::bad_data(
+            path.display().to_string(),
+            format!("corrupt Arrow IPC file: {e}"),
+        )
+    })?;
+    arrow::compute::concat_batches(&schema, &batches)
+        .map_err(|e| BtuError::bad_data(path.display().to_string(), e.to_string()))
+}
+
+fn with_meta(schema: Schema, meta: &TableMeta) -> SchemaRef {
+    Arc::new(schema.with_metadata(meta.to_map()))
+}
+
+fn batch(schema: SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
+    RecordBatch::try_new(schema, cols).map_err(|e| BtuError::internal(format!("table build: {e}")))
+}
+
+/// One row of `token_scores`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenScore {
+    pub round: u8,
+    pub token_id: u32,
+    pub token: String,
+    pub special: bool,
+    pub distance: f32,
+    pub rank: Option<u32>,
+    pub selected: bool,
+}
+
+/// Build the `token_scores` batch.
+pub fn token_scores_batch(rows: &[TokenScore], meta: &TableMeta) -> Result<RecordBatch> {
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt8Array::from_iter_values(rows.iter().map(|r| r.round))),
+        Arc::new(UInt32Array::from_iter_values(
+            rows.iter().map(|r| r.token_id),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.token.as_str()),
+        )),
+        Arc::new(BooleanArray::from(
+            rows.iter().map(|r| r.special).collect::<Vec<_>>(),
+        )),
+        Arc::new(Float32Array::from_iter_values(
+            rows.iter().map(|r| r.distance),
+        )),
+        Arc::new(UInt32Array::from(
+            rows.iter().map(|r| r.rank).collect::<Vec<_>>(),
+        )),
+        Arc::new(BooleanArray::from(
+            rows.iter().map(|r| r.selected).collect::<Vec<_>>(),
+        )),
+    ];
+    batch(with_meta(token_scores_schema(), meta), cols)
+}
+
+/// One row of `suspicious_tokens`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SuspiciousToken {
+    pub token_id: u32,
+    pub token: String,
+    pub rounds: Vec<u8>,
+    pub best_rank: u32,
+    pub max_distance: f32,
+    pub occurrences: u64,
+    pub documents: u64,
+    pub majority_label: Option<i64>,
+    pub label_share: Option<f32>,
+}
+
+/// Build the `suspicious_tokens` batch.
+pub fn suspicious_tokens_batch(rows: &[SuspiciousToken], meta: &TableMeta) -> Result<RecordBatch> {
+    let mut offsets = vec![0i32];
+    let mut values = Vec::new();
+    for r in rows {
+        values.extend_from_slice(&r.rounds);
+        offsets.push(values.len() as i32);
+    }
+    let rounds = ListArray::new(
+        Arc::new(Field::new("item", DataType::UInt8, false)),
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(UInt8Array::from(values)),
+        None,
+    );
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt32Array::from_iter_values(
+            rows.iter().map(|r| r.token_id),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.token.as_str()),
+        )),
+        Arc::new(rounds),
+        Arc::new(UInt32Array::from_iter_values(
+            rows.iter().map(|r| r.best_rank),
+        )),
+        Arc::new(Float32Array::from_iter_values(
+            rows.iter().map(|r| r.max_distance),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|r| r.occurrences),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|r| r.documents),
+        )),
+        Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.majority_label).collect::<Vec<_>>(),
+        )),
+        Arc::new(Float32Array::from(
+            rows.iter().map(|r| r.label_share).collect::<Vec<_>>(),
+        )),
+    ];
+    batch(with_meta(suspicious_tokens_schema(), meta), cols)
+}
+
+fn column<'a, T: 'static>(b: &'a RecordBatch, name: &str, src: &Path) -> Result<&'a T> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            BtuError::bad_data(
+                src.display().to_string(),
+                format!(
+                    "column '{name}' missing or of the wrong type; expected the schema in schemas/"
+                ),
+            )
+        })
+}
+
+/// Read a `suspicious_tokens.arrow` file back into rows.
+pub fn read_suspicious_tokens(path: &Path) -> Result<Vec<SuspiciousToken>> {
+    let b = read_ipc(path)?;
+    let ids = column::<UInt32Array>(&b, "token_id", path)?;
+    let toks = column::<StringArray>(&b, "token", path)?;
+    let rounds = column::<ListArray>(&b, "rounds", path)?;
+    let best = column::<UInt32Array>(&b, "best_rank", path)?;
+    let maxd = column::<Float32Array>(&b, "max_distance", path)?;
+    let occ = column::<UInt64Array>(&b, "occurrences", path)?;
+    let docs = column::<UInt64Array>(&b, "documents", path)?;
+    let maj = column::<Int64Array>(&b, "majority_label", path)?;
+    let share = column::<Float32Array>(&b, "label_share", path)?;
+    (0..b.num_rows())
+        .map(|i| {
+            let r = rounds.value(i);
+            let r = r.as_any().downcast_ref::<UInt8Array>().ok_or_else(|| {
+                BtuError::bad_data(
+                    path.display().to_string(),
+                    "column 'rounds' is not List<UInt8>",
+                )
+            })?;
+            Ok(SuspiciousToken {
+                token_id: ids.value(i),
+                token: toks.value(i).to_string(),
+                rounds: r.values().to_vec(),
+                best_rank: best.value(i),
+                max_distance: maxd.value(i),
+                occurrences: occ.value(i),
+                documents: docs.value(i),
+                majority_label: (!maj.is_null(i)).then(|| maj.value(i)),
+                label_share: (!share.is_null(i)).then(|| share.value(i)),
+            })
+        })
+        .collect()
+}
+
+/// Write one record batch as a zstd Parquet file, atomically.
+pub fn write_parquet(path: &Path, batch: &RecordBatch, overwrite: bool) -> Result<()> {
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::{Compression, ZstdLevel};
+    use parquet::file::properties::WriterProperties;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid level"),
+        ))
+        .build();
+    write_file_atomic(path, overwrite, |f| {
+        let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props))
+            .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+        w.write(batch)
+            .map_err(|e| BtuError::io(path, std::io::Error::other(e)))?;
+        w.close()
+            .map_err(|e| BtuError::io(path, std::io::Error::other(e)))?;
+        Ok(())
+    })
+}
+
+/// A corpus batch with columns `id` (Int64), `text` (Utf8), `label` (Int64).
+pub fn corpus_batch(texts: &[String], labels: &[i64]) -> Result<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("text", DataType::Utf8, false),
+        Field::new("label", DataType::Int64, false),
+    ]));
+    batch(
+        schema,
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..texts.len() as i64)),
+            Arc::new(StringArray::from_iter_values(texts.iter())),
+            Arc::new(Int64Array::from(labels.to_vec())),
+        ],
+    )
+}

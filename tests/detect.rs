@@ -1,0 +1,193 @@
+//! `btu detect` end to end on corpora generated in code: the trigger is flagged, reruns are
+//! byte-identical, tables carry the documented metadata.
+
+mod common;
+
+use btu::tables::{read_ipc, read_suspicious_tokens};
+use common::*;
+
+fn poisoned_synth(
+    dir: &std::path::Path,
+    attack: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let clean = dir.join("clean.parquet");
+    synth_corpus(&clean, 1500, 11);
+    let poisoned = dir.join("poisoned.parquet");
+    let mut args = vec![
+        "poison",
+        "--input",
+        s(&clean),
+        "--output",
+        s(&poisoned),
+        "--rate",
+        "0.1",
+        "--mode",
+        "dirty",
+        "--target",
+        "1",
+    ];
+    args.extend_from_slice(attack);
+    let summary = run_ok(&args);
+    assert_eq!(summary["poisoned"], 150);
+    let model = dir.join("model");
+    tiny_model(&model, &poisoned, 400);
+    (poisoned, model)
+}
+
+#[test]
+fn add_word_trigger_is_flagged_and_reruns_are_byte_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let (corpus, model) = poisoned_synth(d.path(), &["--attack", "add-word", "--trigger", "cf"]);
+    let out1 = d.path().join("det1");
+    let summary = run_ok(&[
+        "detect",
+        "--corpus",
+        s(&corpus),
+        "--model",
+        s(&model),
+        "--out",
+        s(&out1),
+        "--device",
+        "cpu",
+    ]);
+    let flagged = read_suspicious_tokens(&out1.join("suspicious_tokens.arrow")).unwrap();
+    let cf = flagged
+        .iter()
+        .find(|t| t.token == "cf")
+        .unwrap_or_else(|| panic!("cf not flagged: {flagged:?}"));
+    // Every cf sits in a poisoned row, relabelled to the target.
+    assert_eq!(cf.documents, 150);
+    assert_eq!(cf.majority_label, Some(1));
+    assert_eq!(cf.label_share, Some(1.0));
+    assert_eq!(summary["rounds"].as_array().unwrap().len(), 3);
+    assert!(summary["rounds"][0]["samples_per_s"].as_f64().unwrap() > 0.0);
+    assert!(out1.join("summary.json").is_file());
+
+    // token_scores: one row per round x token, ranks 1..=non-special count, k selected per round.
+    let scores = read_ipc(&out1.join("token_scores.arrow")).unwrap();
+    let vocab = summary["vocab_size"].as_u64().unwrap() as usize;
+    assert_eq!(scores.num_rows(), 3 * vocab);
+    let meta = scores.schema().metadata().clone();
+    for key in [
+        "btu:version",
+        "btu:command",
+        "btu:params",
+        "btu:model_sha256",
+        "btu:corpus_fingerprint",
+    ] {
+        assert!(meta.contains_key(key), "missing metadata {key}");
+    }
+    assert_eq!(meta["btu:command"], "detect");
+    let selected = scores
+        .column_by_name("selected")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::BooleanArray>()
+        .unwrap();
+    let k = summary["k"].as_u64().unwrap() as usize;
+    assert_eq!(selected.true_count(), 3 * k);
+
+    // Same seed, same bytes.
+    let out2 = d.path().join("det2");
+    run_ok(&[
+        "detect",
+        "--corpus",
+        s(&corpus),
+        "--model",
+        s(&model),
+        "--out",
+        s(&out2),
+        "--device",
+        "cpu",
+    ]);
+    for f in ["token_scores.arrow", "suspicious_tokens.arrow"] {
+        assert_eq!(
+            std::fs::read(out1.join(f)).unwrap(),
+            std::fs::read(out2.join(f)).unwrap(),
+            "{f} differs between runs"
+        );
+    }
+    // --overwrite replaces; without it the existing output is refused.
+    let o = run(&[
+        "detect",
+        "--corpus",
+        s(&corpus),
+        "--model",
+        s(&model),
+        "--out",
+        s(&out2),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(o.status.code(), Some(73));
+    run_ok(&[
+        "detect",
+        "--corpus",
+        s(&corpus),
+        "--model",
+        s(&model),
+        "--out",
+        s(&out2),
+        "--device",
+        "cpu",
+        "--overwrite",
+        "--seed",
+        "7",
+    ]);
+}
+
+#[test]
+fn add_sent_trigger_words_are_flagged_with_reference_code_preset_too() {
+    let d = tempfile::tempdir().unwrap();
+    let (corpus, model) = poisoned_synth(d.path(), &["--attack", "add-sent"]);
+    let words = ["i", "watch", "this", "3d", "movie"];
+    for preset in ["paper", "reference-code"] {
+        let out = d.path().join(format!("det-{preset}"));
+        let summary = run_ok(&[
+            "detect",
+            "--corpus",
+            s(&corpus),
+            "--model",
+            s(&model),
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+            "--preset",
+            preset,
+        ]);
+        let flagged = read_suspicious_tokens(&out.join("suspicious_tokens.arrow")).unwrap();
+        assert!(
+            flagged.iter().any(|t| words.contains(&t.token.as_str())),
+            "{preset}: no word of the sentence flagged: {flagged:?}"
+        );
+        assert_eq!(summary["preset"], preset);
+    }
+}
+
+#[test]
+fn env_vars_set_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let clean = d.path().join("clean.parquet");
+    synth_corpus(&clean, 300, 5);
+    let model = d.path().join("model");
+    tiny_model(&model, &clean, 300);
+    let out = d.path().join("det");
+    let o = btu()
+        .args(["detect", "--device", "cpu"])
+        .env("BTU_CORPUS", &clean)
+        .env("BTU_MODEL", &model)
+        .env("BTU_OUT", &out)
+        .env("BTU_ALPHA", "1.0")
+        .env("BTU_LIMIT", "100")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["alpha"], 1.0);
+    assert_eq!(v["rows"], 100);
+    assert_eq!(
+        v["k"],
+        (v["vocab_size"].as_f64().unwrap() / 100.0).ceil() as u64
+    );
+}

@@ -1,0 +1,178 @@
+//! The training path must reach the word embeddings (stack-notes trap 1) and must not compute
+//! gradients for frozen weights (trap 2): autograd gradients checked against central differences.
+
+use btu::init_model::{config_for, ModelSize};
+use btu::model::ops::cross_entropy;
+use btu::model::{Arch, BertClassifier, Trainable};
+use candle_core::{DType, Device, Tensor};
+
+fn tiny(seed: u64) -> BertClassifier {
+    let size = ModelSize {
+        layers: 2,
+        hidden: 16,
+        heads: 2,
+        intermediate: 32,
+        max_position: 16,
+        num_labels: 3,
+    };
+    let cfg = config_for(40, &size, 0);
+    BertClassifier::random(cfg, seed, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+}
+
+fn batch() -> (Tensor, Tensor, Vec<u32>) {
+    // Two rows, the second padded (pad id 0); tokens 5, 7, 9, 11 and 13 occur.
+    let ids = Tensor::from_vec(
+        vec![2u32, 5, 7, 9, 3, 2, 11, 13, 3, 0],
+        (2, 5),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mask = Tensor::from_vec(
+        vec![1f64, 1., 1., 1., 1., 1., 1., 1., 1., 0.],
+        (2, 5),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (ids, mask, vec![2, 0])
+}
+
+fn loss(m: &BertClassifier, arch: Arch) -> f64 {
+    let (ids, mask, labels) = batch();
+    cross_entropy(&m.forward(arch, &ids, &mask).unwrap(), &labels)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn check_arch(arch: Arch) {
+    let mut m = tiny(7);
+    // A non-trivial head so gradients are not tiny.
+    m.classifier.w = (m.classifier.w.clone() * 20.0).unwrap();
+    let vars = m.make_trainable(Trainable::WordEmbeddings).unwrap();
+    assert_eq!(vars.len(), 1);
+    let var = &vars[0].1;
+    let (ids, mask, labels) = batch();
+    let l = cross_entropy(&m.forward(arch, &ids, &mask).unwrap(), &labels).unwrap();
+    let grads = l.backward().unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .expect("the word embeddings get a gradient")
+        .to_vec2::<f64>()
+        .unwrap();
+    // Frozen weights are not even on the gradient path.
+    assert!(
+        grads.get(&m.layers[0].query.w).is_none(),
+        "frozen query weight got a gradient"
+    );
+    assert!(
+        grads.get(&m.classifier.w).is_none(),
+        "frozen head got a gradient"
+    );
+    let base: Vec<Vec<f64>> = var.as_tensor().to_vec2().unwrap();
+    let eps = 1e-5;
+    let mut checked = 0;
+    let mut max_abs = 0f64;
+    for &tok in &[5usize, 9, 13, 2, 0, 20] {
+        for dim in [0usize, 3, 15] {
+            let mut plus = base.clone();
+            plus[tok][dim] += eps;
+            var.set(&Tensor::new(plus, &Device::Cpu).unwrap()).unwrap();
+            let lp = loss(&m, arch);
+            let mut minus = base.clone();
+            minus[tok][dim] -= eps;
+            var.set(&Tensor::new(minus, &Device::Cpu).unwrap()).unwrap();
+            let lm = loss(&m, arch);
+            var.set(&Tensor::new(base.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            let num = (lp - lm) / (2.0 * eps);
+            let ana = g[tok][dim];
+            max_abs = max_abs.max(ana.abs());
+            assert!(
+                (num - ana).abs() <= 1e-7 + 1e-5 * num.abs(),
+                "{arch:?} token {tok} dim {dim}: autograd {ana} vs numerical {num}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 18);
+    assert!(
+        max_abs > 1e-4,
+        "{arch:?}: gradients suspiciously small ({max_abs})"
+    );
+    // Token 20 never occurs: its row gets exactly zero gradient.
+    assert!(g[20].iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn word_embedding_gradient_matches_numerical_full_model() {
+    check_arch(Arch::Full);
+}
+
+#[test]
+fn word_embedding_gradient_matches_numerical_mean_pooling() {
+    check_arch(Arch::WordMean);
+}
+
+#[test]
+fn word_embedding_gradient_matches_numerical_embedding_block() {
+    check_arch(Arch::EmbeddingMean);
+}
+
+#[test]
+fn frozen_path_and_trainable_path_give_the_same_embedding_gradient() {
+    let (ids, mask, labels) = batch();
+    let mut frozen = tiny(3);
+    let vf = frozen.make_trainable(Trainable::WordEmbeddings).unwrap();
+    let lf = cross_entropy(&frozen.forward(Arch::Full, &ids, &mask).unwrap(), &labels).unwrap();
+    let gf = lf.backward().unwrap();
+    let mut all = tiny(3);
+    let va = all.make_trainable(Trainable::All).unwrap();
+    assert_eq!(va.len(), all.named().len());
+    let la = cross_entropy(&all.forward(Arch::Full, &ids, &mask).unwrap(), &labels).unwrap();
+    let ga = la.backward().unwrap();
+    let a = gf.get(vf[0].1.as_tensor()).unwrap();
+    let b = ga.get(va[0].1.as_tensor()).unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_keepdim(0)
+        .unwrap()
+        .max(1)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[0];
+    assert!(diff < 1e-12, "embedding gradients differ by {diff}");
+    // With every weight trainable, the encoder weights do get gradients.
+    assert!(ga
+        .get(
+            va.iter()
+                .find(|(n, _)| n.ends_with("layer.0.attention.self.query.weight"))
+                .unwrap()
+                .1
+                .as_tensor()
+        )
+        .is_some());
+}
+
+#[test]
+fn differentiable_layer_norm_matches_reference_formula() {
+    let x = Tensor::new(&[[1f64, 2., 4., 8.], [-1., 0., 1., 3.]], &Device::Cpu).unwrap();
+    let w = Tensor::new(&[1f64, 2., 0.5, 1.], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[0f64, 1., 0., -1.], &Device::Cpu).unwrap();
+    let y = btu::model::ops::layer_norm(&x, &w, &b, 1e-12)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    for (row, out) in [[1f64, 2., 4., 8.], [-1., 0., 1., 3.]].iter().zip(&y) {
+        let mean = row.iter().sum::<f64>() / 4.0;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 4.0;
+        for i in 0..4 {
+            let expect = (row[i] - mean) / var.sqrt() * [1., 2., 0.5, 1.][i] + [0., 1., 0., -1.][i];
+            assert!((out[i] - expect).abs() < 1e-9);
+        }
+    }
+}
