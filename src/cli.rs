@@ -181,6 +181,9 @@ pub struct DetectArgs {
     /// Epochs per round (the paper: 1).
     #[arg(long, env = "BTU_EPOCHS", default_value_t = 1)]
     pub epochs: usize,
+    /// Batch grouping: random (as the paper) or bucketed by length (less padding).
+    #[arg(long, env = "BTU_BATCHING", value_enum, default_value = "random")]
+    pub batching: crate::tokenize::Batching,
     /// Number of classes of the head (default: the model config's).
     #[arg(long, env = "BTU_NUM_LABELS")]
     pub num_labels: Option<usize>,
@@ -271,6 +274,7 @@ pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
                     batch_size: a.batch_size,
                     max_len: a.max_len,
                     epochs: a.epochs,
+                    batching: a.batching,
                     seed: a.seed,
                     num_labels: a.num_labels,
                 },

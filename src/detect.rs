@@ -63,6 +63,9 @@ pub struct DetectParams {
     pub batch_size: Option<usize>,
     pub max_len: usize,
     pub epochs: usize,
+    /// Batch grouping; `random` by default: bucketing by length puts the rows an insertion
+    /// attack lengthened into the same few batches and weakens their signal.
+    pub batching: crate::tokenize::Batching,
     pub seed: u64,
     /// Overrides the model config's number of classes.
     pub num_labels: Option<usize>,
@@ -78,6 +81,7 @@ impl Default for DetectParams {
             batch_size: None,
             max_len: 128,
             epochs: 1,
+            batching: crate::tokenize::Batching::Random,
             seed: 42,
             num_labels: None,
         }
@@ -283,6 +287,7 @@ pub fn detect(
                 pad_id: tok.pad_id,
                 batch_size: rp.batch_size,
                 pad_to: rp.pad_to,
+                batching: params.batching,
                 seed: params
                     .seed
                     .wrapping_add(1000 * rp.round as u64 + epoch as u64),

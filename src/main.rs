@@ -65,7 +65,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line: what failed and what to do (wrapped errors may carry newlines).
+            let msg = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("error: {msg}");
             ExitCode::from(e.exit_code())
         }
     }

@@ -240,6 +240,34 @@ pub fn bucketed_batches(
     }
 }
 
+/// How samples are grouped into training batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Batching {
+    /// Uniformly shuffled batches (what the paper's PyTorch code does).
+    Random,
+    /// Shuffled, then sorted by length within windows of 50 batches: less padding, but rows that
+    /// an attack made longer end up in the same few batches.
+    Bucketed,
+}
+
+/// Seeded training batches of `batch_size` for samples of the given lengths.
+pub fn training_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    batching: Batching,
+    seed: u64,
+) -> Vec<Vec<usize>> {
+    match batching {
+        Batching::Bucketed => bucketed_batches(lengths, batch_size, Some(seed)),
+        Batching::Random => {
+            let mut idx: Vec<usize> = (0..lengths.len()).collect();
+            idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+            idx.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
+        }
+    }
+}
+
 /// Remove every occurrence of `ids` from each sequence (special tokens are never removed).
 pub fn delete_tokens(seqs: &[Vec<u32>], ids: &BTreeSet<u32>) -> Vec<Vec<u32>> {
     seqs.iter()

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::model::ops::cross_entropy;
 use crate::model::{Arch, BertClassifier};
-use crate::tokenize::{bucketed_batches, make_batch, Batch};
+use crate::tokenize::{make_batch, training_batches, Batch, Batching};
 
 /// AdamW hyper-parameters (PyTorch defaults but for the learning rate).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -111,6 +111,8 @@ pub struct EpochData<'a> {
     pub batch_size: usize,
     /// Pad every batch to this length (the released code pads to 128) instead of its longest row.
     pub pad_to: Option<usize>,
+    /// Random or length-bucketed batches.
+    pub batching: Batching,
     /// Seed of the batch order.
     pub seed: u64,
 }
@@ -125,7 +127,7 @@ pub fn train_epoch(
     on_step: &mut dyn FnMut(usize, f64),
 ) -> Result<EpochStats> {
     let lengths: Vec<usize> = data.seqs.iter().map(|s| s.len()).collect();
-    let batches = bucketed_batches(&lengths, data.batch_size, Some(data.seed));
+    let batches = training_batches(&lengths, data.batch_size, data.batching, data.seed);
     let start = Instant::now();
     let mut losses = Vec::with_capacity(batches.len());
     let mut samples = 0usize;
