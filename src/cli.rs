@@ -43,6 +43,14 @@ pub enum Command {
     Poison(PoisonArgs),
     /// Stage 1: three detection rounds; writes token_scores.arrow, suspicious_tokens.arrow, summary.json.
     Detect(DetectArgs),
+    /// Full fine-tune of a classifier (the victim M^b, or any classifier); resumable per epoch.
+    Train(TrainArgs),
+    /// Stage 2: overwrite the suspicious tokens' moved dimensions; optional clean fine-tune.
+    Unlearn(UnlearnArgs),
+    /// Replay a dimension_masks table onto another checkpoint.
+    ApplyMasks(ApplyMasksArgs),
+    /// ACC and ASR of a checkpoint on a test split; writes metrics.json and predictions.parquet.
+    Eval(EvalArgs),
     /// The embedded default: synthetic poisoned corpus, small model, detection (no files needed).
     Demo(DemoArgs),
     /// Write the JSON schemas of every table (the files committed in schemas/).
@@ -199,6 +207,141 @@ pub struct DetectArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training corpus.
+    #[arg(long, env = "BTU_CORPUS", num_args = 1.., required = true)]
+    pub corpus: Vec<String>,
+    /// Dev corpus for choosing the best epoch (by accuracy).
+    #[arg(long, env = "BTU_DEV", num_args = 1..)]
+    pub dev: Vec<String>,
+    /// Model directory to start from.
+    #[arg(long, env = "BTU_MODEL")]
+    pub model: PathBuf,
+    /// Output checkpoint directory.
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    #[arg(long, env = "BTU_EPOCHS", default_value_t = 3)]
+    pub epochs: usize,
+    #[arg(long, env = "BTU_LR", default_value_t = 2e-5)]
+    pub lr: f64,
+    #[arg(long, env = "BTU_WEIGHT_DECAY", default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
+    pub max_len: usize,
+    #[arg(long, env = "BTU_BATCHING", value_enum, default_value = "random")]
+    pub batching: crate::tokenize::Batching,
+    #[arg(long, env = "BTU_NUM_LABELS")]
+    pub num_labels: Option<usize>,
+    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    pub device: String,
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UnlearnArgs {
+    /// The trained (possibly backdoored) checkpoint M^b.
+    #[arg(long, env = "BTU_CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// The reference model it was trained from (whose embeddings detection used).
+    #[arg(long, env = "BTU_REFERENCE")]
+    pub reference: PathBuf,
+    /// suspicious_tokens.arrow from btu detect.
+    #[arg(long, env = "BTU_SUSPICIOUS")]
+    pub suspicious: PathBuf,
+    /// Output checkpoint directory (with dimension_masks.arrow).
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    #[arg(long, env = "BTU_THRESHOLD", value_enum, default_value = "mean-row")]
+    pub threshold: crate::unlearn::Threshold,
+    #[arg(
+        long,
+        env = "BTU_REPLACEMENT",
+        value_enum,
+        default_value = "trained-pad"
+    )]
+    pub replacement: crate::unlearn::Replacement,
+    /// Clean data for the brief fine-tune after the cut (disjoint from evaluation).
+    #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1..)]
+    pub clean_corpus: Vec<String>,
+    #[arg(long, env = "BTU_CLEAN_EPOCHS", default_value_t = 3)]
+    pub clean_epochs: usize,
+    #[arg(long, env = "BTU_CLEAN_LR", default_value_t = 5e-7)]
+    pub clean_lr: f64,
+    /// Evaluation split(s) the clean corpus must not overlap (checked by row text hash).
+    #[arg(long, env = "BTU_EVAL_SPLIT", num_args = 1..)]
+    pub eval_split: Vec<String>,
+    #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
+    pub max_len: usize,
+    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    pub device: String,
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyMasksArgs {
+    #[arg(long, env = "BTU_CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// dimension_masks.arrow from btu unlearn.
+    #[arg(long, env = "BTU_MASKS")]
+    pub masks: PathBuf,
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Checkpoint directory.
+    #[arg(long, env = "BTU_MODEL")]
+    pub model: PathBuf,
+    /// Test split.
+    #[arg(long, env = "BTU_TEST", num_args = 1.., required = true)]
+    pub test: Vec<String>,
+    /// Output directory (metrics.json, predictions.parquet).
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    /// Attack applied to the non-target rows for ASR (none: ACC only).
+    #[arg(long, env = "BTU_ATTACK", value_enum)]
+    pub attack: Option<crate::poison::Attack>,
+    #[arg(long, env = "BTU_TRIGGER", default_value = "cf")]
+    pub trigger: Vec<String>,
+    #[arg(long, env = "BTU_SENTENCE", default_value = crate::poison::DEFAULT_SENTENCE)]
+    pub sentence: String,
+    #[arg(long, env = "BTU_REWRITE_COL")]
+    pub rewrite_col: Option<String>,
+    #[arg(long, env = "BTU_TARGET", default_value_t = 1)]
+    pub target: i64,
+    /// Random insertions averaged for ASR.
+    #[arg(long, env = "BTU_REPEATS", default_value_t = 1)]
+    pub repeats: usize,
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
+    pub max_len: usize,
+    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    pub device: String,
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Keep the run directory here (default: a temporary directory, removed afterwards).
     #[arg(long, env = "BTU_OUT")]
@@ -281,6 +424,92 @@ pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
             },
             progress,
         ),
+        Command::Train(a) => crate::finetune::run(
+            &crate::finetune::TrainJob {
+                corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
+                dev: (!a.dev.is_empty())
+                    .then(|| a.corpus_args.spec(a.dev.clone(), a.seed, true))
+                    .map(|s| crate::corpus::CorpusSpec {
+                        limit: None,
+                        sample: None,
+                        ..s
+                    }),
+                model: a.model.clone(),
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+                device: a.device.clone(),
+                params: crate::finetune::TrainParams {
+                    epochs: a.epochs,
+                    lr: a.lr,
+                    weight_decay: a.weight_decay,
+                    batch_size: a.batch_size,
+                    max_len: a.max_len,
+                    batching: a.batching,
+                    seed: a.seed,
+                    num_labels: a.num_labels,
+                },
+            },
+            progress,
+        ),
+        Command::Unlearn(a) => crate::unlearn::run(
+            &crate::unlearn::UnlearnJob {
+                checkpoint: a.checkpoint.clone(),
+                reference: a.reference.clone(),
+                suspicious: a.suspicious.clone(),
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+                threshold: a.threshold,
+                replacement: a.replacement,
+                clean_corpus: (!a.clean_corpus.is_empty())
+                    .then(|| a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true)),
+                eval_split: a
+                    .eval_split
+                    .iter()
+                    .map(|p| crate::corpus::CorpusSpec {
+                        label_col: None,
+                        ..crate::corpus::CorpusSpec::new(vec![p.clone()])
+                    })
+                    .map(|s| crate::corpus::CorpusSpec {
+                        text_col: a.corpus_args.text_col.clone(),
+                        ..s
+                    })
+                    .collect(),
+                clean: crate::finetune::TrainParams {
+                    epochs: a.clean_epochs,
+                    lr: a.clean_lr,
+                    batch_size: a.batch_size,
+                    max_len: a.max_len,
+                    seed: a.seed,
+                    ..Default::default()
+                },
+                device: a.device.clone(),
+            },
+            progress,
+        ),
+        Command::ApplyMasks(a) => crate::unlearn::apply_masks(&crate::unlearn::ApplyMasksJob {
+            checkpoint: a.checkpoint.clone(),
+            masks: a.masks.clone(),
+            out: a.out.clone(),
+            overwrite: a.overwrite,
+        }),
+        Command::Eval(a) => crate::eval::run(&crate::eval::EvalJob {
+            model: a.model.clone(),
+            test: a.corpus_args.spec(a.test.clone(), a.seed, true),
+            out: a.out.clone(),
+            overwrite: a.overwrite,
+            attack: a.attack.map(|attack| crate::eval::EvalAttack {
+                attack,
+                triggers: a.trigger.clone(),
+                sentence: a.sentence.clone(),
+                rewrite_col: a.rewrite_col.clone(),
+                target: a.target,
+                repeats: a.repeats,
+                seed: a.seed,
+            }),
+            target: a.target,
+            max_len: a.max_len,
+            device: a.device.clone(),
+        }),
         Command::Demo(a) => crate::demo::run(
             &crate::demo::DemoJob {
                 out: a.out.clone(),

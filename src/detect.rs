@@ -11,13 +11,13 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::corpus::{read_corpus, CorpusSpec, Fingerprint};
+use crate::corpus::CorpusSpec;
 use crate::error::{BtuError, Result};
 use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
 use crate::model::{Arch, BertClassifier, Trainable};
 use crate::progress::Progress;
 use crate::tables::{SuspiciousToken, TokenScore};
-use crate::tokenize::{delete_tokens, BtuTokenizer};
+use crate::tokenize::{delete_tokens, load_corpus, BtuTokenizer, TokenizedCorpus};
 use crate::train::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
 
 /// Which variant of the algorithm runs (btu-spec.md, stage 1 table).
@@ -150,47 +150,6 @@ pub fn plan(p: &DetectParams) -> Vec<RoundPlan> {
 /// `k = ceil(alpha% * |V|)`, at least 1.
 pub fn top_k(alpha: f64, vocab: usize) -> usize {
     ((alpha / 100.0 * vocab as f64).ceil() as usize).max(1)
-}
-
-/// A tokenized corpus with its labels.
-pub struct TokenizedCorpus {
-    pub seqs: Vec<Vec<u32>>,
-    pub labels: Vec<u32>,
-    pub fingerprint: Fingerprint,
-}
-
-/// Read and tokenize a labelled corpus, checking labels against `num_labels`.
-pub fn load_corpus(
-    spec: &CorpusSpec,
-    tok: &BtuTokenizer,
-    max_len: usize,
-    num_labels: usize,
-) -> Result<TokenizedCorpus> {
-    let mut seqs = Vec::new();
-    let mut labels = Vec::new();
-    let fingerprint = read_corpus(spec, |b| {
-        let ls = b.labels.as_ref().expect("labels requested");
-        for (i, &l) in ls.iter().enumerate() {
-            if l < 0 || l as usize >= num_labels {
-                return Err(BtuError::bad_data(
-                    b.source.to_string(),
-                    format!(
-                        "label {l} at row {} is outside the model's {num_labels} classes (0..{}); pass --num-labels or fix the label column",
-                        b.rows[i],
-                        num_labels - 1
-                    ),
-                ));
-            }
-            labels.push(l as u32);
-        }
-        seqs.extend(tok.encode(&b.texts, max_len)?);
-        Ok(())
-    })?;
-    Ok(TokenizedCorpus {
-        seqs,
-        labels,
-        fingerprint,
-    })
 }
 
 /// What one round did.

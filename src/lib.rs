@@ -15,7 +15,11 @@ pub mod demo;
 pub mod detect;
 pub mod device;
 pub mod error;
+pub mod eval;
+pub mod finetune;
+pub mod infer;
 pub mod init_model;
+pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod poison;
@@ -24,6 +28,7 @@ pub mod synth;
 pub mod tables;
 pub mod tokenize;
 pub mod train;
+pub mod unlearn;
 
 /// btu's version, written into every table's metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -387,3 +387,61 @@ pub fn corpus_batch(texts: &[String], labels: &[i64]) -> Result<RecordBatch> {
         ],
     )
 }
+
+/// One row of `dimension_masks`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DimensionMask {
+    pub token_id: u32,
+    pub token: String,
+    pub dim: u32,
+    pub reference: f32,
+    pub trained: f32,
+    pub delta: f32,
+    pub written: f32,
+}
+
+/// Build the `dimension_masks` batch.
+pub fn dimension_masks_batch(rows: &[DimensionMask], meta: &TableMeta) -> Result<RecordBatch> {
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt32Array::from_iter_values(
+            rows.iter().map(|r| r.token_id),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.token.as_str()),
+        )),
+        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.dim))),
+        Arc::new(Float32Array::from_iter_values(
+            rows.iter().map(|r| r.reference),
+        )),
+        Arc::new(Float32Array::from_iter_values(
+            rows.iter().map(|r| r.trained),
+        )),
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.delta))),
+        Arc::new(Float32Array::from_iter_values(
+            rows.iter().map(|r| r.written),
+        )),
+    ];
+    batch(with_meta(dimension_masks_schema(), meta), cols)
+}
+
+/// Rows of a `dimension_masks` batch read from `src`.
+pub fn read_dimension_masks(b: &RecordBatch, src: &Path) -> Result<Vec<DimensionMask>> {
+    let ids = column::<UInt32Array>(b, "token_id", src)?;
+    let toks = column::<StringArray>(b, "token", src)?;
+    let dims = column::<UInt32Array>(b, "dim", src)?;
+    let r = column::<Float32Array>(b, "reference", src)?;
+    let t = column::<Float32Array>(b, "trained", src)?;
+    let d = column::<Float32Array>(b, "delta", src)?;
+    let w = column::<Float32Array>(b, "written", src)?;
+    Ok((0..b.num_rows())
+        .map(|i| DimensionMask {
+            token_id: ids.value(i),
+            token: toks.value(i).to_string(),
+            dim: dims.value(i),
+            reference: r.value(i),
+            trained: t.value(i),
+            delta: d.value(i),
+            written: w.value(i),
+        })
+        .collect())
+}

@@ -14,6 +14,7 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{Tokenizer, TruncationParams};
 
+use crate::corpus::{read_corpus, CorpusSpec, Fingerprint};
 use crate::error::{BtuError, Result};
 
 /// Names BERT-family tokenizers use for special tokens.
@@ -169,6 +170,47 @@ fn from_vocab_txt(file: &Path) -> Result<Tokenizer> {
         ("[CLS]".into(), cls),
     )));
     Ok(tok)
+}
+
+/// A tokenized corpus with its labels.
+pub struct TokenizedCorpus {
+    pub seqs: Vec<Vec<u32>>,
+    pub labels: Vec<u32>,
+    pub fingerprint: Fingerprint,
+}
+
+/// Read and tokenize a labelled corpus, checking labels against `num_labels`.
+pub fn load_corpus(
+    spec: &CorpusSpec,
+    tok: &BtuTokenizer,
+    max_len: usize,
+    num_labels: usize,
+) -> Result<TokenizedCorpus> {
+    let mut seqs = Vec::new();
+    let mut labels = Vec::new();
+    let fingerprint = read_corpus(spec, |b| {
+        let ls = b.labels.as_ref().expect("labels requested");
+        for (i, &l) in ls.iter().enumerate() {
+            if l < 0 || l as usize >= num_labels {
+                return Err(BtuError::bad_data(
+                    b.source.to_string(),
+                    format!(
+                        "label {l} at row {} is outside the model's {num_labels} classes (0..{}); pass --num-labels or fix the label column",
+                        b.rows[i],
+                        num_labels - 1
+                    ),
+                ));
+            }
+            labels.push(l as u32);
+        }
+        seqs.extend(tok.encode(&b.texts, max_len)?);
+        Ok(())
+    })?;
+    Ok(TokenizedCorpus {
+        seqs,
+        labels,
+        fingerprint,
+    })
 }
 
 /// A padded batch: row-major `ids` and `mask` of shape `[rows, seq_len]`.

@@ -61,6 +61,34 @@ impl AdamW {
         })
     }
 
+    /// Steps taken so far.
+    pub fn steps(&self) -> i32 {
+        self.step
+    }
+
+    /// First and second moments of every variable, in the order given to [`AdamW::new`].
+    pub fn moments(&self) -> Vec<(Tensor, Tensor)> {
+        self.state
+            .iter()
+            .map(|(_, m, v)| (m.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Continue from saved moments and step count (resuming a run).
+    pub fn restore(&mut self, steps: i32, moments: Vec<(Tensor, Tensor)>) -> Result<()> {
+        if moments.len() != self.state.len() {
+            return Err(crate::BtuError::internal(
+                "optimizer state does not match the parameters",
+            ));
+        }
+        for ((var, m, v), (m2, v2)) in self.state.iter_mut().zip(moments) {
+            *m = m2.to_device(var.device())?.to_dtype(var.dtype())?;
+            *v = v2.to_device(var.device())?.to_dtype(var.dtype())?;
+        }
+        self.step = steps;
+        Ok(())
+    }
+
     /// One update from the gradients in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;

@@ -1,0 +1,309 @@
+//! `btu eval`: clean accuracy (ACC) and attack success rate (ASR) of a classifier on a test
+//! split (btu-spec.md "Evaluation"). ASR counts only samples whose true label is not the target;
+//! insertion attacks are averaged over `--repeats` random insertions. Writes `metrics.json` and
+//! `predictions.parquet`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, Float32Array, Int64Array, RecordBatch, StringArray, UInt32Array,
+};
+use arrow::datatypes::{DataType, Field, Schema};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::corpus::{read_corpus, CorpusSpec};
+use crate::error::{BtuError, Result};
+use crate::metrics::{accuracy, attack_success_rate, confusion};
+use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
+use crate::poison::{insert_trigger, row_rng, Attack};
+use crate::tokenize::BtuTokenizer;
+
+/// The attack applied to the test split for ASR.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalAttack {
+    pub attack: Attack,
+    pub triggers: Vec<String>,
+    pub sentence: String,
+    pub rewrite_col: Option<String>,
+    pub target: i64,
+    pub repeats: usize,
+    pub seed: u64,
+}
+
+/// A test split read for evaluation.
+pub struct TestSplit {
+    pub ids: Vec<i64>,
+    pub texts: Vec<String>,
+    pub labels: Vec<i64>,
+    /// The rewrite column's text (None where absent), when one was asked for.
+    pub rewrites: Option<Vec<Option<String>>>,
+}
+
+/// Read a labelled test split (and the rewrite column when given).
+pub fn read_split(spec: &CorpusSpec, rewrite_col: Option<&str>) -> Result<TestSplit> {
+    let mut s = TestSplit {
+        ids: vec![],
+        texts: vec![],
+        labels: vec![],
+        rewrites: rewrite_col.map(|_| vec![]),
+    };
+    read_corpus(spec, |b| {
+        let n = b.texts.len();
+        match b
+            .batch
+            .column_by_name("id")
+            .map(|c| arrow::compute::cast(c, &DataType::Int64))
+        {
+            Some(Ok(c)) => {
+                let c = c.as_any().downcast_ref::<Int64Array>().expect("int64");
+                s.ids.extend((0..n).map(|i| {
+                    if c.is_valid(i) {
+                        c.value(i)
+                    } else {
+                        b.rows[i] as i64
+                    }
+                }));
+            }
+            _ => s.ids.extend(b.rows.iter().map(|&r| r as i64)),
+        }
+        if let (Some(rc), Some(out)) = (rewrite_col, s.rewrites.as_mut()) {
+            let c = b.batch.column_by_name(rc).ok_or_else(|| {
+                BtuError::bad_data(
+                    b.source.to_string(),
+                    format!("missing rewrite column '{rc}'; name it with --rewrite-col"),
+                )
+            })?;
+            let c = arrow::compute::cast(c, &DataType::Utf8)
+                .map_err(|e| BtuError::bad_data(b.source.to_string(), e.to_string()))?;
+            let c = c.as_any().downcast_ref::<StringArray>().expect("utf8");
+            out.extend((0..n).map(|i| {
+                (c.is_valid(i) && !c.value(i).trim().is_empty()).then(|| c.value(i).to_string())
+            }));
+        }
+        s.labels.extend(b.labels.expect("labels requested"));
+        s.texts.extend(b.texts);
+        Ok(())
+    })?;
+    Ok(s)
+}
+
+/// The attacked copies of the non-target rows for one repeat: (row index, text).
+pub fn attacked_rows(split: &TestSplit, a: &EvalAttack, repeat: usize) -> Vec<(usize, String)> {
+    (0..split.texts.len())
+        .filter(|&i| split.labels[i] != a.target)
+        .filter_map(|i| match a.attack {
+            Attack::Rewrite => split
+                .rewrites
+                .as_ref()
+                .and_then(|r| r[i].clone())
+                .map(|t| (i, t)),
+            kind => {
+                let mut rng = row_rng(a.seed.wrapping_add(repeat as u64 * 7919), i as u64);
+                Some((
+                    i,
+                    insert_trigger(&split.texts[i], kind, &a.triggers, &a.sentence, &mut rng),
+                ))
+            }
+        })
+        .collect()
+}
+
+/// A classifier that gives class probabilities for texts.
+pub trait Classifier {
+    fn proba(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>>;
+    fn num_labels(&self) -> usize;
+    fn backend(&self) -> &'static str;
+}
+
+/// The candle classifier over a checkpoint directory.
+pub struct CandleClassifier {
+    model: crate::model::BertClassifier,
+    tok: BtuTokenizer,
+    max_len: usize,
+    dev: candle_core::Device,
+}
+
+impl CandleClassifier {
+    /// Load a checkpoint directory.
+    pub fn load(dir: &std::path::Path, max_len: usize, device: &str) -> Result<Self> {
+        let dev = crate::device::parse_device(device)?;
+        let md = ModelDir::open(dir)?;
+        let tok = BtuTokenizer::load(dir)?;
+        let model = load_model(&md, None, 0, &dev)?;
+        Ok(CandleClassifier {
+            model,
+            tok,
+            max_len,
+            dev,
+        })
+    }
+}
+
+impl Classifier for CandleClassifier {
+    fn proba(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let seqs = self.tok.encode(texts, self.max_len)?;
+        crate::infer::predict_proba(&self.model, &seqs, self.tok.pad_id, 64, &self.dev)
+    }
+    fn num_labels(&self) -> usize {
+        self.model.config.labels()
+    }
+    fn backend(&self) -> &'static str {
+        "candle"
+    }
+}
+
+/// Predictions of one pass.
+pub struct Pass {
+    pub rows: Vec<usize>,
+    pub pred: Vec<i64>,
+    pub target_prob: Vec<f32>,
+}
+
+fn predict(
+    c: &mut dyn Classifier,
+    rows: Vec<usize>,
+    texts: &[String],
+    target: i64,
+) -> Result<Pass> {
+    let probs = c.proba(texts)?;
+    let pred = probs
+        .iter()
+        .map(|p| crate::infer::argmax(p) as i64)
+        .collect();
+    let target_prob = probs
+        .iter()
+        .map(|p| p.get(target as usize).copied().unwrap_or(f32::NAN))
+        .collect();
+    Ok(Pass {
+        rows,
+        pred,
+        target_prob,
+    })
+}
+
+/// Metrics of a classifier on a split, with the predictions table.
+pub fn evaluate(
+    c: &mut dyn Classifier,
+    split: &TestSplit,
+    attack: Option<&EvalAttack>,
+    target: i64,
+) -> Result<(Value, RecordBatch)> {
+    let classes = c.num_labels();
+    if let Some(bad) = split
+        .labels
+        .iter()
+        .find(|&&l| l < 0 || l as usize >= classes)
+    {
+        return Err(BtuError::bad_data(
+            "--test",
+            format!("label {bad} is outside the model's {classes} classes"),
+        ));
+    }
+    let clean = predict(c, (0..split.texts.len()).collect(), &split.texts, target)?;
+    let acc = accuracy(&clean.pred, &split.labels);
+    let mut passes = vec![(None, clean)];
+    let mut asrs = Vec::new();
+    let mut attacked_n = 0;
+    if let Some(a) = attack {
+        for r in 0..a.repeats.max(1) {
+            let rows = attacked_rows(split, a, r);
+            attacked_n = rows.len();
+            let (idx, texts): (Vec<usize>, Vec<String>) = rows.into_iter().unzip();
+            let p = predict(c, idx.clone(), &texts, a.target)?;
+            let labels: Vec<i64> = idx.iter().map(|&i| split.labels[i]).collect();
+            asrs.push(attack_success_rate(&p.pred, &labels, a.target));
+            passes.push((Some(r as u32), p));
+        }
+    }
+    let asr = if asrs.is_empty() {
+        None
+    } else {
+        Some(asrs.iter().sum::<f64>() / asrs.len() as f64)
+    };
+    let clean_pred = &passes[0].1.pred;
+    let metrics = json!({
+        "backend": c.backend(),
+        "acc": acc,
+        "asr": asr,
+        "asr_per_repeat": asrs,
+        "clean_false_positive_rate": attack_success_rate(clean_pred, &split.labels, attack.map_or(target, |a| a.target)),
+        "rows": split.texts.len(),
+        "attacked_rows": attacked_n,
+        "confusion_matrix": confusion(clean_pred, &split.labels, classes),
+        "attack": attack,
+    });
+    // predictions: clean rows, then attacked rows per repeat.
+    let (mut id, mut label, mut pred, mut prob, mut poisoned, mut repeat) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (r, p) in &passes {
+        for (k, &i) in p.rows.iter().enumerate() {
+            id.push(split.ids[i]);
+            label.push(split.labels[i]);
+            pred.push(p.pred[k]);
+            prob.push(p.target_prob[k]);
+            poisoned.push(r.is_some());
+            repeat.push(*r);
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("label", DataType::Int64, false),
+        Field::new("prediction", DataType::Int64, false),
+        Field::new("target_prob", DataType::Float32, false),
+        Field::new("poisoned", DataType::Boolean, false),
+        Field::new("repeat", DataType::UInt32, true),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(id)),
+        Arc::new(Int64Array::from(label)),
+        Arc::new(Int64Array::from(pred)),
+        Arc::new(Float32Array::from(prob)),
+        Arc::new(BooleanArray::from(poisoned)),
+        Arc::new(UInt32Array::from(repeat)),
+    ];
+    let batch = RecordBatch::try_new(schema, cols)
+        .map_err(|e| BtuError::internal(format!("predictions: {e}")))?;
+    Ok((metrics, batch))
+}
+
+/// Inputs of `btu eval`.
+pub struct EvalJob {
+    pub model: PathBuf,
+    pub test: CorpusSpec,
+    pub out: PathBuf,
+    pub overwrite: bool,
+    pub attack: Option<EvalAttack>,
+    pub target: i64,
+    pub max_len: usize,
+    pub device: String,
+}
+
+/// `btu eval` with the candle backend.
+pub fn run(job: &EvalJob) -> Result<Value> {
+    let t0 = Instant::now();
+    crate::output::check_output(&job.out, job.overwrite)?;
+    let mut clf = CandleClassifier::load(&job.model, job.max_len, &job.device)?;
+    let sha = sha256_file(&job.model.join("model.safetensors"))?;
+    let split = read_split(
+        &job.test,
+        job.attack.as_ref().and_then(|a| a.rewrite_col.as_deref()),
+    )?;
+    let (mut metrics, batch) = evaluate(&mut clf, &split, job.attack.as_ref(), job.target)?;
+    metrics["command"] = json!("eval");
+    metrics["version"] = json!(crate::VERSION);
+    metrics["model"] = json!(job.model);
+    metrics["model_sha256"] = json!(sha);
+    metrics["test"] = json!(job.test.inputs);
+    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    crate::tables::write_parquet(&out.path("predictions.parquet"), &batch, false)?;
+    metrics["seconds"] = json!(t0.elapsed().as_secs_f64());
+    out.write(
+        "metrics.json",
+        (serde_json::to_string_pretty(&metrics).map_err(BtuError::internal)? + "\n").as_bytes(),
+    )?;
+    out.commit()?;
+    Ok(metrics)
+}

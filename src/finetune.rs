@@ -1,0 +1,391 @@
+//! `btu train`: full fine-tuning of a classifier (the victim `M^b`, or any classifier) on a
+//! corpus, optional dev-set epoch selection, checkpoints in HF layout with provenance in the
+//! safetensors metadata. Resumable per epoch: every completed epoch is written (model and
+//! optimizer state) under a hidden `.<out>.partial/` directory; a rerun with the same inputs and
+//! parameters continues after the last complete epoch and ends with the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::corpus::CorpusSpec;
+use crate::error::{BtuError, Result};
+use crate::model::checkpoint::{
+    from_tensor, load_model, read_safetensors, safetensors_bytes, save_model, sha256_file,
+    to_tensor, ModelDir, SafetensorsFile,
+};
+use crate::model::{Arch, BertClassifier, Trainable};
+use crate::progress::Progress;
+use crate::tables::canonical_json;
+use crate::tokenize::{load_corpus, Batching, BtuTokenizer, TokenizedCorpus};
+use crate::train::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
+
+/// Hyper-parameters of fine-tuning.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TrainParams {
+    pub epochs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub batching: Batching,
+    pub seed: u64,
+    pub num_labels: Option<usize>,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        TrainParams {
+            epochs: 3,
+            lr: 2e-5,
+            weight_decay: 0.01,
+            batch_size: 32,
+            max_len: 128,
+            batching: Batching::Random,
+            seed: 42,
+            num_labels: None,
+        }
+    }
+}
+
+/// Files copied from a model directory into every checkpoint made from it.
+pub const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Copy the tokenizer files of `from` into `to`.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let src = from.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(f)).map_err(|e| BtuError::io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Accuracy of `model` on a tokenized labelled corpus.
+pub fn accuracy(
+    model: &BertClassifier,
+    data: &TokenizedCorpus,
+    pad_id: u32,
+    dev: &Device,
+) -> Result<f64> {
+    let probs = crate::infer::predict_proba(model, &data.seqs, pad_id, 64, dev)?;
+    let pred: Vec<i64> = probs
+        .iter()
+        .map(|p| crate::infer::argmax(p) as i64)
+        .collect();
+    let labels: Vec<i64> = data.labels.iter().map(|&l| l as i64).collect();
+    Ok(crate::metrics::accuracy(&pred, &labels))
+}
+
+/// Train every parameter of `model` for `epochs` epochs starting at `first_epoch` (in place),
+/// calling `after_epoch(epoch, model, optimizer, stats)` after each.
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    model: &mut BertClassifier,
+    data: &TokenizedCorpus,
+    pad_id: u32,
+    p: &TrainParams,
+    first_epoch: usize,
+    opt_state: Option<(i32, Vec<(candle_core::Tensor, candle_core::Tensor)>)>,
+    dev: &Device,
+    progress: &dyn Progress,
+    after_epoch: &mut dyn FnMut(usize, &BertClassifier, &AdamW, EpochStats) -> Result<()>,
+) -> Result<()> {
+    let vars = model.make_trainable(Trainable::All)?;
+    let mut opt = AdamW::new(
+        vars.into_iter().map(|(_, v)| v).collect(),
+        AdamWConfig {
+            weight_decay: p.weight_decay,
+            ..AdamWConfig::with_lr(p.lr)
+        },
+    )?;
+    if let Some((steps, m)) = opt_state {
+        opt.restore(steps, m)?;
+    }
+    for epoch in first_epoch..p.epochs {
+        let bar = progress.bar(
+            &format!("train epoch {}/{}", epoch + 1, p.epochs),
+            data.seqs.len() as u64,
+        );
+        let ed = EpochData {
+            seqs: &data.seqs,
+            labels: &data.labels,
+            pad_id,
+            batch_size: p.batch_size,
+            pad_to: None,
+            batching: p.batching,
+            seed: p.seed.wrapping_add(epoch as u64),
+        };
+        let stats = train_epoch(model, Arch::Full, &mut opt, &ed, dev, &mut |n, loss| {
+            bar.inc(n as u64);
+            bar.set_message(format!("loss {loss:.4}"));
+        })?;
+        bar.finish_and_clear();
+        tracing::info!(
+            epoch,
+            loss = stats.loss_mean,
+            seconds = stats.seconds,
+            "training epoch done"
+        );
+        after_epoch(epoch, model, &opt, stats)?;
+    }
+    Ok(())
+}
+
+/// Inputs of `btu train`.
+pub struct TrainJob {
+    pub corpus: CorpusSpec,
+    pub dev: Option<CorpusSpec>,
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub overwrite: bool,
+    pub device: String,
+    pub params: TrainParams,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct EpochRecord {
+    epoch: usize,
+    stats: Value,
+    dev_acc: Option<f64>,
+}
+
+fn partial_dir(out: &Path) -> PathBuf {
+    let name = out.file_name().and_then(|s| s.to_str()).unwrap_or("out");
+    out.with_file_name(format!(".{name}.partial"))
+}
+
+fn optimizer_file(opt: &AdamW) -> Result<SafetensorsFile> {
+    let mut f = SafetensorsFile::default();
+    f.metadata.insert("steps".into(), opt.steps().to_string());
+    for (i, (m, v)) in opt.moments().iter().enumerate() {
+        f.tensors.insert(format!("m.{i:04}"), from_tensor(m)?);
+        f.tensors.insert(format!("v.{i:04}"), from_tensor(v)?);
+    }
+    Ok(f)
+}
+
+type OptState = (i32, Vec<(candle_core::Tensor, candle_core::Tensor)>);
+
+fn load_optimizer(path: &Path, dev: &Device) -> Result<OptState> {
+    let f = read_safetensors(path)?;
+    let steps: i32 = f
+        .metadata
+        .get("steps")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| BtuError::bad_data(path.display().to_string(), "no step count"))?;
+    let n = f.tensors.len() / 2;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let m = f
+            .tensors
+            .get(&format!("m.{i:04}"))
+            .ok_or_else(|| BtuError::bad_data(path.display().to_string(), "missing moments"))?;
+        let v = f
+            .tensors
+            .get(&format!("v.{i:04}"))
+            .ok_or_else(|| BtuError::bad_data(path.display().to_string(), "missing moments"))?;
+        out.push((to_tensor("m", m, path, dev)?, to_tensor("v", v, path, dev)?));
+    }
+    Ok((steps, out))
+}
+
+/// The latest complete epoch directory of a partial run.
+fn latest_epoch(partial: &Path) -> Option<(usize, PathBuf)> {
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(partial).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name
+            .strip_prefix("epoch-")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            if e.path().join("epoch.json").is_file() && best.as_ref().is_none_or(|(b, _)| n > *b) {
+                best = Some((n, e.path()));
+            }
+        }
+    }
+    best
+}
+
+/// `btu train`.
+pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<Value> {
+    let t0 = Instant::now();
+    let p = &job.params;
+    if p.epochs == 0 || p.batch_size == 0 {
+        return Err(BtuError::config(
+            "--epochs/--batch-size",
+            "must be at least 1",
+        ));
+    }
+    crate::output::check_output(&job.out, job.overwrite)?;
+    let dev = crate::device::parse_device(&job.device)?;
+    let md = ModelDir::open(&job.model)?;
+    let tok = BtuTokenizer::load(&job.model)?;
+    let base_sha = sha256_file(&md.weights)?;
+    let mut model = load_model(&md, p.num_labels, p.seed, &dev)?;
+    let labels = model.config.labels();
+    let data = load_corpus(&job.corpus, &tok, p.max_len, labels)?;
+    let dev_data = match &job.dev {
+        Some(spec) => Some(load_corpus(spec, &tok, p.max_len, labels)?),
+        None => None,
+    };
+    let params_json =
+        json!({"params": p, "text_col": job.corpus.text_col, "label_col": job.corpus.label_col});
+    let run_hash = hex::encode(Sha256::digest(canonical_json(&json!({
+        "base_model_sha256": base_sha,
+        "corpus": data.fingerprint.to_json(),
+        "dev": dev_data.as_ref().map(|d| d.fingerprint.to_json()),
+        "params": params_json,
+        "version": crate::VERSION,
+    }))));
+    let mut metadata: BTreeMap<String, String> = BTreeMap::new();
+    metadata.insert("btu:command".into(), "train".into());
+    metadata.insert("btu:version".into(), crate::VERSION.into());
+    metadata.insert("btu:base_model_sha256".into(), base_sha.clone());
+    metadata.insert(
+        "btu:corpus_fingerprint".into(),
+        canonical_json(&data.fingerprint.to_json()),
+    );
+    metadata.insert("btu:params".into(), canonical_json(&params_json));
+
+    // Resume from the last complete epoch of an interrupted identical run.
+    let partial = partial_dir(&job.out);
+    let state_path = partial.join("state.json");
+    let same_run = std::fs::read_to_string(&state_path)
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .is_some_and(|v| v["run_hash"] == run_hash.as_str());
+    let mut first_epoch = 0;
+    let mut opt_state = None;
+    let mut records: Vec<EpochRecord> = Vec::new();
+    if same_run {
+        if let Some((n, dir)) = latest_epoch(&partial) {
+            let emd = ModelDir::open(&dir)?;
+            model = load_model(&emd, Some(labels), p.seed, &dev)?;
+            opt_state = Some(load_optimizer(&dir.join("optimizer.safetensors"), &dev)?);
+            let text = std::fs::read_to_string(dir.join("epoch.json"))
+                .map_err(|e| BtuError::io(&dir, e))?;
+            records = serde_json::from_str(&text)
+                .map_err(|e| BtuError::bad_data(dir.display().to_string(), e.to_string()))?;
+            first_epoch = n + 1;
+            tracing::warn!(
+                epoch = n + 1,
+                "resuming an interrupted run after its last complete epoch"
+            );
+        }
+    } else {
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| BtuError::io(&partial, e))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(|e| BtuError::OutputUnwritable {
+            path: partial.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&state_path, canonical_json(&json!({"run_hash": run_hash})))
+            .map_err(|e| BtuError::io(&state_path, e))?;
+    }
+    // Leftovers of an epoch that was being written when the run was killed.
+    for e in std::fs::read_dir(&partial)
+        .map_err(|e| BtuError::io(&partial, e))?
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().contains(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let best_of = |records: &[EpochRecord]| -> usize {
+        let mut best = records.len() - 1;
+        if records.iter().all(|r| r.dev_acc.is_some()) {
+            best = 0;
+            for (i, r) in records.iter().enumerate() {
+                if r.dev_acc > records[best].dev_acc {
+                    best = i;
+                }
+            }
+        }
+        records[best].epoch
+    };
+    let resumed_from = first_epoch;
+    fit(
+        &mut model,
+        &data,
+        tok.pad_id,
+        p,
+        first_epoch,
+        opt_state,
+        &dev,
+        progress,
+        &mut |epoch, m, opt, stats| {
+            let dev_acc = match &dev_data {
+                Some(d) => Some(accuracy(m, d, tok.pad_id, &dev)?),
+                None => None,
+            };
+            records.push(EpochRecord {
+                epoch,
+                stats: serde_json::to_value(&stats).map_err(BtuError::internal)?,
+                dev_acc,
+            });
+            let out =
+                crate::output::OutputDir::create(&partial.join(format!("epoch-{epoch}")), false)?;
+            let mut meta = metadata.clone();
+            meta.insert("btu:epoch".into(), (epoch + 1).to_string());
+            save_model(m, &out.path(""), meta)?;
+            let opt_bytes = safetensors_bytes(&optimizer_file(opt)?);
+            out.write("optimizer.safetensors", &opt_bytes)?;
+            out.write(
+                "epoch.json",
+                &serde_json::to_vec(&records).map_err(BtuError::internal)?,
+            )?;
+            out.commit()?;
+            // Keep only the latest epoch and the best one.
+            let keep = [epoch, best_of(&records)];
+            for r in records.iter() {
+                if !keep.contains(&r.epoch) {
+                    let _ = std::fs::remove_dir_all(partial.join(format!("epoch-{}", r.epoch)));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let best = best_of(&records);
+    let chosen = partial.join(format!("epoch-{best}"));
+    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(chosen.join(f), out.path(f)).map_err(|e| BtuError::io(chosen.join(f), e))?;
+    }
+    copy_tokenizer_files(&job.model, &out.path(""))?;
+    let summary = json!({
+        "command": "train",
+        "version": crate::VERSION,
+        "out": job.out,
+        "model": job.model,
+        "base_model_sha256": base_sha,
+        "device": crate::device::device_name(&dev),
+        "params": p,
+        "rows": data.seqs.len(),
+        "dev_rows": dev_data.as_ref().map(|d| d.seqs.len()),
+        "epochs": records,
+        "selected_epoch": best + 1,
+        "resumed_from_epoch": (resumed_from > 0).then_some(resumed_from + 1),
+        "corpus": data.fingerprint.to_json(),
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    out.write(
+        "train_summary.json",
+        (serde_json::to_string_pretty(&summary).map_err(BtuError::internal)? + "\n").as_bytes(),
+    )?;
+    out.commit()?;
+    let _ = std::fs::remove_dir_all(&partial);
+    Ok(summary)
+}

@@ -1,0 +1,77 @@
+//! Evaluation metrics (btu-spec.md "Evaluation"): clean accuracy and attack success rate.
+
+use serde::Serialize;
+
+/// Accuracy of `pred` against `label`.
+pub fn accuracy(pred: &[i64], label: &[i64]) -> f64 {
+    if pred.is_empty() {
+        return f64::NAN;
+    }
+    pred.iter().zip(label).filter(|(p, l)| p == l).count() as f64 / pred.len() as f64
+}
+
+/// Attack success rate: among samples whose true label is not `target`, the share predicted as
+/// `target` (after the trigger was applied to them). `NaN` when there is no such sample.
+pub fn attack_success_rate(pred: &[i64], true_label: &[i64], target: i64) -> f64 {
+    let (hit, n) = pred
+        .iter()
+        .zip(true_label)
+        .filter(|(_, l)| **l != target)
+        .fold((0usize, 0usize), |(h, n), (p, _)| {
+            (h + (*p == target) as usize, n + 1)
+        });
+    if n == 0 {
+        f64::NAN
+    } else {
+        hit as f64 / n as f64
+    }
+}
+
+/// Confusion matrix `[true][predicted]` over `classes` classes.
+pub fn confusion(pred: &[i64], label: &[i64], classes: usize) -> Vec<Vec<u64>> {
+    let mut m = vec![vec![0u64; classes]; classes];
+    for (p, l) in pred.iter().zip(label) {
+        if (*p as usize) < classes && (*l as usize) < classes {
+            m[*l as usize][*p as usize] += 1;
+        }
+    }
+    m
+}
+
+/// ACC and ASR with their counts.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Scores {
+    pub acc: f64,
+    pub asr: f64,
+    pub clean_rows: usize,
+    pub attacked_rows: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accuracy_counts_matches() {
+        assert_eq!(accuracy(&[1, 0, 1, 1], &[1, 1, 1, 0]), 0.5);
+        assert!(accuracy(&[], &[]).is_nan());
+    }
+
+    #[test]
+    fn asr_excludes_target_label_samples() {
+        // Samples 0 and 1 have the target label 1 and must not count, whatever is predicted.
+        let pred = [1, 1, 1, 0, 1];
+        let label = [1, 1, 0, 0, 0];
+        assert!((attack_success_rate(&pred, &label, 1) - 2.0 / 3.0).abs() < 1e-12);
+        assert!(attack_success_rate(&[1, 1], &[1, 1], 1).is_nan());
+        assert_eq!(attack_success_rate(&[0, 0, 0], &[0, 0, 1], 1), 0.0);
+    }
+
+    #[test]
+    fn confusion_is_true_by_predicted() {
+        assert_eq!(
+            confusion(&[1, 0, 1], &[1, 1, 0], 2),
+            vec![vec![0, 1], vec![1, 1]]
+        );
+    }
+}

@@ -1,0 +1,591 @@
+//! Stage 2 of BTU: dimensional fine-grained unlearning (btu-spec.md). For every suspicious token,
+//! the embedding dimensions of the trained checkpoint that moved at least the threshold `d_bar`
+//! away from the reference are overwritten with the padding token's values; every other tensor
+//! stays byte-identical. Optional brief clean fine-tuning. `apply-masks` replays a mask table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::corpus::{read_corpus, CorpusSpec};
+use crate::error::{BtuError, Result};
+use crate::finetune::{copy_tokenizer_files, TrainParams};
+use crate::model::checkpoint::{
+    read_safetensors, safetensors_bytes, sha256_file, ModelDir, RawTensor, SafetensorsFile,
+};
+use crate::progress::Progress;
+use crate::tables::{canonical_json, DimensionMask, TableMeta};
+use crate::tokenize::BtuTokenizer;
+
+/// How `d_bar` is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Threshold {
+    /// Paper Eq. 6: the mean over the vocabulary of each row's Euclidean change.
+    MeanRow,
+    /// Released code: Frobenius norm of the whole change divided by the row count.
+    Frobenius,
+}
+
+/// Where replacement values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Replacement {
+    /// The padding row of the trained matrix (paper).
+    TrainedPad,
+    /// The padding row of the reference matrix (released code).
+    ReferencePad,
+}
+
+/// A dense row-major `[rows, cols]` f32 matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Matrix {
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// `d_bar` for a reference `e` and trained `eb` matrix (computed in f64).
+pub fn threshold(e: &Matrix, eb: &Matrix, rule: Threshold) -> f64 {
+    let v = e.rows as f64;
+    match rule {
+        Threshold::MeanRow => {
+            (0..e.rows)
+                .map(|r| {
+                    e.row(r)
+                        .iter()
+                        .zip(eb.row(r))
+                        .map(|(a, b)| ((*b as f64) - (*a as f64)).powi(2))
+                        .sum::<f64>()
+                        .sqrt()
+                })
+                .sum::<f64>()
+                / v
+        }
+        Threshold::Frobenius => {
+            e.data
+                .iter()
+                .zip(&eb.data)
+                .map(|(a, b)| ((*b as f64) - (*a as f64)).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                / v
+        }
+    }
+}
+
+/// The masks: for each token in `tokens` and each dimension whose change `|eb - e|` is at least
+/// `d_bar`, the value to write (the padding row of `eb` or of `e`). Rows are ordered by token id
+/// then dimension.
+pub fn compute_masks(
+    e: &Matrix,
+    eb: &Matrix,
+    tokens: &[(u32, String)],
+    pad: u32,
+    d_bar: f64,
+    rep: Replacement,
+) -> Vec<DimensionMask> {
+    let pad_row = match rep {
+        Replacement::TrainedPad => eb.row(pad as usize),
+        Replacement::ReferencePad => e.row(pad as usize),
+    };
+    let mut sorted: Vec<&(u32, String)> = tokens.iter().collect();
+    sorted.sort_by_key(|t| t.0);
+    let mut out = Vec::new();
+    for (t, tok) in sorted {
+        let (re, rb) = (e.row(*t as usize), eb.row(*t as usize));
+        for i in 0..e.cols {
+            let delta = rb[i] - re[i];
+            if ((rb[i] as f64) - (re[i] as f64)).abs() >= d_bar {
+                out.push(DimensionMask {
+                    token_id: *t,
+                    token: tok.clone(),
+                    dim: i as u32,
+                    reference: re[i],
+                    trained: rb[i],
+                    delta,
+                    written: pad_row[i],
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Apply masks to a matrix in place.
+pub fn apply(eb: &mut Matrix, masks: &[DimensionMask]) {
+    for m in masks {
+        eb.data[m.token_id as usize * eb.cols + m.dim as usize] = m.written;
+    }
+}
+
+const WORD: &str = "embeddings.word_embeddings.weight";
+
+/// The name of the word-embedding tensor in a safetensors file.
+fn word_name(f: &SafetensorsFile, src: &Path) -> Result<String> {
+    [WORD.to_string(), format!("bert.{WORD}")]
+        .into_iter()
+        .find(|n| f.tensors.contains_key(n))
+        .ok_or_else(|| {
+            BtuError::bad_data(
+                src.display().to_string(),
+                format!("no {WORD} (with or without bert.) in the checkpoint"),
+            )
+        })
+}
+
+fn matrix(t: &RawTensor, name: &str, src: &Path) -> Result<Matrix> {
+    if t.shape.len() != 2 {
+        return Err(BtuError::bad_data(
+            src.display().to_string(),
+            format!("{name} is not a matrix: {:?}", t.shape),
+        ));
+    }
+    let x = crate::model::checkpoint::to_tensor(name, t, src, &candle_core::Device::Cpu)?;
+    let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    if data.iter().any(|v| !v.is_finite()) {
+        return Err(BtuError::bad_data(
+            src.display().to_string(),
+            format!("{name} holds NaN or infinite values"),
+        ));
+    }
+    Ok(Matrix {
+        rows: t.shape[0],
+        cols: t.shape[1],
+        data,
+    })
+}
+
+/// The matrix back in the tensor's own dtype.
+fn raw_like(m: &Matrix, like: &RawTensor) -> Result<RawTensor> {
+    let t =
+        candle_core::Tensor::from_vec(m.data.clone(), (m.rows, m.cols), &candle_core::Device::Cpu)?;
+    let dt = match like.dtype.as_str() {
+        "F64" => candle_core::DType::F64,
+        "F16" => candle_core::DType::F16,
+        "BF16" => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
+    };
+    let t = t.to_dtype(dt)?;
+    let mut raw = crate::model::checkpoint::from_tensor(&t)?;
+    if dt != candle_core::DType::F32 {
+        // from_tensor writes f32; encode in the original dtype instead.
+        raw.data = match dt {
+            candle_core::DType::F64 => t
+                .flatten_all()?
+                .to_vec1::<f64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            candle_core::DType::F16 => t
+                .flatten_all()?
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            _ => t
+                .flatten_all()?
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        };
+        raw.dtype = like.dtype.clone();
+    }
+    Ok(raw)
+}
+
+/// Check a mask table fits a checkpoint: hidden size, vocabulary, token ids and strings agree.
+fn check_masks(
+    masks: &[DimensionMask],
+    m: &Matrix,
+    tok: &BtuTokenizer,
+    masks_src: &Path,
+) -> Result<()> {
+    for x in masks {
+        if x.token_id as usize >= m.rows {
+            return Err(BtuError::bad_data(
+                masks_src.display().to_string(),
+                format!(
+                    "token id {} is outside the checkpoint's vocabulary of {}",
+                    x.token_id, m.rows
+                ),
+            ));
+        }
+        if x.dim as usize >= m.cols {
+            return Err(BtuError::bad_data(
+                masks_src.display().to_string(),
+                format!(
+                    "dimension {} is outside the checkpoint's hidden size {}",
+                    x.dim, m.cols
+                ),
+            ));
+        }
+        let here = tok.token(x.token_id);
+        if here != x.token {
+            return Err(BtuError::bad_data(
+                masks_src.display().to_string(),
+                format!("token id {} is '{}' in the table but '{here}' in the checkpoint's tokenizer; the vocabularies differ", x.token_id, x.token),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Inputs of `btu unlearn`.
+pub struct UnlearnJob {
+    pub checkpoint: PathBuf,
+    pub reference: PathBuf,
+    pub suspicious: PathBuf,
+    pub out: PathBuf,
+    pub overwrite: bool,
+    pub threshold: Threshold,
+    pub replacement: Replacement,
+    pub clean_corpus: Option<CorpusSpec>,
+    pub eval_split: Vec<CorpusSpec>,
+    pub clean: TrainParams,
+    pub device: String,
+}
+
+fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
+    let mut out = BTreeSet::new();
+    let spec = CorpusSpec {
+        label_col: None,
+        ..spec.clone()
+    };
+    read_corpus(&spec, |b| {
+        for t in &b.texts {
+            out.insert(Sha256::digest(t.trim().as_bytes()).into());
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Write a checkpoint directory: every tensor of `file` (word embeddings replaced), metadata,
+/// config and tokenizer files of `src_dir`, and the mask table.
+fn write_checkpoint(
+    out: &crate::output::OutputDir,
+    src_dir: &Path,
+    file: &SafetensorsFile,
+    masks: &arrow::array::RecordBatch,
+) -> Result<()> {
+    out.write("model.safetensors", &safetensors_bytes(file))?;
+    let cfg = src_dir.join("config.json");
+    std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
+    copy_tokenizer_files(src_dir, &out.path(""))?;
+    crate::tables::write_ipc(&out.path("dimension_masks.arrow"), masks, false)
+}
+
+/// `btu unlearn`.
+pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
+    let t0 = Instant::now();
+    crate::output::check_output(&job.out, job.overwrite)?;
+    let ckpt = ModelDir::open(&job.checkpoint)?;
+    let reference = ModelDir::open(&job.reference)?;
+    let tok = BtuTokenizer::load(&job.checkpoint)?;
+    let suspicious = crate::tables::read_suspicious_tokens(&job.suspicious)?;
+    let mut trained = read_safetensors(&ckpt.weights)?;
+    let ref_file = read_safetensors(&reference.weights)?;
+    let wn = word_name(&trained, &ckpt.weights)?;
+    let eb = matrix(&trained.tensors[&wn], &wn, &ckpt.weights)?;
+    let rn = word_name(&ref_file, &reference.weights)?;
+    let e = matrix(&ref_file.tensors[&rn], &rn, &reference.weights)?;
+    if e.cols != eb.cols {
+        return Err(BtuError::bad_data(job.reference.display().to_string(), format!("hidden size {} differs from the checkpoint's {}; give the model the checkpoint was trained from", e.cols, eb.cols)));
+    }
+    if e.rows != eb.rows {
+        return Err(BtuError::bad_data(job.reference.display().to_string(), format!("vocabulary of {} tokens differs from the checkpoint's {}; give the model the checkpoint was trained from", e.rows, eb.rows)));
+    }
+    let tokens: Vec<(u32, String)> = suspicious
+        .iter()
+        .map(|s| (s.token_id, s.token.clone()))
+        .collect();
+    for (id, t) in &tokens {
+        if *id as usize >= eb.rows || tok.token(*id) != *t {
+            return Err(BtuError::bad_data(
+                job.suspicious.display().to_string(),
+                format!("token id {id} ('{t}') does not match the checkpoint's vocabulary; detect with the same tokenizer"),
+            ));
+        }
+    }
+    let d_bar = threshold(&e, &eb, job.threshold);
+    let pad = tok.pad_id;
+    let masks = compute_masks(&e, &eb, &tokens, pad, d_bar, job.replacement);
+    let mut repaired = eb.clone();
+    apply(&mut repaired, &masks);
+    let raw = raw_like(&repaired, &trained.tensors[&wn])?;
+    trained.tensors.insert(wn.clone(), raw);
+    let ckpt_sha = sha256_file(&ckpt.weights)?;
+    let ref_sha = sha256_file(&reference.weights)?;
+    trained
+        .metadata
+        .insert("btu:command".into(), "unlearn".into());
+    trained
+        .metadata
+        .insert("btu:unlearned_from_sha256".into(), ckpt_sha.clone());
+    trained
+        .metadata
+        .insert("btu:reference_sha256".into(), ref_sha.clone());
+    trained.metadata.insert(
+        "btu:threshold_rule".into(),
+        canonical_json(&json!(job.threshold)),
+    );
+
+    // The clean data must not overlap the evaluation split.
+    let mut overlap_checked = Vec::new();
+    if let Some(clean) = &job.clean_corpus {
+        let clean_h = text_hashes(clean)?;
+        for ev in &job.eval_split {
+            let n = text_hashes(ev)?.intersection(&clean_h).count();
+            if n > 0 {
+                return Err(BtuError::config(
+                    "--clean-corpus",
+                    format!("shares {n} rows (by text hash) with the evaluation split {}; tune on data disjoint from evaluation", ev.inputs.join(",")),
+                ));
+            }
+            overlap_checked.push(ev.inputs.join(","));
+        }
+    }
+    let params = json!({
+        "threshold": job.threshold, "replacement": job.replacement,
+        "clean": job.clean_corpus.as_ref().map(|_| &job.clean),
+    });
+    let meta = TableMeta {
+        command: "unlearn".into(),
+        params: params.clone(),
+        model_sha256: ckpt_sha.clone(),
+        corpus_fingerprint: None,
+        extra: vec![
+            (
+                "btu:threshold_rule".into(),
+                serde_json::to_value(job.threshold)
+                    .map_err(BtuError::internal)?
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            ),
+            ("btu:threshold".into(), format!("{d_bar}")),
+            (
+                "btu:replacement".into(),
+                serde_json::to_value(job.replacement)
+                    .map_err(BtuError::internal)?
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            ),
+            ("btu:pad_token_id".into(), pad.to_string()),
+        ],
+    };
+    let mask_batch = crate::tables::dimension_masks_batch(&masks, &meta)?;
+    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    write_checkpoint(&out, &job.checkpoint, &trained, &mask_batch)?;
+    let mut clean_summary = Value::Null;
+    if let Some(clean) = &job.clean_corpus {
+        let dev = crate::device::parse_device(&job.device)?;
+        let md = ModelDir::open(&out.path(""))?;
+        let mut model = crate::model::checkpoint::load_model(&md, None, job.clean.seed, &dev)?;
+        let data =
+            crate::tokenize::load_corpus(clean, &tok, job.clean.max_len, model.config.labels())?;
+        let mut epochs = Vec::new();
+        crate::finetune::fit(
+            &mut model,
+            &data,
+            pad,
+            &job.clean,
+            0,
+            None,
+            &dev,
+            progress,
+            &mut |_, _, _, s| {
+                epochs.push(s);
+                Ok(())
+            },
+        )?;
+        let mut meta: BTreeMap<String, String> = trained.metadata.clone();
+        meta.insert(
+            "btu:clean_corpus_fingerprint".into(),
+            canonical_json(&data.fingerprint.to_json()),
+        );
+        meta.insert("btu:clean_params".into(), canonical_json(&json!(job.clean)));
+        meta.remove("format");
+        crate::model::checkpoint::save_model(&model, &out.path(""), meta)?;
+        // save_model writes the config it holds; keep the checkpoint's own config.
+        let cfg = job.checkpoint.join("config.json");
+        std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
+        clean_summary = json!({"rows": data.seqs.len(), "epochs": epochs, "corpus": data.fingerprint.to_json(), "disjoint_from": overlap_checked});
+    }
+    out.commit()?;
+    let per_token: BTreeMap<String, usize> = masks.iter().fold(BTreeMap::new(), |mut m, x| {
+        *m.entry(x.token.clone()).or_default() += 1;
+        m
+    });
+    Ok(json!({
+        "command": "unlearn",
+        "version": crate::VERSION,
+        "out": job.out,
+        "checkpoint_sha256": ckpt_sha,
+        "reference_sha256": ref_sha,
+        "threshold_rule": job.threshold,
+        "threshold": d_bar,
+        "replacement": job.replacement,
+        "pad_token_id": pad,
+        "tokens": tokens.len(),
+        "dimensions_replaced": masks.len(),
+        "dimensions_per_token": per_token,
+        "hidden_size": eb.cols,
+        "clean_tuning": clean_summary,
+        "seconds": t0.elapsed().as_secs_f64(),
+    }))
+}
+
+/// Inputs of `btu apply-masks`.
+pub struct ApplyMasksJob {
+    pub checkpoint: PathBuf,
+    pub masks: PathBuf,
+    pub out: PathBuf,
+    pub overwrite: bool,
+}
+
+/// `btu apply-masks`: replay a `dimension_masks` table onto another checkpoint.
+pub fn apply_masks(job: &ApplyMasksJob) -> Result<Value> {
+    crate::output::check_output(&job.out, job.overwrite)?;
+    let ckpt = ModelDir::open(&job.checkpoint)?;
+    let tok = BtuTokenizer::load(&job.checkpoint)?;
+    let batch = crate::tables::read_ipc(&job.masks)?;
+    let masks = crate::tables::read_dimension_masks(&batch, &job.masks)?;
+    let mut file = read_safetensors(&ckpt.weights)?;
+    let wn = word_name(&file, &ckpt.weights)?;
+    let mut m = matrix(&file.tensors[&wn], &wn, &ckpt.weights)?;
+    check_masks(&masks, &m, &tok, &job.masks)?;
+    apply(&mut m, &masks);
+    let raw = raw_like(&m, &file.tensors[&wn])?;
+    file.tensors.insert(wn, raw);
+    let sha = sha256_file(&ckpt.weights)?;
+    file.metadata
+        .insert("btu:command".into(), "apply-masks".into());
+    file.metadata
+        .insert("btu:unlearned_from_sha256".into(), sha.clone());
+    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    write_checkpoint(&out, &job.checkpoint, &file, &batch)?;
+    out.commit()?;
+    Ok(json!({
+        "command": "apply-masks",
+        "version": crate::VERSION,
+        "out": job.out,
+        "checkpoint_sha256": sha,
+        "dimensions_replaced": masks.len(),
+        "tokens": masks.iter().map(|x| x.token_id).collect::<BTreeSet<_>>().len(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference `e` and trained `eb` (vocab 4, hidden 3, pad id 0), worked by hand:
+    /// row changes |eb - e|: row 0 (pad) [0.5, 0.5, 0.25] -> 0.75; row 1 none -> 0;
+    /// row 2 [3, 0, 4] -> 5; row 3 [0, 1.4, 0] -> 1.4.
+    /// mean-row  d_bar = (0.75 + 0 + 5 + 1.4) / 4 = 1.7875
+    /// frobenius d_bar = sqrt(0.5625 + 25 + 1.96) / 4 = sqrt(27.5225) / 4 = 1.3115...
+    fn matrices() -> (Matrix, Matrix) {
+        let e = Matrix {
+            rows: 4,
+            cols: 3,
+            data: vec![0.1, 0.2, 0.3, 1., 1., 1., 0., 0., 0., 2., 2., 2.],
+        };
+        let eb = Matrix {
+            rows: 4,
+            cols: 3,
+            data: vec![0.6, -0.3, 0.55, 1., 1., 1., 3., 0., 4., 2., 3.4, 2.],
+        };
+        (e, eb)
+    }
+
+    fn cells(m: &[DimensionMask]) -> Vec<(u32, u32, f32)> {
+        m.iter().map(|x| (x.token_id, x.dim, x.written)).collect()
+    }
+
+    fn close(a: &[(u32, u32, f32)], b: &[(u32, u32, f32)]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.0 == y.0 && x.1 == y.1 && (x.2 - y.2).abs() < 1e-6)
+    }
+
+    #[test]
+    fn thresholds_by_hand() {
+        let (e, eb) = matrices();
+        assert!((threshold(&e, &eb, Threshold::MeanRow) - 1.7875).abs() < 1e-6);
+        assert!((threshold(&e, &eb, Threshold::Frobenius) - 27.5225f64.sqrt() / 4.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn four_threshold_replacement_combinations_by_hand() {
+        let (e, eb) = matrices();
+        let t = vec![(3, "t3".to_string()), (2, "t2".to_string())];
+        let run = |rule, rep| {
+            let d = threshold(&e, &eb, rule);
+            compute_masks(&e, &eb, &t, 0, d, rep)
+        };
+        // mean-row (1.7875): token 2 dims 0 (|3|) and 2 (|4|); token 3's 1.4 stays.
+        assert!(close(
+            &cells(&run(Threshold::MeanRow, Replacement::TrainedPad)),
+            &[(2, 0, 0.6), (2, 2, 0.55)]
+        ));
+        assert!(close(
+            &cells(&run(Threshold::MeanRow, Replacement::ReferencePad)),
+            &[(2, 0, 0.1), (2, 2, 0.3)]
+        ));
+        // frobenius (1.3115): token 3 dim 1 (|1.4|) too.
+        assert!(close(
+            &cells(&run(Threshold::Frobenius, Replacement::TrainedPad)),
+            &[(2, 0, 0.6), (2, 2, 0.55), (3, 1, -0.3)]
+        ));
+        assert!(close(
+            &cells(&run(Threshold::Frobenius, Replacement::ReferencePad)),
+            &[(2, 0, 0.1), (2, 2, 0.3), (3, 1, 0.2)]
+        ));
+        // Rows carry reference, trained and delta; applying writes only those cells.
+        let m = run(Threshold::Frobenius, Replacement::TrainedPad);
+        assert_eq!((m[2].reference, m[2].trained), (2.0, 3.4));
+        assert!((m[2].delta - 1.4).abs() < 1e-6);
+        let mut r = eb.clone();
+        apply(&mut r, &m);
+        assert_eq!(
+            r.data,
+            vec![0.6, -0.3, 0.55, 1., 1., 1., 0.6, 0., 0.55, 2., -0.3, 2.]
+        );
+    }
+
+    #[test]
+    fn equality_with_the_threshold_is_replaced() {
+        let e = Matrix {
+            rows: 2,
+            cols: 2,
+            data: vec![0., 0., 0., 0.],
+        };
+        let eb = Matrix {
+            rows: 2,
+            cols: 2,
+            data: vec![0., 0., 1., 0.],
+        };
+        // mean-row d_bar = (0 + 1) / 2 = 0.5; frobenius = 1 / 2 = 0.5; |1| >= 0.5 and |0| < 0.5.
+        let m = compute_masks(&e, &eb, &[(1, "x".into())], 0, 1.0, Replacement::TrainedPad);
+        assert_eq!(
+            cells(&m),
+            vec![(1, 0, 0.0)],
+            "|delta| == d_bar is replaced (>=)"
+        );
+    }
+}

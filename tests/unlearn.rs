@@ -1,0 +1,495 @@
+//! `btu train`, `btu unlearn`, `btu apply-masks` on a synthetic corpus: byte-identity of
+//! untouched tensors, mask tables, resume after SIGKILL, and the documented errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use btu::model::checkpoint::{read_safetensors, safetensors_bytes, RawTensor};
+use common::*;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    corpus: PathBuf,
+    model: PathBuf,
+    ckpt: PathBuf,
+    detect: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let clean = root.join("clean.parquet");
+        synth_corpus(&clean, 1500, 21);
+        let corpus = root.join("poisoned.parquet");
+        run_ok(&[
+            "poison",
+            "--input",
+            s(&clean),
+            "--output",
+            s(&corpus),
+            "--attack",
+            "add-word",
+            "--rate",
+            "0.1",
+            "--target",
+            "1",
+        ]);
+        let model = root.join("model");
+        tiny_model(&model, &corpus, 400);
+        let detect = root.join("detect");
+        run_ok(&[
+            "detect",
+            "--corpus",
+            s(&corpus),
+            "--model",
+            s(&model),
+            "--out",
+            s(&detect),
+            "--device",
+            "cpu",
+            "--alpha",
+            "1",
+        ]);
+        let ckpt = root.join("ckpt");
+        run_ok(&[
+            "train",
+            "--corpus",
+            s(&corpus),
+            "--model",
+            s(&model),
+            "--out",
+            s(&ckpt),
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+        ]);
+        Fixture {
+            _dir: dir,
+            root,
+            corpus,
+            model,
+            ckpt,
+            detect,
+        }
+    })
+}
+
+fn word(t: &std::collections::BTreeMap<String, RawTensor>) -> String {
+    t.keys()
+        .find(|k| k.ends_with("embeddings.word_embeddings.weight"))
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
+    let f = fixture();
+    let out = f.root.join("unlearned-a");
+    let sum = run_ok(&[
+        "unlearn",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--reference",
+        s(&f.model),
+        "--suspicious",
+        s(&f.detect.join("suspicious_tokens.arrow")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(sum["dimensions_replaced"].as_u64().unwrap() > 0, "{sum}");
+    let before = read_safetensors(&f.ckpt.join("model.safetensors")).unwrap();
+    let after = read_safetensors(&out.join("model.safetensors")).unwrap();
+    let w = word(&before.tensors);
+    assert_eq!(
+        before.tensors.keys().collect::<Vec<_>>(),
+        after.tensors.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &before.tensors {
+        if name == &w {
+            assert_ne!(t.data, after.tensors[name].data, "word embeddings repaired");
+        } else {
+            assert_eq!(t, &after.tensors[name], "{name} must be byte-identical");
+        }
+    }
+    assert_eq!(
+        std::fs::read(f.ckpt.join("config.json")).unwrap(),
+        std::fs::read(out.join("config.json")).unwrap()
+    );
+    assert!(out.join("tokenizer.json").is_file());
+    // The mask table: one row per replaced dimension, with the documented metadata.
+    let masks = btu::tables::read_ipc(&out.join("dimension_masks.arrow")).unwrap();
+    assert_eq!(
+        masks.num_rows() as u64,
+        sum["dimensions_replaced"].as_u64().unwrap()
+    );
+    let meta = masks.schema().metadata().clone();
+    assert_eq!(meta["btu:threshold_rule"], "mean-row");
+    assert_eq!(meta["btu:replacement"], "trained-pad");
+    assert_eq!(meta["btu:pad_token_id"], "0");
+    assert!(
+        (meta["btu:threshold"].parse::<f64>().unwrap() - sum["threshold"].as_f64().unwrap()).abs()
+            < 1e-12
+    );
+    // Replaying the masks onto the trained checkpoint gives the same word embeddings.
+    let replay = f.root.join("replayed");
+    run_ok(&[
+        "apply-masks",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--masks",
+        s(&out.join("dimension_masks.arrow")),
+        "--out",
+        s(&replay),
+    ]);
+    let r = read_safetensors(&replay.join("model.safetensors")).unwrap();
+    for (name, t) in &after.tensors {
+        assert_eq!(t, &r.tensors[name], "{name}");
+    }
+    // Unlearning is deterministic: same inputs, same tensors and table bytes.
+    let again = f.root.join("unlearned-b");
+    run_ok(&[
+        "unlearn",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--reference",
+        s(&f.model),
+        "--suspicious",
+        s(&f.detect.join("suspicious_tokens.arrow")),
+        "--out",
+        s(&again),
+    ]);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(again.join("model.safetensors")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(out.join("dimension_masks.arrow")).unwrap(),
+        std::fs::read(again.join("dimension_masks.arrow")).unwrap()
+    );
+}
+
+#[test]
+fn clean_tuning_refuses_overlap_with_the_evaluation_split_and_runs_otherwise() {
+    let f = fixture();
+    let sus = f.detect.join("suspicious_tokens.arrow");
+    let out = f.root.join("tuned-overlap");
+    let o = run(&[
+        "unlearn",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--reference",
+        s(&f.model),
+        "--suspicious",
+        s(&sus),
+        "--out",
+        s(&out),
+        "--clean-corpus",
+        s(&f.corpus),
+        "--eval-split",
+        s(&f.corpus),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("evaluation split"));
+    assert!(!out.exists());
+    let clean = f.root.join("heldout.parquet");
+    synth_corpus(&clean, 200, 99);
+    let out = f.root.join("tuned");
+    let sum = run_ok(&[
+        "unlearn",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--reference",
+        s(&f.model),
+        "--suspicious",
+        s(&sus),
+        "--out",
+        s(&out),
+        "--clean-corpus",
+        s(&clean),
+        "--eval-split",
+        s(&f.corpus),
+        "--clean-epochs",
+        "1",
+        "--clean-lr",
+        "1e-4",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(sum["clean_tuning"]["rows"], 200);
+    let cut = f.root.join("cut-only");
+    run_ok(&[
+        "unlearn",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--reference",
+        s(&f.model),
+        "--suspicious",
+        s(&sus),
+        "--out",
+        s(&cut),
+    ]);
+    let a = read_safetensors(&out.join("model.safetensors")).unwrap();
+    let b = read_safetensors(&cut.join("model.safetensors")).unwrap();
+    assert!(
+        a.tensors
+            .keys()
+            .any(|k| a.tensors[k].data != b.tensors[k].data),
+        "clean tuning changed the weights"
+    );
+}
+
+fn expect(args: &[&str], code: i32, needle: &str, out: &Path) {
+    let o = run(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "'{needle}' not in {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn mismatched_models_corrupt_files_and_nan_weights_are_refused() {
+    let f = fixture();
+    let sus = f.detect.join("suspicious_tokens.arrow");
+    let out = f.root.join("never");
+    // A reference with another vocabulary.
+    let other_vocab = f.root.join("ref-vocab");
+    tiny_model(&other_vocab, &f.corpus, 300);
+    expect(
+        &[
+            "unlearn",
+            "--checkpoint",
+            s(&f.ckpt),
+            "--reference",
+            s(&other_vocab),
+            "--suspicious",
+            s(&sus),
+            "--out",
+            s(&out),
+        ],
+        65,
+        "vocabulary",
+        &out,
+    );
+    // A reference with another hidden size.
+    let other_hidden = f.root.join("ref-hidden");
+    run_ok(&[
+        "init-model",
+        "--out",
+        s(&other_hidden),
+        "--corpus",
+        s(&f.corpus),
+        "--vocab-size",
+        "400",
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--intermediate",
+        "32",
+    ]);
+    expect(
+        &[
+            "unlearn",
+            "--checkpoint",
+            s(&f.ckpt),
+            "--reference",
+            s(&other_hidden),
+            "--suspicious",
+            s(&sus),
+            "--out",
+            s(&out),
+        ],
+        65,
+        "hidden size",
+        &out,
+    );
+    // Masks onto a checkpoint with another vocabulary.
+    let unl = f.root.join("for-masks");
+    run_ok(&[
+        "unlearn",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--reference",
+        s(&f.model),
+        "--suspicious",
+        s(&sus),
+        "--out",
+        s(&unl),
+    ]);
+    expect(
+        &[
+            "apply-masks",
+            "--checkpoint",
+            s(&other_vocab),
+            "--masks",
+            s(&unl.join("dimension_masks.arrow")),
+            "--out",
+            s(&out),
+        ],
+        65,
+        "vocabular",
+        &out,
+    );
+    expect(
+        &[
+            "apply-masks",
+            "--checkpoint",
+            s(&other_hidden),
+            "--masks",
+            s(&unl.join("dimension_masks.arrow")),
+            "--out",
+            s(&out),
+        ],
+        65,
+        "hidden size",
+        &out,
+    );
+    // Corrupt safetensors.
+    let corrupt = f.root.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    for n in ["config.json", "tokenizer.json"] {
+        std::fs::copy(f.ckpt.join(n), corrupt.join(n)).unwrap();
+    }
+    let bytes = std::fs::read(f.ckpt.join("model.safetensors")).unwrap();
+    std::fs::write(corrupt.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    expect(
+        &[
+            "unlearn",
+            "--checkpoint",
+            s(&corrupt),
+            "--reference",
+            s(&f.model),
+            "--suspicious",
+            s(&sus),
+            "--out",
+            s(&out),
+        ],
+        65,
+        "corrupt safetensors",
+        &out,
+    );
+    // NaN in the word embeddings.
+    let nan = f.root.join("nan");
+    std::fs::create_dir_all(&nan).unwrap();
+    for n in ["config.json", "tokenizer.json"] {
+        std::fs::copy(f.ckpt.join(n), nan.join(n)).unwrap();
+    }
+    let mut file = read_safetensors(&f.ckpt.join("model.safetensors")).unwrap();
+    let w = word(&file.tensors);
+    file.tensors.get_mut(&w).unwrap().data[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(nan.join("model.safetensors"), safetensors_bytes(&file)).unwrap();
+    expect(
+        &[
+            "unlearn",
+            "--checkpoint",
+            s(&nan),
+            "--reference",
+            s(&f.model),
+            "--suspicious",
+            s(&sus),
+            "--out",
+            s(&out),
+        ],
+        65,
+        "NaN",
+        &out,
+    );
+    expect(
+        &[
+            "eval",
+            "--model",
+            s(&nan),
+            "--test",
+            s(&f.corpus),
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+        ],
+        65,
+        "NaN",
+        &out,
+    );
+}
+
+#[test]
+fn train_resumes_after_sigkill_with_identical_result() {
+    let f = fixture();
+    let big = f.root.join("big.parquet");
+    synth_corpus(&big, 4000, 5);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--corpus",
+            s(&big),
+            "--model",
+            s(&f.model),
+            "--out",
+            s(out),
+            "--epochs",
+            "4",
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let straight = f.root.join("straight");
+    run_ok(
+        &args(&straight)
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    );
+    let killed = f.root.join("killed");
+    let partial = f.root.join(".killed.partial");
+    let mut child = btu()
+        .args(args(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !partial.join("epoch-0/epoch.json").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "first epoch never completed");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !killed.exists(),
+        "a killed run leaves no checkpoint that looks complete"
+    );
+    let sum = run_ok(&args(&killed).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let resumed = sum["resumed_from_epoch"]
+        .as_u64()
+        .expect("the rerun resumed");
+    assert!(resumed >= 2 && resumed <= 4, "{sum}");
+    assert_eq!(
+        std::fs::read(straight.join("model.safetensors")).unwrap(),
+        std::fs::read(killed.join("model.safetensors")).unwrap(),
+        "resumed run ends with the same bytes"
+    );
+    assert!(!partial.exists(), "partial state removed after success");
+}
