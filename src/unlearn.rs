@@ -208,10 +208,24 @@ fn raw_like(m: &Matrix, like: &RawTensor) -> Result<RawTensor> {
 /// Check a mask table fits a checkpoint: hidden size, vocabulary, token ids and strings agree.
 fn check_masks(
     masks: &[DimensionMask],
+    meta: &std::collections::HashMap<String, String>,
     m: &Matrix,
     tok: &BtuTokenizer,
     masks_src: &Path,
 ) -> Result<()> {
+    for (key, what, here) in [
+        ("btu:vocab_size", "vocabulary size", m.rows),
+        ("btu:hidden_size", "hidden size", m.cols),
+    ] {
+        if let Some(v) = meta.get(key).and_then(|v| v.parse::<usize>().ok()) {
+            if v != here {
+                return Err(BtuError::bad_data(
+                    masks_src.display().to_string(),
+                    format!("the masks were computed for {what} {v} but the checkpoint has {here}; replay them onto a checkpoint of the same model family"),
+                ));
+            }
+        }
+    }
     for x in masks {
         if x.token_id as usize >= m.rows {
             return Err(BtuError::bad_data(
@@ -385,6 +399,8 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
                     .to_string(),
             ),
             ("btu:pad_token_id".into(), pad.to_string()),
+            ("btu:vocab_size".into(), eb.rows.to_string()),
+            ("btu:hidden_size".into(), eb.cols.to_string()),
         ],
     };
     let mask_batch = crate::tables::dimension_masks_batch(&masks, &meta)?;
@@ -467,7 +483,7 @@ pub fn apply_masks(job: &ApplyMasksJob) -> Result<Value> {
     let mut file = read_safetensors(&ckpt.weights)?;
     let wn = word_name(&file, &ckpt.weights)?;
     let mut m = matrix(&file.tensors[&wn], &wn, &ckpt.weights)?;
-    check_masks(&masks, &m, &tok, &job.masks)?;
+    check_masks(&masks, batch.schema().metadata(), &m, &tok, &job.masks)?;
     apply(&mut m, &masks);
     let raw = raw_like(&m, &file.tensors[&wn])?;
     file.tensors.insert(wn, raw);

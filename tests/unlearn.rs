@@ -256,7 +256,7 @@ fn clean_tuning_refuses_overlap_with_the_evaluation_split_and_runs_otherwise() {
 fn expect(args: &[&str], code: i32, needle: &str, out: &Path) {
     let o = run(args);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "{err}");
+    assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
     assert!(err.contains(needle), "'{needle}' not in {err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!out.exists());
@@ -269,7 +269,7 @@ fn mismatched_models_corrupt_files_and_nan_weights_are_refused() {
     let out = f.root.join("never");
     // A reference with another vocabulary.
     let other_vocab = f.root.join("ref-vocab");
-    tiny_model(&other_vocab, &f.corpus, 300);
+    tiny_model(&other_vocab, &f.corpus, 150);
     expect(
         &[
             "unlearn",

@@ -229,20 +229,19 @@ pub fn load_model(
                 ),
             ));
         }
-        let t = to_tensor(full, raw, src, dev)?;
-        let finite = t
-            .abs()?
-            .max_keepdim(0)?
+        let t = to_tensor(full, raw, src, &Device::Cpu)?;
+        if !t
             .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        if !finite.is_finite() {
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite())
+        {
             return Err(BtuError::bad_data(
                 src.display().to_string(),
                 format!("tensor {full} holds NaN or infinite values"),
             ));
         }
+        let t = t.to_device(dev)?;
         Ok(Some(t))
     };
     let need = |name: &str, shape: &[usize]| -> Result<Tensor> {
