@@ -49,6 +49,8 @@ pub enum Command {
     Unlearn(UnlearnArgs),
     /// Replay a dimension_masks table onto another checkpoint.
     ApplyMasks(ApplyMasksArgs),
+    /// Export a classifier checkpoint to ONNX (opset 17), tokenizer.json beside it.
+    ExportOnnx(ExportArgs),
     /// ACC and ASR of a checkpoint on a test split; writes metrics.json and predictions.parquet.
     Eval(EvalArgs),
     /// The embedded default: synthetic poisoned corpus, small model, detection (no files needed).
@@ -331,14 +333,36 @@ pub struct EvalArgs {
     pub repeats: usize,
     #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
     pub max_len: usize,
+    /// ort for .onnx files (default), candle for checkpoint directories.
+    #[arg(long, env = "BTU_BACKEND", value_enum)]
+    pub backend: Option<crate::eval::Backend>,
+    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then the .venv that `make setup` makes).
+    #[arg(long, env = "BTU_ORT_LIB")]
+    pub ort_lib: Option<PathBuf>,
     #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Seed of the attack's insertions (and of a missing head, as export-onnx initialises it).
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, env = "BTU_CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// Output .onnx file (tokenizer.json is written beside it).
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    /// Seed of a head the checkpoint lacks (a bare encoder).
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]
@@ -509,6 +533,15 @@ pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
             target: a.target,
             max_len: a.max_len,
             device: a.device.clone(),
+            backend: a.backend,
+            ort_lib: a.ort_lib.clone(),
+            seed: a.seed,
+        }),
+        Command::ExportOnnx(a) => crate::export::run(&crate::export::ExportJob {
+            checkpoint: a.checkpoint.clone(),
+            out: a.out.clone(),
+            overwrite: a.overwrite,
+            seed: a.seed,
         }),
         Command::Demo(a) => crate::demo::run(
             &crate::demo::DemoJob {

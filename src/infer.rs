@@ -1,40 +1,43 @@
-//! Inference with the candle classifier: class probabilities for tokenized texts, batched by
-//! length, returned in input order.
+//! Inference with the candle classifier: class logits or probabilities for tokenized texts,
+//! batched by length, returned in input order.
 
 use candle_core::{DType, Device};
 
 use crate::error::Result;
-use crate::model::ops::softmax_last;
 use crate::model::{Arch, BertClassifier};
 use crate::tokenize::{bucketed_batches, make_batch};
 use crate::train::batch_tensors;
 
-/// Class probabilities `[n][num_labels]` for `seqs`.
-pub fn predict_proba(
-    model: &BertClassifier,
-    seqs: &[Vec<u32>],
-    pad_id: u32,
-    batch_size: usize,
-    dev: &Device,
-) -> Result<Vec<Vec<f32>>> {
+/// Class logits `[n][num_labels]` for `seqs`.
+pub fn predict_logits(model: &BertClassifier, seqs: &[Vec<u32>], pad_id: u32, batch_size: usize, dev: &Device) -> Result<Vec<Vec<f32>>> {
     let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
     let mut out = vec![Vec::new(); seqs.len()];
     for idx in bucketed_batches(&lengths, batch_size, None) {
         let b = make_batch(seqs, &idx, pad_id, None);
         let (ids, mask) = batch_tensors(&b, dev)?;
         let logits = model.forward(Arch::Full, &ids, &mask.to_dtype(model.word.dtype())?)?;
-        let probs = softmax_last(&logits)?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?
-            .to_vec2::<f32>()?;
-        for (i, p) in idx.into_iter().zip(probs) {
+        let rows = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        for (i, p) in idx.into_iter().zip(rows) {
             out[i] = p;
         }
     }
     Ok(out)
 }
 
-/// Index of the largest probability (lowest index on ties).
+/// Class probabilities `[n][num_labels]` for `seqs`.
+pub fn predict_proba(model: &BertClassifier, seqs: &[Vec<u32>], pad_id: u32, batch_size: usize, dev: &Device) -> Result<Vec<Vec<f32>>> {
+    Ok(predict_logits(model, seqs, pad_id, batch_size, dev)?.iter().map(|l| softmax(l)).collect())
+}
+
+/// Softmax of one row of logits (computed in f64).
+pub fn softmax(l: &[f32]) -> Vec<f32> {
+    let m = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let e: Vec<f64> = l.iter().map(|&x| (x as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| (v / s) as f32).collect()
+}
+
+/// Index of the largest value (lowest index on ties).
 pub fn argmax(p: &[f32]) -> usize {
     let mut best = 0;
     for (i, v) in p.iter().enumerate() {

@@ -1,0 +1,290 @@
+//! `btu export-onnx`: a BERT-family classifier checkpoint as an ONNX model (opset 17): inputs
+//! `input_ids`, `attention_mask`, `token_type_ids` (int64, dynamic batch and sequence axes),
+//! output `logits`; weights as initializers; provenance in `metadata_props`; `tokenizer.json`
+//! written beside it. The graph computes exactly what [`crate::model::BertClassifier`] computes.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use prost::Message;
+use serde_json::{json, Value};
+
+use crate::error::{BtuError, Result};
+use crate::model::checkpoint::{load_model, read_safetensors, sha256_file, ModelDir};
+use crate::model::{BertClassifier, Linear, Norm};
+use crate::onnx::*;
+use crate::tokenize::BtuTokenizer;
+
+/// The opset the exported graph uses.
+pub const OPSET: i64 = 17;
+
+/// Builds a graph node by node.
+struct Builder {
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    n: usize,
+}
+
+fn attr_i(name: &str, i: i64) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: attr_type::INT, i, ..Default::default() }
+}
+fn attr_f(name: &str, f: f32) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: attr_type::FLOAT, f, ..Default::default() }
+}
+fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: attr_type::INTS, ints: ints.to_vec(), ..Default::default() }
+}
+
+impl Builder {
+    fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        self.n += 1;
+        let out = format!("{}_{}", op.to_lowercase(), self.n);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name: format!("n{}", self.n),
+            op_type: op.into(),
+            domain: String::new(),
+            attribute: attrs,
+        });
+        out
+    }
+
+    fn f32(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.inits.push(TensorProto { dims: dims.iter().map(|&d| d as i64).collect(), data_type: data_type::FLOAT, name: name.into(), raw_data: raw });
+        name.into()
+    }
+
+    fn i64s(&mut self, name: &str, dims: &[usize], data: &[i64]) -> String {
+        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.inits.push(TensorProto { dims: dims.iter().map(|&d| d as i64).collect(), data_type: data_type::INT64, name: name.into(), raw_data: raw });
+        name.into()
+    }
+
+    fn tensor(&mut self, name: &str, t: &Tensor) -> Result<String> {
+        let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        Ok(self.f32(name, t.dims(), &data))
+    }
+
+    /// `x @ W^T + b` with `W^T` stored as the initializer.
+    fn linear(&mut self, x: &str, l: &Linear, name: &str) -> Result<String> {
+        let w = self.tensor(&format!("{name}.weight_t"), &l.w.t()?.contiguous()?)?;
+        let b = self.tensor(&format!("{name}.bias"), &l.b)?;
+        let y = self.op("MatMul", &[x, &w], vec![]);
+        Ok(self.op("Add", &[&y, &b], vec![]))
+    }
+
+    fn layer_norm(&mut self, x: &str, n: &Norm, name: &str, eps: f64) -> Result<String> {
+        let w = self.tensor(&format!("{name}.weight"), &n.w)?;
+        let b = self.tensor(&format!("{name}.bias"), &n.b)?;
+        Ok(self.op("LayerNormalization", &[x, &w, &b], vec![attr_i("axis", -1), attr_f("epsilon", eps as f32)]))
+    }
+}
+
+fn int64_input(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: data_type::INT64,
+                shape: Some(TensorShapeProto {
+                    dim: vec![
+                        Dimension { dim_value: None, dim_param: Some("batch".into()) },
+                        Dimension { dim_value: None, dim_param: Some("sequence".into()) },
+                    ],
+                }),
+            }),
+        }),
+    }
+}
+
+/// The ONNX model of a classifier.
+pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<ModelProto> {
+    let c = &model.config;
+    let (h, nh) = (c.hidden_size, c.num_attention_heads);
+    let hd = h / nh;
+    let eps = c.layer_norm_eps;
+    let mut g = Builder { nodes: vec![], inits: vec![], n: 0 };
+    // Embeddings.
+    let word = g.tensor("embeddings.word_embeddings.weight", &model.word)?;
+    let pos = g.tensor("embeddings.position_embeddings.weight", &model.position)?;
+    let tt = g.tensor("embeddings.token_type_embeddings.weight", &model.token_type)?;
+    let zero = g.i64s("const.zero", &[], &[0]);
+    let one = g.i64s("const.one", &[], &[1]);
+    let we = g.op("Gather", &[&word, "input_ids"], vec![attr_i("axis", 0)]);
+    let shape = g.op("Shape", &["input_ids"], vec![]);
+    let seq = g.op("Gather", &[&shape, &one], vec![attr_i("axis", 0)]);
+    let range = g.op("Range", &[&zero, &seq, &one], vec![]);
+    let pe = g.op("Gather", &[&pos, &range], vec![attr_i("axis", 0)]);
+    let te = g.op("Gather", &[&tt, "token_type_ids"], vec![attr_i("axis", 0)]);
+    let s1 = g.op("Add", &[&we, &pe], vec![]);
+    let s2 = g.op("Add", &[&s1, &te], vec![]);
+    let mut x = g.layer_norm(&s2, &model.emb_norm, "embeddings.LayerNorm", eps)?;
+    // Additive attention bias [b, 1, 1, s]: 0 where attended, -1e9 where padded.
+    let m = g.op("Cast", &["attention_mask"], vec![attr_i("to", data_type::FLOAT as i64)]);
+    let big = g.f32("const.mask_scale", &[], &[1e9]);
+    let m1 = g.op("Mul", &[&m, &big], vec![]);
+    let m2 = g.op("Sub", &[&m1, &big], vec![]);
+    let axes = g.i64s("const.axes_1_2", &[2], &[1, 2]);
+    let bias = g.op("Unsqueeze", &[&m2, &axes], vec![]);
+    let split_heads = g.i64s("const.split_heads", &[4], &[0, 0, nh as i64, hd as i64]);
+    let merge_heads = g.i64s("const.merge_heads", &[3], &[0, 0, h as i64]);
+    let scale = g.f32("const.attention_scale", &[], &[1.0 / (hd as f32).sqrt()]);
+    let half = g.f32("const.half", &[], &[0.5]);
+    let onef = g.f32("const.one_f", &[], &[1.0]);
+    let rsqrt2 = g.f32("const.rsqrt2", &[], &[std::f32::consts::FRAC_1_SQRT_2]);
+    for (i, l) in model.layers.iter().enumerate() {
+        let p = format!("encoder.layer.{i}");
+        let q = g.linear(&x, &l.query, &format!("{p}.attention.self.query"))?;
+        let k = g.linear(&x, &l.key, &format!("{p}.attention.self.key"))?;
+        let v = g.linear(&x, &l.value, &format!("{p}.attention.self.value"))?;
+        let q = g.op("Reshape", &[&q, &split_heads], vec![]);
+        let q = g.op("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let k = g.op("Reshape", &[&k, &split_heads], vec![]);
+        let k = g.op("Transpose", &[&k], vec![attr_ints("perm", &[0, 2, 3, 1])]);
+        let v = g.op("Reshape", &[&v, &split_heads], vec![]);
+        let v = g.op("Transpose", &[&v], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let s = g.op("MatMul", &[&q, &k], vec![]);
+        let s = g.op("Mul", &[&s, &scale], vec![]);
+        let s = g.op("Add", &[&s, &bias], vec![]);
+        let pr = g.op("Softmax", &[&s], vec![attr_i("axis", -1)]);
+        let ctx = g.op("MatMul", &[&pr, &v], vec![]);
+        let ctx = g.op("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let ctx = g.op("Reshape", &[&ctx, &merge_heads], vec![]);
+        let a = g.linear(&ctx, &l.attn_out, &format!("{p}.attention.output.dense"))?;
+        let a = g.op("Add", &[&a, &x], vec![]);
+        let a = g.layer_norm(&a, &l.attn_norm, &format!("{p}.attention.output.LayerNorm"), eps)?;
+        let inter = g.linear(&a, &l.intermediate, &format!("{p}.intermediate.dense"))?;
+        let act = match c.hidden_act.as_str() {
+            "relu" => g.op("Relu", &[&inter], vec![]),
+            "gelu" => {
+                // 0.5 * x * (1 + erf(x / sqrt(2)))
+                let sx = g.op("Mul", &[&inter, &rsqrt2], vec![]);
+                let e = g.op("Erf", &[&sx], vec![]);
+                let e1 = g.op("Add", &[&e, &onef], vec![]);
+                let xe = g.op("Mul", &[&inter, &e1], vec![]);
+                g.op("Mul", &[&xe, &half], vec![])
+            }
+            other => {
+                return Err(BtuError::config("--checkpoint", format!("hidden_act '{other}' cannot be exported yet; use gelu or relu")))
+            }
+        };
+        let o = g.linear(&act, &l.output, &format!("{p}.output.dense"))?;
+        let o = g.op("Add", &[&o, &a], vec![]);
+        x = g.layer_norm(&o, &l.out_norm, &format!("{p}.output.LayerNorm"), eps)?;
+    }
+    let cls = g.op("Gather", &[&x, &zero], vec![attr_i("axis", 1)]);
+    let pooled = g.linear(&cls, &model.pooler, "pooler.dense")?;
+    let pooled = g.op("Tanh", &[&pooled], vec![]);
+    let logits = g.linear(&pooled, &model.classifier, "classifier")?;
+    // Name the final output `logits`.
+    g.nodes.last_mut().expect("nodes").output = vec!["logits".into()];
+    let _ = logits;
+    let graph = GraphProto {
+        node: g.nodes,
+        name: "btu_bert_classifier".into(),
+        initializer: g.inits,
+        doc_string: String::new(),
+        input: vec![int64_input("input_ids"), int64_input("attention_mask"), int64_input("token_type_ids")],
+        output: vec![ValueInfoProto {
+            name: "logits".into(),
+            r#type: Some(TypeProto {
+                tensor_type: Some(TypeProtoTensor {
+                    elem_type: data_type::FLOAT,
+                    shape: Some(TensorShapeProto {
+                        dim: vec![
+                            Dimension { dim_value: None, dim_param: Some("batch".into()) },
+                            Dimension { dim_value: Some(c.labels() as i64), dim_param: None },
+                        ],
+                    }),
+                }),
+            }),
+        }],
+    };
+    Ok(ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        producer_name: "btu".into(),
+        producer_version: crate::VERSION.into(),
+        domain: String::new(),
+        model_version: 1,
+        doc_string: "BERT sequence classifier exported by btu".into(),
+        graph: Some(graph),
+        metadata_props: metadata.into_iter().map(|(key, value)| StringStringEntryProto { key, value }).collect(),
+    })
+}
+
+/// Inputs of `btu export-onnx`.
+pub struct ExportJob {
+    pub checkpoint: PathBuf,
+    pub out: PathBuf,
+    pub overwrite: bool,
+    pub seed: u64,
+}
+
+/// `btu export-onnx`.
+pub fn run(job: &ExportJob) -> Result<Value> {
+    if job.out.extension().is_none_or(|e| e != "onnx") {
+        return Err(BtuError::config("--out", format!("{} should end in .onnx", job.out.display())));
+    }
+    let tok_out = job.out.with_file_name("tokenizer.json");
+    crate::output::check_output(&job.out, job.overwrite)?;
+    crate::output::check_output(&tok_out, job.overwrite)?;
+    let md = ModelDir::open(&job.checkpoint)?;
+    let tok = BtuTokenizer::load(&job.checkpoint)?;
+    let model = load_model(&md, None, job.seed, &Device::Cpu)?;
+    let sha = sha256_file(&md.weights)?;
+    let st = read_safetensors(&md.weights)?;
+    let mut meta = vec![
+        ("btu:version".to_string(), crate::VERSION.to_string()),
+        ("btu:command".to_string(), "export-onnx".to_string()),
+        ("btu:checkpoint_sha256".to_string(), sha.clone()),
+        ("btu:vocab_size".to_string(), model.config.vocab_size.to_string()),
+        ("btu:num_labels".to_string(), model.config.labels().to_string()),
+        ("btu:max_position_embeddings".to_string(), model.config.max_position_embeddings.to_string()),
+        ("btu:pad_token_id".to_string(), tok.pad_id.to_string()),
+    ];
+    for (k, v) in &st.metadata {
+        if k.starts_with("btu:") && !meta.iter().any(|(mk, _)| mk == k) {
+            meta.push((format!("checkpoint.{k}"), v.clone()));
+        }
+    }
+    let proto = build(&model, meta)?;
+    let bytes = proto.encode_to_vec();
+    crate::output::write_file_atomic(&job.out, job.overwrite, |f| {
+        use std::io::Write;
+        f.write_all(&bytes).map_err(|e| BtuError::io(&job.out, e))
+    })?;
+    let tok_bytes = tok.inner().to_string(true).map_err(|e| BtuError::internal(format!("tokenizer: {e}")))?;
+    crate::output::write_file_atomic(&tok_out, job.overwrite, |f| {
+        use std::io::Write;
+        f.write_all(tok_bytes.as_bytes()).map_err(|e| BtuError::io(&tok_out, e))
+    })?;
+    Ok(json!({
+        "command": "export-onnx",
+        "version": crate::VERSION,
+        "out": job.out,
+        "tokenizer": tok_out,
+        "opset": OPSET,
+        "bytes": bytes.len(),
+        "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+        "checkpoint_sha256": sha,
+        "num_labels": model.config.labels(),
+        "vocab_size": model.config.vocab_size,
+    }))
+}
+
+/// Read an ONNX file's metadata and the row count of its word-embedding initializer.
+pub fn inspect(path: &std::path::Path) -> Result<(Vec<(String, String)>, Option<usize>)> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => BtuError::missing(path.display().to_string(), "give an .onnx file made by btu export-onnx"),
+        _ => BtuError::io(path, e),
+    })?;
+    let m = ModelProto::decode(bytes.as_slice())
+        .map_err(|e| BtuError::bad_data(path.display().to_string(), format!("not an ONNX model ({e}); re-export it with btu export-onnx")))?;
+    let g = m.graph.ok_or_else(|| BtuError::bad_data(path.display().to_string(), "not an ONNX model (no graph); re-export it with btu export-onnx"))?;
+    let rows = g.initializer.iter().find(|t| t.name == "embeddings.word_embeddings.weight").and_then(|t| t.dims.first()).map(|&d| d as usize);
+    Ok((m.metadata_props.into_iter().map(|e| (e.key, e.value)).collect(), rows))
+}
