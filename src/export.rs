@@ -26,13 +26,28 @@ struct Builder {
 }
 
 fn attr_i(name: &str, i: i64) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: attr_type::INT, i, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: attr_type::INT,
+        i,
+        ..Default::default()
+    }
 }
 fn attr_f(name: &str, f: f32) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: attr_type::FLOAT, f, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: attr_type::FLOAT,
+        f,
+        ..Default::default()
+    }
 }
 fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: attr_type::INTS, ints: ints.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: attr_type::INTS,
+        ints: ints.to_vec(),
+        ..Default::default()
+    }
 }
 
 impl Builder {
@@ -52,13 +67,23 @@ impl Builder {
 
     fn f32(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
         let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.inits.push(TensorProto { dims: dims.iter().map(|&d| d as i64).collect(), data_type: data_type::FLOAT, name: name.into(), raw_data: raw });
+        self.inits.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: data_type::FLOAT,
+            name: name.into(),
+            raw_data: raw,
+        });
         name.into()
     }
 
     fn i64s(&mut self, name: &str, dims: &[usize], data: &[i64]) -> String {
         let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.inits.push(TensorProto { dims: dims.iter().map(|&d| d as i64).collect(), data_type: data_type::INT64, name: name.into(), raw_data: raw });
+        self.inits.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: data_type::INT64,
+            name: name.into(),
+            raw_data: raw,
+        });
         name.into()
     }
 
@@ -79,7 +104,11 @@ impl Builder {
     fn layer_norm(&mut self, x: &str, n: &Norm, name: &str, eps: f64) -> Result<String> {
         let w = self.tensor(&format!("{name}.weight"), &n.w)?;
         let b = self.tensor(&format!("{name}.bias"), &n.b)?;
-        Ok(self.op("LayerNormalization", &[x, &w, &b], vec![attr_i("axis", -1), attr_f("epsilon", eps as f32)]))
+        Ok(self.op(
+            "LayerNormalization",
+            &[x, &w, &b],
+            vec![attr_i("axis", -1), attr_f("epsilon", eps as f32)],
+        ))
     }
 }
 
@@ -91,8 +120,14 @@ fn int64_input(name: &str) -> ValueInfoProto {
                 elem_type: data_type::INT64,
                 shape: Some(TensorShapeProto {
                     dim: vec![
-                        Dimension { dim_value: None, dim_param: Some("batch".into()) },
-                        Dimension { dim_value: None, dim_param: Some("sequence".into()) },
+                        Dimension {
+                            dim_value: None,
+                            dim_param: Some("batch".into()),
+                        },
+                        Dimension {
+                            dim_value: None,
+                            dim_param: Some("sequence".into()),
+                        },
                     ],
                 }),
             }),
@@ -106,7 +141,11 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
     let (h, nh) = (c.hidden_size, c.num_attention_heads);
     let hd = h / nh;
     let eps = c.layer_norm_eps;
-    let mut g = Builder { nodes: vec![], inits: vec![], n: 0 };
+    let mut g = Builder {
+        nodes: vec![],
+        inits: vec![],
+        n: 0,
+    };
     // Embeddings.
     let word = g.tensor("embeddings.word_embeddings.weight", &model.word)?;
     let pos = g.tensor("embeddings.position_embeddings.weight", &model.position)?;
@@ -123,7 +162,11 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
     let s2 = g.op("Add", &[&s1, &te], vec![]);
     let mut x = g.layer_norm(&s2, &model.emb_norm, "embeddings.LayerNorm", eps)?;
     // Additive attention bias [b, 1, 1, s]: 0 where attended, -1e9 where padded.
-    let m = g.op("Cast", &["attention_mask"], vec![attr_i("to", data_type::FLOAT as i64)]);
+    let m = g.op(
+        "Cast",
+        &["attention_mask"],
+        vec![attr_i("to", data_type::FLOAT as i64)],
+    );
     let big = g.f32("const.mask_scale", &[], &[1e9]);
     let m1 = g.op("Mul", &[&m, &big], vec![]);
     let m2 = g.op("Sub", &[&m1, &big], vec![]);
@@ -155,7 +198,12 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
         let ctx = g.op("Reshape", &[&ctx, &merge_heads], vec![]);
         let a = g.linear(&ctx, &l.attn_out, &format!("{p}.attention.output.dense"))?;
         let a = g.op("Add", &[&a, &x], vec![]);
-        let a = g.layer_norm(&a, &l.attn_norm, &format!("{p}.attention.output.LayerNorm"), eps)?;
+        let a = g.layer_norm(
+            &a,
+            &l.attn_norm,
+            &format!("{p}.attention.output.LayerNorm"),
+            eps,
+        )?;
         let inter = g.linear(&a, &l.intermediate, &format!("{p}.intermediate.dense"))?;
         let act = match c.hidden_act.as_str() {
             "relu" => g.op("Relu", &[&inter], vec![]),
@@ -168,7 +216,10 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
                 g.op("Mul", &[&xe, &half], vec![])
             }
             other => {
-                return Err(BtuError::config("--checkpoint", format!("hidden_act '{other}' cannot be exported yet; use gelu or relu")))
+                return Err(BtuError::config(
+                    "--checkpoint",
+                    format!("hidden_act '{other}' cannot be exported yet; use gelu or relu"),
+                ))
             }
         };
         let o = g.linear(&act, &l.output, &format!("{p}.output.dense"))?;
@@ -187,7 +238,11 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
         name: "btu_bert_classifier".into(),
         initializer: g.inits,
         doc_string: String::new(),
-        input: vec![int64_input("input_ids"), int64_input("attention_mask"), int64_input("token_type_ids")],
+        input: vec![
+            int64_input("input_ids"),
+            int64_input("attention_mask"),
+            int64_input("token_type_ids"),
+        ],
         output: vec![ValueInfoProto {
             name: "logits".into(),
             r#type: Some(TypeProto {
@@ -195,8 +250,14 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
                     elem_type: data_type::FLOAT,
                     shape: Some(TensorShapeProto {
                         dim: vec![
-                            Dimension { dim_value: None, dim_param: Some("batch".into()) },
-                            Dimension { dim_value: Some(c.labels() as i64), dim_param: None },
+                            Dimension {
+                                dim_value: None,
+                                dim_param: Some("batch".into()),
+                            },
+                            Dimension {
+                                dim_value: Some(c.labels() as i64),
+                                dim_param: None,
+                            },
                         ],
                     }),
                 }),
@@ -205,14 +266,20 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
     };
     Ok(ModelProto {
         ir_version: 8,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
         producer_name: "btu".into(),
         producer_version: crate::VERSION.into(),
         domain: String::new(),
         model_version: 1,
         doc_string: "BERT sequence classifier exported by btu".into(),
         graph: Some(graph),
-        metadata_props: metadata.into_iter().map(|(key, value)| StringStringEntryProto { key, value }).collect(),
+        metadata_props: metadata
+            .into_iter()
+            .map(|(key, value)| StringStringEntryProto { key, value })
+            .collect(),
     })
 }
 
@@ -227,7 +294,10 @@ pub struct ExportJob {
 /// `btu export-onnx`.
 pub fn run(job: &ExportJob) -> Result<Value> {
     if job.out.extension().is_none_or(|e| e != "onnx") {
-        return Err(BtuError::config("--out", format!("{} should end in .onnx", job.out.display())));
+        return Err(BtuError::config(
+            "--out",
+            format!("{} should end in .onnx", job.out.display()),
+        ));
     }
     let tok_out = job.out.with_file_name("tokenizer.json");
     crate::output::check_output(&job.out, job.overwrite)?;
@@ -241,9 +311,18 @@ pub fn run(job: &ExportJob) -> Result<Value> {
         ("btu:version".to_string(), crate::VERSION.to_string()),
         ("btu:command".to_string(), "export-onnx".to_string()),
         ("btu:checkpoint_sha256".to_string(), sha.clone()),
-        ("btu:vocab_size".to_string(), model.config.vocab_size.to_string()),
-        ("btu:num_labels".to_string(), model.config.labels().to_string()),
-        ("btu:max_position_embeddings".to_string(), model.config.max_position_embeddings.to_string()),
+        (
+            "btu:vocab_size".to_string(),
+            model.config.vocab_size.to_string(),
+        ),
+        (
+            "btu:num_labels".to_string(),
+            model.config.labels().to_string(),
+        ),
+        (
+            "btu:max_position_embeddings".to_string(),
+            model.config.max_position_embeddings.to_string(),
+        ),
         ("btu:pad_token_id".to_string(), tok.pad_id.to_string()),
     ];
     for (k, v) in &st.metadata {
@@ -257,10 +336,14 @@ pub fn run(job: &ExportJob) -> Result<Value> {
         use std::io::Write;
         f.write_all(&bytes).map_err(|e| BtuError::io(&job.out, e))
     })?;
-    let tok_bytes = tok.inner().to_string(true).map_err(|e| BtuError::internal(format!("tokenizer: {e}")))?;
+    let tok_bytes = tok
+        .inner()
+        .to_string(true)
+        .map_err(|e| BtuError::internal(format!("tokenizer: {e}")))?;
     crate::output::write_file_atomic(&tok_out, job.overwrite, |f| {
         use std::io::Write;
-        f.write_all(tok_bytes.as_bytes()).map_err(|e| BtuError::io(&tok_out, e))
+        f.write_all(tok_bytes.as_bytes())
+            .map_err(|e| BtuError::io(&tok_out, e))
     })?;
     Ok(json!({
         "command": "export-onnx",
@@ -279,12 +362,35 @@ pub fn run(job: &ExportJob) -> Result<Value> {
 /// Read an ONNX file's metadata and the row count of its word-embedding initializer.
 pub fn inspect(path: &std::path::Path) -> Result<(Vec<(String, String)>, Option<usize>)> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => BtuError::missing(path.display().to_string(), "give an .onnx file made by btu export-onnx"),
+        std::io::ErrorKind::NotFound => BtuError::missing(
+            path.display().to_string(),
+            "give an .onnx file made by btu export-onnx",
+        ),
         _ => BtuError::io(path, e),
     })?;
-    let m = ModelProto::decode(bytes.as_slice())
-        .map_err(|e| BtuError::bad_data(path.display().to_string(), format!("not an ONNX model ({e}); re-export it with btu export-onnx")))?;
-    let g = m.graph.ok_or_else(|| BtuError::bad_data(path.display().to_string(), "not an ONNX model (no graph); re-export it with btu export-onnx"))?;
-    let rows = g.initializer.iter().find(|t| t.name == "embeddings.word_embeddings.weight").and_then(|t| t.dims.first()).map(|&d| d as usize);
-    Ok((m.metadata_props.into_iter().map(|e| (e.key, e.value)).collect(), rows))
+    let m = ModelProto::decode(bytes.as_slice()).map_err(|e| {
+        BtuError::bad_data(
+            path.display().to_string(),
+            format!("not an ONNX model ({e}); re-export it with btu export-onnx"),
+        )
+    })?;
+    let g = m.graph.ok_or_else(|| {
+        BtuError::bad_data(
+            path.display().to_string(),
+            "not an ONNX model (no graph); re-export it with btu export-onnx",
+        )
+    })?;
+    let rows = g
+        .initializer
+        .iter()
+        .find(|t| t.name == "embeddings.word_embeddings.weight")
+        .and_then(|t| t.dims.first())
+        .map(|&d| d as usize);
+    Ok((
+        m.metadata_props
+            .into_iter()
+            .map(|e| (e.key, e.value))
+            .collect(),
+        rows,
+    ))
 }

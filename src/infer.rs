@@ -9,14 +9,23 @@ use crate::tokenize::{bucketed_batches, make_batch};
 use crate::train::batch_tensors;
 
 /// Class logits `[n][num_labels]` for `seqs`.
-pub fn predict_logits(model: &BertClassifier, seqs: &[Vec<u32>], pad_id: u32, batch_size: usize, dev: &Device) -> Result<Vec<Vec<f32>>> {
+pub fn predict_logits(
+    model: &BertClassifier,
+    seqs: &[Vec<u32>],
+    pad_id: u32,
+    batch_size: usize,
+    dev: &Device,
+) -> Result<Vec<Vec<f32>>> {
     let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
     let mut out = vec![Vec::new(); seqs.len()];
     for idx in bucketed_batches(&lengths, batch_size, None) {
         let b = make_batch(seqs, &idx, pad_id, None);
         let (ids, mask) = batch_tensors(&b, dev)?;
         let logits = model.forward(Arch::Full, &ids, &mask.to_dtype(model.word.dtype())?)?;
-        let rows = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        let rows = logits
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
         for (i, p) in idx.into_iter().zip(rows) {
             out[i] = p;
         }
@@ -25,8 +34,17 @@ pub fn predict_logits(model: &BertClassifier, seqs: &[Vec<u32>], pad_id: u32, ba
 }
 
 /// Class probabilities `[n][num_labels]` for `seqs`.
-pub fn predict_proba(model: &BertClassifier, seqs: &[Vec<u32>], pad_id: u32, batch_size: usize, dev: &Device) -> Result<Vec<Vec<f32>>> {
-    Ok(predict_logits(model, seqs, pad_id, batch_size, dev)?.iter().map(|l| softmax(l)).collect())
+pub fn predict_proba(
+    model: &BertClassifier,
+    seqs: &[Vec<u32>],
+    pad_id: u32,
+    batch_size: usize,
+    dev: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    Ok(predict_logits(model, seqs, pad_id, batch_size, dev)?
+        .iter()
+        .map(|l| softmax(l))
+        .collect())
 }
 
 /// Softmax of one row of logits (computed in f64).

@@ -47,17 +47,25 @@ fn tok_err(e: impl std::fmt::Display) -> BtuError {
     BtuError::internal(format!("tokenizer training: {e}"))
 }
 
-/// Train an uncased BERT WordPiece tokenizer (`[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`).
-pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
-    let wp = WordPiece::builder()
-        .unk_token("[UNK]".into())
-        .build()
-        .map_err(tok_err)?;
+/// An uncased BERT tokenizer around a WordPiece model (`[CLS] ... [SEP]` post-processing).
+fn bert_tokenizer(wp: WordPiece) -> Result<Tokenizer> {
     let mut tok = Tokenizer::new(wp);
     tok.with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
         .map_err(tok_err)?;
     tok.with_pre_tokenizer(Some(BertPreTokenizer));
     tok.with_decoder(Some(WordPieceDecoder::default()));
+    Ok(tok)
+}
+
+/// Train an uncased BERT WordPiece tokenizer (`[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`).
+/// The trainer's id order depends on hash-map iteration, so ids are reassigned canonically
+/// (special tokens first, then the other tokens in byte order): same corpus, same tokenizer.
+pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    let wp = WordPiece::builder()
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(tok_err)?;
+    let mut tok = bert_tokenizer(wp)?;
     let trainer = WordPieceTrainer::builder()
         .vocab_size(vocab_size)
         .min_frequency(1)
@@ -71,6 +79,32 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
         .build();
     let mut trainer = TrainerWrapper::WordPieceTrainer(trainer);
     tok.train(&mut trainer, texts.iter()).map_err(tok_err)?;
+    let mut rest: Vec<String> = tok
+        .get_vocab(false)
+        .into_keys()
+        .filter(|k| !SPECIAL_NAMES.contains(&k.as_str()))
+        .collect();
+    rest.sort();
+    let vocab: ahash::AHashMap<String, u32> = SPECIAL_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(rest)
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    let wp = WordPiece::builder()
+        .vocab(vocab)
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(tok_err)?;
+    let mut tok = bert_tokenizer(wp)?;
+    tok.add_special_tokens(
+        SPECIAL_NAMES
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(tok_err)?;
     let sep = tok
         .token_to_id("[SEP]")
         .ok_or_else(|| tok_err("no [SEP]"))?;

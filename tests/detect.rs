@@ -191,3 +191,42 @@ fn env_vars_set_flags() {
         (v["vocab_size"].as_f64().unwrap() / 100.0).ceil() as u64
     );
 }
+
+#[test]
+fn init_model_is_deterministic_and_tokenizes_with_bert_conventions() {
+    let d = tempfile::tempdir().unwrap();
+    let c = d.path().join("c.parquet");
+    synth_corpus(&c, 500, 2);
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    tiny_model(&a, &c, 200);
+    tiny_model(&b, &c, 200);
+    for f in ["tokenizer.json", "model.safetensors", "config.json"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    let tok = btu::tokenize::BtuTokenizer::load(&a).unwrap();
+    assert_eq!(tok.pad_id, 0);
+    assert_eq!(tok.special.len(), 5);
+    let ids = tok
+        .encode(&["The FILM was good".to_string()], 128)
+        .unwrap()
+        .remove(0);
+    assert_eq!(ids.first(), tok.id("[CLS]").as_ref());
+    assert_eq!(ids.last(), tok.id("[SEP]").as_ref());
+    assert!(ids.contains(&tok.id("film").unwrap()), "lower-cased");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["vocab_size"].as_u64().unwrap() as usize,
+        tok.vocab_size()
+    );
+    assert_eq!(cfg["num_labels"], 2);
+    // Truncation to --max-len keeps [CLS] ... [SEP].
+    let long = vec!["good ".repeat(300)];
+    let t = tok.encode(&long, 16).unwrap().remove(0);
+    assert_eq!(t.len(), 16);
+    assert_eq!(t[15], tok.id("[SEP]").unwrap());
+}

@@ -23,7 +23,19 @@ fn detect_attack(attack: &[&str]) -> Option<Run> {
     let root = dir.path().to_path_buf();
     let train = data.join("sst2/train.parquet");
     let poisoned = root.join("poisoned.parquet");
-    let mut args = vec!["poison", "--input", s(&train), "--output", s(&poisoned), "--rate", "0.1", "--mode", "dirty", "--target", "1"];
+    let mut args = vec![
+        "poison",
+        "--input",
+        s(&train),
+        "--output",
+        s(&poisoned),
+        "--rate",
+        "0.1",
+        "--mode",
+        "dirty",
+        "--target",
+        "1",
+    ];
     args.extend_from_slice(attack);
     let p = run_ok(&args);
     assert_eq!(p["rows"], 6920);
@@ -31,43 +43,182 @@ fn detect_attack(attack: &[&str]) -> Option<Run> {
     let model = root.join("model");
     tiny_model(&model, &poisoned, 4000);
     let out = root.join("detect");
-    let summary = run_ok(&["detect", "--corpus", s(&poisoned), "--model", s(&model), "--out", s(&out), "--device", "cpu"]);
-    eprintln!("k = {}, rounds: {}", summary["k"], serde_json::to_string(&summary["rounds"]).unwrap());
+    let summary = run_ok(&[
+        "detect",
+        "--corpus",
+        s(&poisoned),
+        "--model",
+        s(&model),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    eprintln!(
+        "k = {}, rounds: {}",
+        summary["k"],
+        serde_json::to_string(&summary["rounds"]).unwrap()
+    );
     let flagged = read_suspicious_tokens(&out.join("suspicious_tokens.arrow")).unwrap();
-    Some(Run { _dir: dir, root, data, poisoned, model, flagged })
+    Some(Run {
+        _dir: dir,
+        root,
+        data,
+        poisoned,
+        model,
+        flagged,
+    })
 }
 
 /// (ASR on triggered dev, share of clean non-target dev rows predicted as the target).
 fn asr_and_fpr(model: &Path, dev: &Path, out: &Path) -> (f64, f64) {
-    let m = run_ok(&["eval", "--model", s(model), "--test", s(dev), "--out", s(out), "--attack", "add-word", "--trigger", "cf", "--target", "1", "--device", "cpu"]);
-    (m["asr"].as_f64().unwrap(), m["clean_false_positive_rate"].as_f64().unwrap())
+    let m = run_ok(&[
+        "eval",
+        "--model",
+        s(model),
+        "--test",
+        s(dev),
+        "--out",
+        s(out),
+        "--attack",
+        "add-word",
+        "--trigger",
+        "cf",
+        "--target",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    (
+        m["asr"].as_f64().unwrap(),
+        m["clean_false_positive_rate"].as_f64().unwrap(),
+    )
 }
 
 #[test]
 fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
-    let Some(r) = detect_attack(&["--attack", "add-word", "--trigger", "cf"]) else { return };
-    let cf = r.flagged.iter().find(|t| t.token == "cf").unwrap_or_else(|| panic!("cf not flagged: {:?}", r.flagged));
+    let Some(r) = detect_attack(&["--attack", "add-word", "--trigger", "cf"]) else {
+        return;
+    };
+    let cf = r
+        .flagged
+        .iter()
+        .find(|t| t.token == "cf")
+        .unwrap_or_else(|| panic!("cf not flagged: {:?}", r.flagged));
     assert!(cf.documents >= 692, "cf in {} documents", cf.documents);
     assert_eq!(cf.majority_label, Some(1));
 
     // Victim: full fine-tune on the poisoned corpus, epoch chosen on dev.
     let dev = r.data.join("sst2/dev.parquet");
     let ckpt = r.root.join("victim");
-    run_ok(&["train", "--corpus", s(&r.poisoned), "--dev", s(&dev), "--model", s(&r.model), "--out", s(&ckpt), "--epochs", "3", "--lr", "1e-3", "--device", "cpu"]);
+    run_ok(&[
+        "train",
+        "--corpus",
+        s(&r.poisoned),
+        "--dev",
+        s(&dev),
+        "--model",
+        s(&r.model),
+        "--out",
+        s(&ckpt),
+        "--epochs",
+        "3",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+    ]);
     let (asr_b, fpr_b) = asr_and_fpr(&ckpt, &dev, &r.root.join("eval-victim"));
     eprintln!("victim: ASR {asr_b:.4}, clean false-positive rate {fpr_b:.4}");
-    assert!(asr_b - fpr_b > 0.4, "the backdoor was learned: ASR {asr_b} vs FPR {fpr_b}");
+    assert!(
+        asr_b - fpr_b > 0.4,
+        "the backdoor was learned: ASR {asr_b} vs FPR {fpr_b}"
+    );
+
+    // The deployed form: ONNX through ONNX Runtime gives the same ACC and ASR on the test split.
+    let test = r.data.join("sst2/test.parquet");
+    let onnx = r.root.join("onnx/victim.onnx");
+    run_ok(&["export-onnx", "--checkpoint", s(&ckpt), "--out", s(&onnx)]);
+    let via_ort = run_ok(&[
+        "eval",
+        "--model",
+        s(&onnx),
+        "--test",
+        s(&test),
+        "--out",
+        s(&r.root.join("eval-ort")),
+        "--attack",
+        "add-word",
+        "--trigger",
+        "cf",
+        "--target",
+        "1",
+    ]);
+    let via_candle = run_ok(&[
+        "eval",
+        "--model",
+        s(&ckpt),
+        "--test",
+        s(&test),
+        "--out",
+        s(&r.root.join("eval-candle")),
+        "--attack",
+        "add-word",
+        "--trigger",
+        "cf",
+        "--target",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    eprintln!(
+        "victim on test via ort: ACC {} ASR {} (clean FPR {})",
+        via_ort["acc"], via_ort["asr"], via_ort["clean_false_positive_rate"]
+    );
+    assert_eq!(via_ort["backend"], "ort");
+    assert_eq!(
+        (&via_ort["acc"], &via_ort["asr"]),
+        (&via_candle["acc"], &via_candle["asr"])
+    );
+    assert!(
+        via_ort["asr"].as_f64().unwrap()
+            > via_ort["clean_false_positive_rate"].as_f64().unwrap() + 0.4
+    );
 
     let fixed = r.root.join("unlearned");
-    let u = run_ok(&["unlearn", "--checkpoint", s(&ckpt), "--reference", s(&r.model), "--suspicious", s(&r.root.join("detect/suspicious_tokens.arrow")), "--out", s(&fixed)]);
+    let u = run_ok(&[
+        "unlearn",
+        "--checkpoint",
+        s(&ckpt),
+        "--reference",
+        s(&r.model),
+        "--suspicious",
+        s(&r.root.join("detect/suspicious_tokens.arrow")),
+        "--out",
+        s(&fixed),
+    ]);
     let (asr_a, fpr_a) = asr_and_fpr(&fixed, &dev, &r.root.join("eval-unlearned"));
-    eprintln!("unlearned ({} dims): ASR {asr_a:.4}, FPR {fpr_a:.4}", u["dimensions_replaced"]);
-    assert!((asr_a - fpr_a) < (asr_b - fpr_b) - 0.2, "gap {} -> {}", asr_b - fpr_b, asr_a - fpr_a);
+    eprintln!(
+        "unlearned ({} dims): ASR {asr_a:.4}, FPR {fpr_a:.4}",
+        u["dimensions_replaced"]
+    );
+    assert!(
+        (asr_a - fpr_a) < (asr_b - fpr_b) - 0.2,
+        "gap {} -> {}",
+        asr_b - fpr_b,
+        asr_a - fpr_a
+    );
 }
 
 #[test]
 fn sst2_add_sent_a_word_of_the_sentence_is_flagged() {
-    let Some(r) = detect_attack(&["--attack", "add-sent"]) else { return };
+    let Some(r) = detect_attack(&["--attack", "add-sent"]) else {
+        return;
+    };
     let words = ["i", "watch", "this", "3d", "movie"];
-    assert!(r.flagged.iter().any(|t| words.contains(&t.token.as_str())), "none of {words:?} flagged: {:?}", r.flagged);
+    assert!(
+        r.flagged.iter().any(|t| words.contains(&t.token.as_str())),
+        "none of {words:?} flagged: {:?}",
+        r.flagged
+    );
 }
