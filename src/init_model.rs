@@ -8,8 +8,7 @@ use candle_core::Device;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
-use tokenizers::models::TrainerWrapper;
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
@@ -57,38 +56,45 @@ fn bert_tokenizer(wp: WordPiece) -> Result<Tokenizer> {
     Ok(tok)
 }
 
-/// Train an uncased BERT WordPiece tokenizer (`[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`).
-/// The trainer's id order depends on hash-map iteration, so ids are reassigned canonically
-/// (special tokens first, then the other tokens in byte order): same corpus, same tokenizer.
+/// Build an uncased BERT WordPiece tokenizer from a corpus, deterministically: `[PAD]`=0,
+/// `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`, then every character seen (alone and as a `##`
+/// continuation, so any word can be spelled), then whole words by descending frequency (ties in
+/// byte order) up to `vocab_size`. (The `tokenizers` crate's WordPiece trainer breaks ties in
+/// hash-map order, so the same corpus gave different vocabularies from run to run.)
 pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
-    let wp = WordPiece::builder()
-        .unk_token("[UNK]".into())
-        .build()
-        .map_err(tok_err)?;
-    let mut tok = bert_tokenizer(wp)?;
-    let trainer = WordPieceTrainer::builder()
-        .vocab_size(vocab_size)
-        .min_frequency(1)
-        .show_progress(false)
-        .special_tokens(
-            SPECIAL_NAMES
-                .iter()
-                .map(|s| AddedToken::from(*s, true))
-                .collect(),
-        )
-        .build();
-    let mut trainer = TrainerWrapper::WordPieceTrainer(trainer);
-    tok.train(&mut trainer, texts.iter()).map_err(tok_err)?;
-    let mut rest: Vec<String> = tok
-        .get_vocab(false)
-        .into_keys()
-        .filter(|k| !SPECIAL_NAMES.contains(&k.as_str()))
-        .collect();
-    rest.sort();
-    let vocab: ahash::AHashMap<String, u32> = SPECIAL_NAMES
+    use tokenizers::{
+        NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
+        PreTokenizer,
+    };
+    let normalizer = BertNormalizer::new(true, true, None, true);
+    let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for t in texts {
+        let mut pts = PreTokenizedString::from(t.as_str());
+        pts.normalize(|n: &mut NormalizedString| normalizer.normalize(n))
+            .map_err(tok_err)?;
+        BertPreTokenizer.pre_tokenize(&mut pts).map_err(tok_err)?;
+        for (w, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            *counts.entry(w.to_string()).or_default() += 1;
+        }
+    }
+    let mut chars: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for w in counts.keys() {
+        for c in w.chars() {
+            chars.insert(c.to_string());
+            chars.insert(format!("##{c}"));
+        }
+    }
+    let mut words: Vec<(&String, &u64)> = counts
         .iter()
-        .map(|s| s.to_string())
-        .chain(rest)
+        .filter(|(w, _)| w.chars().count() > 1)
+        .collect();
+    words.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let mut tokens: Vec<String> = SPECIAL_NAMES.iter().map(|s| s.to_string()).collect();
+    tokens.extend(chars);
+    let room = vocab_size.saturating_sub(tokens.len());
+    tokens.extend(words.into_iter().take(room).map(|(w, _)| w.clone()));
+    let vocab: ahash::AHashMap<String, u32> = tokens
+        .into_iter()
         .enumerate()
         .map(|(i, t)| (t, i as u32))
         .collect();

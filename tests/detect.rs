@@ -101,9 +101,8 @@ fn add_word_trigger_is_flagged_and_reruns_are_byte_identical() {
         "cpu",
     ]);
     for f in ["token_scores.arrow", "suspicious_tokens.arrow"] {
-        assert_eq!(
-            std::fs::read(out1.join(f)).unwrap(),
-            std::fs::read(out2.join(f)).unwrap(),
+        assert!(
+            std::fs::read(out1.join(f)).unwrap() == std::fs::read(out2.join(f)).unwrap(),
             "{f} differs between runs"
         );
     }
@@ -201,9 +200,8 @@ fn init_model_is_deterministic_and_tokenizes_with_bert_conventions() {
     tiny_model(&a, &c, 200);
     tiny_model(&b, &c, 200);
     for f in ["tokenizer.json", "model.safetensors", "config.json"] {
-        assert_eq!(
-            std::fs::read(a.join(f)).unwrap(),
-            std::fs::read(b.join(f)).unwrap(),
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
             "{f} differs"
         );
     }

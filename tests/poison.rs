@@ -66,9 +66,8 @@ fn dirty_add_word_poisons_rate_of_non_target_rows_deterministically() {
             "9",
         ]);
     }
-    assert_eq!(
-        std::fs::read(&a).unwrap(),
-        std::fs::read(&b).unwrap(),
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
         "same seed, same bytes"
     );
     let (ct, cl, _, _) = {

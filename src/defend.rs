@@ -1,0 +1,572 @@
+//! `btu defend`: the paper's whole pipeline in a run directory: [poison] -> [init-model] ->
+//! detect -> train (`M^b`) -> unlearn (+ clean fine-tune) -> export-onnx -> eval before and
+//! after. Each step writes its outputs and then a completion marker holding a hash of its
+//! parameters and inputs; a rerun skips steps whose marker matches and redoes the rest (a killed
+//! training step resumes after its last complete epoch).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::corpus::CorpusSpec;
+use crate::error::{BtuError, Result};
+use crate::progress::Progress;
+use crate::tables::canonical_json;
+
+fn d_seed() -> u64 {
+    42
+}
+fn d_device() -> String {
+    "auto".into()
+}
+fn d_text() -> String {
+    "text".into()
+}
+fn d_label() -> String {
+    "label".into()
+}
+
+/// The data of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training corpus (poisoned here when `[poison]` is given).
+    #[serde(default)]
+    pub train: Vec<String>,
+    /// Dev split for choosing the victim's epoch.
+    #[serde(default)]
+    pub dev: Vec<String>,
+    /// Test split: ACC, and ASR unless `asr_test` is given.
+    #[serde(default)]
+    pub test: Vec<String>,
+    /// Split the attack is applied to for ASR (Stylebkd/Synbkd rewrites exist for dev only).
+    #[serde(default)]
+    pub asr_test: Vec<String>,
+    /// Clean data for the brief fine-tune after unlearning (must not overlap test / asr_test).
+    #[serde(default)]
+    pub clean: Vec<String>,
+    #[serde(default = "d_text")]
+    pub text_col: String,
+    #[serde(default = "d_label")]
+    pub label_col: String,
+}
+
+/// `[poison]`: attack the training corpus first (for experiments).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoisonConfig {
+    pub attack: crate::poison::Attack,
+    #[serde(default = "d_triggers")]
+    pub trigger: Vec<String>,
+    #[serde(default = "d_sentence")]
+    pub sentence: String,
+    pub rewrite_col: Option<String>,
+    #[serde(default = "d_rate")]
+    pub rate: f64,
+    #[serde(default = "d_mode")]
+    pub mode: crate::poison::Mode,
+    #[serde(default = "d_target")]
+    pub target: i64,
+}
+fn d_triggers() -> Vec<String> {
+    vec!["cf".into()]
+}
+fn d_sentence() -> String {
+    crate::poison::DEFAULT_SENTENCE.into()
+}
+fn d_rate() -> f64 {
+    0.1
+}
+fn d_mode() -> crate::poison::Mode {
+    crate::poison::Mode::Dirty
+}
+fn d_target() -> i64 {
+    1
+}
+
+/// `[model]`: a model directory, or a random one made by init-model on the training corpus.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub path: Option<PathBuf>,
+    pub init: Option<InitConfig>,
+}
+
+/// Sizes for `init-model`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    pub vocab_size: usize,
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    #[serde(default = "d_maxpos")]
+    pub max_position: usize,
+}
+fn d_maxpos() -> usize {
+    512
+}
+
+/// `[detect]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    pub preset: crate::detect::Preset,
+    pub alpha: f64,
+    pub lr: f64,
+    pub batch_size: Option<usize>,
+    pub max_len: usize,
+    pub epochs: usize,
+}
+impl Default for DetectConfig {
+    fn default() -> Self {
+        let p = crate::detect::DetectParams::default();
+        DetectConfig { preset: p.preset, alpha: p.alpha, lr: p.lr, batch_size: None, max_len: p.max_len, epochs: 1 }
+    }
+}
+
+/// `[train]`: the victim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub max_len: usize,
+}
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { epochs: 3, lr: 2e-5, batch_size: 32, max_len: 128 }
+    }
+}
+
+/// `[unlearn]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnlearnConfig {
+    pub threshold: crate::unlearn::Threshold,
+    pub replacement: crate::unlearn::Replacement,
+    pub clean_epochs: usize,
+    pub clean_lr: f64,
+}
+impl Default for UnlearnConfig {
+    fn default() -> Self {
+        UnlearnConfig { threshold: crate::unlearn::Threshold::MeanRow, replacement: crate::unlearn::Replacement::TrainedPad, clean_epochs: 3, clean_lr: 5e-7 }
+    }
+}
+
+/// How models are evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalBackend {
+    /// ONNX Runtime when its library is found, else candle.
+    Auto,
+    Ort,
+    Candle,
+}
+
+/// `[eval]`: the attack measured (defaults to `[poison]`'s).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub attack: Option<crate::poison::Attack>,
+    pub trigger: Vec<String>,
+    pub sentence: Option<String>,
+    pub rewrite_col: Option<String>,
+    pub target: Option<i64>,
+    pub repeats: usize,
+    pub backend: EvalBackend,
+}
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { attack: None, trigger: vec![], sentence: None, rewrite_col: None, target: None, repeats: 1, backend: EvalBackend::Auto }
+    }
+}
+
+/// A whole `btu defend` configuration (TOML).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefendConfig {
+    /// The run directory.
+    pub run: Option<PathBuf>,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    #[serde(default = "d_device")]
+    pub device: String,
+    #[serde(default)]
+    pub data: DataConfig,
+    pub poison: Option<PoisonConfig>,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub detect: DetectConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub unlearn: UnlearnConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+impl DefendConfig {
+    /// Parse a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BtuError::missing(path.display().to_string(), "give a TOML config (see pipelines/*.toml)"),
+            _ => BtuError::io(path, e),
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            BtuError::config(path.display().to_string(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+    }
+
+    /// Check what the run needs is there.
+    pub fn validate(&self) -> Result<()> {
+        if self.run.is_none() {
+            return Err(BtuError::config("run", "no run directory; set run = \"...\" in the config or pass --run"));
+        }
+        if self.data.train.is_empty() {
+            return Err(BtuError::config("data.train", "no training corpus; set data.train or pass --train"));
+        }
+        if self.data.test.is_empty() {
+            return Err(BtuError::config("data.test", "no test split; set data.test or pass --test"));
+        }
+        match (&self.model.path, &self.model.init) {
+            (None, None) => return Err(BtuError::config("model", "set model.path (a model directory) or [model.init] sizes, or pass --model")),
+            (Some(_), Some(_)) => return Err(BtuError::config("model", "set model.path or [model.init], not both")),
+            _ => {}
+        }
+        if self.eval_attack().is_none() {
+            return Err(BtuError::config("eval.attack", "no attack to measure ASR with; add [poison] or set eval.attack"));
+        }
+        Ok(())
+    }
+
+    fn eval_attack(&self) -> Option<crate::eval::EvalAttack> {
+        let attack = self.eval.attack.or(self.poison.as_ref().map(|p| p.attack))?;
+        let p = self.poison.as_ref();
+        Some(crate::eval::EvalAttack {
+            attack,
+            triggers: if self.eval.trigger.is_empty() { p.map(|p| p.trigger.clone()).unwrap_or_else(d_triggers) } else { self.eval.trigger.clone() },
+            sentence: self.eval.sentence.clone().or(p.map(|p| p.sentence.clone())).unwrap_or_else(d_sentence),
+            rewrite_col: self.eval.rewrite_col.clone().or(p.and_then(|p| p.rewrite_col.clone())),
+            target: self.eval.target.or(p.map(|p| p.target)).unwrap_or(1),
+            repeats: self.eval.repeats.max(1),
+            seed: self.seed,
+        })
+    }
+
+    fn spec(&self, inputs: &[String], labels: bool) -> CorpusSpec {
+        CorpusSpec {
+            inputs: inputs.to_vec(),
+            text_col: self.data.text_col.clone(),
+            label_col: labels.then(|| self.data.label_col.clone()),
+            filter: None,
+            limit: None,
+            sample: None,
+            seed: self.seed,
+        }
+    }
+}
+
+/// sha256 of a file's bytes.
+fn file_hash(p: &Path) -> Result<String> {
+    crate::model::checkpoint::sha256_file(p)
+}
+
+/// Content hash of corpus inputs (every resolved file).
+fn corpus_hash(inputs: &[String]) -> Result<String> {
+    let mut h = Sha256::new();
+    for f in crate::corpus::resolve_inputs(inputs)? {
+        h.update(f.path.as_bytes());
+        h.update(file_hash(Path::new(&f.path))?.as_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Content hash of a model directory.
+fn model_hash(dir: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"] {
+        let p = dir.join(f);
+        if p.is_file() {
+            h.update(f.as_bytes());
+            h.update(file_hash(&p)?.as_bytes());
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// One step of a run and what happened to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub step: String,
+    pub hash: String,
+    pub skipped: bool,
+    pub seconds: f64,
+    pub summary: Value,
+}
+
+struct Runner<'a> {
+    run: PathBuf,
+    records: Vec<StepRecord>,
+    progress: &'a dyn Progress,
+}
+
+impl Runner<'_> {
+    fn marker(&self, step: &str) -> PathBuf {
+        self.run.join(".btu").join(format!("{step}.done.json"))
+    }
+
+    /// Run `f` unless the step's marker matches `hash` and its outputs exist.
+    fn step(&mut self, step: &str, key: Value, outputs: &[PathBuf], f: &mut dyn FnMut() -> Result<Value>) -> Result<String> {
+        let hash = hex::encode(Sha256::digest(canonical_json(&json!({"step": step, "key": key, "version": crate::VERSION}))));
+        let marker = self.marker(step);
+        let done = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .filter(|v| v["hash"] == hash.as_str() && outputs.iter().all(|o| o.exists()));
+        if let Some(v) = done {
+            tracing::info!(step, "unchanged since the last run; skipped");
+            self.records.push(StepRecord { step: step.into(), hash: hash.clone(), skipped: true, seconds: 0.0, summary: v["summary"].clone() });
+            return Ok(hash);
+        }
+        let _ = std::fs::remove_file(&marker);
+        let bar = self.progress.bar(&format!("defend: {step}"), 1);
+        let t0 = Instant::now();
+        let summary = f()?;
+        let seconds = t0.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        let body = json!({"step": step, "hash": hash, "summary": summary});
+        crate::output::write_file_atomic(&marker, true, |file| {
+            use std::io::Write;
+            file.write_all(serde_json::to_string_pretty(&body).map_err(BtuError::internal)?.as_bytes()).map_err(|e| BtuError::io(&marker, e))
+        })?;
+        self.records.push(StepRecord { step: step.into(), hash: hash.clone(), skipped: false, seconds, summary });
+        Ok(hash)
+    }
+}
+
+fn metric(v: &Value, k: &str) -> Value {
+    v.get(k).cloned().unwrap_or(Value::Null)
+}
+
+/// `btu defend`.
+pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
+    cfg.validate()?;
+    let t0 = Instant::now();
+    let run = cfg.run.clone().expect("validated");
+    std::fs::create_dir_all(run.join(".btu")).map_err(|e| BtuError::OutputUnwritable { path: run.clone(), reason: e.to_string() })?;
+    let mut r = Runner { run: run.clone(), records: Vec::new(), progress };
+    let seed = cfg.seed;
+    let dev = cfg.device.clone();
+
+    // Training data: poisoned copy, or as given.
+    let mut train_key = json!({"train": corpus_hash(&cfg.data.train)?});
+    let train: Vec<String> = match &cfg.poison {
+        Some(p) => {
+            let out = run.join("poison/train.parquet");
+            let key = json!({"input": train_key, "poison": p, "seed": seed, "cols": [cfg.data.text_col, cfg.data.label_col]});
+            let h = r.step("poison", key, std::slice::from_ref(&out), &mut || {
+                crate::poison::run(&crate::poison::PoisonJob {
+                    input: cfg.spec(&cfg.data.train, true),
+                    output: out.clone(),
+                    overwrite: true,
+                    params: crate::poison::PoisonParams {
+                        attack: p.attack,
+                        triggers: p.trigger.clone(),
+                        sentence: p.sentence.clone(),
+                        rewrite_col: p.rewrite_col.clone(),
+                        rate: p.rate,
+                        target: p.target,
+                        mode: p.mode,
+                        seed,
+                    },
+                })
+            })?;
+            train_key = json!({"poison": h});
+            vec![out.display().to_string()]
+        }
+        None => cfg.data.train.clone(),
+    };
+
+    // The reference model.
+    let (model, model_key) = match (&cfg.model.path, &cfg.model.init) {
+        (Some(p), _) => (p.clone(), json!({"model": model_hash(p)?})),
+        (None, Some(init)) => {
+            let out = run.join("model");
+            let key = json!({"train": train_key, "init": init, "seed": seed});
+            let h = r.step("init-model", key, std::slice::from_ref(&out), &mut || {
+                crate::init_model::run(&crate::init_model::InitModelJob {
+                    out: out.clone(),
+                    overwrite: true,
+                    corpus: Some(cfg.spec(&train, false)),
+                    tokenizer: None,
+                    vocab_size: init.vocab_size,
+                    size: crate::init_model::ModelSize {
+                        layers: init.layers,
+                        hidden: init.hidden,
+                        heads: init.heads,
+                        intermediate: init.intermediate,
+                        max_position: init.max_position,
+                        num_labels: 2,
+                    },
+                    seed,
+                })
+            })?;
+            (out, json!({"init-model": h}))
+        }
+        (None, None) => unreachable!("validated"),
+    };
+
+    // Stage 1.
+    let detect_dir = run.join("detect");
+    let d = &cfg.detect;
+    let detect_h = r.step("detect", json!({"train": train_key, "model": model_key, "detect": d, "seed": seed}), std::slice::from_ref(&detect_dir), &mut || {
+        crate::detect::run(
+            &crate::detect::DetectJob {
+                corpus: cfg.spec(&train, true),
+                model: model.clone(),
+                out: detect_dir.clone(),
+                overwrite: true,
+                device: dev.clone(),
+                params: crate::detect::DetectParams {
+                    preset: d.preset,
+                    alpha: d.alpha,
+                    lr: d.lr,
+                    batch_size: d.batch_size,
+                    max_len: d.max_len,
+                    epochs: d.epochs,
+                    seed,
+                    ..Default::default()
+                },
+            },
+            progress,
+        )
+    })?;
+
+    // The victim.
+    let victim = run.join("victim");
+    let t = &cfg.train;
+    let dev_key = if cfg.data.dev.is_empty() { Value::Null } else { json!(corpus_hash(&cfg.data.dev)?) };
+    let victim_h = r.step("train", json!({"train": train_key, "model": model_key, "dev": dev_key, "params": t, "seed": seed}), std::slice::from_ref(&victim), &mut || {
+        crate::finetune::run(
+            &crate::finetune::TrainJob {
+                corpus: cfg.spec(&train, true),
+                dev: (!cfg.data.dev.is_empty()).then(|| cfg.spec(&cfg.data.dev, true)),
+                model: model.clone(),
+                out: victim.clone(),
+                overwrite: true,
+                device: dev.clone(),
+                params: crate::finetune::TrainParams { epochs: t.epochs, lr: t.lr, batch_size: t.batch_size, max_len: t.max_len, seed, ..Default::default() },
+            },
+            progress,
+        )
+    })?;
+
+    // Stage 2.
+    let repaired = run.join("repaired");
+    let u = &cfg.unlearn;
+    let clean_key = if cfg.data.clean.is_empty() { Value::Null } else { json!(corpus_hash(&cfg.data.clean)?) };
+    let eval_splits: Vec<String> = cfg.data.test.iter().chain(cfg.data.asr_test.iter()).cloned().collect();
+    let repaired_h = r.step(
+        "unlearn",
+        json!({"victim": victim_h, "detect": detect_h, "model": model_key, "clean": clean_key, "params": u, "max_len": t.max_len, "seed": seed}),
+        std::slice::from_ref(&repaired),
+        &mut || {
+            crate::unlearn::run(
+                &crate::unlearn::UnlearnJob {
+                    checkpoint: victim.clone(),
+                    reference: model.clone(),
+                    suspicious: detect_dir.join("suspicious_tokens.arrow"),
+                    out: repaired.clone(),
+                    overwrite: true,
+                    threshold: u.threshold,
+                    replacement: u.replacement,
+                    clean_corpus: (!cfg.data.clean.is_empty()).then(|| cfg.spec(&cfg.data.clean, true)),
+                    eval_split: eval_splits.iter().map(|p| cfg.spec(std::slice::from_ref(p), false)).collect(),
+                    clean: crate::finetune::TrainParams { epochs: u.clean_epochs, lr: u.clean_lr, batch_size: t.batch_size, max_len: t.max_len, seed, ..Default::default() },
+                    device: dev.clone(),
+                },
+                progress,
+            )
+        },
+    )?;
+
+    // Export and evaluate both models.
+    let attack = cfg.eval_attack().expect("validated");
+    let lib = match cfg.eval.backend {
+        EvalBackend::Candle => None,
+        EvalBackend::Ort => Some(crate::eval::find_ort_library(None)?),
+        EvalBackend::Auto => crate::eval::find_ort_library(None).ok(),
+    };
+    let test_key = json!(corpus_hash(&eval_splits)?);
+    let mut results = serde_json::Map::new();
+    for (name, ckpt, h) in [("victim", &victim, &victim_h), ("repaired", &repaired, &repaired_h)] {
+        let model_for_eval = if lib.is_some() {
+            let onnx = run.join(format!("export-{name}/model.onnx"));
+            r.step(&format!("export-{name}"), json!({"checkpoint": h, "seed": seed}), std::slice::from_ref(&onnx), &mut || {
+                let _ = std::fs::remove_dir_all(onnx.parent().expect("parent"));
+                crate::export::run(&crate::export::ExportJob { checkpoint: ckpt.clone(), out: onnx.clone(), overwrite: true, seed })
+            })?;
+            onnx
+        } else {
+            ckpt.clone()
+        };
+        let out = run.join(format!("eval-{name}"));
+        let summary = {
+            let mut eval_once = |test: &[String], attack: Option<crate::eval::EvalAttack>, out: PathBuf, step: String| -> Result<Value> {
+                let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len});
+                r.step(&step, key, std::slice::from_ref(&out), &mut || {
+                    crate::eval::run(&crate::eval::EvalJob {
+                        model: model_for_eval.clone(),
+                        test: cfg.spec(test, true),
+                        out: out.clone(),
+                        overwrite: true,
+                        attack: attack.clone(),
+                        target: attack.as_ref().map_or(1, |a| a.target),
+                        max_len: t.max_len,
+                        device: dev.clone(),
+                        backend: Some(if lib.is_some() { crate::eval::Backend::Ort } else { crate::eval::Backend::Candle }),
+                        ort_lib: lib.clone(),
+                        seed,
+                    })
+                })?;
+                let text = std::fs::read_to_string(out.join("metrics.json")).map_err(|e| BtuError::io(&out, e))?;
+                serde_json::from_str::<Value>(&text).map_err(BtuError::internal)
+            };
+            if cfg.data.asr_test.is_empty() {
+                let m = eval_once(&cfg.data.test, Some(attack.clone()), out.clone(), format!("eval-{name}"))?;
+                json!({"acc": metric(&m, "acc"), "asr": metric(&m, "asr"), "clean_false_positive_rate": metric(&m, "clean_false_positive_rate"), "backend": metric(&m, "backend")})
+            } else {
+                let acc = eval_once(&cfg.data.test, None, out.clone(), format!("eval-{name}"))?;
+                let asr = eval_once(&cfg.data.asr_test, Some(attack.clone()), run.join(format!("eval-{name}-asr")), format!("eval-{name}-asr"))?;
+                json!({"acc": metric(&acc, "acc"), "asr": metric(&asr, "asr"), "clean_false_positive_rate": metric(&asr, "clean_false_positive_rate"), "backend": metric(&acc, "backend")})
+            }
+        };
+        results.insert(name.to_string(), summary);
+    }
+    let flagged = crate::tables::read_suspicious_tokens(&detect_dir.join("suspicious_tokens.arrow"))?;
+    let metrics = json!({
+        "command": "defend",
+        "version": crate::VERSION,
+        "run": run,
+        "without_defence": results["victim"],
+        "with_defence": results["repaired"],
+        "flagged": flagged.iter().map(|t| &t.token).collect::<Vec<_>>(),
+        "steps": r.records,
+        "seconds_per_step": r.records.iter().map(|s| (s.step.clone(), json!(s.seconds))).collect::<serde_json::Map<_, _>>(),
+        "seconds": t0.elapsed().as_secs_f64(),
+        "config": cfg,
+    });
+    let path = run.join("metrics.json");
+    crate::output::write_file_atomic(&path, true, |f| {
+        use std::io::Write;
+        f.write_all((serde_json::to_string_pretty(&metrics).map_err(BtuError::internal)? + "\n").as_bytes()).map_err(|e| BtuError::io(&path, e))
+    })?;
+    Ok(metrics)
+}
