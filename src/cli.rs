@@ -21,7 +21,7 @@ pub struct Cli {
 }
 
 /// Flags every command takes.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct GlobalArgs {
     /// Also write the summary JSON to this file (default /airflow/xcom/return.json when /airflow/xcom exists).
     #[arg(long, global = true, env = "BTU_SUMMARY")]
@@ -32,6 +32,9 @@ pub struct GlobalArgs {
     /// No progress bars on stderr.
     #[arg(long, global = true, env = "BTU_QUIET")]
     pub quiet: bool,
+    /// Print the plan (inputs, outputs, parameters) as JSON and touch nothing.
+    #[arg(long, global = true, env = "BTU_DRY_RUN")]
+    pub dry_run: bool,
 }
 
 /// The steps.
@@ -53,6 +56,8 @@ pub enum Command {
     ExportOnnx(ExportArgs),
     /// ACC and ASR of a checkpoint on a test split; writes metrics.json and predictions.parquet.
     Eval(EvalArgs),
+    /// The whole pipeline in a run directory, resumable: [poison] -> detect -> train -> unlearn -> export -> eval.
+    Defend(DefendArgs),
     /// The embedded default: synthetic poisoned corpus, small model, detection (no files needed).
     Demo(DemoArgs),
     /// Write the JSON schemas of every table (the files committed in schemas/).
@@ -60,7 +65,7 @@ pub enum Command {
 }
 
 /// How a corpus is read (shared by every command that reads one).
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct CorpusArgs {
     /// Text column.
     #[arg(long, env = "BTU_TEXT_COL", default_value = "text")]
@@ -94,7 +99,7 @@ impl CorpusArgs {
     }
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct InitModelArgs {
     /// Output model directory.
     #[arg(long, env = "BTU_OUT")]
@@ -128,7 +133,7 @@ pub struct InitModelArgs {
     pub corpus_args: CorpusArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct PoisonArgs {
     /// Input corpus (Parquet file, directory or glob).
     #[arg(long, env = "BTU_INPUT", num_args = 1.., required = true)]
@@ -163,7 +168,7 @@ pub struct PoisonArgs {
     pub corpus_args: CorpusArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct DetectArgs {
     /// Corpus (Parquet files, directories or globs).
     #[arg(long, env = "BTU_CORPUS", num_args = 1.., required = true)]
@@ -208,7 +213,7 @@ pub struct DetectArgs {
     pub corpus_args: CorpusArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct TrainArgs {
     /// Training corpus.
     #[arg(long, env = "BTU_CORPUS", num_args = 1.., required = true)]
@@ -246,7 +251,7 @@ pub struct TrainArgs {
     pub corpus_args: CorpusArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct UnlearnArgs {
     /// The trained (possibly backdoored) checkpoint M^b.
     #[arg(long, env = "BTU_CHECKPOINT")]
@@ -293,7 +298,7 @@ pub struct UnlearnArgs {
     pub corpus_args: CorpusArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct ApplyMasksArgs {
     #[arg(long, env = "BTU_CHECKPOINT")]
     pub checkpoint: PathBuf,
@@ -306,7 +311,7 @@ pub struct ApplyMasksArgs {
     pub overwrite: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct EvalArgs {
     /// Checkpoint directory.
     #[arg(long, env = "BTU_MODEL")]
@@ -350,7 +355,7 @@ pub struct EvalArgs {
     pub corpus_args: CorpusArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct ExportArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long, env = "BTU_CHECKPOINT")]
@@ -365,7 +370,144 @@ pub struct ExportArgs {
     pub overwrite: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
+pub struct DefendArgs {
+    /// TOML configuration (see pipelines/*.toml); flags override its settings.
+    #[arg(long, env = "BTU_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Run directory.
+    #[arg(long, env = "BTU_RUN")]
+    pub run: Option<PathBuf>,
+    /// Training corpus (data.train).
+    #[arg(long, env = "BTU_TRAIN", num_args = 1..)]
+    pub train: Vec<String>,
+    /// Dev split (data.dev).
+    #[arg(long, env = "BTU_DEV", num_args = 1..)]
+    pub dev: Vec<String>,
+    /// Test split (data.test).
+    #[arg(long, env = "BTU_TEST", num_args = 1..)]
+    pub test: Vec<String>,
+    /// Split the attack is applied to for ASR (data.asr_test).
+    #[arg(long, env = "BTU_ASR_TEST", num_args = 1..)]
+    pub asr_test: Vec<String>,
+    /// Clean tuning data (data.clean).
+    #[arg(long, env = "BTU_CLEAN", num_args = 1..)]
+    pub clean: Vec<String>,
+    /// Model directory (model.path).
+    #[arg(long, env = "BTU_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Poison the training corpus first with this attack ([poison]).
+    #[arg(long, env = "BTU_ATTACK", value_enum)]
+    pub attack: Option<crate::poison::Attack>,
+    #[arg(long, env = "BTU_TRIGGER")]
+    pub trigger: Vec<String>,
+    #[arg(long, env = "BTU_REWRITE_COL")]
+    pub rewrite_col: Option<String>,
+    #[arg(long, env = "BTU_RATE")]
+    pub rate: Option<f64>,
+    #[arg(long, env = "BTU_TARGET")]
+    pub target: Option<i64>,
+    #[arg(long, env = "BTU_PRESET", value_enum)]
+    pub preset: Option<crate::detect::Preset>,
+    #[arg(long, env = "BTU_ALPHA")]
+    pub alpha: Option<f64>,
+    /// Victim training epochs (train.epochs).
+    #[arg(long, env = "BTU_EPOCHS")]
+    pub epochs: Option<usize>,
+    /// Victim learning rate (train.lr).
+    #[arg(long, env = "BTU_LR")]
+    pub lr: Option<f64>,
+    #[arg(long, env = "BTU_THRESHOLD", value_enum)]
+    pub threshold: Option<crate::unlearn::Threshold>,
+    #[arg(long, env = "BTU_BACKEND", value_enum)]
+    pub backend: Option<crate::defend::EvalBackend>,
+    #[arg(long, env = "BTU_DEVICE")]
+    pub device: Option<String>,
+    #[arg(long, env = "BTU_SEED")]
+    pub seed: Option<u64>,
+}
+
+impl DefendArgs {
+    /// The configuration: the file (if any) with the flags applied on top.
+    pub fn config(&self) -> crate::Result<crate::defend::DefendConfig> {
+        let mut c = match &self.config {
+            Some(p) => crate::defend::DefendConfig::from_file(p)?,
+            None => toml::from_str("").expect("empty config"),
+        };
+        if let Some(r) = &self.run {
+            c.run = Some(r.clone());
+        }
+        for (dst, src) in [
+            (&mut c.data.train, &self.train),
+            (&mut c.data.dev, &self.dev),
+            (&mut c.data.test, &self.test),
+            (&mut c.data.asr_test, &self.asr_test),
+            (&mut c.data.clean, &self.clean),
+        ] {
+            if !src.is_empty() {
+                *dst = src.clone();
+            }
+        }
+        if let Some(m) = &self.model {
+            c.model.path = Some(m.clone());
+            c.model.init = None;
+        }
+        if let Some(a) = self.attack {
+            let p = c.poison.get_or_insert_with(|| {
+                toml::from_str(&format!(
+                    "attack = \"{}\"",
+                    serde_json::to_value(a)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                ))
+                .expect("poison defaults")
+            });
+            p.attack = a;
+        }
+        if let Some(p) = c.poison.as_mut() {
+            if !self.trigger.is_empty() {
+                p.trigger = self.trigger.clone();
+            }
+            if self.rewrite_col.is_some() {
+                p.rewrite_col = self.rewrite_col.clone();
+            }
+            if let Some(r) = self.rate {
+                p.rate = r;
+            }
+            if let Some(t) = self.target {
+                p.target = t;
+            }
+        }
+        if let Some(v) = self.preset {
+            c.detect.preset = v;
+        }
+        if let Some(v) = self.alpha {
+            c.detect.alpha = v;
+        }
+        if let Some(v) = self.epochs {
+            c.train.epochs = v;
+        }
+        if let Some(v) = self.lr {
+            c.train.lr = v;
+        }
+        if let Some(v) = self.threshold {
+            c.unlearn.threshold = v;
+        }
+        if let Some(v) = self.backend {
+            c.eval.backend = v;
+        }
+        if let Some(v) = &self.device {
+            c.device = v.clone();
+        }
+        if let Some(v) = self.seed {
+            c.seed = v;
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Args, serde::Serialize)]
 pub struct DemoArgs {
     /// Keep the run directory here (default: a temporary directory, removed afterwards).
     #[arg(long, env = "BTU_OUT")]
@@ -373,6 +515,9 @@ pub struct DemoArgs {
     /// Rows of the synthetic corpus.
     #[arg(long, env = "BTU_ROWS", default_value_t = 2000)]
     pub rows: usize,
+    /// How the models are evaluated: ONNX Runtime when installed (auto), ort, or candle.
+    #[arg(long, env = "BTU_BACKEND", value_enum, default_value = "auto")]
+    pub backend: crate::defend::EvalBackend,
     #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
     pub device: String,
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
@@ -381,15 +526,118 @@ pub struct DemoArgs {
     pub overwrite: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize)]
 pub struct SchemasArgs {
     /// Directory to write <table>.schema.json files into.
     #[arg(long, env = "BTU_OUT", default_value = "schemas")]
     pub out: PathBuf,
 }
 
+impl Command {
+    /// The subcommand's name as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::InitModel(_) => "init-model",
+            Command::Poison(_) => "poison",
+            Command::Detect(_) => "detect",
+            Command::Train(_) => "train",
+            Command::Unlearn(_) => "unlearn",
+            Command::ApplyMasks(_) => "apply-masks",
+            Command::ExportOnnx(_) => "export-onnx",
+            Command::Eval(_) => "eval",
+            Command::Defend(_) => "defend",
+            Command::Demo(_) => "demo",
+            Command::Schemas(_) => "schemas",
+        }
+    }
+
+    /// What the command would read and write, and with which parameters (`--dry-run`).
+    pub fn plan(&self) -> Result<Value> {
+        use serde_json::json;
+        let p = |v: &PathBuf| v.display().to_string();
+        let (inputs, outputs, params): (Vec<String>, Vec<String>, Value) = match self {
+            Command::InitModel(a) => {
+                let mut i = a.corpus.clone();
+                i.extend(a.tokenizer.iter().map(p));
+                (i, vec![p(&a.out)], json!(a))
+            }
+            Command::Poison(a) => (a.input.clone(), vec![p(&a.output)], json!(a)),
+            Command::Detect(a) => {
+                let mut i = a.corpus.clone();
+                i.push(p(&a.model));
+                let o = [
+                    "token_scores.arrow",
+                    "suspicious_tokens.arrow",
+                    "summary.json",
+                ]
+                .iter()
+                .map(|f| p(&a.out.join(f)))
+                .collect();
+                (i, o, json!(a))
+            }
+            Command::Train(a) => {
+                let mut i = a.corpus.clone();
+                i.extend(a.dev.iter().cloned());
+                i.push(p(&a.model));
+                (i, vec![p(&a.out)], json!(a))
+            }
+            Command::Unlearn(a) => {
+                let mut i = vec![p(&a.checkpoint), p(&a.reference), p(&a.suspicious)];
+                i.extend(a.clean_corpus.iter().cloned());
+                i.extend(a.eval_split.iter().cloned());
+                (
+                    i,
+                    vec![p(&a.out), p(&a.out.join("dimension_masks.arrow"))],
+                    json!(a),
+                )
+            }
+            Command::ApplyMasks(a) => (
+                vec![p(&a.checkpoint), p(&a.masks)],
+                vec![p(&a.out)],
+                json!(a),
+            ),
+            Command::ExportOnnx(a) => (
+                vec![p(&a.checkpoint)],
+                vec![p(&a.out), p(&a.out.with_file_name("tokenizer.json"))],
+                json!(a),
+            ),
+            Command::Eval(a) => {
+                let mut i = vec![p(&a.model)];
+                i.extend(a.test.iter().cloned());
+                (
+                    i,
+                    vec![
+                        p(&a.out.join("metrics.json")),
+                        p(&a.out.join("predictions.parquet")),
+                    ],
+                    json!(a),
+                )
+            }
+            Command::Defend(a) => {
+                let c = a.config()?;
+                c.validate()?;
+                let run = c.run.clone().unwrap_or_default();
+                let mut i = c.data.train.clone();
+                for v in [&c.data.dev, &c.data.test, &c.data.asr_test, &c.data.clean] {
+                    i.extend(v.iter().cloned());
+                }
+                i.extend(c.model.path.iter().map(p));
+                (i, vec![p(&run), p(&run.join("metrics.json"))], json!(c))
+            }
+            Command::Demo(a) => (vec![], a.out.iter().map(p).collect(), json!(a)),
+            Command::Schemas(a) => (vec![], vec![p(&a.out)], json!(a)),
+        };
+        Ok(
+            json!({"command": self.name(), "dry_run": true, "version": crate::VERSION, "inputs": inputs, "outputs": outputs, "params": params}),
+        )
+    }
+}
+
 /// Run the parsed command; returns its summary JSON.
 pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
+    if cli.global.dry_run {
+        return cli.command.plan();
+    }
     match &cli.command {
         Command::InitModel(a) => {
             let corpus =
@@ -543,6 +791,7 @@ pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
             overwrite: a.overwrite,
             seed: a.seed,
         }),
+        Command::Defend(a) => crate::defend::run(&a.config()?, progress),
         Command::Demo(a) => crate::demo::run(
             &crate::demo::DemoJob {
                 out: a.out.clone(),
@@ -550,6 +799,7 @@ pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
                 rows: a.rows,
                 seed: a.seed,
                 device: a.device.clone(),
+                backend: a.backend,
             },
             progress,
         ),

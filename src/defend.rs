@@ -30,7 +30,7 @@ fn d_label() -> String {
 }
 
 /// The data of a run.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training corpus (poisoned here when `[poison]` is given).
@@ -48,10 +48,30 @@ pub struct DataConfig {
     /// Clean data for the brief fine-tune after unlearning (must not overlap test / asr_test).
     #[serde(default)]
     pub clean: Vec<String>,
+    /// SQL predicate selecting the training rows (e.g. `id % 10 <> 0` to hold out a slice).
+    pub train_filter: Option<String>,
+    /// SQL predicate selecting the clean tuning rows (e.g. `id % 10 = 0`).
+    pub clean_filter: Option<String>,
     #[serde(default = "d_text")]
     pub text_col: String,
     #[serde(default = "d_label")]
     pub label_col: String,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: vec![],
+            dev: vec![],
+            test: vec![],
+            asr_test: vec![],
+            clean: vec![],
+            train_filter: None,
+            clean_filter: None,
+            text_col: d_text(),
+            label_col: d_label(),
+        }
+    }
 }
 
 /// `[poison]`: attack the training corpus first (for experiments).
@@ -125,7 +145,14 @@ pub struct DetectConfig {
 impl Default for DetectConfig {
     fn default() -> Self {
         let p = crate::detect::DetectParams::default();
-        DetectConfig { preset: p.preset, alpha: p.alpha, lr: p.lr, batch_size: None, max_len: p.max_len, epochs: 1 }
+        DetectConfig {
+            preset: p.preset,
+            alpha: p.alpha,
+            lr: p.lr,
+            batch_size: None,
+            max_len: p.max_len,
+            epochs: 1,
+        }
     }
 }
 
@@ -140,7 +167,12 @@ pub struct TrainConfig {
 }
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 3, lr: 2e-5, batch_size: 32, max_len: 128 }
+        TrainConfig {
+            epochs: 3,
+            lr: 2e-5,
+            batch_size: 32,
+            max_len: 128,
+        }
     }
 }
 
@@ -155,7 +187,12 @@ pub struct UnlearnConfig {
 }
 impl Default for UnlearnConfig {
     fn default() -> Self {
-        UnlearnConfig { threshold: crate::unlearn::Threshold::MeanRow, replacement: crate::unlearn::Replacement::TrainedPad, clean_epochs: 3, clean_lr: 5e-7 }
+        UnlearnConfig {
+            threshold: crate::unlearn::Threshold::MeanRow,
+            replacement: crate::unlearn::Replacement::TrainedPad,
+            clean_epochs: 3,
+            clean_lr: 5e-7,
+        }
     }
 }
 
@@ -183,7 +220,15 @@ pub struct EvalConfig {
 }
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { attack: None, trigger: vec![], sentence: None, rewrite_col: None, target: None, repeats: 1, backend: EvalBackend::Auto }
+        EvalConfig {
+            attack: None,
+            trigger: vec![],
+            sentence: None,
+            rewrite_col: None,
+            target: None,
+            repeats: 1,
+            backend: EvalBackend::Auto,
+        }
     }
 }
 
@@ -216,44 +261,91 @@ impl DefendConfig {
     /// Parse a TOML config file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => BtuError::missing(path.display().to_string(), "give a TOML config (see pipelines/*.toml)"),
+            std::io::ErrorKind::NotFound => BtuError::missing(
+                path.display().to_string(),
+                "give a TOML config (see pipelines/*.toml)",
+            ),
             _ => BtuError::io(path, e),
         })?;
         toml::from_str(&text).map_err(|e| {
-            BtuError::config(path.display().to_string(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+            BtuError::config(
+                path.display().to_string(),
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
         })
     }
 
     /// Check what the run needs is there.
     pub fn validate(&self) -> Result<()> {
         if self.run.is_none() {
-            return Err(BtuError::config("run", "no run directory; set run = \"...\" in the config or pass --run"));
+            return Err(BtuError::config(
+                "run",
+                "no run directory; set run = \"...\" in the config or pass --run",
+            ));
         }
         if self.data.train.is_empty() {
-            return Err(BtuError::config("data.train", "no training corpus; set data.train or pass --train"));
+            return Err(BtuError::config(
+                "data.train",
+                "no training corpus; set data.train or pass --train",
+            ));
         }
         if self.data.test.is_empty() {
-            return Err(BtuError::config("data.test", "no test split; set data.test or pass --test"));
+            return Err(BtuError::config(
+                "data.test",
+                "no test split; set data.test or pass --test",
+            ));
         }
         match (&self.model.path, &self.model.init) {
-            (None, None) => return Err(BtuError::config("model", "set model.path (a model directory) or [model.init] sizes, or pass --model")),
-            (Some(_), Some(_)) => return Err(BtuError::config("model", "set model.path or [model.init], not both")),
+            (None, None) => {
+                return Err(BtuError::config(
+                    "model",
+                    "set model.path (a model directory) or [model.init] sizes, or pass --model",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(BtuError::config(
+                    "model",
+                    "set model.path or [model.init], not both",
+                ))
+            }
             _ => {}
         }
         if self.eval_attack().is_none() {
-            return Err(BtuError::config("eval.attack", "no attack to measure ASR with; add [poison] or set eval.attack"));
+            return Err(BtuError::config(
+                "eval.attack",
+                "no attack to measure ASR with; add [poison] or set eval.attack",
+            ));
         }
         Ok(())
     }
 
     fn eval_attack(&self) -> Option<crate::eval::EvalAttack> {
-        let attack = self.eval.attack.or(self.poison.as_ref().map(|p| p.attack))?;
+        let attack = self
+            .eval
+            .attack
+            .or(self.poison.as_ref().map(|p| p.attack))?;
         let p = self.poison.as_ref();
         Some(crate::eval::EvalAttack {
             attack,
-            triggers: if self.eval.trigger.is_empty() { p.map(|p| p.trigger.clone()).unwrap_or_else(d_triggers) } else { self.eval.trigger.clone() },
-            sentence: self.eval.sentence.clone().or(p.map(|p| p.sentence.clone())).unwrap_or_else(d_sentence),
-            rewrite_col: self.eval.rewrite_col.clone().or(p.and_then(|p| p.rewrite_col.clone())),
+            triggers: if self.eval.trigger.is_empty() {
+                p.map(|p| p.trigger.clone()).unwrap_or_else(d_triggers)
+            } else {
+                self.eval.trigger.clone()
+            },
+            sentence: self
+                .eval
+                .sentence
+                .clone()
+                .or(p.map(|p| p.sentence.clone()))
+                .unwrap_or_else(d_sentence),
+            rewrite_col: self
+                .eval
+                .rewrite_col
+                .clone()
+                .or(p.and_then(|p| p.rewrite_col.clone())),
             target: self.eval.target.or(p.map(|p| p.target)).unwrap_or(1),
             repeats: self.eval.repeats.max(1),
             seed: self.seed,
@@ -261,11 +353,20 @@ impl DefendConfig {
     }
 
     fn spec(&self, inputs: &[String], labels: bool) -> CorpusSpec {
+        self.spec_filtered(inputs, labels, None)
+    }
+
+    fn spec_filtered(
+        &self,
+        inputs: &[String],
+        labels: bool,
+        filter: Option<&String>,
+    ) -> CorpusSpec {
         CorpusSpec {
             inputs: inputs.to_vec(),
             text_col: self.data.text_col.clone(),
             label_col: labels.then(|| self.data.label_col.clone()),
-            filter: None,
+            filter: filter.cloned(),
             limit: None,
             sample: None,
             seed: self.seed,
@@ -291,7 +392,12 @@ fn corpus_hash(inputs: &[String]) -> Result<String> {
 /// Content hash of a model directory.
 fn model_hash(dir: &Path) -> Result<String> {
     let mut h = Sha256::new();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.txt",
+    ] {
         let p = dir.join(f);
         if p.is_file() {
             h.update(f.as_bytes());
@@ -323,8 +429,16 @@ impl Runner<'_> {
     }
 
     /// Run `f` unless the step's marker matches `hash` and its outputs exist.
-    fn step(&mut self, step: &str, key: Value, outputs: &[PathBuf], f: &mut dyn FnMut() -> Result<Value>) -> Result<String> {
-        let hash = hex::encode(Sha256::digest(canonical_json(&json!({"step": step, "key": key, "version": crate::VERSION}))));
+    fn step(
+        &mut self,
+        step: &str,
+        key: Value,
+        outputs: &[PathBuf],
+        f: &mut dyn FnMut() -> Result<Value>,
+    ) -> Result<String> {
+        let hash = hex::encode(Sha256::digest(canonical_json(
+            &json!({"step": step, "key": key, "version": crate::VERSION}),
+        )));
         let marker = self.marker(step);
         let done = std::fs::read_to_string(&marker)
             .ok()
@@ -332,7 +446,13 @@ impl Runner<'_> {
             .filter(|v| v["hash"] == hash.as_str() && outputs.iter().all(|o| o.exists()));
         if let Some(v) = done {
             tracing::info!(step, "unchanged since the last run; skipped");
-            self.records.push(StepRecord { step: step.into(), hash: hash.clone(), skipped: true, seconds: 0.0, summary: v["summary"].clone() });
+            self.records.push(StepRecord {
+                step: step.into(),
+                hash: hash.clone(),
+                skipped: true,
+                seconds: 0.0,
+                summary: v["summary"].clone(),
+            });
             return Ok(hash);
         }
         let _ = std::fs::remove_file(&marker);
@@ -344,9 +464,20 @@ impl Runner<'_> {
         let body = json!({"step": step, "hash": hash, "summary": summary});
         crate::output::write_file_atomic(&marker, true, |file| {
             use std::io::Write;
-            file.write_all(serde_json::to_string_pretty(&body).map_err(BtuError::internal)?.as_bytes()).map_err(|e| BtuError::io(&marker, e))
+            file.write_all(
+                serde_json::to_string_pretty(&body)
+                    .map_err(BtuError::internal)?
+                    .as_bytes(),
+            )
+            .map_err(|e| BtuError::io(&marker, e))
         })?;
-        self.records.push(StepRecord { step: step.into(), hash: hash.clone(), skipped: false, seconds, summary });
+        self.records.push(StepRecord {
+            step: step.into(),
+            hash: hash.clone(),
+            skipped: false,
+            seconds,
+            summary,
+        });
         Ok(hash)
     }
 }
@@ -360,20 +491,34 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     cfg.validate()?;
     let t0 = Instant::now();
     let run = cfg.run.clone().expect("validated");
-    std::fs::create_dir_all(run.join(".btu")).map_err(|e| BtuError::OutputUnwritable { path: run.clone(), reason: e.to_string() })?;
-    let mut r = Runner { run: run.clone(), records: Vec::new(), progress };
+    std::fs::create_dir_all(run.join(".btu")).map_err(|e| BtuError::OutputUnwritable {
+        path: run.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut r = Runner {
+        run: run.clone(),
+        records: Vec::new(),
+        progress,
+    };
     let seed = cfg.seed;
     let dev = cfg.device.clone();
 
     // Training data: poisoned copy, or as given.
-    let mut train_key = json!({"train": corpus_hash(&cfg.data.train)?});
+    let mut train_key =
+        json!({"train": corpus_hash(&cfg.data.train)?, "filter": cfg.data.train_filter});
+    // Once poisoned, the training corpus is the (already filtered) poison output.
+    let train_filter = if cfg.poison.is_some() {
+        None
+    } else {
+        cfg.data.train_filter.clone()
+    };
     let train: Vec<String> = match &cfg.poison {
         Some(p) => {
             let out = run.join("poison/train.parquet");
             let key = json!({"input": train_key, "poison": p, "seed": seed, "cols": [cfg.data.text_col, cfg.data.label_col]});
             let h = r.step("poison", key, std::slice::from_ref(&out), &mut || {
                 crate::poison::run(&crate::poison::PoisonJob {
-                    input: cfg.spec(&cfg.data.train, true),
+                    input: cfg.spec_filtered(&cfg.data.train, true, cfg.data.train_filter.as_ref()),
                     output: out.clone(),
                     overwrite: true,
                     params: crate::poison::PoisonParams {
@@ -404,7 +549,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                 crate::init_model::run(&crate::init_model::InitModelJob {
                     out: out.clone(),
                     overwrite: true,
-                    corpus: Some(cfg.spec(&train, false)),
+                    corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
                     tokenizer: None,
                     vocab_size: init.vocab_size,
                     size: crate::init_model::ModelSize {
@@ -426,53 +571,84 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     // Stage 1.
     let detect_dir = run.join("detect");
     let d = &cfg.detect;
-    let detect_h = r.step("detect", json!({"train": train_key, "model": model_key, "detect": d, "seed": seed}), std::slice::from_ref(&detect_dir), &mut || {
-        crate::detect::run(
-            &crate::detect::DetectJob {
-                corpus: cfg.spec(&train, true),
-                model: model.clone(),
-                out: detect_dir.clone(),
-                overwrite: true,
-                device: dev.clone(),
-                params: crate::detect::DetectParams {
-                    preset: d.preset,
-                    alpha: d.alpha,
-                    lr: d.lr,
-                    batch_size: d.batch_size,
-                    max_len: d.max_len,
-                    epochs: d.epochs,
-                    seed,
-                    ..Default::default()
+    let detect_h = r.step(
+        "detect",
+        json!({"train": train_key, "model": model_key, "detect": d, "seed": seed}),
+        std::slice::from_ref(&detect_dir),
+        &mut || {
+            crate::detect::run(
+                &crate::detect::DetectJob {
+                    corpus: cfg.spec_filtered(&train, true, train_filter.as_ref()),
+                    model: model.clone(),
+                    out: detect_dir.clone(),
+                    overwrite: true,
+                    device: dev.clone(),
+                    params: crate::detect::DetectParams {
+                        preset: d.preset,
+                        alpha: d.alpha,
+                        lr: d.lr,
+                        batch_size: d.batch_size,
+                        max_len: d.max_len,
+                        epochs: d.epochs,
+                        seed,
+                        ..Default::default()
+                    },
                 },
-            },
-            progress,
-        )
-    })?;
+                progress,
+            )
+        },
+    )?;
 
     // The victim.
     let victim = run.join("victim");
     let t = &cfg.train;
-    let dev_key = if cfg.data.dev.is_empty() { Value::Null } else { json!(corpus_hash(&cfg.data.dev)?) };
-    let victim_h = r.step("train", json!({"train": train_key, "model": model_key, "dev": dev_key, "params": t, "seed": seed}), std::slice::from_ref(&victim), &mut || {
-        crate::finetune::run(
-            &crate::finetune::TrainJob {
-                corpus: cfg.spec(&train, true),
-                dev: (!cfg.data.dev.is_empty()).then(|| cfg.spec(&cfg.data.dev, true)),
-                model: model.clone(),
-                out: victim.clone(),
-                overwrite: true,
-                device: dev.clone(),
-                params: crate::finetune::TrainParams { epochs: t.epochs, lr: t.lr, batch_size: t.batch_size, max_len: t.max_len, seed, ..Default::default() },
-            },
-            progress,
-        )
-    })?;
+    let dev_key = if cfg.data.dev.is_empty() {
+        Value::Null
+    } else {
+        json!(corpus_hash(&cfg.data.dev)?)
+    };
+    let victim_h = r.step(
+        "train",
+        json!({"train": train_key, "model": model_key, "dev": dev_key, "params": t, "seed": seed}),
+        std::slice::from_ref(&victim),
+        &mut || {
+            crate::finetune::run(
+                &crate::finetune::TrainJob {
+                    corpus: cfg.spec_filtered(&train, true, train_filter.as_ref()),
+                    dev: (!cfg.data.dev.is_empty()).then(|| cfg.spec(&cfg.data.dev, true)),
+                    model: model.clone(),
+                    out: victim.clone(),
+                    overwrite: true,
+                    device: dev.clone(),
+                    params: crate::finetune::TrainParams {
+                        epochs: t.epochs,
+                        lr: t.lr,
+                        batch_size: t.batch_size,
+                        max_len: t.max_len,
+                        seed,
+                        ..Default::default()
+                    },
+                },
+                progress,
+            )
+        },
+    )?;
 
     // Stage 2.
     let repaired = run.join("repaired");
     let u = &cfg.unlearn;
-    let clean_key = if cfg.data.clean.is_empty() { Value::Null } else { json!(corpus_hash(&cfg.data.clean)?) };
-    let eval_splits: Vec<String> = cfg.data.test.iter().chain(cfg.data.asr_test.iter()).cloned().collect();
+    let clean_key = if cfg.data.clean.is_empty() {
+        Value::Null
+    } else {
+        json!([corpus_hash(&cfg.data.clean)?, cfg.data.clean_filter])
+    };
+    let eval_splits: Vec<String> = cfg
+        .data
+        .test
+        .iter()
+        .chain(cfg.data.asr_test.iter())
+        .cloned()
+        .collect();
     let repaired_h = r.step(
         "unlearn",
         json!({"victim": victim_h, "detect": detect_h, "model": model_key, "clean": clean_key, "params": u, "max_len": t.max_len, "seed": seed}),
@@ -487,7 +663,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     overwrite: true,
                     threshold: u.threshold,
                     replacement: u.replacement,
-                    clean_corpus: (!cfg.data.clean.is_empty()).then(|| cfg.spec(&cfg.data.clean, true)),
+                    clean_corpus: (!cfg.data.clean.is_empty()).then(|| cfg.spec_filtered(&cfg.data.clean, true, cfg.data.clean_filter.as_ref())),
                     eval_split: eval_splits.iter().map(|p| cfg.spec(std::slice::from_ref(p), false)).collect(),
                     clean: crate::finetune::TrainParams { epochs: u.clean_epochs, lr: u.clean_lr, batch_size: t.batch_size, max_len: t.max_len, seed, ..Default::default() },
                     device: dev.clone(),
@@ -506,20 +682,37 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     };
     let test_key = json!(corpus_hash(&eval_splits)?);
     let mut results = serde_json::Map::new();
-    for (name, ckpt, h) in [("victim", &victim, &victim_h), ("repaired", &repaired, &repaired_h)] {
+    for (name, ckpt, h) in [
+        ("victim", &victim, &victim_h),
+        ("repaired", &repaired, &repaired_h),
+    ] {
         let model_for_eval = if lib.is_some() {
             let onnx = run.join(format!("export-{name}/model.onnx"));
-            r.step(&format!("export-{name}"), json!({"checkpoint": h, "seed": seed}), std::slice::from_ref(&onnx), &mut || {
-                let _ = std::fs::remove_dir_all(onnx.parent().expect("parent"));
-                crate::export::run(&crate::export::ExportJob { checkpoint: ckpt.clone(), out: onnx.clone(), overwrite: true, seed })
-            })?;
+            r.step(
+                &format!("export-{name}"),
+                json!({"checkpoint": h, "seed": seed}),
+                std::slice::from_ref(&onnx),
+                &mut || {
+                    let _ = std::fs::remove_dir_all(onnx.parent().expect("parent"));
+                    crate::export::run(&crate::export::ExportJob {
+                        checkpoint: ckpt.clone(),
+                        out: onnx.clone(),
+                        overwrite: true,
+                        seed,
+                    })
+                },
+            )?;
             onnx
         } else {
             ckpt.clone()
         };
         let out = run.join(format!("eval-{name}"));
         let summary = {
-            let mut eval_once = |test: &[String], attack: Option<crate::eval::EvalAttack>, out: PathBuf, step: String| -> Result<Value> {
+            let mut eval_once = |test: &[String],
+                                 attack: Option<crate::eval::EvalAttack>,
+                                 out: PathBuf,
+                                 step: String|
+             -> Result<Value> {
                 let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len});
                 r.step(&step, key, std::slice::from_ref(&out), &mut || {
                     crate::eval::run(&crate::eval::EvalJob {
@@ -531,26 +724,42 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                         target: attack.as_ref().map_or(1, |a| a.target),
                         max_len: t.max_len,
                         device: dev.clone(),
-                        backend: Some(if lib.is_some() { crate::eval::Backend::Ort } else { crate::eval::Backend::Candle }),
+                        backend: Some(if lib.is_some() {
+                            crate::eval::Backend::Ort
+                        } else {
+                            crate::eval::Backend::Candle
+                        }),
                         ort_lib: lib.clone(),
                         seed,
                     })
                 })?;
-                let text = std::fs::read_to_string(out.join("metrics.json")).map_err(|e| BtuError::io(&out, e))?;
+                let text = std::fs::read_to_string(out.join("metrics.json"))
+                    .map_err(|e| BtuError::io(&out, e))?;
                 serde_json::from_str::<Value>(&text).map_err(BtuError::internal)
             };
             if cfg.data.asr_test.is_empty() {
-                let m = eval_once(&cfg.data.test, Some(attack.clone()), out.clone(), format!("eval-{name}"))?;
+                let m = eval_once(
+                    &cfg.data.test,
+                    Some(attack.clone()),
+                    out.clone(),
+                    format!("eval-{name}"),
+                )?;
                 json!({"acc": metric(&m, "acc"), "asr": metric(&m, "asr"), "clean_false_positive_rate": metric(&m, "clean_false_positive_rate"), "backend": metric(&m, "backend")})
             } else {
                 let acc = eval_once(&cfg.data.test, None, out.clone(), format!("eval-{name}"))?;
-                let asr = eval_once(&cfg.data.asr_test, Some(attack.clone()), run.join(format!("eval-{name}-asr")), format!("eval-{name}-asr"))?;
+                let asr = eval_once(
+                    &cfg.data.asr_test,
+                    Some(attack.clone()),
+                    run.join(format!("eval-{name}-asr")),
+                    format!("eval-{name}-asr"),
+                )?;
                 json!({"acc": metric(&acc, "acc"), "asr": metric(&asr, "asr"), "clean_false_positive_rate": metric(&asr, "clean_false_positive_rate"), "backend": metric(&acc, "backend")})
             }
         };
         results.insert(name.to_string(), summary);
     }
-    let flagged = crate::tables::read_suspicious_tokens(&detect_dir.join("suspicious_tokens.arrow"))?;
+    let flagged =
+        crate::tables::read_suspicious_tokens(&detect_dir.join("suspicious_tokens.arrow"))?;
     let metrics = json!({
         "command": "defend",
         "version": crate::VERSION,
@@ -566,7 +775,10 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     let path = run.join("metrics.json");
     crate::output::write_file_atomic(&path, true, |f| {
         use std::io::Write;
-        f.write_all((serde_json::to_string_pretty(&metrics).map_err(BtuError::internal)? + "\n").as_bytes()).map_err(|e| BtuError::io(&path, e))
+        f.write_all(
+            (serde_json::to_string_pretty(&metrics).map_err(BtuError::internal)? + "\n").as_bytes(),
+        )
+        .map_err(|e| BtuError::io(&path, e))
     })?;
     Ok(metrics)
 }

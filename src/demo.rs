@@ -1,12 +1,15 @@
-//! `btu demo`: the embedded default. A synthetic sentiment corpus generated in code, poisoned
-//! with Add-Word `cf`, a small random model from `init-model`, then detection; no files or
-//! downloads needed. Prints (returns) which tokens were flagged and where `cf` ranked.
+//! `btu demo`: the embedded default. Synthetic sentiment splits generated in code (no files or
+//! downloads), a small random BERT from `init-model`, and the whole `defend` pipeline on CPU:
+//! poison with Add-Word `cf`, detect, train the victim, unlearn with a brief clean fine-tune,
+//! export to ONNX and evaluate before and after (through ONNX Runtime when its library is
+//! installed, else candle).
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use crate::corpus::CorpusSpec;
+use crate::defend::{DefendConfig, EvalBackend, InitConfig};
 use crate::error::{BtuError, Result};
 use crate::progress::Progress;
 
@@ -18,14 +21,107 @@ pub struct DemoJob {
     pub rows: usize,
     pub seed: u64,
     pub device: String,
+    pub backend: EvalBackend,
 }
 
-/// Run the demo pipeline.
+/// The demo's configuration for a run directory whose `data/` holds the generated splits.
+pub fn config(
+    run: &std::path::Path,
+    seed: u64,
+    device: &str,
+    backend: EvalBackend,
+) -> DefendConfig {
+    let data = |n: &str| vec![run.join("data").join(n).display().to_string()];
+    let mut c: DefendConfig = toml::from_str("").expect("defaults");
+    c.run = Some(run.to_path_buf());
+    c.seed = seed;
+    c.device = device.to_string();
+    c.data.train = data("train.parquet");
+    c.data.test = data("test.parquet");
+    c.data.clean = data("clean.parquet");
+    c.poison = Some(
+        toml::from_str(
+            "attack = \"add-word\"\ntrigger = [\"cf\"]\nrate = 0.1\nmode = \"dirty\"\ntarget = 1",
+        )
+        .expect("poison"),
+    );
+    c.model.init = Some(InitConfig {
+        vocab_size: 500,
+        layers: 2,
+        hidden: 64,
+        heads: 2,
+        intermediate: 128,
+        max_position: 128,
+    });
+    c.train.epochs = 3;
+    c.train.lr = 1e-3;
+    // The synthetic vocabulary is small and every word is frequent, so the paper's mean-row
+    // threshold (a mean over rows that all moved) replaces almost nothing; the released code's
+    // Frobenius rule is the one that fits this corpus.
+    c.unlearn.threshold = crate::unlearn::Threshold::Frobenius;
+    c.unlearn.clean_epochs = 2;
+    c.unlearn.clean_lr = 1e-4;
+    c.eval.backend = backend;
+    c
+}
+
+/// Write the synthetic splits: train, test and clean data, the clean data sharing no text with test.
+pub fn write_splits(dir: &std::path::Path, rows: usize, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| BtuError::OutputUnwritable {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let (train, train_l) = crate::synth::generate(rows, seed);
+    let (test, test_l) = crate::synth::generate(rows * 3 / 10, seed.wrapping_add(1));
+    let seen: HashSet<&String> = test.iter().collect();
+    let (clean_all, clean_all_l) = crate::synth::generate(rows * 3 / 10, seed.wrapping_add(2));
+    let (clean, clean_l): (Vec<String>, Vec<i64>) = clean_all
+        .into_iter()
+        .zip(clean_all_l)
+        .filter(|(t, _)| !seen.contains(t))
+        .unzip();
+    for (name, t, l) in [
+        ("train", &train, &train_l),
+        ("test", &test, &test_l),
+        ("clean", &clean, &clean_l),
+    ] {
+        crate::tables::write_parquet(
+            &dir.join(format!("{name}.parquet")),
+            &crate::tables::corpus_batch(t, l)?,
+            true,
+        )?;
+    }
+    Ok(())
+}
+
+/// A short before/after table for people.
+pub fn table(m: &Value) -> String {
+    let pct = |v: &Value| {
+        v.as_f64()
+            .map_or("-".to_string(), |x| format!("{:.1}", 100.0 * x))
+    };
+    let (b, a) = (&m["without_defence"], &m["with_defence"]);
+    format!(
+        "                 ACC %   ASR %\nwithout defence  {:>5}   {:>5}\nwith BTU         {:>5}   {:>5}\nflagged: {}\n",
+        pct(&b["acc"]),
+        pct(&b["asr"]),
+        pct(&a["acc"]),
+        pct(&a["asr"]),
+        m["flagged"].as_array().map(|f| f.iter().filter_map(|t| t.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+    )
+}
+
+/// Run the demo.
 pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<Value> {
     let tmp;
     let dir = match &job.out {
         Some(d) => {
-            crate::output::check_output(d, job.overwrite)?;
+            if d.exists() && !job.overwrite {
+                return Err(BtuError::OutputExists { path: d.clone() });
+            }
+            if d.exists() {
+                std::fs::remove_dir_all(d).map_err(|e| BtuError::io(d, e))?;
+            }
             d.clone()
         }
         None => {
@@ -33,85 +129,13 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<Value> {
             tmp.path().join("run")
         }
     };
-    let run_dir = crate::output::OutputDir::create(&dir, job.overwrite)?;
-    let (texts, labels) = crate::synth::generate(job.rows, job.seed);
-    let clean = run_dir.path("clean.parquet");
-    crate::tables::write_parquet(
-        &clean,
-        &crate::tables::corpus_batch(&texts, &labels)?,
-        false,
-    )?;
-    let poisoned = run_dir.path("poisoned.parquet");
-    let poison = crate::poison::run(&crate::poison::PoisonJob {
-        input: CorpusSpec::new(vec![clean.display().to_string()]),
-        output: poisoned.clone(),
-        overwrite: false,
-        params: crate::poison::PoisonParams {
-            attack: crate::poison::Attack::AddWord,
-            triggers: vec!["cf".into()],
-            sentence: crate::poison::DEFAULT_SENTENCE.into(),
-            rewrite_col: None,
-            rate: 0.1,
-            target: 1,
-            mode: crate::poison::Mode::Dirty,
-            seed: job.seed,
-        },
-    })?;
-    let model = run_dir.path("model");
-    crate::init_model::run(&crate::init_model::InitModelJob {
-        out: model.clone(),
-        overwrite: false,
-        corpus: Some(CorpusSpec {
-            label_col: None,
-            ..CorpusSpec::new(vec![poisoned.display().to_string()])
-        }),
-        tokenizer: None,
-        vocab_size: 500,
-        size: crate::init_model::ModelSize {
-            layers: 2,
-            hidden: 64,
-            heads: 2,
-            intermediate: 128,
-            max_position: 256,
-            num_labels: 2,
-        },
-        seed: job.seed,
-    })?;
-    let detect = crate::detect::run(
-        &crate::detect::DetectJob {
-            corpus: CorpusSpec::new(vec![poisoned.display().to_string()]),
-            model: model.clone(),
-            out: run_dir.path("detect"),
-            overwrite: false,
-            device: job.device.clone(),
-            params: crate::detect::DetectParams {
-                seed: job.seed,
-                ..Default::default()
-            },
-        },
-        progress,
-    )?;
-    let flagged: Vec<&Value> = detect["flagged"]
-        .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default();
-    let cf = flagged
-        .iter()
-        .find(|t| t["token"] == "cf")
-        .cloned()
-        .cloned();
-    let final_dir = run_dir.commit()?;
-    Ok(json!({
-        "command": "demo",
-        "version": crate::VERSION,
-        "run": job.out.as_ref().map(|_| final_dir),
-        "rows": job.rows,
-        "poisoned_rows": poison["poisoned"],
-        "trigger": "cf",
-        "trigger_flagged": cf.is_some(),
-        "trigger_row": cf,
-        "flagged": detect["flagged"].as_array().map(|a| a.iter().map(|t| t["token"].clone()).collect::<Vec<_>>()),
-        "rounds": detect["rounds"],
-        "seconds": detect["seconds"],
-    }))
+    write_splits(&dir.join("data"), job.rows, job.seed)?;
+    let cfg = config(&dir, job.seed, &job.device, job.backend);
+    let mut m = crate::defend::run(&cfg, progress)?;
+    m["command"] = json!("demo");
+    m["table"] = json!(table(&m));
+    if job.out.is_none() {
+        m["run"] = Value::Null;
+    }
+    Ok(m)
 }

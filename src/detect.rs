@@ -21,7 +21,7 @@ use crate::tokenize::{delete_tokens, load_corpus, BtuTokenizer, TokenizedCorpus}
 use crate::train::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
 
 /// Which variant of the algorithm runs (btu-spec.md, stage 1 table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// The paper: full model, then `M*` twice (round 3 without the round-2 tokens).

@@ -312,7 +312,7 @@ impl Classifier for OrtClassifier {
 }
 
 /// Which runtime evaluates the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
     /// ONNX Runtime on an exported .onnx model (what users deploy).

@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod corpus;
+pub mod defend;
 pub mod demo;
 pub mod detect;
 pub mod device;

@@ -48,7 +48,15 @@ fn main() -> ExitCode {
     match execute(&cli, progress.as_ref()) {
         Ok(summary) => {
             let text = serde_json::to_string_pretty(&summary).expect("summary serializes");
-            let target = cli.global.summary.clone().or_else(|| {
+            let target = if cli.global.dry_run {
+                None
+            } else {
+                cli.global.summary.clone()
+            }
+            .or_else(|| {
+                if cli.global.dry_run {
+                    return None;
+                }
                 let xcom = std::path::Path::new("/airflow/xcom");
                 xcom.is_dir().then(|| xcom.join("return.json"))
             });
@@ -60,6 +68,9 @@ fn main() -> ExitCode {
                     eprintln!("error: {e}");
                     return ExitCode::from(e.exit_code());
                 }
+            }
+            if let Some(table) = summary.get("table").and_then(|t| t.as_str()) {
+                eprint!("{table}");
             }
             println!("{text}");
             ExitCode::SUCCESS

@@ -22,7 +22,7 @@ use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
 
 /// The attack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Attack {
     /// Insert one trigger word (chosen from `--trigger`) at a random word position.
@@ -34,7 +34,7 @@ pub enum Attack {
 }
 
 /// Which samples are poisoned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Non-target samples, relabelled to the target (`rate` of the whole corpus).

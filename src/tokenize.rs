@@ -283,7 +283,9 @@ pub fn bucketed_batches(
 }
 
 /// How samples are grouped into training batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Batching {
     /// Uniformly shuffled batches (what the paper's PyTorch code does).

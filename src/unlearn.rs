@@ -22,7 +22,7 @@ use crate::tables::{canonical_json, DimensionMask, TableMeta};
 use crate::tokenize::BtuTokenizer;
 
 /// How `d_bar` is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Threshold {
     /// Paper Eq. 6: the mean over the vocabulary of each row's Euclidean change.
@@ -32,7 +32,7 @@ pub enum Threshold {
 }
 
 /// Where replacement values come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Replacement {
     /// The padding row of the trained matrix (paper).

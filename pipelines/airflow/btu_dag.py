@@ -1,0 +1,128 @@
+"""Airflow DAG: btu's defence as KubernetesPodOperator steps.
+
+    detect -> train -> unlearn -> export-onnx -> eval (victim and repaired)
+
+Each step runs the btu image. btu writes its summary JSON to /airflow/xcom/return.json when that
+directory exists, which is where KubernetesPodOperator's XCom sidecar reads it (do_xcom_push=True),
+so every step's summary lands in XCom. Retries happen only for btu's exit code 75 ("temporary
+failure, worth a retry"); any other failing exit code fails the task at once.
+
+The command lines live in STEPS (a plain literal, so tests can check every one against btu's own
+argument parser without Airflow installed).
+"""
+
+from datetime import datetime, timedelta
+
+IMAGE = "btu:0.1.0"
+TEMPORARY_FAILURE = 75
+
+PARAMS = {
+    "corpus": "s3://lake/sst2/poisoned-train.parquet",
+    "dev": "s3://lake/sst2/dev.parquet",
+    "test": "s3://lake/sst2/test.parquet",
+    "clean": "s3://lake/sst2/dev.parquet",
+    "model": "/models/all-MiniLM-L6-v2",
+    "preset": "paper",
+    "alpha": "0.05",
+    "epochs": "3",
+    "lr": "2e-5",
+    "trigger": "cf",
+    "target": "1",
+    "seed": "42",
+}
+
+COMMON = ["--overwrite", "--quiet"]
+
+STEPS = {
+    "detect": ["detect", "--corpus", "{{ params.corpus }}", "--model", "{{ params.model }}",
+               "--out", "/work/detect", "--preset", "{{ params.preset }}", "--alpha", "{{ params.alpha }}",
+               "--seed", "{{ params.seed }}"],
+    "train": ["train", "--corpus", "{{ params.corpus }}", "--dev", "{{ params.dev }}", "--model", "{{ params.model }}",
+              "--out", "/work/victim", "--epochs", "{{ params.epochs }}", "--lr", "{{ params.lr }}",
+              "--seed", "{{ params.seed }}"],
+    "unlearn": ["unlearn", "--checkpoint", "/work/victim", "--reference", "{{ params.model }}",
+                "--suspicious", "/work/detect/suspicious_tokens.arrow", "--out", "/work/repaired",
+                "--clean-corpus", "{{ params.clean }}", "--eval-split", "{{ params.test }}", "--seed", "{{ params.seed }}"],
+    "export_victim": ["export-onnx", "--checkpoint", "/work/victim", "--out", "/work/onnx-victim/model.onnx"],
+    "export_repaired": ["export-onnx", "--checkpoint", "/work/repaired", "--out", "/work/onnx-repaired/model.onnx"],
+    "eval_victim": ["eval", "--model", "/work/onnx-victim/model.onnx", "--test", "{{ params.test }}",
+                    "--out", "/work/eval-victim", "--attack", "add-word", "--trigger", "{{ params.trigger }}",
+                    "--target", "{{ params.target }}", "--seed", "{{ params.seed }}"],
+    "eval_repaired": ["eval", "--model", "/work/onnx-repaired/model.onnx", "--test", "{{ params.test }}",
+                      "--out", "/work/eval-repaired", "--attack", "add-word", "--trigger", "{{ params.trigger }}",
+                      "--target", "{{ params.target }}", "--seed", "{{ params.seed }}"],
+}
+
+EDGES = [
+    ("detect", "unlearn"),
+    ("train", "unlearn"),
+    ("train", "export_victim"),
+    ("unlearn", "export_repaired"),
+    ("export_victim", "eval_victim"),
+    ("export_repaired", "eval_repaired"),
+]
+
+try:  # Airflow is only needed to schedule the DAG, not to read STEPS.
+    from airflow import DAG
+    from airflow.exceptions import AirflowException, AirflowFailException
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+except ImportError:  # pragma: no cover - tests read STEPS without Airflow
+    DAG = None
+
+
+if DAG is not None:
+
+    class BtuPodOperator(KubernetesPodOperator):
+        """Retries only btu's temporary failures (exit code 75)."""
+
+        def execute(self, context):
+            try:
+                return super().execute(context)
+            except AirflowException as err:
+                code = self._btu_exit_code()
+                if code is not None and code != TEMPORARY_FAILURE:
+                    raise AirflowFailException(f"btu exited with {code} (not retryable): {err}") from err
+                raise
+
+        def _btu_exit_code(self):
+            pod = getattr(self, "pod", None)
+            if pod is None:
+                return None
+            try:
+                remote = self.pod_manager.read_pod(pod)
+                for status in remote.status.container_statuses or []:
+                    if status.name == "base" and status.state and status.state.terminated:
+                        return status.state.terminated.exit_code
+            except Exception:  # noqa: BLE001 - unknown state: let Airflow's retry decide
+                return None
+            return None
+
+    work = k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name="btu-work"))
+    work_mount = k8s.V1VolumeMount(name="work", mount_path="/work")
+
+    with DAG(
+        dag_id="btu_defend",
+        start_date=datetime(2026, 1, 1),
+        schedule=None,
+        catchup=False,
+        params=PARAMS,
+        default_args={"retries": 3, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
+        tags=["btu", "backdoor"],
+    ) as dag:
+        tasks = {
+            name: BtuPodOperator(
+                task_id=name,
+                name=f"btu-{name.replace('_', '-')}",
+                image=IMAGE,
+                cmds=["btu"],
+                arguments=args + COMMON,
+                volumes=[work],
+                volume_mounts=[work_mount],
+                do_xcom_push=True,
+                get_logs=True,
+            )
+            for name, args in STEPS.items()
+        }
+        for upstream, downstream in EDGES:
+            tasks[upstream] >> tasks[downstream]

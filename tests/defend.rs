@@ -1,0 +1,368 @@
+//! `btu defend` and `btu demo`: the whole pipeline, resumable and idempotent, with the
+//! documented exit codes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use common::*;
+
+fn write_config(run: &Path, rows: usize) -> PathBuf {
+    btu::demo::write_splits(&run.join("data"), rows, 42).unwrap();
+    let mut cfg = btu::demo::config(run, 42, "cpu", btu::defend::EvalBackend::Auto);
+    cfg.train.epochs = 4;
+    let path = run.with_extension("toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    path
+}
+
+const TABLES: [&str; 6] = [
+    "detect/token_scores.arrow",
+    "detect/suspicious_tokens.arrow",
+    "repaired/dimension_masks.arrow",
+    "repaired/model.safetensors",
+    "eval-victim/predictions.parquet",
+    "eval-repaired/predictions.parquet",
+];
+
+fn mtime(p: &Path) -> SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+fn steps(m: &serde_json::Value) -> Vec<(String, bool)> {
+    m["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().to_string(),
+                s["skipped"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn demo_defence_cuts_the_attack_success_rate() {
+    let o = btu().args(["demo", "--device", "cpu"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (b, a) = (&m["without_defence"], &m["with_defence"]);
+    let (asr_b, asr_a) = (b["asr"].as_f64().unwrap(), a["asr"].as_f64().unwrap());
+    eprintln!(
+        "demo: ASR {asr_b:.3} -> {asr_a:.3}, ACC {} -> {}",
+        b["acc"], a["acc"]
+    );
+    assert!(asr_b > 0.9, "the demo's victim is backdoored: {asr_b}");
+    assert!(
+        asr_a < asr_b - 0.4,
+        "defended ASR {asr_a} is not far below {asr_b}"
+    );
+    assert!(
+        (a["acc"].as_f64().unwrap() - b["acc"].as_f64().unwrap()).abs() < 0.03,
+        "clean accuracy kept"
+    );
+    assert!(m["flagged"].as_array().unwrap().iter().any(|t| t == "cf"));
+    let table = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        table.contains("without defence") && table.contains("with BTU"),
+        "{table}"
+    );
+}
+
+#[test]
+fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let cfg = write_config(&run, 4000);
+    // Uninterrupted reference run, then moved aside so the resumed run uses the same paths.
+    let first = run_ok(&["defend", "--config", s(&cfg)]);
+    assert!(steps(&first).iter().all(|(_, skipped)| !skipped));
+    let reference: Vec<Vec<u8>> = TABLES
+        .iter()
+        .map(|t| std::fs::read(run.join(t)).unwrap())
+        .collect();
+    // Idempotent: an unchanged rerun redoes nothing and touches no output.
+    let before = mtime(&run.join("detect/token_scores.arrow"));
+    let again = run_ok(&["defend", "--config", s(&cfg)]);
+    assert!(
+        steps(&again).iter().all(|(_, skipped)| *skipped),
+        "{:?}",
+        steps(&again)
+    );
+    assert_eq!(before, mtime(&run.join("detect/token_scores.arrow")));
+    // A changed detection parameter redoes detect and what follows, not what precedes.
+    let changed = run_ok(&["defend", "--config", s(&cfg), "--alpha", "0.5"]);
+    let st: std::collections::HashMap<_, _> = steps(&changed).into_iter().collect();
+    assert!(st["poison"] && st["init-model"] && st["train"], "{st:?}");
+    assert!(
+        !st["detect"] && !st["unlearn"] && !st["eval-repaired"],
+        "{st:?}"
+    );
+
+    // Start over in the same place, kill during training, rerun.
+    for e in std::fs::read_dir(&run).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "data" {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap()
+            } else {
+                std::fs::remove_file(&p).unwrap()
+            }
+        }
+    }
+    let mut child = btu()
+        .args(["defend", "--config", s(&cfg)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let epoch0 = run.join(".victim.partial/epoch-0/epoch.json");
+    let t0 = std::time::Instant::now();
+    while !epoch0.exists() {
+        assert!(
+            t0.elapsed().as_secs() < 300,
+            "training never completed an epoch"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!run.join("victim").exists(), "training was interrupted");
+    let done = [
+        "poison/train.parquet",
+        "model/model.safetensors",
+        "detect/token_scores.arrow",
+        "detect/suspicious_tokens.arrow",
+    ];
+    let times: Vec<SystemTime> = done.iter().map(|f| mtime(&run.join(f))).collect();
+    let resumed = run_ok(&["defend", "--config", s(&cfg)]);
+    let st: std::collections::HashMap<_, _> = steps(&resumed).into_iter().collect();
+    assert!(
+        st["poison"] && st["init-model"] && st["detect"],
+        "completed steps are not redone: {st:?}"
+    );
+    assert!(!st["train"]);
+    let train = resumed["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "train")
+        .unwrap();
+    assert!(
+        train["summary"]["resumed_from_epoch"].as_u64().unwrap() >= 2,
+        "{}",
+        train["summary"]
+    );
+    for (f, t) in done.iter().zip(&times) {
+        assert_eq!(*t, mtime(&run.join(f)), "{f} was rewritten");
+    }
+    for (t, bytes) in TABLES.iter().zip(&reference) {
+        assert!(
+            std::fs::read(run.join(t)).unwrap() == *bytes,
+            "{t} differs from the uninterrupted run"
+        );
+    }
+    assert_eq!(resumed["with_defence"], first["with_defence"]);
+}
+
+fn expect_code(args: &[&str], code: i32, needle: &str) {
+    let o = run(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+    if code != 2 {
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "'{needle}' not in {err}");
+    }
+}
+
+#[test]
+fn defend_exit_codes_per_class_of_failure() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    expect_code(&["defend", "--no-such-flag"], 2, "");
+    expect_code(
+        &["defend", "--config", s(&root.join("missing.toml"))],
+        66,
+        "missing.toml",
+    );
+    let bad = root.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "run = \"x\"\n[data]\ntrain = [\"a.parquet\"]\ntset = [\"typo\"]\n",
+    )
+    .unwrap();
+    expect_code(&["defend", "--config", s(&bad)], 78, "tset");
+    let partial = root.join("partial.toml");
+    std::fs::write(
+        &partial,
+        format!(
+            "run = \"{}\"\n[data]\ntrain = [\"a.parquet\"]\n",
+            s(&root.join("r"))
+        ),
+    )
+    .unwrap();
+    expect_code(&["defend", "--config", s(&partial)], 78, "data.test");
+    // Inputs: missing corpus (66), not Parquet (65).
+    let corpus = root.join("c.parquet");
+    synth_corpus(&corpus, 50, 1);
+    let common = ["--test", s(&corpus), "--attack", "add-word"];
+    let (r1, r2, nomodel, under_file) = (
+        root.join("r1"),
+        root.join("r2"),
+        root.join("nomodel"),
+        root.join("a-file/run"),
+    );
+    let mut args = vec![
+        "defend",
+        "--run",
+        s(&r1),
+        "--train",
+        "/nonexistent/train.parquet",
+    ];
+    args.extend(common);
+    args.extend(["--model", s(&nomodel)]);
+    expect_code(&args, 66, "/nonexistent/train.parquet");
+    let fake = root.join("fake.parquet");
+    std::fs::write(&fake, "not parquet").unwrap();
+    let model = root.join("model");
+    tiny_model(&model, &corpus, 150);
+    let mut args = vec![
+        "defend",
+        "--run",
+        s(&r2),
+        "--train",
+        s(&fake),
+        "--model",
+        s(&model),
+    ];
+    args.extend(common);
+    expect_code(&args, 65, "not a Parquet file");
+    // Output: the run directory cannot be created (73).
+    let file = root.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let mut args = vec![
+        "defend",
+        "--run",
+        s(&under_file),
+        "--train",
+        s(&corpus),
+        "--model",
+        s(&model),
+    ];
+    args.extend(common);
+    expect_code(&args, 73, "a-file");
+    // Dry run: the plan, nothing written.
+    let plan = run_ok(&[
+        "--dry-run",
+        "defend",
+        "--run",
+        s(&root.join("r3")),
+        "--train",
+        s(&corpus),
+        "--test",
+        s(&corpus),
+        "--attack",
+        "add-word",
+        "--model",
+        s(&model),
+    ]);
+    assert_eq!(plan["dry_run"], true);
+    assert!(!root.join("r3").exists());
+}
+
+#[test]
+fn every_command_has_a_dry_run_that_touches_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let o = |n: &str| d.path().join(n).display().to_string();
+    let cases: Vec<Vec<String>> = vec![
+        vec![
+            "init-model".into(),
+            "--out".into(),
+            o("m"),
+            "--corpus".into(),
+            o("c.parquet"),
+        ],
+        vec![
+            "poison".into(),
+            "--input".into(),
+            o("c.parquet"),
+            "--output".into(),
+            o("p.parquet"),
+            "--attack".into(),
+            "add-word".into(),
+        ],
+        vec![
+            "detect".into(),
+            "--corpus".into(),
+            o("c.parquet"),
+            "--model".into(),
+            o("m"),
+            "--out".into(),
+            o("d"),
+        ],
+        vec![
+            "train".into(),
+            "--corpus".into(),
+            o("c.parquet"),
+            "--model".into(),
+            o("m"),
+            "--out".into(),
+            o("v"),
+        ],
+        vec![
+            "unlearn".into(),
+            "--checkpoint".into(),
+            o("v"),
+            "--reference".into(),
+            o("m"),
+            "--suspicious".into(),
+            o("s.arrow"),
+            "--out".into(),
+            o("r"),
+        ],
+        vec![
+            "apply-masks".into(),
+            "--checkpoint".into(),
+            o("v"),
+            "--masks".into(),
+            o("k.arrow"),
+            "--out".into(),
+            o("r"),
+        ],
+        vec![
+            "export-onnx".into(),
+            "--checkpoint".into(),
+            o("v"),
+            "--out".into(),
+            o("x.onnx"),
+        ],
+        vec![
+            "eval".into(),
+            "--model".into(),
+            o("x.onnx"),
+            "--test".into(),
+            o("c.parquet"),
+            "--out".into(),
+            o("e"),
+        ],
+        vec!["demo".into(), "--out".into(), o("demo")],
+        vec!["schemas".into(), "--out".into(), o("schemas")],
+    ];
+    for mut c in cases {
+        c.insert(0, "--dry-run".into());
+        let args: Vec<&str> = c.iter().map(|s| s.as_str()).collect();
+        let plan = run_ok(&args);
+        assert_eq!(plan["dry_run"], true);
+        assert_eq!(plan["command"], c[1]);
+        assert!(!plan["outputs"].as_array().unwrap().is_empty() || c[1] == "demo");
+        assert!(plan["params"].is_object());
+    }
+    assert_eq!(
+        std::fs::read_dir(d.path()).unwrap().count(),
+        0,
+        "dry runs wrote something"
+    );
+}

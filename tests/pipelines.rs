@@ -1,0 +1,179 @@
+//! The workflow files in pipelines/ are well-formed and every btu command line in them parses
+//! with the real CLI (the same clap definitions the binary uses).
+
+use std::path::Path;
+
+use btu::cli::Cli;
+use clap::Parser;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Replace `{{...}}` placeholders using `lookup`; fails on unknown ones.
+fn substitute(arg: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let j = rest[i..].find("}}").expect("closed placeholder") + i;
+        let key = rest[i + 2..j].trim();
+        out.push_str(&lookup(key).unwrap_or_else(|| panic!("unknown placeholder {key} in {arg}")));
+        rest = &rest[j + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn parses(args: &[String], what: &str) -> Cli {
+    let mut full = vec!["btu".to_string()];
+    full.extend(args.iter().cloned());
+    Cli::try_parse_from(&full)
+        .unwrap_or_else(|e| panic!("{what}: `{}` does not parse:\n{e}", full.join(" ")))
+}
+
+#[test]
+fn argo_workflow_template_steps_parse_and_retry_only_temporary_failures() {
+    let text =
+        std::fs::read_to_string(root().join("pipelines/argo/btu-workflowtemplate.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("well-formed YAML");
+    assert_eq!(doc["kind"], "WorkflowTemplate");
+    let params: Vec<(String, String)> = doc["spec"]["arguments"]["parameters"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let templates = doc["spec"]["templates"].as_sequence().unwrap();
+    let mut commands = Vec::new();
+    for t in templates {
+        let Some(c) = t.get("container") else {
+            continue;
+        };
+        let name = t["name"].as_str().unwrap();
+        assert_eq!(c["command"][0], "btu", "{name}");
+        let retry = &t["retryStrategy"];
+        assert_eq!(
+            retry["expression"], "asInt(lastRetry.exitCode) == 75",
+            "{name} must retry only exit code 75"
+        );
+        let args: Vec<String> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                substitute(a.as_str().expect("string arg"), &|k| {
+                    if let Some(p) = k.strip_prefix("workflow.parameters.") {
+                        params.iter().find(|(n, _)| n == p).map(|(_, v)| v.clone())
+                    } else {
+                        k.strip_prefix("inputs.parameters.")
+                            .map(|p| format!("/work/{p}"))
+                    }
+                })
+            })
+            .collect();
+        let cli = parses(&args, name);
+        // Each step writes its summary to the file Argo reads as an output parameter.
+        assert_eq!(
+            cli.global.summary.as_deref(),
+            Some(Path::new("/tmp/summary.json")),
+            "{name}"
+        );
+        commands.push(cli.command.name());
+    }
+    for c in ["detect", "train", "unlearn", "export-onnx", "eval"] {
+        assert!(commands.contains(&c), "no {c} step in the Argo template");
+    }
+}
+
+#[test]
+fn airflow_dag_compiles_and_its_steps_parse() {
+    let dag = root().join("pipelines/airflow/btu_dag.py");
+    let ok = std::process::Command::new("python3")
+        .args(["-m", "py_compile"])
+        .arg(&dag)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "the DAG does not compile");
+    let script = "import ast,json,sys\nt=ast.parse(open(sys.argv[1]).read())\nv={}\nfor n in t.body:\n  if isinstance(n,ast.Assign) and isinstance(n.targets[0],ast.Name) and n.targets[0].id in ('STEPS','PARAMS','COMMON','EDGES'):\n    v[n.targets[0].id]=ast.literal_eval(n.value)\nprint(json.dumps(v))";
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&dag)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let params = v["PARAMS"].as_object().unwrap();
+    let common: Vec<String> = serde_json::from_value(v["COMMON"].clone()).unwrap();
+    let steps = v["STEPS"].as_object().unwrap();
+    let mut names = Vec::new();
+    for (task, args) in steps {
+        let mut args: Vec<String> = args
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                substitute(a.as_str().unwrap(), &|k| {
+                    k.strip_prefix("params.")
+                        .and_then(|p| params.get(p))
+                        .and_then(|x| x.as_str())
+                        .map(String::from)
+                })
+            })
+            .collect();
+        args.extend(common.iter().cloned());
+        names.push(parses(&args, task).command.name());
+    }
+    for c in ["detect", "train", "unlearn", "export-onnx", "eval"] {
+        assert!(names.contains(&c), "no {c} task in the DAG");
+    }
+    for e in v["EDGES"].as_array().unwrap() {
+        for t in e.as_array().unwrap() {
+            assert!(
+                steps.contains_key(t.as_str().unwrap()),
+                "edge to unknown task {t}"
+            );
+        }
+    }
+}
+
+#[test]
+fn defend_configs_in_pipelines_load_and_plan() {
+    let dir = root().join("pipelines");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let cfg = btu::defend::DefendConfig::from_file(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let cli = parses(
+                &[
+                    "--dry-run".into(),
+                    "defend".into(),
+                    "--config".into(),
+                    p.display().to_string(),
+                ],
+                "config",
+            );
+            let plan = cli.command.plan().unwrap();
+            assert_eq!(plan["dry_run"], true);
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "the paper's SST-2 settings: four attacks");
+}
+
+#[test]
+fn dockerfile_builds_btu_and_ships_onnxruntime() {
+    let d = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    assert!(d.contains("cargo build --release"));
+    assert!(d.contains("onnxruntime==1.31.1"));
+    assert!(d.contains("ORT_DYLIB_PATH"));
+}
