@@ -60,6 +60,10 @@ pub enum Command {
     Defend(DefendArgs),
     /// The embedded default: synthetic poisoned corpus, small model, detection (no files needed).
     Demo(DemoArgs),
+    /// Flag the rows of a corpus that carry suspicious tokens; writes flagged_rows Parquet.
+    Scan(ScanArgs),
+    /// Read-only SQL over result tables and corpora (results on stdout or --output).
+    Sql(SqlArgs),
     /// Write the JSON schemas of every table (the files committed in schemas/).
     Schemas(SchemasArgs),
 }
@@ -95,6 +99,7 @@ impl CorpusArgs {
             limit: self.limit,
             sample: self.sample,
             seed,
+            label_optional: false,
         }
     }
 }
@@ -527,6 +532,47 @@ pub struct DemoArgs {
 }
 
 #[derive(Debug, Args, serde::Serialize)]
+pub struct ScanArgs {
+    /// Corpus (Parquet files, directories, globs, s3:// URLs).
+    #[arg(long, env = "BTU_CORPUS", num_args = 1.., required = true)]
+    pub corpus: Vec<String>,
+    /// suspicious_tokens.arrow from btu detect.
+    #[arg(long, env = "BTU_SUSPICIOUS")]
+    pub suspicious: PathBuf,
+    /// Model directory or tokenizer.json of the tokenizer detection used.
+    #[arg(long, env = "BTU_TOKENIZER")]
+    pub tokenizer: PathBuf,
+    /// Output Parquet file (flagged_rows).
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args, serde::Serialize)]
+pub struct SqlArgs {
+    /// The query (omit it to read queries ending in ';' from standard input).
+    pub query: Option<String>,
+    /// Register a table: NAME=PATH (Arrow IPC file, or Parquet file/directory/glob/s3:// URL).
+    #[arg(long = "table", env = "BTU_TABLE")]
+    pub tables: Vec<String>,
+    /// Register the tables of a run or output directory under their own names.
+    #[arg(long, env = "BTU_RUN")]
+    pub run: Option<PathBuf>,
+    #[arg(long, env = "BTU_FORMAT", value_enum, default_value = "table")]
+    pub format: crate::sql::Format,
+    /// Write the result here instead of stdout (needed for parquet and arrow).
+    #[arg(long, env = "BTU_OUTPUT")]
+    pub output: Option<PathBuf>,
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args, serde::Serialize)]
 pub struct SchemasArgs {
     /// Directory to write <table>.schema.json files into.
     #[arg(long, env = "BTU_OUT", default_value = "schemas")]
@@ -547,6 +593,8 @@ impl Command {
             Command::Eval(_) => "eval",
             Command::Defend(_) => "defend",
             Command::Demo(_) => "demo",
+            Command::Scan(_) => "scan",
+            Command::Sql(_) => "sql",
             Command::Schemas(_) => "schemas",
         }
     }
@@ -625,6 +673,17 @@ impl Command {
                 (i, vec![p(&run), p(&run.join("metrics.json"))], json!(c))
             }
             Command::Demo(a) => (vec![], a.out.iter().map(p).collect(), json!(a)),
+            Command::Scan(a) => {
+                let mut i = a.corpus.clone();
+                i.push(p(&a.suspicious));
+                i.push(p(&a.tokenizer));
+                (i, vec![p(&a.out)], json!(a))
+            }
+            Command::Sql(a) => {
+                let mut i: Vec<String> = a.tables.iter().map(|t| t.split_once('=').map_or(t.clone(), |(_, p)| p.to_string())).collect();
+                i.extend(a.run.iter().map(p));
+                (i, a.output.iter().map(p).collect(), json!(a))
+            }
             Command::Schemas(a) => (vec![], vec![p(&a.out)], json!(a)),
         };
         Ok(
@@ -633,8 +692,8 @@ impl Command {
     }
 }
 
-/// Run the parsed command; returns its summary JSON.
-pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
+/// Run the parsed command; returns its summary JSON. Query results (`btu sql`) go to `stdout`.
+pub fn execute(cli: &Cli, progress: &dyn Progress, stdout: &mut dyn std::io::Write) -> Result<Value> {
     if cli.global.dry_run {
         return cli.command.plan();
     }
@@ -802,6 +861,27 @@ pub fn execute(cli: &Cli, progress: &dyn Progress) -> Result<Value> {
                 backend: a.backend,
             },
             progress,
+        ),
+        Command::Scan(a) => crate::scan::run(
+            &crate::scan::ScanJob {
+                corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
+                suspicious: a.suspicious.clone(),
+                tokenizer: a.tokenizer.clone(),
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+            },
+            progress,
+        ),
+        Command::Sql(a) => crate::sql::run(
+            &crate::sql::SqlJob {
+                tables: a.tables.clone(),
+                run: a.run.clone(),
+                query: a.query.clone(),
+                format: a.format,
+                output: a.output.clone(),
+                overwrite: a.overwrite,
+            },
+            stdout,
         ),
         Command::Schemas(a) => {
             std::fs::create_dir_all(&a.out).map_err(|e| crate::BtuError::io(&a.out, e))?;

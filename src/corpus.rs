@@ -44,6 +44,9 @@ pub struct CorpusSpec {
     pub sample: Option<f64>,
     /// Seed of `--sample`.
     pub seed: u64,
+    /// Read files without the label column too (their labels are then unknown).
+    #[serde(default)]
+    pub label_optional: bool,
 }
 
 impl CorpusSpec {
@@ -57,6 +60,7 @@ impl CorpusSpec {
             limit: None,
             sample: None,
             seed: 0,
+            label_optional: false,
         }
     }
 }
@@ -112,7 +116,12 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
         ));
     }
     let mut files: Vec<PathBuf> = Vec::new();
+    let mut remote: Vec<InputFile> = Vec::new();
     for input in inputs {
+        if crate::store::S3Url::parse(input).is_some() {
+            remote.extend(crate::store::resolve(input)?.into_iter().map(|(path, bytes)| InputFile { path, bytes }));
+            continue;
+        }
         let local = input.strip_prefix("file://").unwrap_or(input);
         if local.contains(['*', '?', '[']) {
             let mut hits: Vec<PathBuf> = glob::glob(local)
@@ -150,7 +159,7 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
         }
     }
     files.dedup();
-    files
+    let mut local: Vec<InputFile> = files
         .into_iter()
         .map(|p| {
             let bytes = std::fs::metadata(&p)
@@ -161,7 +170,9 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
                 bytes,
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    local.extend(remote);
+    Ok(local)
 }
 
 fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -191,6 +202,11 @@ fn check_parquet_magic(f: &InputFile) -> Result<()> {
     if f.bytes < 12 {
         return Err(bad());
     }
+    if crate::store::S3Url::parse(&f.path).is_some() {
+        let head = crate::store::read_range(&f.path, 0, 4)?;
+        let tail = crate::store::read_range(&f.path, f.bytes - 4, f.bytes)?;
+        return if head == b"PAR1" && tail == b"PAR1" { Ok(()) } else { Err(bad()) };
+    }
     let mut file = std::fs::File::open(&f.path).map_err(|e| BtuError::io(&f.path, e))?;
     let mut head = [0u8; 4];
     let mut tail = [0u8; 4];
@@ -207,7 +223,11 @@ fn check_parquet_magic(f: &InputFile) -> Result<()> {
 }
 
 fn df_err(src: &str, e: impl std::fmt::Display) -> BtuError {
-    BtuError::bad_data(src, format!("cannot read as Parquet: {e}"))
+    let msg = e.to_string();
+    if crate::store::S3Url::parse(src).is_some() && crate::store::is_temporary(&msg) {
+        return BtuError::Temporary { context: src.to_string(), message: msg.split_whitespace().collect::<Vec<_>>().join(" ") };
+    }
+    BtuError::bad_data(src, format!("cannot read as Parquet: {msg}"))
 }
 
 /// Whether a data type holds text.
@@ -258,6 +278,9 @@ pub fn read_corpus(
             }
             let ext = Path::new(&f.path).extension().and_then(|e| e.to_str()).unwrap_or("");
             let ext = if ext.is_empty() { String::new() } else { format!(".{ext}") };
+            if let Some(u) = crate::store::S3Url::parse(&f.path) {
+                ctx.register_object_store(&u.root(), crate::store::s3_store(&u.bucket)?);
+            }
             let opts = ParquetReadOptions { file_extension: &ext, ..Default::default() };
             let df = ctx.read_parquet(f.path.clone(), opts).await.map_err(|e| df_err(&f.path, e))?;
             let schema = df.schema().as_arrow().clone();
@@ -277,7 +300,11 @@ pub fn read_corpus(
                     format!("text column '{}' has type {}, expected a string type; pick another with --text-col", spec.text_col, text_field.data_type()),
                 ));
             }
-            if let Some(lc) = &spec.label_col {
+            let mut eff = spec.clone();
+            if spec.label_optional && spec.label_col.as_ref().is_some_and(|lc| schema.field_with_name(lc).is_err()) {
+                eff.label_col = None;
+            }
+            if let Some(lc) = &eff.label_col {
                 let lf = schema.field_with_name(lc).map_err(|_| {
                     BtuError::bad_data(
                         &f.path,
@@ -343,7 +370,7 @@ pub fn read_corpus(
                 let take = arrow::array::UInt64Array::from(idx.clone());
                 let batch = arrow::compute::take_record_batch(&batch, &take)
                     .map_err(|e| BtuError::internal(format!("take: {e}")))?;
-                let cb = check_batch(spec, &f.path, source.clone(), batch, idx.iter().map(|i| first + i).collect())?;
+                let cb = check_batch(&eff, &f.path, source.clone(), batch, idx.iter().map(|i| first + i).collect())?;
                 for (i, t) in cb.texts.iter().enumerate() {
                     hasher.update((t.len() as u64).to_le_bytes());
                     hasher.update(t.as_bytes());

@@ -370,6 +370,7 @@ impl DefendConfig {
             limit: None,
             sample: None,
             seed: self.seed,
+            label_optional: false,
         }
     }
 }

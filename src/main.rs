@@ -45,7 +45,8 @@ fn main() -> ExitCode {
     } else {
         Box::new(StderrProgress)
     };
-    match execute(&cli, progress.as_ref()) {
+    let mut stdout = std::io::stdout();
+    match execute(&cli, progress.as_ref(), &mut stdout) {
         Ok(summary) => {
             let text = serde_json::to_string_pretty(&summary).expect("summary serializes");
             let target = if cli.global.dry_run {
@@ -72,7 +73,10 @@ fn main() -> ExitCode {
             if let Some(table) = summary.get("table").and_then(|t| t.as_str()) {
                 eprint!("{table}");
             }
-            println!("{text}");
+            // `btu sql` prints query results on stdout; its summary goes to --summary only.
+            if !matches!(cli.command, btu::cli::Command::Sql(_)) || cli.global.dry_run {
+                println!("{text}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

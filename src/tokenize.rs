@@ -136,6 +136,17 @@ impl BtuTokenizer {
         Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
+    /// Encode texts without truncation (scanning must see every token).
+    pub fn encode_untruncated(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
+        let mut t = self.inner.clone();
+        t.with_truncation(None).map_err(|e| tok_err(&self.source, e))?;
+        t.with_padding(None);
+        let enc = t
+            .encode_batch(texts.iter().map(|s| s.as_str()).collect::<Vec<_>>(), true)
+            .map_err(|e| tok_err(&self.source, e))?;
+        Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
     /// Word-piece tokens of a text without special tokens (used to report trigger pieces).
     pub fn pieces(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self

@@ -1,0 +1,209 @@
+//! `btu scan`: stream a corpus (many files, local or `s3://`, any size) through the tokenizer and
+//! write `flagged_rows` for every row carrying a suspicious token, with a summary of rows
+//! scanned and flagged, per-token counts and label shares, and — when the corpus has a
+//! `poisoned` column (from `btu poison`) — precision and recall of the flagged rows. Memory is
+//! bounded by the batch size: nothing but per-token counters outlives a batch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, ListBuilder, RecordBatch, StringArray, StringBuilder, UInt32Array, UInt32Builder, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde_json::{json, Value};
+
+use crate::corpus::{read_corpus, CorpusSpec};
+use crate::error::{BtuError, Result};
+use crate::progress::Progress;
+use crate::tokenize::BtuTokenizer;
+
+/// `flagged_rows` (design.md); `id` is present, with the corpus's type, when the corpus has one.
+pub fn flagged_rows_schema(id: Option<DataType>) -> Schema {
+    let mut f = vec![Field::new("source", DataType::Utf8, false), Field::new("row", DataType::UInt64, false)];
+    if let Some(t) = id {
+        f.push(Field::new("id", t, true));
+    }
+    f.extend([
+        Field::new("label", DataType::Int64, true),
+        Field::new("tokens", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false),
+        Field::new("token_ids", DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))), false),
+        Field::new("hits", DataType::UInt32, false),
+    ]);
+    Schema::new(f)
+}
+
+/// Inputs of `btu scan`.
+pub struct ScanJob {
+    pub corpus: CorpusSpec,
+    pub suspicious: PathBuf,
+    pub tokenizer: PathBuf,
+    pub out: PathBuf,
+    pub overwrite: bool,
+}
+
+#[derive(Default)]
+struct TokenStats {
+    occurrences: u64,
+    rows: u64,
+    labels: BTreeMap<i64, u64>,
+}
+
+/// `btu scan`.
+pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
+    let t0 = Instant::now();
+    if job.out.extension().is_none_or(|e| e != "parquet") {
+        return Err(BtuError::config("--out", format!("{} should end in .parquet", job.out.display())));
+    }
+    crate::output::check_output(&job.out, job.overwrite)?;
+    let tok = BtuTokenizer::load(&job.tokenizer)?;
+    let suspicious = crate::tables::read_suspicious_tokens(&job.suspicious)?;
+    let mut wanted: HashMap<u32, String> = HashMap::new();
+    for s in &suspicious {
+        if tok.token(s.token_id) != s.token {
+            return Err(BtuError::bad_data(
+                job.suspicious.display().to_string(),
+                format!("token id {} is '{}' in the table but '{}' in the tokenizer; scan with the tokenizer detection used", s.token_id, s.token, tok.token(s.token_id)),
+            ));
+        }
+        wanted.insert(s.token_id, s.token.clone());
+    }
+    let mut stats: BTreeMap<u32, TokenStats> = wanted.keys().map(|&t| (t, TokenStats::default())).collect();
+    let (mut scanned, mut flagged, mut poisoned_rows, mut tp) = (0u64, 0u64, 0u64, 0u64);
+    let mut has_poisoned = false;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_max_row_group_row_count(Some(65_536))
+        .build();
+    let bar = progress.bar("scan", 0);
+    let spec = CorpusSpec { label_optional: true, ..job.corpus.clone() };
+    let mut fingerprint = None;
+    crate::output::write_file_atomic(&job.out, job.overwrite, |file| {
+        let mut writer: Option<(ArrowWriter<&mut std::fs::File>, SchemaRef, Option<DataType>)> = None;
+        let mut file = Some(file);
+        let fp = read_corpus(&spec, |b| {
+            let n = b.texts.len();
+            let seqs = tok.encode_untruncated(&b.texts)?;
+            let poisoned = b.batch.column_by_name("poisoned").and_then(|c| c.as_boolean_opt().cloned());
+            has_poisoned |= poisoned.is_some();
+            let id_col = b.batch.column_by_name("id").cloned();
+            let mut keep: Vec<u32> = Vec::new();
+            let (mut tokens, mut ids) = (ListBuilder::new(StringBuilder::new()), ListBuilder::new(UInt32Builder::new()));
+            let mut hits = Vec::new();
+            for (i, s) in seqs.iter().enumerate() {
+                let label = b.labels.as_ref().map(|l| l[i]);
+                let mut seen: Vec<u32> = Vec::new();
+                let mut count = 0u32;
+                for t in s {
+                    if wanted.contains_key(t) {
+                        count += 1;
+                        stats.get_mut(t).expect("wanted").occurrences += 1;
+                        if !seen.contains(t) {
+                            seen.push(*t);
+                        }
+                    }
+                }
+                let is_poisoned = poisoned.as_ref().is_some_and(|p| p.is_valid(i) && p.value(i));
+                poisoned_rows += is_poisoned as u64;
+                if count > 0 {
+                    flagged += 1;
+                    tp += is_poisoned as u64;
+                    for t in &seen {
+                        let st = stats.get_mut(t).expect("wanted");
+                        st.rows += 1;
+                        if let Some(l) = label {
+                            *st.labels.entry(l).or_default() += 1;
+                        }
+                        tokens.values().append_value(&wanted[t]);
+                        ids.values().append_value(*t);
+                    }
+                    tokens.append(true);
+                    ids.append(true);
+                    hits.push(count);
+                    keep.push(i as u32);
+                }
+            }
+            scanned += n as u64;
+            bar.inc(n as u64);
+            if keep.is_empty() {
+                return Ok(());
+            }
+            let take = UInt32Array::from(keep.clone());
+            let id_type = id_col.as_ref().map(|c| c.data_type().clone());
+            if writer.is_none() {
+                let schema: SchemaRef = Arc::new(flagged_rows_schema(id_type.clone()));
+                let w = ArrowWriter::try_new(file.take().expect("file once"), schema.clone(), Some(props.clone()))
+                    .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+                writer = Some((w, schema, id_type.clone()));
+            }
+            let (w, schema, first_id) = writer.as_mut().expect("writer");
+            let mut cols: Vec<ArrayRef> = vec![
+                Arc::new(StringArray::from(vec![b.source.as_ref(); keep.len()])),
+                Arc::new(UInt64Array::from(keep.iter().map(|&i| b.rows[i as usize]).collect::<Vec<_>>())),
+            ];
+            if let Some(t) = first_id.as_ref() {
+                let col = match &id_col {
+                    Some(c) => {
+                        let c = arrow::compute::take(c, &take, None).map_err(|e| BtuError::internal(e.to_string()))?;
+                        arrow::compute::cast(&c, t).map_err(|e| BtuError::bad_data(b.source.to_string(), format!("id column: {e}")))?
+                    }
+                    None => arrow::array::new_null_array(t, keep.len()),
+                };
+                cols.push(col);
+            }
+            cols.push(Arc::new(Int64Array::from(keep.iter().map(|&i| b.labels.as_ref().map(|l| l[i as usize])).collect::<Vec<_>>())));
+            cols.push(Arc::new(tokens.finish()));
+            cols.push(Arc::new(ids.finish()));
+            cols.push(Arc::new(UInt32Array::from(hits)));
+            let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| BtuError::internal(format!("flagged_rows: {e}")))?;
+            w.write(&batch).map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
+            Ok(())
+        })?;
+        match writer {
+            Some((w, _, _)) => {
+                w.close().map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
+            }
+            None => {
+                // No row flagged: an empty table with the schema.
+                let schema = Arc::new(flagged_rows_schema(None));
+                let w = ArrowWriter::try_new(file.take().expect("file once"), schema, Some(props.clone()))
+                    .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+                w.close().map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
+            }
+        }
+        fingerprint = Some(fp);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    let per_token: serde_json::Map<String, Value> = stats
+        .iter()
+        .map(|(t, s)| {
+            let shares: BTreeMap<String, f64> = s.labels.iter().map(|(l, n)| (l.to_string(), *n as f64 / s.rows.max(1) as f64)).collect();
+            (wanted[t].clone(), json!({"token_id": t, "occurrences": s.occurrences, "rows": s.rows, "label_shares": shares}))
+        })
+        .collect();
+    let quality = has_poisoned.then(|| {
+        json!({
+            "poisoned_rows": poisoned_rows,
+            "flagged_and_poisoned": tp,
+            "precision": if flagged > 0 { tp as f64 / flagged as f64 } else { f64::NAN },
+            "recall": if poisoned_rows > 0 { tp as f64 / poisoned_rows as f64 } else { f64::NAN },
+        })
+    });
+    Ok(json!({
+        "command": "scan",
+        "version": crate::VERSION,
+        "out": job.out,
+        "rows_scanned": scanned,
+        "rows_flagged": flagged,
+        "tokens": per_token,
+        "poisoned": quality,
+        "seconds": seconds,
+        "rows_per_s": scanned as f64 / seconds.max(1e-9),
+        "corpus": fingerprint.map(|f| f.to_json()),
+    }))
+}
