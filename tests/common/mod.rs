@@ -80,3 +80,70 @@ pub fn tiny_model(dir: &Path, corpus: &Path, vocab: usize) {
         "256",
     ]);
 }
+
+/// A real S3-compatible server (moto, from the .venv that `make setup` makes) on 127.0.0.1,
+/// stopped when dropped. `None` (with a SKIPPED note) when moto is not installed.
+pub struct Moto {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub fn start(bucket: &str) -> Option<Moto> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let server = root.join(".venv/bin/moto_server");
+        if !server.is_file() {
+            eprintln!("SKIPPED: {} is absent (make setup installs moto)", server.display());
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed().as_secs() < 60, "moto_server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let m = Moto { child, endpoint };
+        let py = root.join(".venv/bin/python");
+        let script = format!(
+            "import boto3; boto3.client('s3', endpoint_url='{}', aws_access_key_id='testing', aws_secret_access_key='secret-never-logged', region_name='us-east-1').create_bucket(Bucket='{bucket}')",
+            m.endpoint
+        );
+        let ok = std::process::Command::new(py).args(["-c", &script]).status().unwrap();
+        assert!(ok.success(), "create bucket");
+        Some(m)
+    }
+
+    /// The AWS_* variables that point a client at this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "secret-never-logged".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// Run btu with this server's environment.
+    pub fn btu(&self, args: &[&str]) -> Output {
+        let mut c = btu();
+        for (k, v) in self.env() {
+            c.env(k, v);
+        }
+        c.args(args).output().expect("spawn btu")
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
