@@ -680,7 +680,11 @@ impl Command {
                 (i, vec![p(&a.out)], json!(a))
             }
             Command::Sql(a) => {
-                let mut i: Vec<String> = a.tables.iter().map(|t| t.split_once('=').map_or(t.clone(), |(_, p)| p.to_string())).collect();
+                let mut i: Vec<String> = a
+                    .tables
+                    .iter()
+                    .map(|t| t.split_once('=').map_or(t.clone(), |(_, p)| p.to_string()))
+                    .collect();
                 i.extend(a.run.iter().map(p));
                 (i, a.output.iter().map(p).collect(), json!(a))
             }
@@ -693,7 +697,11 @@ impl Command {
 }
 
 /// Run the parsed command; returns its summary JSON. Query results (`btu sql`) go to `stdout`.
-pub fn execute(cli: &Cli, progress: &dyn Progress, stdout: &mut dyn std::io::Write) -> Result<Value> {
+pub fn execute(
+    cli: &Cli,
+    progress: &dyn Progress,
+    stdout: &mut dyn std::io::Write,
+) -> Result<Value> {
     if cli.global.dry_run {
         return cli.command.plan();
     }

@@ -119,7 +119,11 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
     let mut remote: Vec<InputFile> = Vec::new();
     for input in inputs {
         if crate::store::S3Url::parse(input).is_some() {
-            remote.extend(crate::store::resolve(input)?.into_iter().map(|(path, bytes)| InputFile { path, bytes }));
+            remote.extend(
+                crate::store::resolve(input)?
+                    .into_iter()
+                    .map(|(path, bytes)| InputFile { path, bytes }),
+            );
             continue;
         }
         let local = input.strip_prefix("file://").unwrap_or(input);
@@ -205,7 +209,11 @@ fn check_parquet_magic(f: &InputFile) -> Result<()> {
     if crate::store::S3Url::parse(&f.path).is_some() {
         let head = crate::store::read_range(&f.path, 0, 4)?;
         let tail = crate::store::read_range(&f.path, f.bytes - 4, f.bytes)?;
-        return if head == b"PAR1" && tail == b"PAR1" { Ok(()) } else { Err(bad()) };
+        return if head == b"PAR1" && tail == b"PAR1" {
+            Ok(())
+        } else {
+            Err(bad())
+        };
     }
     let mut file = std::fs::File::open(&f.path).map_err(|e| BtuError::io(&f.path, e))?;
     let mut head = [0u8; 4];
@@ -225,7 +233,10 @@ fn check_parquet_magic(f: &InputFile) -> Result<()> {
 fn df_err(src: &str, e: impl std::fmt::Display) -> BtuError {
     let msg = e.to_string();
     if crate::store::S3Url::parse(src).is_some() && crate::store::is_temporary(&msg) {
-        return BtuError::Temporary { context: src.to_string(), message: msg.split_whitespace().collect::<Vec<_>>().join(" ") };
+        return BtuError::Temporary {
+            context: src.to_string(),
+            message: msg.split_whitespace().collect::<Vec<_>>().join(" "),
+        };
     }
     BtuError::bad_data(src, format!("cannot read as Parquet: {msg}"))
 }

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, ListBuilder, RecordBatch, StringArray, StringBuilder, UInt32Array, UInt32Builder, UInt64Array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
+    UInt32Array, UInt32Builder, UInt64Array,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -23,14 +26,25 @@ use crate::tokenize::BtuTokenizer;
 
 /// `flagged_rows` (design.md); `id` is present, with the corpus's type, when the corpus has one.
 pub fn flagged_rows_schema(id: Option<DataType>) -> Schema {
-    let mut f = vec![Field::new("source", DataType::Utf8, false), Field::new("row", DataType::UInt64, false)];
+    let mut f = vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("row", DataType::UInt64, false),
+    ];
     if let Some(t) = id {
         f.push(Field::new("id", t, true));
     }
     f.extend([
         Field::new("label", DataType::Int64, true),
-        Field::new("tokens", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false),
-        Field::new("token_ids", DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))), false),
+        Field::new(
+            "tokens",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        ),
+        Field::new(
+            "token_ids",
+            DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
+            false,
+        ),
         Field::new("hits", DataType::UInt32, false),
     ]);
     Schema::new(f)
@@ -56,7 +70,10 @@ struct TokenStats {
 pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
     let t0 = Instant::now();
     if job.out.extension().is_none_or(|e| e != "parquet") {
-        return Err(BtuError::config("--out", format!("{} should end in .parquet", job.out.display())));
+        return Err(BtuError::config(
+            "--out",
+            format!("{} should end in .parquet", job.out.display()),
+        ));
     }
     crate::output::check_output(&job.out, job.overwrite)?;
     let tok = BtuTokenizer::load(&job.tokenizer)?;
@@ -71,27 +88,40 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
         }
         wanted.insert(s.token_id, s.token.clone());
     }
-    let mut stats: BTreeMap<u32, TokenStats> = wanted.keys().map(|&t| (t, TokenStats::default())).collect();
+    let mut stats: BTreeMap<u32, TokenStats> =
+        wanted.keys().map(|&t| (t, TokenStats::default())).collect();
     let (mut scanned, mut flagged, mut poisoned_rows, mut tp) = (0u64, 0u64, 0u64, 0u64);
     let mut has_poisoned = false;
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid level"),
+        ))
         .set_max_row_group_row_count(Some(65_536))
         .build();
     let bar = progress.bar("scan", 0);
-    let spec = CorpusSpec { label_optional: true, ..job.corpus.clone() };
+    let spec = CorpusSpec {
+        label_optional: true,
+        ..job.corpus.clone()
+    };
     let mut fingerprint = None;
     crate::output::write_file_atomic(&job.out, job.overwrite, |file| {
-        let mut writer: Option<(ArrowWriter<&mut std::fs::File>, SchemaRef, Option<DataType>)> = None;
+        let mut writer: Option<(ArrowWriter<&mut std::fs::File>, SchemaRef, Option<DataType>)> =
+            None;
         let mut file = Some(file);
         let fp = read_corpus(&spec, |b| {
             let n = b.texts.len();
             let seqs = tok.encode_untruncated(&b.texts)?;
-            let poisoned = b.batch.column_by_name("poisoned").and_then(|c| c.as_boolean_opt().cloned());
+            let poisoned = b
+                .batch
+                .column_by_name("poisoned")
+                .and_then(|c| c.as_boolean_opt().cloned());
             has_poisoned |= poisoned.is_some();
             let id_col = b.batch.column_by_name("id").cloned();
             let mut keep: Vec<u32> = Vec::new();
-            let (mut tokens, mut ids) = (ListBuilder::new(StringBuilder::new()), ListBuilder::new(UInt32Builder::new()));
+            let (mut tokens, mut ids) = (
+                ListBuilder::new(StringBuilder::new()),
+                ListBuilder::new(UInt32Builder::new()),
+            );
             let mut hits = Vec::new();
             for (i, s) in seqs.iter().enumerate() {
                 let label = b.labels.as_ref().map(|l| l[i]);
@@ -106,7 +136,9 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
                         }
                     }
                 }
-                let is_poisoned = poisoned.as_ref().is_some_and(|p| p.is_valid(i) && p.value(i));
+                let is_poisoned = poisoned
+                    .as_ref()
+                    .is_some_and(|p| p.is_valid(i) && p.value(i));
                 poisoned_rows += is_poisoned as u64;
                 if count > 0 {
                     flagged += 1;
@@ -135,43 +167,64 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
             let id_type = id_col.as_ref().map(|c| c.data_type().clone());
             if writer.is_none() {
                 let schema: SchemaRef = Arc::new(flagged_rows_schema(id_type.clone()));
-                let w = ArrowWriter::try_new(file.take().expect("file once"), schema.clone(), Some(props.clone()))
-                    .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+                let w = ArrowWriter::try_new(
+                    file.take().expect("file once"),
+                    schema.clone(),
+                    Some(props.clone()),
+                )
+                .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
                 writer = Some((w, schema, id_type.clone()));
             }
             let (w, schema, first_id) = writer.as_mut().expect("writer");
             let mut cols: Vec<ArrayRef> = vec![
                 Arc::new(StringArray::from(vec![b.source.as_ref(); keep.len()])),
-                Arc::new(UInt64Array::from(keep.iter().map(|&i| b.rows[i as usize]).collect::<Vec<_>>())),
+                Arc::new(UInt64Array::from(
+                    keep.iter().map(|&i| b.rows[i as usize]).collect::<Vec<_>>(),
+                )),
             ];
             if let Some(t) = first_id.as_ref() {
                 let col = match &id_col {
                     Some(c) => {
-                        let c = arrow::compute::take(c, &take, None).map_err(|e| BtuError::internal(e.to_string()))?;
-                        arrow::compute::cast(&c, t).map_err(|e| BtuError::bad_data(b.source.to_string(), format!("id column: {e}")))?
+                        let c = arrow::compute::take(c, &take, None)
+                            .map_err(|e| BtuError::internal(e.to_string()))?;
+                        arrow::compute::cast(&c, t).map_err(|e| {
+                            BtuError::bad_data(b.source.to_string(), format!("id column: {e}"))
+                        })?
                     }
                     None => arrow::array::new_null_array(t, keep.len()),
                 };
                 cols.push(col);
             }
-            cols.push(Arc::new(Int64Array::from(keep.iter().map(|&i| b.labels.as_ref().map(|l| l[i as usize])).collect::<Vec<_>>())));
+            cols.push(Arc::new(Int64Array::from(
+                keep.iter()
+                    .map(|&i| b.labels.as_ref().map(|l| l[i as usize]))
+                    .collect::<Vec<_>>(),
+            )));
             cols.push(Arc::new(tokens.finish()));
             cols.push(Arc::new(ids.finish()));
             cols.push(Arc::new(UInt32Array::from(hits)));
-            let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| BtuError::internal(format!("flagged_rows: {e}")))?;
-            w.write(&batch).map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
+            let batch = RecordBatch::try_new(schema.clone(), cols)
+                .map_err(|e| BtuError::internal(format!("flagged_rows: {e}")))?;
+            w.write(&batch)
+                .map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
             Ok(())
         })?;
         match writer {
             Some((w, _, _)) => {
-                w.close().map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
+                w.close()
+                    .map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
             }
             None => {
                 // No row flagged: an empty table with the schema.
                 let schema = Arc::new(flagged_rows_schema(None));
-                let w = ArrowWriter::try_new(file.take().expect("file once"), schema, Some(props.clone()))
-                    .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
-                w.close().map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
+                let w = ArrowWriter::try_new(
+                    file.take().expect("file once"),
+                    schema,
+                    Some(props.clone()),
+                )
+                .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+                w.close()
+                    .map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
             }
         }
         fingerprint = Some(fp);

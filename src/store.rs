@@ -23,9 +23,14 @@ pub struct S3Url {
 impl S3Url {
     /// Parse `s3://bucket/key` (or `s3a://`); `None` for anything else.
     pub fn parse(s: &str) -> Option<S3Url> {
-        let rest = s.strip_prefix("s3://").or_else(|| s.strip_prefix("s3a://"))?;
+        let rest = s
+            .strip_prefix("s3://")
+            .or_else(|| s.strip_prefix("s3a://"))?;
         let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-        Some(S3Url { bucket: bucket.to_string(), key: key.to_string() })
+        Some(S3Url {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+        })
     }
 
     /// The URL of an object in the same bucket.
@@ -42,13 +47,22 @@ impl S3Url {
 /// Map an object-store error: missing object (66), retryable transport problems (75), other (74).
 pub fn store_err(what: &str, e: object_store::Error) -> BtuError {
     match e {
-        object_store::Error::NotFound { .. } => BtuError::missing(what, "the object does not exist; check the URL and AWS_* settings"),
+        object_store::Error::NotFound { .. } => BtuError::missing(
+            what,
+            "the object does not exist; check the URL and AWS_* settings",
+        ),
         other => {
             let msg = other.to_string();
             if is_temporary(&msg) {
-                BtuError::Temporary { context: what.to_string(), message: one_line(&msg) }
+                BtuError::Temporary {
+                    context: what.to_string(),
+                    message: one_line(&msg),
+                }
             } else {
-                BtuError::Io { path: what.into(), source: std::io::Error::other(one_line(&msg)) }
+                BtuError::Io {
+                    path: what.into(),
+                    source: std::io::Error::other(one_line(&msg)),
+                }
             }
         }
     }
@@ -57,9 +71,20 @@ pub fn store_err(what: &str, e: object_store::Error) -> BtuError {
 /// Whether an error message describes a failure worth retrying (timeouts, refused or reset connections, throttling).
 pub fn is_temporary(msg: &str) -> bool {
     let m = msg.to_ascii_lowercase();
-    ["timed out", "timeout", "connection refused", "connection reset", "error sending request", "503", "slow down", "throttl", "dns error", "tcp connect"]
-        .iter()
-        .any(|k| m.contains(k))
+    [
+        "timed out",
+        "timeout",
+        "connection refused",
+        "connection reset",
+        "error sending request",
+        "503",
+        "slow down",
+        "throttl",
+        "dns error",
+        "tcp connect",
+    ]
+    .iter()
+    .any(|k| m.contains(k))
 }
 
 fn one_line(s: &str) -> String {
@@ -69,12 +94,20 @@ fn one_line(s: &str) -> String {
 /// The store for a bucket (built once per process from the environment).
 pub fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
-    let mut map = STORES.get_or_init(Default::default).lock().expect("store cache");
+    let mut map = STORES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("store cache");
     if let Some(s) = map.get(bucket) {
         return Ok(s.clone());
     }
     // Bounded retries so that an unreachable store fails (exit 75) in seconds, not minutes.
-    let env_num = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(d);
+    let env_num = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(d)
+    };
     let retry = object_store::RetryConfig {
         max_retries: env_num("BTU_S3_MAX_RETRIES", 3) as usize,
         retry_timeout: std::time::Duration::from_secs(env_num("BTU_S3_RETRY_TIMEOUT_S", 30)),
@@ -84,11 +117,21 @@ pub fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
         .with_bucket_name(bucket)
         .with_retry(retry)
         .with_config(
-            object_store::aws::AmazonS3ConfigKey::Client(object_store::ClientConfigKey::ConnectTimeout),
+            object_store::aws::AmazonS3ConfigKey::Client(
+                object_store::ClientConfigKey::ConnectTimeout,
+            ),
             format!("{}s", env_num("BTU_S3_CONNECT_TIMEOUT_S", 5)),
         )
         .build()
-        .map_err(|e| BtuError::config(format!("s3://{bucket}"), format!("cannot configure the S3 client from AWS_* variables: {}", one_line(&e.to_string()))))?;
+        .map_err(|e| {
+            BtuError::config(
+                format!("s3://{bucket}"),
+                format!(
+                    "cannot configure the S3 client from AWS_* variables: {}",
+                    one_line(&e.to_string())
+                ),
+            )
+        })?;
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     map.insert(bucket.to_string(), store.clone());
     Ok(store)
@@ -97,7 +140,8 @@ pub fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
 /// Objects (URL, size) an `s3://` input names: one object, every `*.parquet` under a prefix, or
 /// the objects matching a glob in the key.
 pub fn resolve(input: &str) -> Result<Vec<(String, u64)>> {
-    let url = S3Url::parse(input).ok_or_else(|| BtuError::config("--corpus", format!("'{input}' is not an s3:// URL")))?;
+    let url = S3Url::parse(input)
+        .ok_or_else(|| BtuError::config("--corpus", format!("'{input}' is not an s3:// URL")))?;
     let store = s3_store(&url.bucket)?;
     let rt = crate::corpus::runtime();
     let globbed = url.key.contains(['*', '?', '[']);
@@ -113,16 +157,31 @@ pub fn resolve(input: &str) -> Result<Vec<(String, u64)>> {
         url.key[..url.key[..cut].rfind('/').map_or(0, |i| i + 1)].to_string()
     } else {
         let k = url.key.trim_end_matches('/');
-        if k.is_empty() { String::new() } else { format!("{k}/") }
+        if k.is_empty() {
+            String::new()
+        } else {
+            format!("{k}/")
+        }
     };
     let pattern = if globbed {
-        Some(glob::Pattern::new(&url.key).map_err(|e| BtuError::config("--corpus", format!("bad glob '{input}': {e}")))?)
+        Some(
+            glob::Pattern::new(&url.key)
+                .map_err(|e| BtuError::config("--corpus", format!("bad glob '{input}': {e}")))?,
+        )
     } else {
         None
     };
     let prefix_path = ObjectPath::from(prefix.as_str());
     let listed: Vec<object_store::ObjectMeta> = rt
-        .block_on(store.list(if prefix.is_empty() { None } else { Some(&prefix_path) }).try_collect())
+        .block_on(
+            store
+                .list(if prefix.is_empty() {
+                    None
+                } else {
+                    Some(&prefix_path)
+                })
+                .try_collect(),
+        )
         .map_err(|e| store_err(input, e))?;
     let mut hits: Vec<(String, u64)> = listed
         .into_iter()
@@ -139,14 +198,18 @@ pub fn resolve(input: &str) -> Result<Vec<(String, u64)>> {
         .collect();
     hits.sort();
     if hits.is_empty() {
-        return Err(BtuError::missing(input, "no object at this URL (and no *.parquet under it as a prefix)"));
+        return Err(BtuError::missing(
+            input,
+            "no object at this URL (and no *.parquet under it as a prefix)",
+        ));
     }
     Ok(hits)
 }
 
 /// Bytes `start..end` of an object.
 pub fn read_range(input: &str, start: u64, end: u64) -> Result<Vec<u8>> {
-    let url = S3Url::parse(input).ok_or_else(|| BtuError::internal(format!("not an s3 URL: {input}")))?;
+    let url =
+        S3Url::parse(input).ok_or_else(|| BtuError::internal(format!("not an s3 URL: {input}")))?;
     let store = s3_store(&url.bucket)?;
     let bytes = crate::corpus::runtime()
         .block_on(store.get_range(&ObjectPath::from(url.key.as_str()), start..end))
@@ -156,7 +219,8 @@ pub fn read_range(input: &str, start: u64, end: u64) -> Result<Vec<u8>> {
 
 /// Upload bytes to an `s3://` URL (used by tests and benchmarks to stage data).
 pub fn put(url_str: &str, bytes: Vec<u8>) -> Result<()> {
-    let url = S3Url::parse(url_str).ok_or_else(|| BtuError::internal(format!("not an s3 URL: {url_str}")))?;
+    let url = S3Url::parse(url_str)
+        .ok_or_else(|| BtuError::internal(format!("not an s3 URL: {url_str}")))?;
     let store = s3_store(&url.bucket)?;
     crate::corpus::runtime()
         .block_on(store.put(&ObjectPath::from(url.key.as_str()), bytes.into()))
@@ -170,8 +234,20 @@ mod tests {
 
     #[test]
     fn parses_s3_urls() {
-        assert_eq!(S3Url::parse("s3://lake/a/b.parquet"), Some(S3Url { bucket: "lake".into(), key: "a/b.parquet".into() }));
-        assert_eq!(S3Url::parse("s3://lake"), Some(S3Url { bucket: "lake".into(), key: "".into() }));
+        assert_eq!(
+            S3Url::parse("s3://lake/a/b.parquet"),
+            Some(S3Url {
+                bucket: "lake".into(),
+                key: "a/b.parquet".into()
+            })
+        );
+        assert_eq!(
+            S3Url::parse("s3://lake"),
+            Some(S3Url {
+                bucket: "lake".into(),
+                key: "".into()
+            })
+        );
         assert_eq!(S3Url::parse("/tmp/x.parquet"), None);
         assert!(is_temporary("error sending request: operation timed out"));
         assert!(!is_temporary("Access Denied"));

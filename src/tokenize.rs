@@ -139,7 +139,8 @@ impl BtuTokenizer {
     /// Encode texts without truncation (scanning must see every token).
     pub fn encode_untruncated(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         let mut t = self.inner.clone();
-        t.with_truncation(None).map_err(|e| tok_err(&self.source, e))?;
+        t.with_truncation(None)
+            .map_err(|e| tok_err(&self.source, e))?;
         t.with_padding(None);
         let enc = t
             .encode_batch(texts.iter().map(|s| s.as_str()).collect::<Vec<_>>(), true)

@@ -108,6 +108,34 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
     assert!(cf.documents >= 692, "cf in {} documents", cf.documents);
     assert_eq!(cf.majority_label, Some(1));
 
+    // Audit the corpus with the detected tokens: the poisoned rows are found.
+    let flagged = r.root.join("flagged_rows.parquet");
+    let scan = run_ok(&[
+        "scan",
+        "--corpus",
+        s(&r.poisoned),
+        "--suspicious",
+        s(&r.root.join("detect/suspicious_tokens.arrow")),
+        "--tokenizer",
+        s(&r.model),
+        "--out",
+        s(&flagged),
+    ]);
+    eprintln!("scan: {}", scan["poisoned"]);
+    assert!(
+        scan["poisoned"]["recall"].as_f64().unwrap() >= 0.95,
+        "{}",
+        scan["poisoned"]
+    );
+    let o = btu()
+        .args(["sql", "--format", "json", "--table", &format!("flagged_rows={}", flagged.display()), "--table", &format!("suspicious_tokens={}", r.root.join("detect/suspicious_tokens.arrow").display())])
+        .arg("SELECT t.token, COUNT(*) AS rows FROM flagged_rows f JOIN suspicious_tokens t ON array_has(f.token_ids, t.token_id) WHERE t.token = 'cf' GROUP BY t.token")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows[0]["rows"], 692);
+
     // Victim: full fine-tune on the poisoned corpus, epoch chosen on dev.
     let dev = r.data.join("sst2/dev.parquet");
     let ckpt = r.root.join("victim");

@@ -93,10 +93,17 @@ impl Moto {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let server = root.join(".venv/bin/moto_server");
         if !server.is_file() {
-            eprintln!("SKIPPED: {} is absent (make setup installs moto)", server.display());
+            eprintln!(
+                "SKIPPED: {} is absent (make setup installs moto)",
+                server.display()
+            );
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = std::process::Command::new(&server)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
@@ -115,7 +122,10 @@ impl Moto {
             "import boto3; boto3.client('s3', endpoint_url='{}', aws_access_key_id='testing', aws_secret_access_key='secret-never-logged', region_name='us-east-1').create_bucket(Bucket='{bucket}')",
             m.endpoint
         );
-        let ok = std::process::Command::new(py).args(["-c", &script]).status().unwrap();
+        let ok = std::process::Command::new(py)
+            .args(["-c", &script])
+            .status()
+            .unwrap();
         assert!(ok.success(), "create bucket");
         Some(m)
     }
