@@ -44,8 +44,9 @@ demo: build
 schemas: build
 	./target/release/btu schemas --out schemas
 
-bench:
+bench: build
 	$(CARGO) run --release --example bench_detect
+	$(CARGO) run --release --example bench_scan
 
 fmt:
 	$(CARGO) fmt

@@ -82,9 +82,9 @@ fn main() {
         w.close().unwrap();
     }
     let gen_s = t_gen.elapsed().as_secs_f64();
-    // Tokenizer from SST-2 and a suspicious-token table naming `cf`.
+    // Tokenizer from the generated text (so `cf` is one token) and a table naming `cf`.
     let model = dir.path().join("model");
-    let mut spec = CorpusSpec::new(vec![sst2.display().to_string()]);
+    let mut spec = CorpusSpec::new(vec![corpus.join("part-00.parquet").display().to_string()]);
     spec.label_col = None;
     btu::init_model::run(&btu::init_model::InitModelJob {
         out: model.clone(),
@@ -104,7 +104,7 @@ fn main() {
     })
     .unwrap();
     let tok = btu::tokenize::BtuTokenizer::load(&model).unwrap();
-    let cf = tok.pieces("cf").unwrap()[0];
+    let cf = tok.id("cf").expect("cf is in the vocabulary");
     let sus = vec![btu::tables::SuspiciousToken {
         token_id: cf,
         token: tok.token(cf),
