@@ -424,6 +424,14 @@ pub struct DefendArgs {
     pub lr: Option<f64>,
     #[arg(long, env = "BTU_THRESHOLD", value_enum)]
     pub threshold: Option<crate::unlearn::Threshold>,
+    #[arg(long, env = "BTU_REPLACEMENT", value_enum)]
+    pub replacement: Option<crate::unlearn::Replacement>,
+    /// Clean fine-tune epochs after unlearning (unlearn.clean_epochs).
+    #[arg(long, env = "BTU_CLEAN_EPOCHS")]
+    pub clean_epochs: Option<usize>,
+    /// Clean fine-tune learning rate (unlearn.clean_lr).
+    #[arg(long, env = "BTU_CLEAN_LR")]
+    pub clean_lr: Option<f64>,
     #[arg(long, env = "BTU_BACKEND", value_enum)]
     pub backend: Option<crate::defend::EvalBackend>,
     #[arg(long, env = "BTU_DEVICE")]
@@ -498,6 +506,15 @@ impl DefendArgs {
         }
         if let Some(v) = self.threshold {
             c.unlearn.threshold = v;
+        }
+        if let Some(v) = self.replacement {
+            c.unlearn.replacement = v;
+        }
+        if let Some(v) = self.clean_epochs {
+            c.unlearn.clean_epochs = v;
+        }
+        if let Some(v) = self.clean_lr {
+            c.unlearn.clean_lr = v;
         }
         if let Some(v) = self.backend {
             c.eval.backend = v;
