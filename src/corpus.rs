@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::DataType;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
@@ -483,9 +483,4 @@ fn check_batch(
         labels,
         batch,
     })
-}
-
-/// A boolean mask helper for callers that build filtered batches.
-pub fn mask(values: Vec<bool>) -> BooleanArray {
-    BooleanArray::from(values)
 }

@@ -166,43 +166,36 @@ fn matrix(t: &RawTensor, name: &str, src: &Path) -> Result<Matrix> {
     })
 }
 
-/// The matrix back in the tensor's own dtype.
+/// The matrix back in the tensor's own dtype (little-endian bytes, as safetensors stores them).
 fn raw_like(m: &Matrix, like: &RawTensor) -> Result<RawTensor> {
-    let t =
-        candle_core::Tensor::from_vec(m.data.clone(), (m.rows, m.cols), &candle_core::Device::Cpu)?;
-    let dt = match like.dtype.as_str() {
-        "F64" => candle_core::DType::F64,
-        "F16" => candle_core::DType::F16,
-        "BF16" => candle_core::DType::BF16,
-        _ => candle_core::DType::F32,
+    let data: Vec<u8> = match like.dtype.as_str() {
+        "F64" => m
+            .data
+            .iter()
+            .flat_map(|&v| (v as f64).to_le_bytes())
+            .collect(),
+        "F16" => m
+            .data
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        "BF16" => m
+            .data
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => m.data.iter().flat_map(|&v| v.to_le_bytes()).collect(),
     };
-    let t = t.to_dtype(dt)?;
-    let mut raw = crate::model::checkpoint::from_tensor(&t)?;
-    if dt != candle_core::DType::F32 {
-        // from_tensor writes f32; encode in the original dtype instead.
-        raw.data = match dt {
-            candle_core::DType::F64 => t
-                .flatten_all()?
-                .to_vec1::<f64>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            candle_core::DType::F16 => t
-                .flatten_all()?
-                .to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            _ => t
-                .flatten_all()?
-                .to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        };
-        raw.dtype = like.dtype.clone();
-    }
-    Ok(raw)
+    let dtype = if matches!(like.dtype.as_str(), "F64" | "F16" | "BF16") {
+        like.dtype.clone()
+    } else {
+        "F32".into()
+    };
+    Ok(RawTensor {
+        dtype,
+        shape: vec![m.rows, m.cols],
+        data,
+    })
 }
 
 /// Check a mask table fits a checkpoint: hidden size, vocabulary, token ids and strings agree.
