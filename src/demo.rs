@@ -59,8 +59,8 @@ pub fn config(
     // threshold (a mean over rows that all moved) replaces almost nothing; the released code's
     // Frobenius rule is the one that fits this corpus.
     c.unlearn.threshold = crate::unlearn::Threshold::Frobenius;
-    c.unlearn.clean_epochs = 2;
-    c.unlearn.clean_lr = 1e-4;
+    c.unlearn.clean_epochs = 1;
+    c.unlearn.clean_lr = 1e-3;
     c.eval.backend = backend;
     c
 }
