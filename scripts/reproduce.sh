@@ -18,6 +18,8 @@ for a in "${attacks[@]}"; do
   cfg="pipelines/sst2-$a.toml"
   echo "== $a: paper preset" >&2
   "$BTU" --log info defend --config "$cfg" > "docs/results/sst2-$a-paper.json"
+  echo "== $a: paper preset, released code's Frobenius threshold" >&2
+  "$BTU" --log info defend --config "$cfg" --threshold frobenius > "docs/results/sst2-$a-paper-frobenius.json"
   echo "== $a: reference-code preset" >&2
   "$BTU" --log info defend --config "$cfg" --preset reference-code --threshold frobenius \
       --replacement reference-pad --clean-epochs 1 --clean-lr 2e-5 > "docs/results/sst2-$a-reference-code.json"

@@ -20,7 +20,7 @@ def pct(x):
 def main(d):
     rows = []
     for attack in ["addword", "addsent", "stylebkd", "synbkd"]:
-        for preset in ["paper", "reference-code"]:
+        for preset in ["paper", "paper-frobenius", "reference-code"]:
             p = os.path.join(d, f"sst2-{attack}-{preset}.json")
             if not os.path.exists(p):
                 continue
