@@ -65,26 +65,33 @@ impl Builder {
         out
     }
 
-    fn f32(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    /// Add an initializer holding little-endian `raw` bytes.
+    fn init(&mut self, name: &str, dims: &[usize], data_type: i32, raw: Vec<u8>) -> String {
         self.inits.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: data_type::FLOAT,
+            data_type,
             name: name.into(),
             raw_data: raw,
         });
         name.into()
     }
 
+    fn f32(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        self.init(
+            name,
+            dims,
+            data_type::FLOAT,
+            data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
+    }
+
     fn i64s(&mut self, name: &str, dims: &[usize], data: &[i64]) -> String {
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.inits.push(TensorProto {
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: data_type::INT64,
-            name: name.into(),
-            raw_data: raw,
-        });
-        name.into()
+        self.init(
+            name,
+            dims,
+            data_type::INT64,
+            data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
     }
 
     fn tensor(&mut self, name: &str, t: &Tensor) -> Result<String> {

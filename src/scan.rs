@@ -13,7 +13,7 @@ use arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
     UInt32Array, UInt32Builder, UInt64Array,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -23,32 +23,6 @@ use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
 use crate::progress::Progress;
 use crate::tokenize::BtuTokenizer;
-
-/// `flagged_rows` (design.md); `id` is present, with the corpus's type, when the corpus has one.
-pub fn flagged_rows_schema(id: Option<DataType>) -> Schema {
-    let mut f = vec![
-        Field::new("source", DataType::Utf8, false),
-        Field::new("row", DataType::UInt64, false),
-    ];
-    if let Some(t) = id {
-        f.push(Field::new("id", t, true));
-    }
-    f.extend([
-        Field::new("label", DataType::Int64, true),
-        Field::new(
-            "tokens",
-            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            false,
-        ),
-        Field::new(
-            "token_ids",
-            DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
-            false,
-        ),
-        Field::new("hits", DataType::UInt32, false),
-    ]);
-    Schema::new(f)
-}
 
 /// Inputs of `btu scan`.
 pub struct ScanJob {
@@ -166,7 +140,8 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
             let take = UInt32Array::from(keep.clone());
             let id_type = id_col.as_ref().map(|c| c.data_type().clone());
             if writer.is_none() {
-                let schema: SchemaRef = Arc::new(flagged_rows_schema(id_type.clone()));
+                let schema: SchemaRef =
+                    Arc::new(crate::tables::flagged_rows_schema(id_type.clone()));
                 let w = ArrowWriter::try_new(
                     file.take().expect("file once"),
                     schema.clone(),
@@ -216,7 +191,7 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
             }
             None => {
                 // No row flagged: an empty table with the schema.
-                let schema = Arc::new(flagged_rows_schema(None));
+                let schema = Arc::new(crate::tables::flagged_rows_schema(None));
                 let w = ArrowWriter::try_new(
                     file.take().expect("file once"),
                     schema,

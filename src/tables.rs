@@ -117,6 +117,33 @@ pub fn dimension_masks_schema() -> Schema {
     ])
 }
 
+/// `flagged_rows` (Parquet, written by `btu scan`); `id` is present, with the corpus's own type,
+/// when the corpus has one.
+pub fn flagged_rows_schema(id: Option<DataType>) -> Schema {
+    let mut f = vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("row", DataType::UInt64, false),
+    ];
+    if let Some(t) = id {
+        f.push(Field::new("id", t, true));
+    }
+    f.extend([
+        Field::new("label", DataType::Int64, true),
+        Field::new(
+            "tokens",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        ),
+        Field::new(
+            "token_ids",
+            DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
+            false,
+        ),
+        Field::new("hits", DataType::UInt32, false),
+    ]);
+    Schema::new(f)
+}
+
 /// Names and schemas of every table with a committed `schemas/<name>.schema.json`.
 pub fn all_schemas() -> Vec<(&'static str, Schema, Vec<&'static str>)> {
     let common = vec![
@@ -141,6 +168,12 @@ pub fn all_schemas() -> Vec<(&'static str, Schema, Vec<&'static str>)> {
         ("token_scores", token_scores_schema(), with_corpus.clone()),
         ("suspicious_tokens", suspicious_tokens_schema(), with_corpus),
         ("dimension_masks", dimension_masks_schema(), masks),
+        // `id` shown as Int64: it passes through with the corpus's own type.
+        (
+            "flagged_rows",
+            flagged_rows_schema(Some(DataType::Int64)),
+            vec![],
+        ),
     ]
 }
 
@@ -153,7 +186,7 @@ pub fn schema_json(name: &str, schema: &Schema, metadata_keys: &[&str]) -> Value
         .collect();
     json!({
         "table": name,
-        "format": "Arrow IPC file",
+        "format": if name == "flagged_rows" { "Parquet" } else { "Arrow IPC file" },
         "fields": fields,
         "metadata_keys": metadata_keys,
     })

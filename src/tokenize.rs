@@ -147,15 +147,6 @@ impl BtuTokenizer {
             .map_err(|e| tok_err(&self.source, e))?;
         Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
-
-    /// Word-piece tokens of a text without special tokens (used to report trigger pieces).
-    pub fn pieces(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| tok_err(&self.source, e))?;
-        Ok(enc.get_ids().to_vec())
-    }
 }
 
 /// Build a BERT (uncased) tokenizer from a `vocab.txt`.

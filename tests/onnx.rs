@@ -183,15 +183,6 @@ fn eval_writes_metrics_and_predictions_with_both_backends() {
         // predictions: clean rows + attacked non-target rows per repeat.
         let mut rows = 0;
         let mut poisoned = 0;
-        let spec = btu::corpus::CorpusSpec {
-            label_col: None,
-            text_col: "id".into(),
-            ..btu::corpus::CorpusSpec::new(vec![out
-                .join("predictions.parquet")
-                .display()
-                .to_string()])
-        };
-        let _ = spec; // predictions have no text column; read with arrow directly
         let file = std::fs::File::open(out.join("predictions.parquet")).unwrap();
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
             .unwrap()
