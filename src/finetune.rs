@@ -169,7 +169,7 @@ fn partial_dir(out: &Path) -> PathBuf {
 fn optimizer_file(opt: &AdamW) -> Result<SafetensorsFile> {
     let mut f = SafetensorsFile::default();
     f.metadata.insert("steps".into(), opt.steps().to_string());
-    for (i, (m, v)) in opt.moments().iter().enumerate() {
+    for (i, (m, v)) in opt.moments()?.iter().enumerate() {
         f.tensors.insert(format!("m.{i:04}"), from_tensor(m)?);
         f.tensors.insert(format!("v.{i:04}"), from_tensor(v)?);
     }
