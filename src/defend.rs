@@ -414,7 +414,11 @@ pub struct StepRecord {
     pub step: String,
     pub hash: String,
     pub skipped: bool,
+    /// Wall time of this run of the step (0 when skipped).
     pub seconds: f64,
+    /// Wall time when the step's outputs were computed (by this run, or by the earlier run a
+    /// skipped step reuses; absent for markers written before btu recorded it).
+    pub computed_seconds: Option<f64>,
     pub summary: Value,
 }
 
@@ -452,6 +456,7 @@ impl Runner<'_> {
                 hash: hash.clone(),
                 skipped: true,
                 seconds: 0.0,
+                computed_seconds: v["seconds"].as_f64(),
                 summary: v["summary"].clone(),
             });
             return Ok(hash);
@@ -462,7 +467,7 @@ impl Runner<'_> {
         let summary = f()?;
         let seconds = t0.elapsed().as_secs_f64();
         bar.finish_and_clear();
-        let body = json!({"step": step, "hash": hash, "summary": summary});
+        let body = json!({"step": step, "hash": hash, "seconds": seconds, "summary": summary});
         crate::output::write_file_atomic(&marker, true, |file| {
             use std::io::Write;
             file.write_all(
@@ -477,6 +482,7 @@ impl Runner<'_> {
             hash: hash.clone(),
             skipped: false,
             seconds,
+            computed_seconds: Some(seconds),
             summary,
         });
         Ok(hash)
@@ -714,7 +720,8 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                                  out: PathBuf,
                                  step: String|
              -> Result<Value> {
-                let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len});
+                // "metrics" names the metric set: bumped when eval learns a metric, so reruns recompute it.
+                let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len, "metrics": 2});
                 r.step(&step, key, std::slice::from_ref(&out), &mut || {
                     crate::eval::run(&crate::eval::EvalJob {
                         model: model_for_eval.clone(),
@@ -745,7 +752,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     out.clone(),
                     format!("eval-{name}"),
                 )?;
-                json!({"acc": metric(&m, "acc"), "asr": metric(&m, "asr"), "clean_false_positive_rate": metric(&m, "clean_false_positive_rate"), "backend": metric(&m, "backend")})
+                json!({"acc": metric(&m, "acc"), "asr": metric(&m, "asr"), "flip_rate": metric(&m, "flip_rate"), "clean_false_positive_rate": metric(&m, "clean_false_positive_rate"), "backend": metric(&m, "backend")})
             } else {
                 let acc = eval_once(&cfg.data.test, None, out.clone(), format!("eval-{name}"))?;
                 let asr = eval_once(
@@ -754,7 +761,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     run.join(format!("eval-{name}-asr")),
                     format!("eval-{name}-asr"),
                 )?;
-                json!({"acc": metric(&acc, "acc"), "asr": metric(&asr, "asr"), "clean_false_positive_rate": metric(&asr, "clean_false_positive_rate"), "backend": metric(&acc, "backend")})
+                json!({"acc": metric(&acc, "acc"), "asr": metric(&asr, "asr"), "flip_rate": metric(&asr, "flip_rate"), "clean_false_positive_rate": metric(&asr, "clean_false_positive_rate"), "backend": metric(&acc, "backend")})
             }
         };
         results.insert(name.to_string(), summary);

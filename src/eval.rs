@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
-use crate::metrics::{accuracy, attack_success_rate, confusion};
+use crate::metrics::{accuracy, attack_success_rate, confusion, flip_rate};
 use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
 
 use crate::poison::{insert_trigger, row_rng, Attack};
@@ -414,6 +414,7 @@ pub fn evaluate(
     let acc = accuracy(&clean.pred, &split.labels);
     let mut passes = vec![(None, clean)];
     let mut asrs = Vec::new();
+    let mut flips = Vec::new();
     let mut attacked_n = 0;
     if let Some(a) = attack {
         for r in 0..a.repeats.max(1) {
@@ -423,6 +424,8 @@ pub fn evaluate(
             let p = predict(c, idx.clone(), &texts, a.target)?;
             let labels: Vec<i64> = idx.iter().map(|&i| split.labels[i]).collect();
             asrs.push(attack_success_rate(&p.pred, &labels, a.target));
+            let clean_here: Vec<i64> = idx.iter().map(|&i| passes[0].1.pred[i]).collect();
+            flips.push(flip_rate(&p.pred, &clean_here, &labels, a.target));
             passes.push((Some(r as u32), p));
         }
     }
@@ -437,6 +440,7 @@ pub fn evaluate(
         "acc": acc,
         "asr": asr,
         "asr_per_repeat": asrs,
+        "flip_rate": (!flips.is_empty()).then(|| flips.iter().sum::<f64>() / flips.len() as f64),
         "clean_false_positive_rate": attack_success_rate(clean_pred, &split.labels, attack.map_or(target, |a| a.target)),
         "rows": split.texts.len(),
         "attacked_rows": attacked_n,

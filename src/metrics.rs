@@ -27,6 +27,32 @@ pub fn attack_success_rate(pred: &[i64], true_label: &[i64], target: i64) -> f64
     }
 }
 
+/// Trigger flip rate: among samples whose true label is not `target` and that the model
+/// classifies correctly *without* the trigger, the share predicted as `target` *with* it. ASR
+/// also counts the non-target samples the model gets wrong anyway, so it cannot fall below the
+/// model's clean false-positive rate; the flip rate is what the trigger itself does. `NaN` when
+/// there is no such sample.
+pub fn flip_rate(
+    attacked_pred: &[i64],
+    clean_pred: &[i64],
+    true_label: &[i64],
+    target: i64,
+) -> f64 {
+    let (hit, n) = attacked_pred
+        .iter()
+        .zip(clean_pred)
+        .zip(true_label)
+        .filter(|((_, c), l)| **l != target && *c == *l)
+        .fold((0usize, 0usize), |(h, n), ((a, _), _)| {
+            (h + (*a == target) as usize, n + 1)
+        });
+    if n == 0 {
+        f64::NAN
+    } else {
+        hit as f64 / n as f64
+    }
+}
+
 /// Confusion matrix `[true][predicted]` over `classes` classes.
 pub fn confusion(pred: &[i64], label: &[i64], classes: usize) -> Vec<Vec<u64>> {
     let mut m = vec![vec![0u64; classes]; classes];
@@ -65,6 +91,18 @@ mod tests {
         assert!((attack_success_rate(&pred, &label, 1) - 2.0 / 3.0).abs() < 1e-12);
         assert!(attack_success_rate(&[1, 1], &[1, 1], 1).is_nan());
         assert_eq!(attack_success_rate(&[0, 0, 0], &[0, 0, 1], 1), 0.0);
+    }
+
+    #[test]
+    fn flip_rate_counts_only_rows_right_without_the_trigger() {
+        // Row 0 is target-labelled (ignored); row 1 is wrong without the trigger (ignored, though
+        // ASR counts it); rows 2-4 are right without it and two of them flip.
+        let label = [1, 0, 0, 0, 0];
+        let clean = [1, 1, 0, 0, 0];
+        let attacked = [1, 1, 1, 0, 1];
+        assert!((flip_rate(&attacked, &clean, &label, 1) - 2.0 / 3.0).abs() < 1e-12);
+        assert!((attack_success_rate(&attacked, &label, 1) - 3.0 / 4.0).abs() < 1e-12);
+        assert!(flip_rate(&[1], &[1], &[0], 1).is_nan());
     }
 
     #[test]

@@ -93,6 +93,17 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
         steps(&again)
     );
     assert_eq!(before, mtime(&run.join("detect/token_scores.arrow")));
+    // A skipped step still says how long it took when it was computed.
+    for (a, b) in first["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(again["steps"].as_array().unwrap())
+    {
+        assert_eq!(a["step"], b["step"]);
+        assert_eq!(b["seconds"].as_f64(), Some(0.0));
+        assert_eq!(b["computed_seconds"], a["seconds"], "{}", b["step"]);
+    }
     // A changed detection parameter redoes detect and what follows, not what precedes.
     let changed = run_ok(&["defend", "--config", s(&cfg), "--alpha", "0.5"]);
     let st: std::collections::HashMap<_, _> = steps(&changed).into_iter().collect();
