@@ -13,13 +13,17 @@ pub fn accuracy(pred: &[i64], label: &[i64]) -> f64 {
 /// Attack success rate: among samples whose true label is not `target`, the share predicted as
 /// `target` (after the trigger was applied to them). `NaN` when there is no such sample.
 pub fn attack_success_rate(pred: &[i64], true_label: &[i64], target: i64) -> f64 {
-    let (hit, n) = pred
-        .iter()
-        .zip(true_label)
-        .filter(|(_, l)| **l != target)
-        .fold((0usize, 0usize), |(h, n), (p, _)| {
-            (h + (*p == target) as usize, n + 1)
-        });
+    share(
+        pred.iter()
+            .zip(true_label)
+            .filter(|(_, l)| **l != target)
+            .map(|(p, _)| *p == target),
+    )
+}
+
+/// Share of `true` in `hits`; `NaN` when empty.
+fn share(hits: impl Iterator<Item = bool>) -> f64 {
+    let (hit, n) = hits.fold((0usize, 0usize), |(h, n), x| (h + x as usize, n + 1));
     if n == 0 {
         f64::NAN
     } else {
@@ -38,19 +42,14 @@ pub fn flip_rate(
     true_label: &[i64],
     target: i64,
 ) -> f64 {
-    let (hit, n) = attacked_pred
-        .iter()
-        .zip(clean_pred)
-        .zip(true_label)
-        .filter(|((_, c), l)| **l != target && *c == *l)
-        .fold((0usize, 0usize), |(h, n), ((a, _), _)| {
-            (h + (*a == target) as usize, n + 1)
-        });
-    if n == 0 {
-        f64::NAN
-    } else {
-        hit as f64 / n as f64
-    }
+    share(
+        attacked_pred
+            .iter()
+            .zip(clean_pred)
+            .zip(true_label)
+            .filter(|((_, c), l)| **l != target && *c == *l)
+            .map(|((a, _), _)| *a == target),
+    )
 }
 
 /// Confusion matrix `[true][predicted]` over `classes` classes.
