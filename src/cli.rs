@@ -100,6 +100,7 @@ impl CorpusArgs {
             sample: self.sample,
             seed,
             label_optional: false,
+            exclude_texts: Default::default(),
         }
     }
 }
@@ -438,6 +439,10 @@ pub struct DefendArgs {
     pub device: Option<String>,
     #[arg(long, env = "BTU_SEED")]
     pub seed: Option<u64>,
+    /// Drop clean rows that also occur in the test / ASR splits (by text) instead of refusing
+    /// the run (data.drop_overlap); the summary reports how many.
+    #[arg(long, env = "BTU_DROP_OVERLAP")]
+    pub drop_overlap: bool,
 }
 
 impl DefendArgs {
@@ -525,6 +530,9 @@ impl DefendArgs {
         if let Some(v) = self.seed {
             c.seed = v;
         }
+        if self.drop_overlap {
+            c.data.drop_overlap = true;
+        }
         Ok(c)
     }
 }
@@ -572,7 +580,8 @@ pub struct ScanArgs {
 
 #[derive(Debug, Args, serde::Serialize)]
 pub struct SqlArgs {
-    /// The query (omit it to read queries ending in ';' from standard input).
+    /// The query (omit it to read queries separated by ';' from standard input; the last may
+    /// lack its ';'; when one fails the others still run and btu exits with the first failure).
     pub query: Option<String>,
     /// Register a table: NAME=PATH (Arrow IPC file, or Parquet file/directory/glob/s3:// URL).
     #[arg(long = "table", env = "BTU_TABLE")]
@@ -587,6 +596,15 @@ pub struct SqlArgs {
     pub output: Option<PathBuf>,
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// Stop a query that runs longer than this many seconds (planning, execution and writing its
+    /// result; each query from standard input has its own), with exit 78. Default: no limit.
+    #[arg(long, env = "BTU_TIMEOUT", value_name = "SECONDS")]
+    pub timeout: Option<String>,
+    /// Memory a query may use: bytes, or with a K, M or G suffix (512M, 2G). A query needing more
+    /// fails with exit 78 (nothing spills to disk); --format table holds the whole result within
+    /// it too (csv and json stream).
+    #[arg(long, env = "BTU_MEMORY_LIMIT", value_name = "SIZE", default_value = crate::sql::DEFAULT_MEMORY_LIMIT)]
+    pub memory_limit: String,
 }
 
 #[derive(Debug, Args, serde::Serialize)]
@@ -905,6 +923,12 @@ pub fn execute(
                 format: a.format,
                 output: a.output.clone(),
                 overwrite: a.overwrite,
+                timeout: a
+                    .timeout
+                    .as_deref()
+                    .map(crate::sql::parse_timeout)
+                    .transpose()?,
+                memory_limit: crate::sql::parse_memory_limit(&a.memory_limit)?,
             },
             stdout,
         ),

@@ -47,6 +47,9 @@ pub struct CorpusSpec {
     /// Read files without the label column too (their labels are then unknown).
     #[serde(default)]
     pub label_optional: bool,
+    /// Skip rows whose trimmed text has one of these sha256 hashes (`btu defend --drop-overlap`).
+    #[serde(skip)]
+    pub exclude_texts: std::collections::BTreeSet<[u8; 32]>,
 }
 
 impl CorpusSpec {
@@ -61,6 +64,7 @@ impl CorpusSpec {
             sample: None,
             seed: 0,
             label_optional: false,
+            exclude_texts: Default::default(),
         }
     }
 }
@@ -176,6 +180,9 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
         })
         .collect::<Result<_>>()?;
     local.extend(remote);
+    for f in &local {
+        check_parquet_file(f)?;
+    }
     Ok(local)
 }
 
@@ -195,37 +202,56 @@ fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn check_parquet_magic(f: &InputFile) -> Result<()> {
+/// Check a file is Parquet before any reader touches it: `PAR1` at both ends and a footer
+/// length that fits in the file (a corrupt length made the Parquet readers panic).
+pub fn check_parquet_file(f: &InputFile) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom};
-    let bad = || {
-        BtuError::bad_data(
-            &f.path,
-            "not a Parquet file (no PAR1 magic); pass Parquet files only",
-        )
-    };
+    let bad = |what: String| BtuError::bad_data(&f.path, what);
+    let not_parquet = || bad("not a Parquet file (no PAR1 magic); pass Parquet files only".into());
     if f.bytes < 12 {
-        return Err(bad());
+        return Err(not_parquet());
     }
-    if crate::store::S3Url::parse(&f.path).is_some() {
-        let head = crate::store::read_range(&f.path, 0, 4)?;
-        let tail = crate::store::read_range(&f.path, f.bytes - 4, f.bytes)?;
-        return if head == b"PAR1" && tail == b"PAR1" {
-            Ok(())
-        } else {
-            Err(bad())
-        };
+    let remote = crate::store::S3Url::parse(&f.path).is_some();
+    let read = |start: u64, end: u64| -> Result<Vec<u8>> {
+        if remote {
+            return crate::store::read_range(&f.path, start, end);
+        }
+        let io = |e| BtuError::io(&f.path, e);
+        let mut file = std::fs::File::open(&f.path).map_err(io)?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        file.read_exact(&mut buf).map_err(io)?;
+        Ok(buf)
+    };
+    let (head, tail) = (read(0, 4)?, read(f.bytes - 8, f.bytes)?);
+    if head != b"PAR1" || &tail[4..] != b"PAR1" {
+        return Err(not_parquet());
     }
-    let mut file = std::fs::File::open(&f.path).map_err(|e| BtuError::io(&f.path, e))?;
-    let mut head = [0u8; 4];
-    let mut tail = [0u8; 4];
-    file.read_exact(&mut head)
-        .map_err(|e| BtuError::io(&f.path, e))?;
-    file.seek(SeekFrom::End(-4))
-        .map_err(|e| BtuError::io(&f.path, e))?;
-    file.read_exact(&mut tail)
-        .map_err(|e| BtuError::io(&f.path, e))?;
-    if &head != b"PAR1" || &tail != b"PAR1" {
-        return Err(bad());
+    let footer = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+    if footer + 12 > f.bytes {
+        return Err(bad(format!(
+            "corrupt Parquet file: its footer claims {footer} bytes of metadata but the file has {} bytes; re-export the file",
+            f.bytes
+        )));
+    }
+    // The footer itself: decoded here so that a damaged one is a clear 65, and so that duplicate
+    // column names (which the SQL layer silently merges into one) are refused.
+    let meta = read(f.bytes - 8 - footer, f.bytes - 8)?;
+    let meta = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&meta)
+        .map_err(|e| bad(format!("corrupt Parquet footer ({e}); re-export the file")))?;
+    let mut seen = std::collections::BTreeSet::new();
+    for field in meta
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .get_fields()
+    {
+        if !seen.insert(field.name().to_string()) {
+            return Err(bad(format!(
+                "column '{}' appears more than once; give every column its own name",
+                field.name()
+            )));
+        }
     }
     Ok(())
 }
@@ -241,9 +267,13 @@ fn df_err(src: &str, e: impl std::fmt::Display) -> BtuError {
     BtuError::bad_data(src, format!("cannot read as Parquet: {msg}"))
 }
 
-/// Whether a data type holds text.
-fn is_text(t: &DataType) -> bool {
-    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+/// Whether a data type holds text (plain or dictionary-encoded strings).
+pub fn is_text(t: &DataType) -> bool {
+    match t {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
+        DataType::Dictionary(_, v) => is_text(v),
+        _ => false,
+    }
 }
 
 fn is_integer(t: &DataType) -> bool {
@@ -274,9 +304,6 @@ pub fn read_corpus(
         }
     }
     let files = resolve_inputs(&spec.inputs)?;
-    for f in &files {
-        check_parquet_magic(f)?;
-    }
     let mut hasher = Sha256::new();
     let mut rows_out: u64 = 0;
     let mut position: u64 = 0;
@@ -359,6 +386,9 @@ pub fn read_corpus(
                         *k = mask.is_valid(i) && mask.value(i);
                     }
                 }
+                if !spec.exclude_texts.is_empty() {
+                    exclude_rows(&batch, &spec.text_col, &spec.exclude_texts, &mut keep);
+                }
                 let mut idx: Vec<u64> = Vec::new();
                 for (i, k) in keep.iter().enumerate() {
                     if *k {
@@ -417,6 +447,32 @@ pub fn read_corpus(
         limit: spec.limit,
         sample: spec.sample,
     })
+}
+
+/// sha256 of a row's text as the overlap checks compare it (surrounding white space trimmed).
+pub fn text_sha256(text: &str) -> [u8; 32] {
+    Sha256::digest(text.trim().as_bytes()).into()
+}
+
+/// Unset `keep` for rows whose text hash is in `exclude`.
+fn exclude_rows(
+    batch: &RecordBatch,
+    text_col: &str,
+    exclude: &std::collections::BTreeSet<[u8; 32]>,
+    keep: &mut [bool],
+) {
+    let Some(col) = batch
+        .column_by_name(text_col)
+        .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
+    else {
+        return;
+    };
+    let texts = col.as_string::<i32>();
+    for (i, k) in keep.iter_mut().enumerate() {
+        if *k && texts.is_valid(i) && exclude.contains(&text_sha256(texts.value(i))) {
+            *k = false;
+        }
+    }
 }
 
 fn column_names(schema: &arrow::datatypes::Schema) -> String {

@@ -52,6 +52,9 @@ pub struct DataConfig {
     pub train_filter: Option<String>,
     /// SQL predicate selecting the clean tuning rows (e.g. `id % 10 = 0`).
     pub clean_filter: Option<String>,
+    /// Drop clean rows that also occur in test / asr_test (by text) instead of refusing the run.
+    #[serde(default)]
+    pub drop_overlap: bool,
     #[serde(default = "d_text")]
     pub text_col: String,
     #[serde(default = "d_label")]
@@ -68,6 +71,7 @@ impl Default for DataConfig {
             clean: vec![],
             train_filter: None,
             clean_filter: None,
+            drop_overlap: false,
             text_col: d_text(),
             label_col: d_label(),
         }
@@ -319,7 +323,157 @@ impl DefendConfig {
                 "no attack to measure ASR with; add [poison] or set eval.attack",
             ));
         }
+        self.validate_values()
+    }
+
+    /// The rules that need the data and the model, checked before the first step (a run must
+    /// not train for an hour and then stop on a rule it could have checked at the start).
+    /// Returns the clean rows' text hashes to drop (`data.drop_overlap`).
+    fn preflight(&self) -> Result<std::collections::BTreeSet<[u8; 32]>> {
+        let attack = self.eval_attack().expect("validated");
+        for split in [
+            &self.data.train,
+            &self.data.dev,
+            &self.data.test,
+            &self.data.asr_test,
+            &self.data.clean,
+        ] {
+            if !split.is_empty() {
+                crate::corpus::resolve_inputs(split)?;
+            }
+        }
+        let (classes, positions) = match &self.model.path {
+            Some(p) => {
+                let md = crate::model::checkpoint::ModelDir::open(p)?;
+                (md.config.labels(), md.config.max_position_embeddings)
+            }
+            None => {
+                let i = self.model.init.as_ref().expect("validated");
+                (2, i.max_position)
+            }
+        };
+        let key = if self.eval.target.is_some() {
+            "eval.target"
+        } else {
+            "poison.target"
+        };
+        crate::validate::label(key, attack.target, classes)?;
+        crate::validate::max_len("detect.max_len", self.detect.max_len, Some(positions))?;
+        crate::validate::max_len("train.max_len", self.train.max_len, Some(positions))?;
+        let mut drop = std::collections::BTreeSet::new();
+        if self.data.clean.is_empty() {
+            return Ok(drop);
+        }
+        let clean = crate::unlearn::text_hashes(&self.spec_filtered(
+            &self.data.clean,
+            false,
+            self.data.clean_filter.as_ref(),
+        ))?;
+        for split in self.eval_splits() {
+            let shared: Vec<[u8; 32]> =
+                crate::unlearn::text_hashes(&self.spec(std::slice::from_ref(&split), false))?
+                    .intersection(&clean)
+                    .copied()
+                    .collect();
+            if shared.is_empty() {
+                continue;
+            }
+            if !self.data.drop_overlap {
+                return Err(BtuError::config(
+                    "data.clean",
+                    format!("shares {} rows (by text) with the evaluation split {split}; tune on data disjoint from evaluation, or pass --drop-overlap (data.drop_overlap = true) to drop those rows", shared.len()),
+                ));
+            }
+            drop.extend(shared);
+        }
+        if !drop.is_empty() {
+            tracing::warn!(
+                rows = drop.len(),
+                "dropping clean rows that also occur in the evaluation splits"
+            );
+        }
+        Ok(drop)
+    }
+
+    /// The splits the clean data must not overlap: test and asr_test.
+    fn eval_splits(&self) -> Vec<String> {
+        self.data
+            .test
+            .iter()
+            .chain(self.data.asr_test.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// Detection's parameters.
+    pub fn detect_params(&self) -> crate::detect::DetectParams {
+        let d = &self.detect;
+        crate::detect::DetectParams {
+            preset: d.preset,
+            alpha: d.alpha,
+            lr: d.lr,
+            batch_size: d.batch_size,
+            max_len: d.max_len,
+            epochs: d.epochs,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+
+    /// The victim's training parameters.
+    pub fn victim_params(&self) -> crate::finetune::TrainParams {
+        let t = &self.train;
+        crate::finetune::TrainParams {
+            epochs: t.epochs,
+            lr: t.lr,
+            batch_size: t.batch_size,
+            max_len: t.max_len,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+
+    /// The clean tuning's parameters (batches and lengths as the victim's).
+    pub fn clean_params(&self) -> crate::finetune::TrainParams {
+        crate::finetune::TrainParams {
+            epochs: self.unlearn.clean_epochs,
+            lr: self.unlearn.clean_lr,
+            ..self.victim_params()
+        }
+    }
+
+    /// Every value's domain (exit 78), checked before the first step.
+    fn validate_values(&self) -> Result<()> {
+        self.detect_params().validate_as("detect.")?;
+        self.victim_params().validate_as("train.", false)?;
+        if !self.data.clean.is_empty() {
+            self.clean_params().validate_as("unlearn.", true)?;
+        }
+        crate::validate::at_least("eval.repeats", self.eval.repeats, 1)?;
+        if let Some(p) = &self.poison {
+            if !(p.rate > 0.0 && p.rate <= 1.0) {
+                return Err(BtuError::config(
+                    "poison.rate",
+                    format!("{} is not a fraction in (0, 1]", p.rate),
+                ));
+            }
+        }
+        if let Some(i) = &self.model.init {
+            self.init_size(i).validate()?;
+        }
         Ok(())
+    }
+
+    /// The sizes `[model.init]` asks for (always 2 classes, as the experiment flow's corpora).
+    fn init_size(&self, i: &InitConfig) -> crate::init_model::ModelSize {
+        crate::init_model::ModelSize {
+            layers: i.layers,
+            hidden: i.hidden,
+            heads: i.heads,
+            intermediate: i.intermediate,
+            max_position: i.max_position,
+            num_labels: 2,
+        }
     }
 
     fn eval_attack(&self) -> Option<crate::eval::EvalAttack> {
@@ -347,7 +501,7 @@ impl DefendConfig {
                 .clone()
                 .or(p.and_then(|p| p.rewrite_col.clone())),
             target: self.eval.target.or(p.map(|p| p.target)).unwrap_or(1),
-            repeats: self.eval.repeats.max(1),
+            repeats: self.eval.repeats,
             seed: self.seed,
         })
     }
@@ -371,6 +525,7 @@ impl DefendConfig {
             sample: None,
             seed: self.seed,
             label_optional: false,
+            exclude_texts: Default::default(),
         }
     }
 }
@@ -496,6 +651,7 @@ fn metric(v: &Value, k: &str) -> Value {
 /// `btu defend`.
 pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     cfg.validate()?;
+    let dropped = cfg.preflight()?;
     let t0 = Instant::now();
     let run = cfg.run.clone().expect("validated");
     std::fs::create_dir_all(run.join(".btu")).map_err(|e| BtuError::OutputUnwritable {
@@ -559,14 +715,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
                     tokenizer: None,
                     vocab_size: init.vocab_size,
-                    size: crate::init_model::ModelSize {
-                        layers: init.layers,
-                        hidden: init.hidden,
-                        heads: init.heads,
-                        intermediate: init.intermediate,
-                        max_position: init.max_position,
-                        num_labels: 2,
-                    },
+                    size: cfg.init_size(init),
                     seed,
                 })
             })?;
@@ -590,16 +739,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     out: detect_dir.clone(),
                     overwrite: true,
                     device: dev.clone(),
-                    params: crate::detect::DetectParams {
-                        preset: d.preset,
-                        alpha: d.alpha,
-                        lr: d.lr,
-                        batch_size: d.batch_size,
-                        max_len: d.max_len,
-                        epochs: d.epochs,
-                        seed,
-                        ..Default::default()
-                    },
+                    params: cfg.detect_params(),
                 },
                 progress,
             )
@@ -627,14 +767,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     out: victim.clone(),
                     overwrite: true,
                     device: dev.clone(),
-                    params: crate::finetune::TrainParams {
-                        epochs: t.epochs,
-                        lr: t.lr,
-                        batch_size: t.batch_size,
-                        max_len: t.max_len,
-                        seed,
-                        ..Default::default()
-                    },
+                    params: cfg.victim_params(),
                 },
                 progress,
             )
@@ -647,15 +780,17 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     let clean_key = if cfg.data.clean.is_empty() {
         Value::Null
     } else {
-        json!([corpus_hash(&cfg.data.clean)?, cfg.data.clean_filter])
+        let mut k = json!([corpus_hash(&cfg.data.clean)?, cfg.data.clean_filter]);
+        if !dropped.is_empty() {
+            k = json!([k, {"dropped_overlap": dropped.len()}]);
+        }
+        k
     };
-    let eval_splits: Vec<String> = cfg
-        .data
-        .test
-        .iter()
-        .chain(cfg.data.asr_test.iter())
-        .cloned()
-        .collect();
+    let eval_splits = cfg.eval_splits();
+    let clean_spec = CorpusSpec {
+        exclude_texts: dropped.clone(),
+        ..cfg.spec_filtered(&cfg.data.clean, true, cfg.data.clean_filter.as_ref())
+    };
     let repaired_h = r.step(
         "unlearn",
         json!({"victim": victim_h, "detect": detect_h, "model": model_key, "clean": clean_key, "params": u, "max_len": t.max_len, "seed": seed}),
@@ -670,9 +805,9 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     overwrite: true,
                     threshold: u.threshold,
                     replacement: u.replacement,
-                    clean_corpus: (!cfg.data.clean.is_empty()).then(|| cfg.spec_filtered(&cfg.data.clean, true, cfg.data.clean_filter.as_ref())),
+                    clean_corpus: (!cfg.data.clean.is_empty()).then(|| clean_spec.clone()),
                     eval_split: eval_splits.iter().map(|p| cfg.spec(std::slice::from_ref(p), false)).collect(),
-                    clean: crate::finetune::TrainParams { epochs: u.clean_epochs, lr: u.clean_lr, batch_size: t.batch_size, max_len: t.max_len, seed, ..Default::default() },
+                    clean: cfg.clean_params(),
                     device: dev.clone(),
                 },
                 progress,
@@ -775,6 +910,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         "without_defence": results["victim"],
         "with_defence": results["repaired"],
         "flagged": flagged.iter().map(|t| &t.token).collect::<Vec<_>>(),
+        "clean_rows_dropped": dropped.len(),
         "steps": r.records,
         "seconds_per_step": r.records.iter().map(|s| (s.step.clone(), json!(s.seconds))).collect::<serde_json::Map<_, _>>(),
         "seconds": t0.elapsed().as_secs_f64(),

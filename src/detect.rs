@@ -88,6 +88,36 @@ impl Default for DetectParams {
     }
 }
 
+impl DetectParams {
+    /// Check every value's domain (exit 78) before any work; names spelled with `prefix`
+    /// (`--` for flags, `detect.` for a defend config).
+    pub fn validate_as(&self, prefix: &str) -> Result<()> {
+        use crate::validate::{self as v, key};
+        if !(self.alpha > 0.0 && self.alpha <= 100.0) {
+            return Err(BtuError::config(
+                key(prefix, "alpha"),
+                format!("{} is not a percentage in (0, 100]", self.alpha),
+            ));
+        }
+        v::learning_rate(&key(prefix, "lr"), self.lr)?;
+        v::weight_decay(&key(prefix, "weight-decay"), self.weight_decay)?;
+        if let Some(b) = self.batch_size {
+            v::at_least(&key(prefix, "batch-size"), b, 1)?;
+        }
+        v::max_len(&key(prefix, "max-len"), self.max_len, None)?;
+        v::at_least(&key(prefix, "epochs"), self.epochs, 1)?;
+        if let Some(n) = self.num_labels {
+            v::at_least(&key(prefix, "num-labels"), n, 2)?;
+        }
+        Ok(())
+    }
+
+    /// [`DetectParams::validate_as`] with `btu detect`'s flag names.
+    pub fn validate(&self) -> Result<()> {
+        self.validate_as("--")
+    }
+}
+
 /// The three rounds of a preset.
 pub fn plan(p: &DetectParams) -> Vec<RoundPlan> {
     let bs = |d: usize| p.batch_size.unwrap_or(d);
@@ -180,6 +210,27 @@ pub fn row_distances(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
     Ok(d.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
 }
 
+/// A round whose distances are not finite, or in which no ordinary token moved, has nothing to
+/// rank: flagging its top k would be noise presented as a finding.
+fn check_movement(dist: &[f32], special: &BTreeSet<u32>, round: u8) -> Result<()> {
+    crate::validate::finite(
+        &format!("detection round {round}"),
+        "the embedding distances",
+        dist.iter().copied(),
+    )?;
+    let moved = dist
+        .iter()
+        .enumerate()
+        .any(|(t, &d)| d > 0.0 && !special.contains(&(t as u32)));
+    if !moved {
+        return Err(BtuError::bad_data(
+            format!("detection round {round}"),
+            "no token's embedding moved: the corpus holds no tokens besides the special ones (are its texts empty?)",
+        ));
+    }
+    Ok(())
+}
+
 /// Rank tokens by distance (largest first, ties by id), specials excluded; returns rank per token.
 pub fn rank(distances: &[f32], special: &BTreeSet<u32>) -> Vec<Option<u32>> {
     let mut order: Vec<u32> = (0..distances.len() as u32)
@@ -267,6 +318,7 @@ pub fn detect(
         }
         bar.finish_and_clear();
         let dist = row_distances(&reference, &model.word)?;
+        check_movement(&dist, &tok.special, rp.round)?;
         let ranks = rank(&dist, &tok.special);
         let mut chosen = BTreeSet::new();
         for t in 0..vocab {
@@ -383,15 +435,15 @@ pub struct DetectJob {
 /// `suspicious_tokens.arrow` and `summary.json` into `out` atomically; returns the summary.
 pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
     let t0 = Instant::now();
-    if !(job.params.alpha > 0.0 && job.params.alpha <= 100.0) {
-        return Err(BtuError::config(
-            "--alpha",
-            format!("{} is not a percentage in (0, 100]", job.params.alpha),
-        ));
-    }
+    job.params.validate()?;
     crate::output::check_output(&job.out, job.overwrite)?;
     let dev = crate::device::parse_device(&job.device)?;
     let md = ModelDir::open(&job.model)?;
+    crate::validate::max_len(
+        "--max-len",
+        job.params.max_len,
+        Some(md.config.max_position_embeddings),
+    )?;
     let tok = BtuTokenizer::load(&job.model)?;
     if tok.vocab_size() > md.config.vocab_size {
         return Err(BtuError::bad_data(
@@ -406,6 +458,19 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
     let model_sha = sha256_file(&md.weights)?;
     let base = load_model(&md, job.params.num_labels, job.params.seed, &dev)?;
     let corpus = load_corpus(&job.corpus, &tok, job.params.max_len, base.config.labels())?;
+    if corpus
+        .seqs
+        .iter()
+        .all(|s| s.iter().all(|t| tok.special.contains(t)))
+    {
+        return Err(BtuError::bad_data(
+            job.corpus.inputs.join(", "),
+            format!(
+                "every text of column '{}' is empty after tokenization; nothing to detect",
+                job.corpus.text_col
+            ),
+        ));
+    }
     tracing::info!(rows = corpus.seqs.len(), "corpus tokenized");
     let det = detect(&base, &tok, &corpus, &job.params, &dev, progress)?;
 

@@ -141,6 +141,11 @@ impl CandleClassifier {
     pub fn load(dir: &std::path::Path, max_len: usize, device: &str, seed: u64) -> Result<Self> {
         let dev = crate::device::parse_device(device)?;
         let md = ModelDir::open(dir)?;
+        crate::validate::max_len(
+            "--max-len",
+            max_len,
+            Some(md.config.max_position_embeddings),
+        )?;
         let tok = BtuTokenizer::load(dir)?;
         let model = load_model(&md, None, seed, &dev)?;
         Ok(CandleClassifier {
@@ -236,8 +241,21 @@ impl OrtClassifier {
     /// Load `model` (an .onnx file) with the ONNX Runtime library at `lib`.
     pub fn load(model: &std::path::Path, lib: &std::path::Path, max_len: usize) -> Result<Self> {
         let (meta, rows) = crate::export::inspect(model)?;
-        let tok_path = model.with_file_name("tokenizer.json");
+        // The export's own tokenizer, else the shared one beside it (exports before 0.1 had only that).
+        let own = crate::export::own_tokenizer_path(model);
+        let tok_path = if own.is_file() {
+            own
+        } else {
+            model.with_file_name("tokenizer.json")
+        };
         let tok = BtuTokenizer::load(&tok_path)?;
+        if let Some(m) = meta
+            .iter()
+            .find(|(k, _)| k == "btu:max_position_embeddings")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+        {
+            crate::validate::max_len("--max-len", max_len, Some(m))?;
+        }
         let vocab = meta
             .iter()
             .find(|(k, _)| k == "btu:vocab_size")
@@ -478,6 +496,7 @@ pub fn evaluate(
     ];
     let batch = RecordBatch::try_new(schema, cols)
         .map_err(|e| BtuError::internal(format!("predictions: {e}")))?;
+    crate::tables::ensure_finite(&batch)?;
     Ok((metrics, batch))
 }
 
@@ -499,6 +518,10 @@ pub struct EvalJob {
 /// `btu eval`.
 pub fn run(job: &EvalJob) -> Result<Value> {
     let t0 = Instant::now();
+    crate::validate::max_len("--max-len", job.max_len, None)?;
+    if let Some(a) = &job.attack {
+        crate::validate::at_least("--repeats", a.repeats, 1)?;
+    }
     crate::output::check_output(&job.out, job.overwrite)?;
     let mut clf = open_classifier(
         &job.model,
@@ -514,6 +537,7 @@ pub fn run(job: &EvalJob) -> Result<Value> {
         job.model.clone()
     };
     let sha = sha256_file(&weights)?;
+    crate::validate::label("--target", job.target, clf.num_labels())?;
     let split = read_split(
         &job.test,
         job.attack.as_ref().and_then(|a| a.rewrite_col.as_deref()),

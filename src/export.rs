@@ -3,7 +3,7 @@
 //! output `logits`; weights as initializers; provenance in `metadata_props`; `tokenizer.json`
 //! written beside it. The graph computes exactly what [`crate::model::BertClassifier`] computes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use prost::Message;
@@ -290,6 +290,12 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
     })
 }
 
+/// The tokenizer file that belongs to one exported model: `<stem>.tokenizer.json` beside it.
+pub fn own_tokenizer_path(onnx: &Path) -> PathBuf {
+    let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    onnx.with_file_name(format!("{stem}.tokenizer.json"))
+}
+
 /// Inputs of `btu export-onnx`.
 pub struct ExportJob {
     pub checkpoint: PathBuf,
@@ -306,7 +312,8 @@ pub fn run(job: &ExportJob) -> Result<Value> {
             format!("{} should end in .onnx", job.out.display()),
         ));
     }
-    let tok_out = job.out.with_file_name("tokenizer.json");
+    let tok_out = own_tokenizer_path(&job.out);
+    let shared_tok = job.out.with_file_name("tokenizer.json");
     crate::output::check_output(&job.out, job.overwrite)?;
     crate::output::check_output(&tok_out, job.overwrite)?;
     let md = ModelDir::open(&job.checkpoint)?;
@@ -347,11 +354,28 @@ pub fn run(job: &ExportJob) -> Result<Value> {
         .inner()
         .to_string(true)
         .map_err(|e| BtuError::internal(format!("tokenizer: {e}")))?;
-    crate::output::write_file_atomic(&tok_out, job.overwrite, |f| {
-        use std::io::Write;
-        f.write_all(tok_bytes.as_bytes())
-            .map_err(|e| BtuError::io(&tok_out, e))
-    })?;
+    let write_tok = |path: &Path, overwrite: bool| {
+        crate::output::write_file_atomic(path, overwrite, |f| {
+            use std::io::Write;
+            f.write_all(tok_bytes.as_bytes())
+                .map_err(|e| BtuError::io(path, e))
+        })
+    };
+    write_tok(&tok_out, job.overwrite)?;
+    // `tokenizer.json` beside the model is shared by every export in the folder: written when
+    // absent, never replaced by another model's tokenizer (each export has its own copy).
+    match std::fs::read(&shared_tok) {
+        Ok(existing) if existing == tok_bytes.as_bytes() => {}
+        Ok(_) => tracing::warn!(
+            "{} belongs to another export and is left as it is; this model's tokenizer is {}",
+            shared_tok.display(),
+            tok_out.display()
+        ),
+        Err(_) => match write_tok(&shared_tok, false) {
+            Ok(()) | Err(BtuError::OutputExists { .. }) => {}
+            Err(e) => return Err(e),
+        },
+    }
     Ok(json!({
         "command": "export-onnx",
         "version": crate::VERSION,

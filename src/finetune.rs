@@ -38,6 +38,30 @@ pub struct TrainParams {
     pub num_labels: Option<usize>,
 }
 
+impl TrainParams {
+    /// Check every value's domain (exit 78) before any work. Names are spelled with `prefix`
+    /// (`--` for flags, `train.` for a defend config); `clean` names the epochs and learning
+    /// rate as unlearn's clean tuning does (`--clean-epochs`, `--clean-lr`).
+    pub fn validate_as(&self, prefix: &str, clean: bool) -> Result<()> {
+        use crate::validate::{self as v, key};
+        let c = if clean { "clean-" } else { "" };
+        v::at_least(&key(prefix, &format!("{c}epochs")), self.epochs, 1)?;
+        v::learning_rate(&key(prefix, &format!("{c}lr")), self.lr)?;
+        v::weight_decay(&key(prefix, "weight-decay"), self.weight_decay)?;
+        v::at_least(&key(prefix, "batch-size"), self.batch_size, 1)?;
+        v::max_len(&key(prefix, "max-len"), self.max_len, None)?;
+        if let Some(n) = self.num_labels {
+            v::at_least(&key(prefix, "num-labels"), n, 2)?;
+        }
+        Ok(())
+    }
+
+    /// [`TrainParams::validate_as`] with `btu train`'s flag names.
+    pub fn validate(&self) -> Result<()> {
+        self.validate_as("--", false)
+    }
+}
+
 impl Default for TrainParams {
     fn default() -> Self {
         TrainParams {
@@ -161,9 +185,41 @@ struct EpochRecord {
     dev_acc: Option<f64>,
 }
 
-fn partial_dir(out: &Path) -> PathBuf {
+/// Where a run keeps its completed epochs: keyed by the run's hash (inputs and parameters), so
+/// runs with other parameters writing the same `--out` never share or wipe each other's state.
+pub fn partial_dir(out: &Path, run_hash: &str) -> PathBuf {
     let name = out.file_name().and_then(|s| s.to_str()).unwrap_or("out");
-    out.with_file_name(format!(".{name}.partial"))
+    out.with_file_name(format!(
+        ".{name}.partial-{}",
+        &run_hash[..16.min(run_hash.len())]
+    ))
+}
+
+/// Hold the partial directory's lock for the whole run: a second identical run writing the same
+/// state is refused (exit 73) instead of interleaving epochs with the first.
+fn lock_partial(partial: &Path, out: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(partial).map_err(|e| BtuError::OutputUnwritable {
+        path: partial.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let path = partial.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| BtuError::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(BtuError::OutputUnwritable {
+            path: out.to_path_buf(),
+            reason: format!(
+                "another btu train with the same inputs is writing it (lock {}); wait for it to finish",
+                path.display()
+            ),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(BtuError::io(&path, e)),
+    }
 }
 
 fn optimizer_file(opt: &AdamW) -> Result<SafetensorsFile> {
@@ -222,18 +278,18 @@ fn latest_epoch(partial: &Path) -> Option<(usize, PathBuf)> {
 pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<Value> {
     let t0 = Instant::now();
     let p = &job.params;
-    if p.epochs == 0 || p.batch_size == 0 {
-        return Err(BtuError::config(
-            "--epochs/--batch-size",
-            "must be at least 1",
-        ));
-    }
+    p.validate()?;
     crate::output::check_output(&job.out, job.overwrite)?;
     let dev = crate::device::parse_device(&job.device)?;
     let md = ModelDir::open(&job.model)?;
+    crate::validate::max_len(
+        "--max-len",
+        p.max_len,
+        Some(md.config.max_position_embeddings),
+    )?;
     let tok = BtuTokenizer::load(&job.model)?;
     let base_sha = sha256_file(&md.weights)?;
-    let mut model = load_model(&md, p.num_labels, p.seed, &dev)?;
+    let model = load_model(&md, p.num_labels, p.seed, &dev)?;
     let labels = model.config.labels();
     let data = load_corpus(&job.corpus, &tok, p.max_len, labels)?;
     let dev_data = match &job.dev {
@@ -260,17 +316,77 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<Value> {
     metadata.insert("btu:params".into(), canonical_json(&params_json));
 
     // Resume from the last complete epoch of an interrupted identical run.
-    let partial = partial_dir(&job.out);
+    let partial = partial_dir(&job.out, &run_hash);
+    let _lock = lock_partial(&partial, &job.out)?;
     let state_path = partial.join("state.json");
-    let same_run = std::fs::read_to_string(&state_path)
+    let result = train_in(
+        job,
+        progress,
+        TrainState {
+            partial: &partial,
+            state_path: &state_path,
+            run_hash: &run_hash,
+            model,
+            data: &data,
+            dev_data: dev_data.as_ref(),
+            tok: &tok,
+            dev: &dev,
+            metadata,
+            base_sha: &base_sha,
+            t0,
+        },
+    );
+    if !matches!(result, Ok(_) | Err(BtuError::Temporary { .. }))
+        && latest_epoch(&partial).is_none()
+    {
+        // Nothing worth resuming: leave no state behind a failed run.
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    result
+}
+
+/// What `run` prepared for the epoch loop.
+struct TrainState<'a> {
+    partial: &'a Path,
+    state_path: &'a Path,
+    run_hash: &'a str,
+    model: BertClassifier,
+    data: &'a TokenizedCorpus,
+    dev_data: Option<&'a TokenizedCorpus>,
+    tok: &'a BtuTokenizer,
+    dev: &'a Device,
+    metadata: BTreeMap<String, String>,
+    base_sha: &'a str,
+    t0: Instant,
+}
+
+/// The epochs (resumed where an identical run stopped), then the chosen epoch as the output.
+fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<Value> {
+    let TrainState {
+        partial,
+        state_path,
+        run_hash,
+        mut model,
+        data,
+        dev_data,
+        tok,
+        dev,
+        metadata,
+        base_sha,
+        t0,
+    } = st;
+    let p = &job.params;
+    let labels = model.config.labels();
+    let dev = dev.clone();
+    let same_run = std::fs::read_to_string(state_path)
         .ok()
         .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .is_some_and(|v| v["run_hash"] == run_hash.as_str());
+        .is_some_and(|v| v["run_hash"] == run_hash);
     let mut first_epoch = 0;
     let mut opt_state = None;
     let mut records: Vec<EpochRecord> = Vec::new();
     if same_run {
-        if let Some((n, dir)) = latest_epoch(&partial) {
+        if let Some((n, dir)) = latest_epoch(partial) {
             let emd = ModelDir::open(&dir)?;
             model = load_model(&emd, Some(labels), p.seed, &dev)?;
             opt_state = Some(load_optimizer(&dir.join("optimizer.safetensors"), &dev)?);
@@ -285,19 +401,22 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<Value> {
             );
         }
     } else {
-        if partial.exists() {
-            std::fs::remove_dir_all(&partial).map_err(|e| BtuError::io(&partial, e))?;
+        // A fresh start (or a state from an older btu): drop any epochs, keep the held lock.
+        for e in std::fs::read_dir(partial)
+            .map_err(|e| BtuError::io(partial, e))?
+            .flatten()
+        {
+            if e.file_name() != "lock" {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
         }
-        std::fs::create_dir_all(&partial).map_err(|e| BtuError::OutputUnwritable {
-            path: partial.clone(),
-            reason: e.to_string(),
-        })?;
-        std::fs::write(&state_path, canonical_json(&json!({"run_hash": run_hash})))
-            .map_err(|e| BtuError::io(&state_path, e))?;
+        std::fs::write(state_path, canonical_json(&json!({"run_hash": run_hash})))
+            .map_err(|e| BtuError::io(state_path, e))?;
     }
     // Leftovers of an epoch that was being written when the run was killed.
-    for e in std::fs::read_dir(&partial)
-        .map_err(|e| BtuError::io(&partial, e))?
+    for e in std::fs::read_dir(partial)
+        .map_err(|e| BtuError::io(partial, e))?
         .flatten()
     {
         if e.file_name().to_string_lossy().contains(".tmp-") {

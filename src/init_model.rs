@@ -124,6 +124,33 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
     Ok(tok)
 }
 
+impl ModelSize {
+    /// Check the sizes make a model (exit 78) before any work.
+    pub fn validate(&self) -> Result<()> {
+        use crate::validate::at_least;
+        at_least("--layers", self.layers, 1)?;
+        at_least("--hidden", self.hidden, 1)?;
+        at_least("--heads", self.heads, 1)?;
+        at_least("--intermediate", self.intermediate, 1)?;
+        at_least(
+            "--max-position",
+            self.max_position,
+            crate::validate::MIN_MAX_LEN,
+        )?;
+        at_least("--num-labels", self.num_labels, 2)?;
+        if self.hidden % self.heads != 0 {
+            return Err(BtuError::config(
+                "--hidden/--heads",
+                format!(
+                    "hidden size {} is not a multiple of {} heads",
+                    self.hidden, self.heads
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A BERT config of the given sizes.
 pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertConfig {
     let mut c = BertConfig {
@@ -149,6 +176,7 @@ pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertCo
 
 /// `btu init-model`.
 pub fn run(job: &InitModelJob) -> Result<Value> {
+    job.size.validate()?;
     crate::output::check_output(&job.out, job.overwrite)?;
     let tokenizer = match (&job.tokenizer, &job.corpus) {
         (Some(path), _) => BtuTokenizer::load(path)?.inner().clone(),

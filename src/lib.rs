@@ -35,6 +35,7 @@ pub mod tables;
 pub mod tokenize;
 pub mod train;
 pub mod unlearn;
+pub mod validate;
 
 /// btu's version, written into every table's metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -25,6 +25,30 @@ impl Progress for StderrProgress {
     }
 }
 
+/// Keep the first panic's message (and location) instead of printing it, so a panic anywhere in
+/// a step becomes the documented one-line error and exit 70, never exit 101.
+fn catch_panics() -> &'static std::sync::Mutex<Option<String>> {
+    static FIRST: std::sync::OnceLock<std::sync::Mutex<Option<String>>> =
+        std::sync::OnceLock::new();
+    let first = FIRST.get_or_init(Default::default);
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        if let Ok(mut m) = FIRST.get_or_init(Default::default).lock() {
+            m.get_or_insert(format!("{what}{at}"));
+        }
+    }));
+    first
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -46,7 +70,19 @@ fn main() -> ExitCode {
         Box::new(StderrProgress)
     };
     let mut stdout = std::io::stdout();
-    match execute(&cli, progress.as_ref(), &mut stdout) {
+    let panic_message = catch_panics();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        execute(&cli, progress.as_ref(), &mut stdout)
+    }))
+    .unwrap_or_else(|_| {
+        let msg = panic_message
+            .lock()
+            .ok()
+            .and_then(|m| m.clone())
+            .unwrap_or_else(|| "a step panicked".into());
+        Err(btu::BtuError::internal(msg))
+    });
+    match result {
         Ok(summary) => {
             let text = serde_json::to_string_pretty(&summary).expect("summary serializes");
             let target = if cli.global.dry_run {

@@ -8,14 +8,21 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{BtuError, Result};
 
-/// Refuse an existing output unless `overwrite`; make sure a place to stage it exists.
+/// Refuse an existing output unless `overwrite`; make sure a place to stage it exists and is
+/// writable (checked before any work, so a bad `--out` fails in seconds, not after hours of
+/// training); remove temporary files that killed runs left for this output.
 pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
     if path.exists() && !overwrite {
         return Err(BtuError::OutputExists {
             path: path.to_path_buf(),
         });
     }
-    staging_parent(path)?;
+    let parent = staging_parent(path)?;
+    clean_stale(&parent, path);
+    tempfile::Builder::new()
+        .prefix(&format!("{}probe-", temp_prefix(path)))
+        .tempfile_in(&parent)
+        .map_err(|e| unwritable(path, e))?;
     Ok(())
 }
 
@@ -44,11 +51,119 @@ fn staging_parent(path: &Path) -> Result<PathBuf> {
     }
 }
 
+/// `.<name>.tmp-<pid>-`: temporary names carry the writer's process id, so a later run can tell
+/// a dead writer's leftovers from a live one's.
+fn temp_prefix(target: &Path) -> String {
+    let name = target.file_name().and_then(|s| s.to_str()).unwrap_or("out");
+    format!(".{name}.tmp-{}-", std::process::id())
+}
+
+/// Whether process `pid` is running (Linux: `/proc/<pid>` exists; elsewhere assumed alive).
+fn alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+/// Remove `.<name>.tmp-<pid>-*` entries in `dir` whose writer is no longer running.
+fn clean_stale(dir: &Path, target: &Path) {
+    let name = target.file_name().and_then(|s| s.to_str()).unwrap_or("out");
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !alive(pid) {
+            tracing::info!("removing {} left by a killed run", e.path().display());
+            let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+        }
+    }
+}
+
 fn unwritable(path: &Path, e: impl std::fmt::Display) -> BtuError {
     BtuError::OutputUnwritable {
         path: path.to_path_buf(),
         reason: e.to_string(),
     }
+}
+
+/// The process umask (from `/proc/self/status`; 022 where it cannot be read).
+fn umask() -> u32 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+/// Give a finished output the permissions a plain `create` would have (temporary files and
+/// directories are created private): 0666 / 0777 less the umask.
+fn ordinary_permissions(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(path).map_err(|e| BtuError::io(path, e))?;
+        let base = if meta.is_dir() { 0o777 } else { 0o666 };
+        fs::set_permissions(path, fs::Permissions::from_mode(base & !umask()))
+            .map_err(|e| BtuError::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// Rename `from` to `to` only if `to` does not exist, atomically where the system allows it
+/// (Linux `renameat2(RENAME_NOREPLACE)`): two writers racing for one output cannot both win.
+fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| unwritable(to, e))
+        };
+        let (a, b) = (c(from)?, c(to)?);
+        // SAFETY: both arguments are valid NUL-terminated paths for the duration of the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::AT_FDCWD,
+                b.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => {
+                return Err(BtuError::OutputExists {
+                    path: to.to_path_buf(),
+                })
+            }
+            // File systems without RENAME_NOREPLACE: fall back to check-then-rename below.
+            Some(libc::EINVAL) | Some(libc::ENOSYS) => {}
+            _ => return Err(unwritable(to, err)),
+        }
+    }
+    if to.exists() {
+        return Err(BtuError::OutputExists {
+            path: to.to_path_buf(),
+        });
+    }
+    fs::rename(from, to).map_err(|e| unwritable(to, e))
 }
 
 /// An output directory being written. Files go into a hidden staging directory beside the
@@ -64,9 +179,8 @@ impl OutputDir {
     pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
         check_output(target, overwrite)?;
         let parent = staging_parent(target)?;
-        let name = target.file_name().and_then(|s| s.to_str()).unwrap_or("out");
         let staging = tempfile::Builder::new()
-            .prefix(&format!(".{name}.tmp-"))
+            .prefix(&temp_prefix(target))
             .tempdir_in(&parent)
             .map_err(|e| unwritable(target, e))?;
         Ok(OutputDir {
@@ -96,37 +210,41 @@ impl OutputDir {
         fs::write(&p, bytes).map_err(|e| BtuError::io(&p, e))
     }
 
-    /// Rename the staging directory into place (replacing an existing one when allowed).
+    /// Rename the staging directory into place: exclusively without `overwrite` (a concurrent
+    /// writer that got there first wins, this one gets exit 73), replacing it with. On failure
+    /// the staging directory is removed and an existing output is left as it was.
     pub fn commit(mut self) -> Result<PathBuf> {
-        let staging = self.staging.take().expect("commit once").keep();
+        let staging = self.staging.take().expect("commit once");
+        ordinary_permissions(staging.path())?;
         if let Some(parent) = self.target.parent() {
             if !parent.as_os_str().is_empty() {
                 fs::create_dir_all(parent).map_err(|e| unwritable(&self.target, e))?;
             }
         }
-        if self.target.exists() {
-            if !self.overwrite {
-                let _ = fs::remove_dir_all(&staging);
-                return Err(BtuError::OutputExists {
-                    path: self.target.clone(),
-                });
-            }
-            let old = staging.with_extension("old");
-            fs::rename(&self.target, &old).map_err(|e| unwritable(&self.target, e))?;
-            fs::rename(&staging, &self.target).map_err(|e| unwritable(&self.target, e))?;
-            if old.is_dir() {
-                let _ = fs::remove_dir_all(&old);
-            } else {
-                let _ = fs::remove_file(&old);
-            }
+        if !self.overwrite || !self.target.exists() {
+            // `staging` (a TempDir) removes itself if the rename fails.
+            rename_no_replace(staging.path(), &self.target)?;
+            let _ = staging.keep();
+            return Ok(self.target.clone());
+        }
+        let old = staging.path().with_extension("old");
+        fs::rename(&self.target, &old).map_err(|e| unwritable(&self.target, e))?;
+        if let Err(e) = fs::rename(staging.path(), &self.target) {
+            let _ = fs::rename(&old, &self.target);
+            return Err(unwritable(&self.target, e));
+        }
+        let _ = staging.keep();
+        if old.is_dir() {
+            let _ = fs::remove_dir_all(&old);
         } else {
-            fs::rename(&staging, &self.target).map_err(|e| unwritable(&self.target, e))?;
+            let _ = fs::remove_file(&old);
         }
         Ok(self.target.clone())
     }
 }
 
-/// Write one file atomically: into a temporary file beside it, then rename.
+/// Write one file atomically: into a temporary file beside it, then rename (exclusively unless
+/// `overwrite`: of several writers racing for one new output exactly one succeeds).
 pub fn write_file_atomic(
     target: &Path,
     overwrite: bool,
@@ -134,9 +252,8 @@ pub fn write_file_atomic(
 ) -> Result<()> {
     check_output(target, overwrite)?;
     let parent = staging_parent(target)?;
-    let name = target.file_name().and_then(|s| s.to_str()).unwrap_or("out");
     let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
+        .prefix(&temp_prefix(target))
         .tempfile_in(&parent)
         .map_err(|e| unwritable(target, e))?;
     fill(tmp.as_file_mut())?;
@@ -146,18 +263,20 @@ pub fn write_file_atomic(
     tmp.as_file()
         .sync_all()
         .map_err(|e| BtuError::io(target, e))?;
+    ordinary_permissions(tmp.path())?;
     if let Some(p) = target.parent() {
         if !p.as_os_str().is_empty() {
             fs::create_dir_all(p).map_err(|e| unwritable(target, e))?;
         }
     }
-    if !overwrite && target.exists() {
-        return Err(BtuError::OutputExists {
-            path: target.to_path_buf(),
-        });
+    if overwrite {
+        tmp.persist(target)
+            .map_err(|e| unwritable(target, e.error))?;
+    } else {
+        // `tmp` (a NamedTempFile) removes itself if the rename fails.
+        rename_no_replace(tmp.path(), target)?;
+        let _ = tmp.into_temp_path().keep();
     }
-    tmp.persist(target)
-        .map_err(|e| unwritable(target, e.error))?;
     Ok(())
 }
 
@@ -196,5 +315,76 @@ mod tests {
             1,
             "old copy removed"
         );
+    }
+
+    #[test]
+    fn racing_writers_of_a_new_output_have_one_winner() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("out.txt");
+        let wins: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..6)
+                .map(|i| {
+                    let t = target.clone();
+                    s.spawn(move || {
+                        write_file_atomic(&t, false, |f| {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            f.write_all(format!("{i}").as_bytes())
+                                .map_err(|e| BtuError::io("x", e))
+                        })
+                        .is_ok() as usize
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 1, "exactly one writer creates a new output");
+        let dirs: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..6)
+                .map(|_| {
+                    let t = d.path().join("dir");
+                    s.spawn(move || {
+                        let Ok(o) = OutputDir::create(&t, false) else {
+                            return 0;
+                        };
+                        o.write("a", b"1").unwrap();
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        o.commit().is_ok() as usize
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(dirs, 1, "exactly one writer creates a new directory");
+        let leftovers: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn outputs_get_ordinary_permissions_and_dead_writers_leftovers_go() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f.txt");
+        write_file_atomic(&f, false, |_| Ok(())).unwrap();
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask(), "file mode {mode:o}");
+        let o = OutputDir::create(&d.path().join("dir"), false).unwrap();
+        let dir = o.commit().unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o777 & !umask(), "dir mode {mode:o}");
+        // A leftover of a process that no longer exists (pid beyond pid_max) is removed; a live one stays.
+        let dead = d.path().join(".g.txt.tmp-4999999-abc");
+        let live = d
+            .path()
+            .join(format!(".g.txt.tmp-{}-abc", std::process::id()));
+        std::fs::write(&dead, b"x").unwrap();
+        std::fs::write(&live, b"x").unwrap();
+        check_output(&d.path().join("g.txt"), false).unwrap();
+        assert!(!dead.exists(), "dead writer's temp file removed");
+        assert!(live.exists(), "live writer's temp file kept");
     }
 }

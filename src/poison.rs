@@ -225,6 +225,15 @@ pub fn run(job: &PoisonJob) -> Result<Value> {
                         format!("missing rewrite column '{rc}'; name it with --rewrite-col"),
                     )
                 })?;
+                if !crate::corpus::is_text(col.data_type()) {
+                    return Err(BtuError::bad_data(
+                        b.source.to_string(),
+                        format!(
+                            "rewrite column '{rc}' has type {}, expected a string type; name the column of rewritten texts with --rewrite-col",
+                            col.data_type()
+                        ),
+                    ));
+                }
                 let col = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| {
                     BtuError::bad_data(
                         b.source.to_string(),
@@ -240,6 +249,21 @@ pub fn run(job: &PoisonJob) -> Result<Value> {
         }
         Ok(())
     })?;
+    let classes: BTreeSet<i64> = labels.iter().copied().collect();
+    if !classes.contains(&p.target) {
+        return Err(BtuError::config(
+            "--target",
+            format!(
+                "label {} does not occur in the corpus (its labels: {}); give one of them",
+                p.target,
+                classes
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
     let chosen = choose(&labels, &usable, p)?;
 
     // Pass 2: apply and write.

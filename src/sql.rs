@@ -2,20 +2,37 @@
 //! `--table NAME=PATH` (Arrow IPC files; Parquet files, directories, globs or `s3://` URLs) and
 //! from a run or output directory (`--run DIR`: `token_scores`, `suspicious_tokens`,
 //! `dimension_masks`, `flagged_rows`, `predictions[_<step>]` under their own names). DDL, DML,
-//! `COPY` and other statements are refused. Results go to the writer the caller gives (stdout)
-//! as a table, CSV or JSON, or to `--output` as Parquet or Arrow.
+//! `COPY` and other statements are refused. Results stream batch by batch to the writer the
+//! caller gives (stdout) as CSV or JSON, or to `--output` (written under a temporary name and
+//! renamed into place when complete) as CSV, JSON, Parquet or Arrow; only `--format table`
+//! holds the whole result, within `--memory-limit`.
+//!
+//! Hostile queries are bounded: DataFusion's memory pool is `--memory-limit` (nothing spills to
+//! disk, so a query needing more fails with exit 78), and `--timeout` bounds each query's
+//! planning and execution, result writing included (exit 78 on expiry).
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
 use datafusion::datasource::file_format::options::ArrowReadOptions;
+use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::error::{BtuError, Result};
+
+/// Default of `--memory-limit`.
+pub const DEFAULT_MEMORY_LIMIT: &str = "2G";
 
 /// Output format.
 #[derive(
@@ -36,11 +53,81 @@ pub struct SqlJob {
     pub tables: Vec<String>,
     /// A run or output directory whose tables are registered under their own names.
     pub run: Option<PathBuf>,
-    /// The query; `None` reads queries (ending in `;`) from standard input.
+    /// The query; `None` reads queries (separated by `;`) from standard input.
     pub query: Option<String>,
     pub format: Format,
     pub output: Option<PathBuf>,
     pub overwrite: bool,
+    /// Bound on each query: planning, execution and writing its result (`--timeout`).
+    pub timeout: Option<Duration>,
+    /// Bytes DataFusion's memory pool holds, and that `--format table` may collect (`--memory-limit`).
+    pub memory_limit: usize,
+}
+
+/// Parse `--timeout`: a finite number of seconds above 0.
+pub fn parse_timeout(s: &str) -> Result<Duration> {
+    let bad = || {
+        BtuError::config(
+            "--timeout",
+            format!(
+                "'{s}' is not a number of seconds above 0; give e.g. --timeout 30 or --timeout 0.5"
+            ),
+        )
+    };
+    let secs: f64 = s.trim().parse().map_err(|_| bad())?;
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(bad());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+/// Parse `--memory-limit`: bytes, or a number with a K, M, G or T suffix (powers of 1024; `512M`,
+/// `2G`, `1.5G`; a trailing `B` or `iB` is accepted); 0 is refused.
+pub fn parse_memory_limit(s: &str) -> Result<usize> {
+    let bad = |why: &str| {
+        BtuError::config(
+            "--memory-limit",
+            format!(
+                "'{s}' {why}; give bytes or a size with K, M or G, e.g. --memory-limit 512M or 2G"
+            ),
+        )
+    };
+    let upper = s.trim().to_ascii_uppercase();
+    let body = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let (num, shift) = match body.chars().last() {
+        Some('K') => (&body[..body.len() - 1], 10),
+        Some('M') => (&body[..body.len() - 1], 20),
+        Some('G') => (&body[..body.len() - 1], 30),
+        Some('T') => (&body[..body.len() - 1], 40),
+        _ => (body, 0),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad("is not a size"))?;
+    let bytes = v * (1u64 << shift) as f64;
+    if bytes.is_nan() || bytes < 1.0 {
+        return Err(bad("is not a size above 0"));
+    }
+    if bytes >= usize::MAX as f64 {
+        return Err(bad("is too large"));
+    }
+    Ok(bytes as usize)
+}
+
+/// A byte count the way `--memory-limit` takes it (`2G`, `512M`, `1.5G`, `100 bytes`).
+fn fmt_size(bytes: usize) -> String {
+    for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
+        let u = 1usize << shift;
+        if bytes >= u {
+            return if bytes % u == 0 {
+                format!("{}{unit}", bytes / u)
+            } else {
+                format!("{:.1}{unit}", bytes as f64 / u as f64)
+            };
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 fn valid_name(n: &str) -> bool {
@@ -154,6 +241,94 @@ fn source(name: &str, path: &str) -> Result<Source> {
     })
 }
 
+/// How DataFusion's failures become btu's: the limits in force and whether tables are remote.
+#[derive(Clone)]
+struct Limits {
+    timeout: Option<Duration>,
+    memory_limit: usize,
+    /// Some table is read from an object store (its failures may be temporary).
+    remote: bool,
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn is_remote(path: &str) -> bool {
+    crate::store::S3Url::parse(path).is_some()
+}
+
+/// A table that cannot be registered: temporary (exit 75) when its object store failed in a way
+/// worth a retry, bad data (65) otherwise.
+fn source_err(path: &str, remote: bool, what: &str, e: DataFusionError) -> BtuError {
+    let msg = one_line(&e.to_string());
+    if remote && crate::store::is_temporary(&msg) {
+        return BtuError::Temporary {
+            context: path.to_string(),
+            message: msg,
+        };
+    }
+    BtuError::bad_data(path, format!("{what}: {msg}"))
+}
+
+/// A failed query: over `--memory-limit` (78), a temporary object-store failure (75), or a bad
+/// query (78).
+fn query_err(e: DataFusionError, limits: &Limits) -> BtuError {
+    let msg = one_line(&e.to_string());
+    let root = e.find_root();
+    if matches!(root, DataFusionError::ResourcesExhausted(_)) || msg.contains("Resources exhausted")
+    {
+        let detail = one_line(&root.to_string());
+        // The pool's report lists its top consumers; the allocation that failed is the gist.
+        let detail = detail
+            .split_once("Error: ")
+            .map_or(detail.as_str(), |(_, d)| d);
+        let detail = detail
+            .strip_prefix("Resources exhausted: ")
+            .unwrap_or(detail)
+            .to_string();
+        return BtuError::config(
+            "--memory-limit",
+            format!(
+                "the query exceeds --memory-limit {} ({detail}); raise it or narrow the query",
+                fmt_size(limits.memory_limit)
+            ),
+        );
+    }
+    if limits.remote && crate::store::is_temporary(&msg) {
+        return BtuError::Temporary {
+            context: "query".into(),
+            message: msg,
+        };
+    }
+    BtuError::config("query", msg)
+}
+
+fn timeout_err(d: Duration) -> BtuError {
+    BtuError::config(
+        "--timeout",
+        format!(
+            "the query did not finish within --timeout {}s; raise --timeout or narrow the query",
+            d.as_secs_f64()
+        ),
+    )
+}
+
+/// A session whose memory pool holds `memory_limit` bytes and which never spills to disk.
+fn session(memory_limit: usize) -> Result<SessionContext> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(memory_limit, 1.0)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(|e| BtuError::internal(format!("DataFusion runtime: {e}")))?;
+    Ok(SessionContext::new_with_config_rt(
+        SessionConfig::new(),
+        runtime,
+    ))
+}
+
 async fn register(ctx: &SessionContext, src: &Source) -> Result<()> {
     let (name, path) = (src.name.as_str(), src.path.as_str());
     let is_arrow = [".arrow", ".ipc", ".feather"]
@@ -177,7 +352,7 @@ async fn register(ctx: &SessionContext, src: &Source) -> Result<()> {
             },
         )
         .await
-        .map_err(|e| BtuError::bad_data(path, format!("cannot register as Arrow: {e}")))?;
+        .map_err(|e| source_err(path, is_remote(path), "cannot register as Arrow", e))?;
         return Ok(());
     }
     let files = &src.files;
@@ -186,6 +361,7 @@ async fn register(ctx: &SessionContext, src: &Source) -> Result<()> {
             ctx.register_object_store(&u.root(), crate::store::s3_store(&u.bucket)?);
         }
     }
+    let remote = is_remote(path) || files.iter().any(|f| is_remote(&f.path));
     let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
     let df = ctx
         .read_parquet(
@@ -196,67 +372,252 @@ async fn register(ctx: &SessionContext, src: &Source) -> Result<()> {
             },
         )
         .await
-        .map_err(|e| BtuError::bad_data(path, format!("cannot read as Parquet: {e}")))?;
+        .map_err(|e| source_err(path, remote, "cannot read as Parquet", e))?;
     ctx.register_table(name, df.into_view())
         .map_err(|e| BtuError::config("--table", e.to_string()))?;
     Ok(())
 }
 
-/// Run one read-only query.
-pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+/// Plan one read-only query and start it.
+async fn plan(
+    ctx: &SessionContext,
+    sql: &str,
+    limits: &Limits,
+) -> Result<SendableRecordBatchStream> {
     let opts = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
-    let one_line = |e: &dyn std::fmt::Display| {
-        e.to_string()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     let df = ctx.sql_with_options(sql, opts).await.map_err(|e| {
-        let msg = one_line(&e);
+        let msg = one_line(&e.to_string());
         if msg.contains("not supported") {
             BtuError::config(
                 "query",
                 format!("btu sql is read-only: {msg}; only queries (SELECT, WITH, EXPLAIN...) run"),
             )
         } else {
-            BtuError::config("query", msg)
+            query_err(e, limits)
         }
     })?;
-    df.collect()
-        .await
-        .map_err(|e| BtuError::config("query", one_line(&e)))
+    df.execute_stream().await.map_err(|e| query_err(e, limits))
 }
 
-/// Render batches in a text format.
-pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    match format {
-        Format::Table => {
-            let t = arrow::util::pretty::pretty_format_batches(batches)
-                .map_err(|e| BtuError::internal(e.to_string()))?;
-            out.extend(format!("{t}\n").as_bytes());
+/// A query running on the runtime's workers. The thread that writes its results waits for them
+/// batch by batch (at most two ahead of the writer) and watches `--timeout` meanwhile, so a
+/// runaway query stops on time even while it holds every worker. Dropped, it stops the query.
+struct Running {
+    rt: &'static tokio::runtime::Runtime,
+    schema: SchemaRef,
+    batches: tokio::sync::mpsc::Receiver<Result<RecordBatch>>,
+    deadline: Option<Deadline>,
+    _task: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `--timeout`, kept by a thread of its own: the runtime's timers are driven by its worker
+/// threads, which an operator such as a nested-loop join holds for seconds without yielding.
+struct Deadline {
+    after: Duration,
+    expired: tokio::sync::oneshot::Receiver<()>,
+    /// Dropping it ends the watching thread.
+    _cancel: std::sync::mpsc::Sender<()>,
+}
+
+impl Deadline {
+    fn start(after: Duration) -> Deadline {
+        let (fire, expired) = tokio::sync::oneshot::channel();
+        let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(after) {
+                let _ = fire.send(());
+            }
+        });
+        Deadline {
+            after,
+            expired,
+            _cancel: cancel,
         }
+    }
+}
+
+/// Wait on the runtime for `fut`, or until the deadline.
+fn wait<T>(
+    rt: &tokio::runtime::Runtime,
+    deadline: &mut Option<Deadline>,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    let Some(d) = deadline else {
+        return Ok(rt.block_on(fut));
+    };
+    let after = d.after;
+    rt.block_on(async {
+        tokio::select! {
+            v = fut => Ok(v),
+            _ = &mut d.expired => Err(timeout_err(after)),
+        }
+    })
+}
+
+impl Running {
+    /// Plan and start `sql` (planning counts against `--timeout` too).
+    fn start(
+        rt: &'static tokio::runtime::Runtime,
+        ctx: &SessionContext,
+        sql: &str,
+        limits: &Limits,
+    ) -> Result<Running> {
+        let mut deadline = limits.timeout.map(Deadline::start);
+        let (tx, batches) = tokio::sync::mpsc::channel(2);
+        let (schema_tx, schema_rx) = tokio::sync::oneshot::channel();
+        let (ctx, sql, task_limits) = (ctx.clone(), sql.to_string(), limits.clone());
+        let task = AbortOnDrop(rt.spawn(async move {
+            let mut stream = match plan(&ctx, &sql, &task_limits).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = schema_tx.send(Err(e));
+                    return;
+                }
+            };
+            if schema_tx.send(Ok(stream.schema())).is_err() {
+                return;
+            }
+            while let Some(b) = stream.next().await {
+                let b = b.map_err(|e| query_err(e, &task_limits));
+                let failed = b.is_err();
+                if tx.send(b).await.is_err() || failed {
+                    return;
+                }
+            }
+        }));
+        let schema = wait(rt, &mut deadline, schema_rx)?
+            .map_err(|_| BtuError::internal("the query task ended without a result"))??;
+        Ok(Running {
+            rt,
+            schema,
+            batches,
+            deadline,
+            _task: task,
+        })
+    }
+
+    /// The next batch; `None` at the end.
+    fn next(&mut self) -> Result<Option<RecordBatch>> {
+        wait(self.rt, &mut self.deadline, self.batches.recv())?.transpose()
+    }
+}
+
+/// A writer that keeps its first I/O error: the CSV writer flattens I/O errors into strings, and
+/// a full disk or a closed pipe must still come out as an I/O error (exit 74).
+struct Tracked<W> {
+    inner: W,
+    error: Arc<Mutex<Option<std::io::Error>>>,
+}
+
+impl<W: Write> Tracked<W> {
+    fn keep<T>(&mut self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &r {
+            let mut slot = self.error.lock().expect("not poisoned");
+            if slot.is_none() {
+                *slot = Some(std::io::Error::new(e.kind(), e.to_string()));
+            }
+        }
+        r
+    }
+}
+
+impl<W: Write> Write for Tracked<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.keep(r)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.inner.flush();
+        self.keep(r)
+    }
+}
+
+/// Stream a result as text (`table`, `csv`, `json`) into `out`; `dest` names it in errors.
+/// Returns the number of rows.
+fn write_text(
+    run: &mut Running,
+    format: Format,
+    limits: &Limits,
+    out: impl Write,
+    dest: &Path,
+) -> Result<usize> {
+    let error = Arc::new(Mutex::new(None));
+    let mut out = Tracked {
+        inner: BufWriter::with_capacity(1 << 16, out),
+        error: error.clone(),
+    };
+    let write_err = |e: ArrowError| match error.lock().expect("not poisoned").take() {
+        Some(io) => BtuError::io(dest, io),
+        None if format == Format::Csv => BtuError::config(
+            "--format",
+            format!("cannot write CSV ({e}); use --format json or parquet for nested columns"),
+        ),
+        None => BtuError::internal(e),
+    };
+    let schema = run.schema.clone();
+    let mut rows = 0usize;
+    match format {
         Format::Csv => {
             let mut w = arrow::csv::WriterBuilder::new()
                 .with_header(true)
                 .build(&mut out);
-            for b in batches {
-                w.write(b).map_err(|e| BtuError::config("--format", format!("cannot write CSV ({e}); use --format json or parquet for nested columns")))?;
+            let mut any = false;
+            while let Some(b) = run.next()? {
+                rows += b.num_rows();
+                w.write(&b).map_err(write_err)?;
+                any = true;
+            }
+            if !any {
+                // An empty result still gets its header.
+                w.write(&RecordBatch::new_empty(schema))
+                    .map_err(write_err)?;
             }
         }
         Format::Json => {
             let mut w = arrow::json::ArrayWriter::new(&mut out);
-            for b in batches {
-                w.write(b).map_err(|e| BtuError::internal(e.to_string()))?;
+            while let Some(b) = run.next()? {
+                rows += b.num_rows();
+                w.write(&b).map_err(write_err)?;
             }
-            w.finish().map_err(|e| BtuError::internal(e.to_string()))?;
-            if out.is_empty() {
-                out.extend(b"[]");
+            // Writes `[]` for an empty result.
+            w.finish().map_err(write_err)?;
+            out.write_all(b"\n").map_err(|e| BtuError::io(dest, e))?;
+        }
+        Format::Table => {
+            // A pretty table needs every row: collect them, within --memory-limit.
+            let mut batches = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(b) = run.next()? {
+                bytes += b.get_array_memory_size();
+                if bytes > limits.memory_limit {
+                    return Err(BtuError::config(
+                        "--memory-limit",
+                        format!(
+                            "the result takes more than --memory-limit {} to print as a table; use --format csv or --format json (streamed), or --output FILE, or raise --memory-limit",
+                            fmt_size(limits.memory_limit)
+                        ),
+                    ));
+                }
+                rows += b.num_rows();
+                batches.push(b);
             }
-            out.push(b'\n');
+            if batches.is_empty() {
+                batches.push(RecordBatch::new_empty(schema));
+            }
+            let t = arrow::util::pretty::pretty_format_batches(&batches)
+                .map_err(|e| BtuError::internal(e.to_string()))?;
+            writeln!(out, "{t}").map_err(|e| BtuError::io(dest, e))?;
         }
         Format::Parquet | Format::Arrow => {
             return Err(BtuError::config(
@@ -265,41 +626,139 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>> {
             ))
         }
     }
-    Ok(out)
+    out.flush().map_err(|e| BtuError::io(dest, e))?;
+    Ok(rows)
 }
 
-fn write_result(batches: &[RecordBatch], job: &SqlJob, stdout: &mut dyn Write) -> Result<()> {
-    match (&job.output, job.format) {
-        (Some(p), Format::Parquet | Format::Arrow) => {
-            let schema = batches
-                .first()
-                .map(|b| b.schema())
-                .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
-            let all = arrow::compute::concat_batches(&schema, batches)
-                .map_err(|e| BtuError::internal(e.to_string()))?;
-            if job.format == Format::Parquet {
-                crate::tables::write_parquet(p, &all, job.overwrite)
-            } else {
-                crate::tables::write_ipc(p, &all, job.overwrite)
-            }
+/// Stream a result into a Parquet (zstd, as [`crate::tables::write_parquet`]) or Arrow IPC file.
+fn write_binary(
+    run: &mut Running,
+    format: Format,
+    file: &mut std::fs::File,
+    dest: &Path,
+) -> Result<usize> {
+    use parquet::basic::{Compression, ZstdLevel};
+    use parquet::file::properties::WriterProperties;
+    let io = |e: &dyn std::fmt::Display| BtuError::io(dest, std::io::Error::other(e.to_string()));
+    let schema = run.schema.clone();
+    let mut rows = 0usize;
+    if format == Format::Parquet {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).expect("valid level"),
+            ))
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, Some(props))
+            .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+        while let Some(b) = run.next()? {
+            rows += b.num_rows();
+            w.write(&b).map_err(|e| io(&e))?;
         }
-        (Some(p), f) => {
-            let bytes = render(batches, f)?;
+        w.close().map_err(|e| io(&e))?;
+    } else {
+        let mut w = arrow::ipc::writer::FileWriter::try_new(file, &schema)
+            .map_err(|e| BtuError::internal(format!("arrow writer: {e}")))?;
+        while let Some(b) = run.next()? {
+            rows += b.num_rows();
+            w.write(&b).map_err(|e| io(&e))?;
+        }
+        w.finish().map_err(|e| io(&e))?;
+    }
+    Ok(rows)
+}
+
+/// Run one query within `--timeout` and write its result (an `--output` file atomically);
+/// returns its row count.
+fn run_one(
+    ctx: &SessionContext,
+    sql: &str,
+    job: &SqlJob,
+    limits: &Limits,
+    stdout: &mut dyn Write,
+) -> Result<usize> {
+    let mut run = Running::start(crate::corpus::runtime(), ctx, sql, limits)?;
+    match &job.output {
+        None => write_text(&mut run, job.format, limits, stdout, Path::new("stdout")),
+        Some(p) => {
+            let mut rows = 0;
             crate::output::write_file_atomic(p, job.overwrite, |file| {
-                file.write_all(&bytes).map_err(|e| BtuError::io(p, e))
-            })
-        }
-        (None, f) => {
-            let bytes = render(batches, f)?;
-            stdout
-                .write_all(&bytes)
-                .map_err(|e| BtuError::io("stdout", e))
+                rows = match job.format {
+                    Format::Parquet | Format::Arrow => write_binary(&mut run, job.format, file, p)?,
+                    f => write_text(&mut run, f, limits, file, p)?,
+                };
+                Ok(())
+            })?;
+            Ok(rows)
         }
     }
 }
 
-/// `btu sql`: results to `stdout` (or `--output`); returns a summary.
+/// The statements of `text` that end in a `;` of their own (not one inside a string, quoted
+/// name or comment), without it, and the text after the last of them; `None` while `text` ends
+/// inside a string or comment (or does not tokenize).
+fn split_statements(text: &str) -> Option<(Vec<String>, String)> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, text)
+        .tokenize_with_location()
+        .ok()?;
+    // The tokenizer counts lines at '\n' and columns in characters, from 1.
+    let line_starts: Vec<usize> = std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
+    let offset = |line: u64, column: u64| -> Option<usize> {
+        let start = *line_starts.get(usize::try_from(line).ok()?.checked_sub(1)?)?;
+        text[start..]
+            .char_indices()
+            .nth(usize::try_from(column).ok()?.checked_sub(1)?)
+            .map(|(i, _)| start + i)
+    };
+    let mut statements = Vec::new();
+    let mut cut = 0;
+    for t in &tokens {
+        if matches!(t.token, Token::SemiColon) {
+            let at = offset(t.span.start.line, t.span.start.column)?;
+            if at < cut || text.as_bytes().get(at) != Some(&b';') {
+                return None;
+            }
+            statements.push(text[cut..at].to_string());
+            cut = at + 1;
+        }
+    }
+    Some((statements, text[cut..].to_string()))
+}
+
+/// Whether a statement holds nothing but whitespace and comments.
+fn is_blank(statement: &str) -> bool {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    match Tokenizer::new(&GenericDialect {}, statement).tokenize() {
+        Ok(tokens) => tokens
+            .iter()
+            .all(|t| matches!(t, Token::Whitespace(_) | Token::EOF)),
+        Err(_) => statement.trim().is_empty(),
+    }
+}
+
+/// Failures of the output itself (stdout closed, output file unwritable) end a run of queries
+/// from standard input; a failed query does not.
+fn ends_the_run(e: &BtuError) -> bool {
+    matches!(
+        e,
+        BtuError::Io { .. } | BtuError::OutputExists { .. } | BtuError::OutputUnwritable { .. }
+    )
+}
+
+/// `btu sql`: results to `stdout` (or `--output`); returns a summary. With queries from standard
+/// input, each query runs (the last one may lack its `;`) even when an earlier one failed; the
+/// run then fails with the first failure.
 pub fn run(job: &SqlJob, stdout: &mut dyn Write) -> Result<Value> {
+    if job.memory_limit == 0 {
+        return Err(BtuError::config(
+            "--memory-limit",
+            "0 is not a size above 0; give e.g. --memory-limit 512M or 2G",
+        ));
+    }
     if let Some(p) = &job.output {
         crate::output::check_output(p, job.overwrite)?;
     }
@@ -321,45 +780,86 @@ pub fn run(job: &SqlJob, stdout: &mut dyn Write) -> Result<Value> {
             .ok_or_else(|| BtuError::config("--table", format!("'{t}' is not NAME=PATH")))?;
         sources.push(source(name, path)?);
     }
-    let rt = crate::corpus::runtime();
-    rt.block_on(async {
-        let ctx = SessionContext::new();
-        let mut names = Vec::new();
+    let limits = Limits {
+        timeout: job.timeout,
+        memory_limit: job.memory_limit,
+        remote: sources
+            .iter()
+            .any(|s| is_remote(&s.path) || s.files.iter().any(|f| is_remote(&f.path))),
+    };
+    let ctx = session(job.memory_limit)?;
+    let mut names = Vec::new();
+    crate::corpus::runtime().block_on(async {
         for src in &sources {
             register(&ctx, src).await?;
             names.push(src.name.clone());
         }
-        let mut rows = 0usize;
-        let mut queries = 0usize;
-        match &job.query {
-            Some(q) => {
-                let b = query(&ctx, q).await?;
-                rows += b.iter().map(|b| b.num_rows()).sum::<usize>();
-                queries += 1;
-                write_result(&b, job, stdout)?;
-            }
-            None => {
-                // Queries from standard input, each ending in ';'.
-                let stdin = std::io::stdin();
-                let mut buf = String::new();
-                for line in stdin.lock().lines() {
+        Ok::<_, BtuError>(())
+    })?;
+    let mut rows = 0usize;
+    let mut queries = 0usize;
+    match &job.query {
+        Some(q) => {
+            rows += run_one(&ctx, q, job, &limits, stdout)?;
+            queries += 1;
+        }
+        None => {
+            // Queries from standard input, separated by ';'; each runs as soon as it is
+            // complete, the last one also without its ';'.
+            let stdin = std::io::stdin();
+            let mut lines = stdin.lock().lines();
+            let mut pending = String::new();
+            let mut first_failure: Option<BtuError> = None;
+            let mut failed = 0usize;
+            loop {
+                let next = lines.next();
+                let eof = next.is_none();
+                let mut ready = Vec::new();
+                if let Some(line) = next {
                     let line = line.map_err(|e| BtuError::io("stdin", e))?;
-                    buf.push_str(&line);
-                    buf.push('\n');
-                    if line.trim_end().ends_with(';') {
-                        let q = std::mem::take(&mut buf);
-                        match query(&ctx, &q).await {
-                            Ok(b) => {
-                                rows += b.iter().map(|b| b.num_rows()).sum::<usize>();
-                                queries += 1;
-                                write_result(&b, job, stdout)?;
-                            }
-                            Err(e) => tracing::error!("{e}"),
+                    pending.push_str(&line);
+                    pending.push('\n');
+                    if line.contains(';') {
+                        if let Some((done, rest)) = split_statements(&pending) {
+                            ready = done;
+                            pending = rest;
+                        }
+                    }
+                } else {
+                    let rest = std::mem::take(&mut pending);
+                    match split_statements(&rest) {
+                        Some((done, rest)) => {
+                            ready = done;
+                            ready.push(rest);
+                        }
+                        None => ready.push(rest),
+                    }
+                }
+                for q in ready.iter().filter(|q| !is_blank(q)) {
+                    let n = queries + failed + 1;
+                    match run_one(&ctx, q, job, &limits, stdout) {
+                        Ok(r) => {
+                            rows += r;
+                            queries += 1;
+                        }
+                        Err(e) if ends_the_run(&e) => return Err(e),
+                        Err(e) => {
+                            tracing::error!("query {n}: {}", one_line(&e.to_string()));
+                            failed += 1;
+                            first_failure.get_or_insert(e);
                         }
                     }
                 }
+                if eof {
+                    break;
+                }
+            }
+            if let Some(e) = first_failure {
+                return Err(e);
             }
         }
-        Ok(json!({"command": "sql", "version": crate::VERSION, "tables": names, "queries": queries, "rows": rows, "output": job.output}))
-    })
+    }
+    Ok(
+        json!({"command": "sql", "version": crate::VERSION, "tables": names, "queries": queries, "rows": rows, "output": job.output}),
+    )
 }

@@ -38,9 +38,12 @@ impl S3Url {
         format!("s3://{}/{}", self.bucket, key)
     }
 
-    /// The bucket's root URL (what DataFusion keys the store by).
+    /// The bucket's root URL (what DataFusion keys the store by). Callers get the store first
+    /// ([`s3_store`] refuses invalid bucket names), so the URL parses; an unparsable one maps to a
+    /// placeholder rather than a panic.
     pub fn root(&self) -> url::Url {
-        url::Url::parse(&format!("s3://{}", self.bucket)).expect("valid bucket url")
+        url::Url::parse(&format!("s3://{}", self.bucket))
+            .unwrap_or_else(|_| url::Url::parse("s3://invalid-bucket").expect("literal URL"))
     }
 }
 
@@ -91,8 +94,43 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Whether `b` is a valid S3 bucket name: 3-63 lowercase letters, digits, '.' or '-', starting
+/// and ending with a letter or digit.
+pub fn valid_bucket(b: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (3..=63).contains(&b.len())
+        && b.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && edge(b.chars().next())
+        && edge(b.chars().last())
+}
+
+/// Check the `AWS_*` settings btu reads itself before the client uses them.
+fn check_environment() -> Result<()> {
+    for var in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
+        if let Ok(v) = std::env::var(var) {
+            let ok = url::Url::parse(&v)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                return Err(BtuError::config(
+                    var,
+                    format!("'{v}' is not an http(s) URL; set it to the store's endpoint, e.g. http://127.0.0.1:9000"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The store for a bucket (built once per process from the environment).
 pub fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
+    if !valid_bucket(bucket) {
+        return Err(BtuError::config(
+            format!("s3://{bucket}"),
+            "not a valid S3 bucket name (3-63 lowercase letters, digits, '.' or '-'); check the URL",
+        ));
+    }
+    check_environment()?;
     static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
     let mut map = STORES
         .get_or_init(Default::default)
@@ -102,17 +140,13 @@ pub fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
         return Ok(s.clone());
     }
     // Bounded retries so that an unreachable store fails (exit 75) in seconds, not minutes.
-    let env_num = |k: &str, d: u64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(d)
-    };
+    let env_num = crate::validate::env_u64;
     let retry = object_store::RetryConfig {
-        max_retries: env_num("BTU_S3_MAX_RETRIES", 3) as usize,
-        retry_timeout: std::time::Duration::from_secs(env_num("BTU_S3_RETRY_TIMEOUT_S", 30)),
+        max_retries: env_num("BTU_S3_MAX_RETRIES", 3)? as usize,
+        retry_timeout: std::time::Duration::from_secs(env_num("BTU_S3_RETRY_TIMEOUT_S", 30)?),
         ..Default::default()
     };
+    let connect_timeout = env_num("BTU_S3_CONNECT_TIMEOUT_S", 5)?;
     let store = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_retry(retry)
@@ -120,7 +154,7 @@ pub fn s3_store(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
             object_store::aws::AmazonS3ConfigKey::Client(
                 object_store::ClientConfigKey::ConnectTimeout,
             ),
-            format!("{}s", env_num("BTU_S3_CONNECT_TIMEOUT_S", 5)),
+            format!("{connect_timeout}s"),
         )
         .build()
         .map_err(|e| {
@@ -251,5 +285,9 @@ mod tests {
         assert_eq!(S3Url::parse("/tmp/x.parquet"), None);
         assert!(is_temporary("error sending request: operation timed out"));
         assert!(!is_temporary("Access Denied"));
+        assert!(valid_bucket("lake") && valid_bucket("my.bucket-1"));
+        for bad in ["bad bucket", "ab", "Lake", "-lake", "lake-", ""] {
+            assert!(!valid_bucket(bad), "{bad}");
+        }
     }
 }

@@ -235,7 +235,39 @@ fn with_meta(schema: Schema, meta: &TableMeta) -> SchemaRef {
 }
 
 fn batch(schema: SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
-    RecordBatch::try_new(schema, cols).map_err(|e| BtuError::internal(format!("table build: {e}")))
+    let b = RecordBatch::try_new(schema, cols)
+        .map_err(|e| BtuError::internal(format!("table build: {e}")))?;
+    ensure_finite(&b)?;
+    Ok(b)
+}
+
+/// Refuse (exit 65) a table btu made whose float columns hold NaN or an infinity: a table of
+/// non-finite scores or weights is garbage that looks like a result.
+pub fn ensure_finite(b: &RecordBatch) -> Result<()> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Float32Type, Float64Type};
+    for (field, col) in b.schema().fields().iter().zip(b.columns()) {
+        let bad = match col.data_type() {
+            DataType::Float32 => col
+                .as_primitive::<Float32Type>()
+                .iter()
+                .flatten()
+                .position(|v| !v.is_finite()),
+            DataType::Float64 => col
+                .as_primitive::<Float64Type>()
+                .iter()
+                .flatten()
+                .position(|v| !v.is_finite()),
+            _ => None,
+        };
+        if let Some(row) = bad {
+            return Err(BtuError::bad_data(
+                format!("table column '{}'", field.name()),
+                format!("holds a non-finite value at row {row}; refusing to write it (check the inputs and the learning rate)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One row of `token_scores`.

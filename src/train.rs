@@ -80,6 +80,11 @@ impl AdamW {
         })
     }
 
+    /// The optimiser's settings.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> i32 {
         self.step
@@ -231,6 +236,16 @@ pub fn train_epoch(
         let grads = loss.backward()?;
         opt.step(&grads)?;
         let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !l.is_finite() {
+            return Err(crate::BtuError::bad_data(
+                "training",
+                format!(
+                    "the loss became {l} at step {} of the epoch: training diverged; lower the learning rate (now {})",
+                    losses.len() + 1,
+                    opt.config().lr
+                ),
+            ));
+        }
         losses.push(l);
         samples += b.rows;
         tokens += b.mask.iter().map(|&m| m as usize).sum::<usize>();

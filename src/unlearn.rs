@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
@@ -219,7 +218,16 @@ fn check_masks(
             }
         }
     }
-    for x in masks {
+    for (row, x) in masks.iter().enumerate() {
+        if !x.written.is_finite() {
+            return Err(BtuError::bad_data(
+                masks_src.display().to_string(),
+                format!(
+                    "column 'written' holds {} at row {row} (token '{}', dimension {}); replay only masks btu unlearn wrote",
+                    x.written, x.token, x.dim
+                ),
+            ));
+        }
         if x.token_id as usize >= m.rows {
             return Err(BtuError::bad_data(
                 masks_src.display().to_string(),
@@ -264,7 +272,8 @@ pub struct UnlearnJob {
     pub device: String,
 }
 
-fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
+/// The text hashes ([`crate::corpus::text_sha256`]) of every row of a corpus.
+pub fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
     let mut out = BTreeSet::new();
     let spec = CorpusSpec {
         label_col: None,
@@ -272,7 +281,7 @@ fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
     };
     read_corpus(&spec, |b| {
         for t in &b.texts {
-            out.insert(Sha256::digest(t.trim().as_bytes()).into());
+            out.insert(crate::corpus::text_sha256(t));
         }
         Ok(())
     })?;
@@ -297,6 +306,9 @@ fn write_checkpoint(
 /// `btu unlearn`.
 pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     let t0 = Instant::now();
+    if job.clean_corpus.is_some() {
+        job.clean.validate_as("--", true)?;
+    }
     crate::output::check_output(&job.out, job.overwrite)?;
     let ckpt = ModelDir::open(&job.checkpoint)?;
     let reference = ModelDir::open(&job.reference)?;
@@ -331,6 +343,11 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     let masks = compute_masks(&e, &eb, &tokens, pad, d_bar, job.replacement);
     let mut repaired = eb.clone();
     apply(&mut repaired, &masks);
+    crate::validate::finite(
+        &job.checkpoint.display().to_string(),
+        &wn,
+        repaired.data.iter().copied(),
+    )?;
     let raw = raw_like(&repaired, &trained.tensors[&wn])?;
     trained.tensors.insert(wn.clone(), raw);
     let ckpt_sha = sha256_file(&ckpt.weights)?;
@@ -478,6 +495,11 @@ pub fn apply_masks(job: &ApplyMasksJob) -> Result<Value> {
     let mut m = matrix(&file.tensors[&wn], &wn, &ckpt.weights)?;
     check_masks(&masks, batch.schema().metadata(), &m, &tok, &job.masks)?;
     apply(&mut m, &masks);
+    crate::validate::finite(
+        &job.checkpoint.display().to_string(),
+        &wn,
+        m.data.iter().copied(),
+    )?;
     let raw = raw_like(&m, &file.tensors[&wn])?;
     file.tensors.insert(wn, raw);
     let sha = sha256_file(&ckpt.weights)?;

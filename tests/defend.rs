@@ -130,9 +130,8 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let epoch0 = run.join(".victim.partial/epoch-0/epoch.json");
     let t0 = std::time::Instant::now();
-    while !epoch0.exists() {
+    while !partial_dir(&run, "victim").is_some_and(|p| p.join("epoch-0/epoch.json").exists()) {
         assert!(
             t0.elapsed().as_secs() < 300,
             "training never completed an epoch"

@@ -470,7 +470,6 @@ fn train_resumes_after_sigkill_with_identical_result() {
             .collect::<Vec<_>>(),
     );
     let killed = f.root.join("killed");
-    let partial = f.root.join(".killed.partial");
     let mut child = btu()
         .args(args(&killed))
         .stdout(std::process::Stdio::null())
@@ -478,7 +477,7 @@ fn train_resumes_after_sigkill_with_identical_result() {
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
-    while !partial.join("epoch-0/epoch.json").exists() {
+    while !partial_dir(&f.root, "killed").is_some_and(|p| p.join("epoch-0/epoch.json").exists()) {
         assert!(t0.elapsed().as_secs() < 120, "first epoch never completed");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
@@ -498,5 +497,8 @@ fn train_resumes_after_sigkill_with_identical_result() {
             == std::fs::read(killed.join("model.safetensors")).unwrap(),
         "resumed run ends with the same bytes"
     );
-    assert!(!partial.exists(), "partial state removed after success");
+    assert!(
+        partial_dir(&f.root, "killed").is_none(),
+        "partial state removed after success"
+    );
 }

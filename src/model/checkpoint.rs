@@ -306,24 +306,44 @@ pub fn load_model(
             init_linear(&mut rng, h, h, dev)?
         }
     };
-    let head = match (
-        file.tensors.get("classifier.weight"),
-        file.tensors.get("classifier.bias"),
+    let classifier = match (
+        file.tensors.get_key_value("classifier.weight"),
+        file.tensors.get_key_value("classifier.bias"),
     ) {
-        (Some(w), Some(b)) if w.shape == [labels, h] && b.shape == [labels] => Some(Linear {
-            w: to_tensor("classifier.weight", w, src, dev)?,
-            b: to_tensor("classifier.bias", b, src, dev)?,
-        }),
-        _ => None,
-    };
-    let classifier = match head {
-        Some(l) => l,
-        None => {
+        (Some((_, w)), Some((_, b))) if w.shape == [labels, h] && b.shape == [labels] => Linear {
+            w: need("classifier.weight", &[labels, h])?,
+            b: need("classifier.bias", &[labels])?,
+        },
+        (None, None) => {
             tracing::info!(
                 "{}: initialising a seeded {labels}-class head",
                 src.display()
             );
             init_linear(&mut rng, h, labels, dev)?
+        }
+        (Some((_, w)), _)
+            if num_labels.is_some_and(|n| n != md.config.labels()) && w.shape.len() == 2 =>
+        {
+            // The caller asked for another number of classes than the checkpoint's: a new head.
+            tracing::info!(
+                "{}: replacing the {}-class head by a seeded {labels}-class head (--num-labels)",
+                src.display(),
+                w.shape[0]
+            );
+            init_linear(&mut rng, h, labels, dev)?
+        }
+        (w, b) => {
+            let shape = |t: Option<(&String, &RawTensor)>| {
+                t.map_or("missing".to_string(), |(_, t)| format!("{:?}", t.shape))
+            };
+            return Err(BtuError::bad_data(
+                src.display().to_string(),
+                format!(
+                    "classifier head does not fit the model: classifier.weight {}, classifier.bias {}, expected [{labels}, {h}] and [{labels}] (num_labels {labels} in config.json); fix config.json or the checkpoint",
+                    shape(w),
+                    shape(b)
+                ),
+            ));
         }
     };
     Ok(BertClassifier {
@@ -356,7 +376,15 @@ pub fn save_model(
         } else {
             format!("bert.{name}")
         };
-        file.tensors.insert(full, from_tensor(t)?);
+        let raw = from_tensor(t)?;
+        crate::validate::finite(
+            &dir.display().to_string(),
+            &full,
+            raw.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+        )?;
+        file.tensors.insert(full, raw);
     }
     let p = dir.join("model.safetensors");
     std::fs::write(&p, safetensors_bytes(&file)).map_err(|e| BtuError::io(&p, e))?;

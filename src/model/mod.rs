@@ -79,6 +79,35 @@ impl BertConfig {
 
     /// Check the shape facts every forward pass relies on.
     pub fn validate(&self, src: &str) -> Result<()> {
+        for (key, v, min) in [
+            ("vocab_size", self.vocab_size, 1),
+            ("hidden_size", self.hidden_size, 1),
+            ("num_hidden_layers", self.num_hidden_layers, 1),
+            ("intermediate_size", self.intermediate_size, 1),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                crate::validate::MIN_MAX_LEN,
+            ),
+            ("type_vocab_size", self.type_vocab_size, 1),
+            ("num_labels", self.labels(), 2),
+        ] {
+            if v < min {
+                return Err(BtuError::bad_data(
+                    src,
+                    format!("{key} is {v}, below the minimum {min}; fix config.json"),
+                ));
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return Err(BtuError::bad_data(
+                src,
+                format!(
+                    "layer_norm_eps {} is not a small positive number",
+                    self.layer_norm_eps
+                ),
+            ));
+        }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(BtuError::bad_data(
                 src,

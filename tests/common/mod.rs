@@ -18,6 +18,11 @@ pub fn run(args: &[&str]) -> Output {
     out
 }
 
+/// A command line split on white space (for arguments without spaces, such as temp paths).
+pub fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 /// Run, assert success, return stdout parsed as JSON.
 pub fn run_ok(args: &[&str]) -> serde_json::Value {
     let out = run(args);
@@ -54,6 +59,20 @@ pub fn datasets() -> Option<PathBuf> {
     }
 }
 
+/// The resume state `btu train` keeps for output `name` in `dir` (`.<name>.partial-<run hash>`).
+pub fn partial_dir(dir: &Path, name: &str) -> Option<PathBuf> {
+    let prefix = format!(".{name}.partial-");
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -79,6 +98,27 @@ pub fn tiny_model(dir: &Path, corpus: &Path, vocab: usize) {
         "--max-position",
         "256",
     ]);
+}
+
+/// `btu` pointed at an S3 endpoint where nothing listens (a port closed again), with bounded
+/// retries: for the "store unreachable" cases.
+pub fn btu_with_dead_store() -> Command {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // closed once dropped
+    let mut c = btu();
+    c.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
+    c.envs([
+        ("AWS_ACCESS_KEY_ID", "x"),
+        ("AWS_SECRET_ACCESS_KEY", "y"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("BTU_S3_MAX_RETRIES", "1"),
+        ("BTU_S3_RETRY_TIMEOUT_S", "2"),
+    ]);
+    c
 }
 
 /// A real S3-compatible server (moto, from the .venv that `make setup` makes) on 127.0.0.1,
