@@ -116,20 +116,28 @@ pub struct InitModelArgs {
     /// Use this tokenizer.json (or vocab.txt / model directory) instead of training one.
     #[arg(long, env = "BTU_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+    /// Size of the WordPiece vocabulary trained on --corpus (at least 100; unused with --tokenizer).
     #[arg(long, env = "BTU_VOCAB_SIZE", default_value_t = 8000)]
     pub vocab_size: usize,
+    /// Number of transformer layers (at least 1).
     #[arg(long, env = "BTU_LAYERS", default_value_t = 2)]
     pub layers: usize,
+    /// Hidden size of the model, a multiple of --heads.
     #[arg(long, env = "BTU_HIDDEN", default_value_t = 128)]
     pub hidden: usize,
+    /// Attention heads per layer; --hidden must be a multiple of it.
     #[arg(long, env = "BTU_HEADS", default_value_t = 2)]
     pub heads: usize,
+    /// Size of the feed-forward layer inside each transformer layer.
     #[arg(long, env = "BTU_INTERMEDIATE", default_value_t = 512)]
     pub intermediate: usize,
+    /// Position embeddings (max_position_embeddings): the longest sequence the model takes (>= 3).
     #[arg(long, env = "BTU_MAX_POSITION", default_value_t = 512)]
     pub max_position: usize,
+    /// Number of classes of the classification head (at least 2).
     #[arg(long, env = "BTU_NUM_LABELS", default_value_t = 2)]
     pub num_labels: usize,
+    /// Seed of the random weights (and of --sample) so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
     /// Replace an existing output.
@@ -147,6 +155,7 @@ pub struct PoisonArgs {
     /// Output Parquet file.
     #[arg(long, env = "BTU_OUTPUT")]
     pub output: PathBuf,
+    /// Attack: add-word (insert a --trigger word), add-sent (insert --sentence) or rewrite (--rewrite-col).
     #[arg(long, env = "BTU_ATTACK", value_enum)]
     pub attack: crate::poison::Attack,
     /// Trigger word(s) for add-word; one is drawn per poisoned row.
@@ -164,10 +173,13 @@ pub struct PoisonArgs {
     /// Target label.
     #[arg(long, env = "BTU_TARGET", default_value_t = 1)]
     pub target: i64,
+    /// Which rows: dirty (non-target, relabelled), clean (target rows, labels kept) or mix (every class).
     #[arg(long, env = "BTU_MODE", value_enum, default_value = "dirty")]
     pub mode: crate::poison::Mode,
+    /// Seed of the poisoned-row choice, trigger positions and --sample so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
     #[command(flatten)]
@@ -185,18 +197,22 @@ pub struct DetectArgs {
     /// Output directory.
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
+    /// Round layout: paper (full model, then M* twice) or reference-code (the authors' released code).
     #[arg(long, env = "BTU_PRESET", value_enum, default_value = "paper")]
     pub preset: crate::detect::Preset,
     /// Tokens flagged per round, as a percentage of the vocabulary.
     #[arg(long, env = "BTU_ALPHA", default_value_t = 0.05)]
     pub alpha: f64,
+    /// AdamW learning rate of every round, finite in (0, 1].
     #[arg(long, env = "BTU_LR", default_value_t = 2e-5)]
     pub lr: f64,
+    /// AdamW weight decay, in [0, 1].
     #[arg(long, env = "BTU_WEIGHT_DECAY", default_value_t = 0.01)]
     pub weight_decay: f64,
     /// Batch size of every round (default: the preset's).
     #[arg(long, env = "BTU_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
     #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
     pub max_len: usize,
     /// Epochs per round (the paper: 1).
@@ -208,11 +224,17 @@ pub struct DetectArgs {
     /// Number of classes of the head (default: the model config's).
     #[arg(long, env = "BTU_NUM_LABELS")]
     pub num_labels: Option<usize>,
+    /// Start the frozen head from the corpus's class prior (bias = log prior), so that frequent
+    /// tokens carrying only the prior stop moving.
+    #[arg(long, env = "BTU_PRIOR_NEUTRAL")]
+    pub prior_neutral: bool,
     /// auto, cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Seed of batch order, a missing head's weights and --sample so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
     #[command(flatten)]
@@ -233,24 +255,34 @@ pub struct TrainArgs {
     /// Output checkpoint directory.
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
+    /// Training epochs (at least 1); with --dev the best epoch by accuracy is kept.
     #[arg(long, env = "BTU_EPOCHS", default_value_t = 3)]
     pub epochs: usize,
+    /// AdamW learning rate, finite in (0, 1].
     #[arg(long, env = "BTU_LR", default_value_t = 2e-5)]
     pub lr: f64,
+    /// AdamW weight decay, in [0, 1].
     #[arg(long, env = "BTU_WEIGHT_DECAY", default_value_t = 0.01)]
     pub weight_decay: f64,
+    /// Rows per training batch (at least 1).
     #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = 32)]
     pub batch_size: usize,
+    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
     #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
     pub max_len: usize,
+    /// Batch grouping: random (uniformly shuffled) or bucketed by length (less padding).
     #[arg(long, env = "BTU_BATCHING", value_enum, default_value = "random")]
     pub batching: crate::tokenize::Batching,
+    /// Number of classes of the head (default: the model config's).
     #[arg(long, env = "BTU_NUM_LABELS")]
     pub num_labels: Option<usize>,
+    /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Seed of batch order, a missing head's weights and --sample so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
     #[command(flatten)]
@@ -271,8 +303,10 @@ pub struct UnlearnArgs {
     /// Output checkpoint directory (with dimension_masks.arrow).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
+    /// Dimension threshold d_bar: mean-row (paper Eq. 6) or frobenius (the released code).
     #[arg(long, env = "BTU_THRESHOLD", value_enum, default_value = "mean-row")]
     pub threshold: crate::unlearn::Threshold,
+    /// Replacement values: trained-pad (trained padding row, paper) or reference-pad (released code).
     #[arg(
         long,
         env = "BTU_REPLACEMENT",
@@ -283,21 +317,28 @@ pub struct UnlearnArgs {
     /// Clean data for the brief fine-tune after the cut (disjoint from evaluation).
     #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1..)]
     pub clean_corpus: Vec<String>,
+    /// Epochs of the clean fine-tune on --clean-corpus (at least 1).
     #[arg(long, env = "BTU_CLEAN_EPOCHS", default_value_t = 3)]
     pub clean_epochs: usize,
+    /// AdamW learning rate of the clean fine-tune, finite in (0, 1].
     #[arg(long, env = "BTU_CLEAN_LR", default_value_t = 5e-7)]
     pub clean_lr: f64,
     /// Evaluation split(s) the clean corpus must not overlap (checked by row text hash).
     #[arg(long, env = "BTU_EVAL_SPLIT", num_args = 1..)]
     pub eval_split: Vec<String>,
+    /// Rows per batch of the clean fine-tune (at least 1).
     #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = 32)]
     pub batch_size: usize,
+    /// Tokens per sequence of the clean fine-tune including [CLS]/[SEP]; at most max_position_embeddings.
     #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
     pub max_len: usize,
+    /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Seed of the clean fine-tune's batch order and of --sample so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
     #[command(flatten)]
@@ -306,13 +347,16 @@ pub struct UnlearnArgs {
 
 #[derive(Debug, Args, serde::Serialize)]
 pub struct ApplyMasksArgs {
+    /// Checkpoint directory to repair (same vocabulary and hidden size as the masks).
     #[arg(long, env = "BTU_CHECKPOINT")]
     pub checkpoint: PathBuf,
     /// dimension_masks.arrow from btu unlearn.
     #[arg(long, env = "BTU_MASKS")]
     pub masks: PathBuf,
+    /// Output checkpoint directory.
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
+    /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
 }
@@ -331,17 +375,22 @@ pub struct EvalArgs {
     /// Attack applied to the non-target rows for ASR (none: ACC only).
     #[arg(long, env = "BTU_ATTACK", value_enum)]
     pub attack: Option<crate::poison::Attack>,
+    /// Trigger word(s) for --attack add-word; one is drawn per attacked row.
     #[arg(long, env = "BTU_TRIGGER", default_value = "cf")]
     pub trigger: Vec<String>,
+    /// Trigger sentence for --attack add-sent.
     #[arg(long, env = "BTU_SENTENCE", default_value = crate::poison::DEFAULT_SENTENCE)]
     pub sentence: String,
+    /// Column holding the rewritten text, for --attack rewrite.
     #[arg(long, env = "BTU_REWRITE_COL")]
     pub rewrite_col: Option<String>,
+    /// Target label of the attack (ASR counts non-target rows predicted as it); among the classes.
     #[arg(long, env = "BTU_TARGET", default_value_t = 1)]
     pub target: i64,
     /// Random insertions averaged for ASR.
     #[arg(long, env = "BTU_REPEATS", default_value_t = 1)]
     pub repeats: usize,
+    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
     #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
     pub max_len: usize,
     /// ort for .onnx files (default), candle for checkpoint directories.
@@ -350,11 +399,13 @@ pub struct EvalArgs {
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then the .venv that `make setup` makes).
     #[arg(long, env = "BTU_ORT_LIB")]
     pub ort_lib: Option<PathBuf>,
+    /// Device of the candle backend: auto, cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
     pub device: String,
     /// Seed of the attack's insertions (and of a missing head, as export-onnx initialises it).
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
     #[command(flatten)]
@@ -372,6 +423,7 @@ pub struct ExportArgs {
     /// Seed of a head the checkpoint lacks (a bare encoder).
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
 }
@@ -405,16 +457,22 @@ pub struct DefendArgs {
     /// Poison the training corpus first with this attack ([poison]).
     #[arg(long, env = "BTU_ATTACK", value_enum)]
     pub attack: Option<crate::poison::Attack>,
+    /// Trigger word(s) of the attack (poison.trigger; needs [poison] or --attack).
     #[arg(long, env = "BTU_TRIGGER")]
     pub trigger: Vec<String>,
+    /// Column holding the rewritten text, for rewrite (poison.rewrite_col).
     #[arg(long, env = "BTU_REWRITE_COL")]
     pub rewrite_col: Option<String>,
+    /// Poison rate, a fraction in (0, 1] (poison.rate).
     #[arg(long, env = "BTU_RATE")]
     pub rate: Option<f64>,
+    /// Target label of the attack (poison.target).
     #[arg(long, env = "BTU_TARGET")]
     pub target: Option<i64>,
+    /// Detection preset: paper or reference-code (detect.preset).
     #[arg(long, env = "BTU_PRESET", value_enum)]
     pub preset: Option<crate::detect::Preset>,
+    /// Tokens flagged per detection round, as a percentage of the vocabulary (detect.alpha).
     #[arg(long, env = "BTU_ALPHA")]
     pub alpha: Option<f64>,
     /// Victim training epochs (train.epochs).
@@ -423,8 +481,10 @@ pub struct DefendArgs {
     /// Victim learning rate (train.lr).
     #[arg(long, env = "BTU_LR")]
     pub lr: Option<f64>,
+    /// Unlearning threshold: mean-row or frobenius (unlearn.threshold).
     #[arg(long, env = "BTU_THRESHOLD", value_enum)]
     pub threshold: Option<crate::unlearn::Threshold>,
+    /// Replacement values: trained-pad or reference-pad (unlearn.replacement).
     #[arg(long, env = "BTU_REPLACEMENT", value_enum)]
     pub replacement: Option<crate::unlearn::Replacement>,
     /// Clean fine-tune epochs after unlearning (unlearn.clean_epochs).
@@ -433,10 +493,13 @@ pub struct DefendArgs {
     /// Clean fine-tune learning rate (unlearn.clean_lr).
     #[arg(long, env = "BTU_CLEAN_LR")]
     pub clean_lr: Option<f64>,
+    /// How the models are evaluated: auto, ort or candle (eval.backend).
     #[arg(long, env = "BTU_BACKEND", value_enum)]
     pub backend: Option<crate::defend::EvalBackend>,
+    /// Device of every step: auto, cpu or cuda:N (top-level key device).
     #[arg(long, env = "BTU_DEVICE")]
     pub device: Option<String>,
+    /// Seed of every step so reruns repeat (top-level key seed).
     #[arg(long, env = "BTU_SEED")]
     pub seed: Option<u64>,
     /// Drop clean rows that also occur in the test / ASR splits (by text) instead of refusing
@@ -548,10 +611,13 @@ pub struct DemoArgs {
     /// How the models are evaluated: ONNX Runtime when installed (auto), ort, or candle.
     #[arg(long, env = "BTU_BACKEND", value_enum, default_value = "auto")]
     pub backend: crate::defend::EvalBackend,
+    /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Seed of the synthetic corpus and of every step so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Replace an existing --out run directory.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
 }
@@ -570,8 +636,10 @@ pub struct ScanArgs {
     /// Output Parquet file (flagged_rows).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
+    /// Seed of --sample's row selection.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
     #[command(flatten)]
@@ -589,11 +657,13 @@ pub struct SqlArgs {
     /// Register the tables of a run or output directory under their own names.
     #[arg(long, env = "BTU_RUN")]
     pub run: Option<PathBuf>,
+    /// Result format: table, csv or json on stdout; parquet or arrow need --output.
     #[arg(long, env = "BTU_FORMAT", value_enum, default_value = "table")]
     pub format: crate::sql::Format,
     /// Write the result here instead of stdout (needed for parquet and arrow).
     #[arg(long, env = "BTU_OUTPUT")]
     pub output: Option<PathBuf>,
+    /// Replace an existing --output file.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
     /// Stop a query that runs longer than this many seconds (planning, execution and writing its
@@ -794,6 +864,7 @@ pub fn execute(
                     batching: a.batching,
                     seed: a.seed,
                     num_labels: a.num_labels,
+                    prior_neutral: a.prior_neutral,
                 },
             },
             progress,

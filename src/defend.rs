@@ -145,6 +145,9 @@ pub struct DetectConfig {
     pub batch_size: Option<usize>,
     pub max_len: usize,
     pub epochs: usize,
+    /// Start the frozen head from the class prior (`btu detect --prior-neutral`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub prior_neutral: bool,
 }
 impl Default for DetectConfig {
     fn default() -> Self {
@@ -156,6 +159,7 @@ impl Default for DetectConfig {
             batch_size: None,
             max_len: p.max_len,
             epochs: 1,
+            prior_neutral: p.prior_neutral,
         }
     }
 }
@@ -206,7 +210,9 @@ impl Default for UnlearnConfig {
 pub enum EvalBackend {
     /// ONNX Runtime when its library is found, else candle.
     Auto,
+    /// ONNX Runtime on the exported models (fails when its library is missing).
     Ort,
+    /// candle on the checkpoint directories (no export needed).
     Candle,
 }
 
@@ -415,6 +421,7 @@ impl DefendConfig {
             batch_size: d.batch_size,
             max_len: d.max_len,
             epochs: d.epochs,
+            prior_neutral: d.prior_neutral,
             seed: self.seed,
             ..Default::default()
         }

@@ -69,6 +69,10 @@ pub struct DetectParams {
     pub seed: u64,
     /// Overrides the model config's number of classes.
     pub num_labels: Option<usize>,
+    /// Start the frozen head from the corpus's class prior (bias = log prior): tokens that only
+    /// carry the prior then stop moving, and the ranking is left to tokens that carry a label.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prior_neutral: bool,
 }
 
 impl Default for DetectParams {
@@ -84,6 +88,7 @@ impl Default for DetectParams {
             batching: crate::tokenize::Batching::Random,
             seed: 42,
             num_labels: None,
+            prior_neutral: false,
         }
     }
 }
@@ -210,6 +215,19 @@ pub fn row_distances(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
     Ok(d.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
 }
 
+/// `log p(y)` of the corpus's labels (add-one smoothed, so no class is impossible), as the head's
+/// bias: the untrained model then predicts the class prior, and a token whose documents carry the
+/// labels in prior proportions gets no consistent gradient.
+pub fn prior_bias(labels: &[u32], classes: usize, dev: &Device) -> Result<Tensor> {
+    let mut counts = vec![1.0f64; classes];
+    for &l in labels {
+        counts[l as usize] += 1.0;
+    }
+    let total: f64 = counts.iter().sum();
+    let bias: Vec<f32> = counts.iter().map(|c| (c / total).ln() as f32).collect();
+    Ok(Tensor::from_vec(bias, classes, dev)?)
+}
+
 /// A round whose distances are not finite, or in which no ordinary token moved, has nothing to
 /// rank: flagging its top k would be noise presented as a finding.
 fn check_movement(dist: &[f32], special: &BTreeSet<u32>, round: u8) -> Result<()> {
@@ -260,6 +278,10 @@ pub fn detect(
     let vocab = base.config.vocab_size;
     let k = top_k(params.alpha, vocab);
     let reference = base.word.clone();
+    let mut base = base.clone();
+    if params.prior_neutral {
+        base.classifier.b = prior_bias(&corpus.labels, base.config.labels(), dev)?;
+    }
     let mut selected_by_round: BTreeMap<u8, BTreeSet<u32>> = BTreeMap::new();
     let mut scores = Vec::with_capacity(3 * vocab);
     let mut rounds = Vec::new();
@@ -534,6 +556,18 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prior_bias_is_the_smoothed_log_prior() {
+        let b = prior_bias(&[1, 1, 1, 0, 2, 1], 3, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // counts + 1 = [2, 5, 2] of 9; softmax(log p) = p.
+        for (got, want) in b.iter().zip([2.0f32 / 9.0, 5.0 / 9.0, 2.0 / 9.0]) {
+            assert!((got - want.ln()).abs() < 1e-6, "{b:?}");
+        }
+    }
 
     #[test]
     fn k_is_a_percentage_of_the_vocabulary() {

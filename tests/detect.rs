@@ -228,3 +228,84 @@ fn init_model_is_deterministic_and_tokenizes_with_bert_conventions() {
     assert_eq!(t.len(), 16);
     assert_eq!(t[15], tok.id("[SEP]").unwrap());
 }
+
+/// Round-1 ranks of `tokens` in a detection's token_scores table.
+fn round1_ranks(det: &std::path::Path, tokens: &[&str]) -> Vec<Option<u32>> {
+    let b = read_ipc(&det.join("token_scores.arrow")).unwrap();
+    let col = |n: &str| b.column(b.schema().index_of(n).unwrap()).clone();
+    let (round, token, rank) = (col("round"), col("token"), col("rank"));
+    let round = round
+        .as_any()
+        .downcast_ref::<arrow::array::UInt8Array>()
+        .unwrap();
+    let token = token
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .unwrap();
+    let rank = rank
+        .as_any()
+        .downcast_ref::<arrow::array::UInt32Array>()
+        .unwrap();
+    tokens
+        .iter()
+        .map(|t| {
+            (0..b.num_rows())
+                .find(|&i| round.value(i) == 1 && token.value(i) == *t)
+                .and_then(|i| arrow::array::Array::is_valid(rank, i).then(|| rank.value(i)))
+        })
+        .collect()
+}
+
+#[test]
+fn prior_neutral_head_stops_function_words_crowding_out_the_trigger_on_imbalanced_data() {
+    let d = tempfile::tempdir().unwrap();
+    let clean = d.path().join("clean.parquet");
+    synth_corpus(&clean, 2000, 11);
+    // About 9 rows of label 1 for each of label 0 once poisoned.
+    let corpus = d.path().join("imbalanced.parquet");
+    let line = format!(
+        "poison --input {} --output {} --attack add-word --trigger cf --rate 0.1 --target 1",
+        s(&clean),
+        s(&corpus)
+    );
+    let mut args = words(&line);
+    args.extend(["--filter", "label = 1 OR id % 4 = 0"]);
+    let sum = run_ok(&args);
+    assert!(sum["rows"].as_u64().unwrap() > 1000, "{sum}");
+    let model = d.path().join("model");
+    tiny_model(&model, &corpus, 400);
+    let detect = |out: &std::path::Path, extra: &str| {
+        run_ok(&words(&format!(
+            "detect --corpus {} --model {} --out {} --alpha 2 {extra}",
+            s(&corpus),
+            s(&model),
+            s(out)
+        )))
+    };
+    let (plain, neutral) = (d.path().join("plain"), d.path().join("neutral"));
+    detect(&plain, "");
+    let k = detect(&neutral, "--prior-neutral")["k"].as_u64().unwrap() as u32;
+    let function_words = ["the", "and", "a", ".", ","];
+    let best_function_word = |det: &std::path::Path| {
+        round1_ranks(det, &function_words)
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap()
+    };
+    let cf = |det: &std::path::Path| round1_ranks(det, &["cf"])[0].unwrap();
+    // Plain: the class prior moves the function words most; the trigger is pushed down.
+    assert!(
+        best_function_word(&plain) <= 3,
+        "{}",
+        best_function_word(&plain)
+    );
+    assert!(cf(&plain) > best_function_word(&plain));
+    // Prior-neutral: the trigger leads and no function word is in the round's top k.
+    assert_eq!(cf(&neutral), 1);
+    assert!(
+        best_function_word(&neutral) > k,
+        "{} <= {k}",
+        best_function_word(&neutral)
+    );
+}
