@@ -62,6 +62,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Flag the rows of a corpus that carry suspicious tokens; writes flagged_rows Parquet.
     Scan(ScanArgs),
+    /// Insert each candidate into clean rows: does the suspect model flip? Writes token_effects.arrow.
+    Verify(VerifyArgs),
     /// Read-only SQL over result tables and corpora (results on stdout or --output).
     Sql(SqlArgs),
     /// Write the JSON schemas of every table (the files committed in schemas/).
@@ -300,6 +302,9 @@ pub struct UnlearnArgs {
     /// suspicious_tokens.arrow from btu detect.
     #[arg(long, env = "BTU_SUSPICIOUS")]
     pub suspicious: PathBuf,
+    /// token_effects.arrow from btu verify: repair only the verified triggers.
+    #[arg(long, env = "BTU_EFFECTS")]
+    pub effects: Option<PathBuf>,
     /// Output checkpoint directory (with dimension_masks.arrow).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
@@ -630,6 +635,9 @@ pub struct ScanArgs {
     /// suspicious_tokens.arrow from btu detect.
     #[arg(long, env = "BTU_SUSPICIOUS")]
     pub suspicious: PathBuf,
+    /// token_effects.arrow from btu verify: flag rows by the verified triggers only.
+    #[arg(long, env = "BTU_EFFECTS")]
+    pub effects: Option<PathBuf>,
     /// Model directory or tokenizer.json of the tokenizer detection used.
     #[arg(long, env = "BTU_TOKENIZER")]
     pub tokenizer: PathBuf,
@@ -637,6 +645,48 @@ pub struct ScanArgs {
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
     /// Seed of --sample's row selection.
+    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Replace an existing output.
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
+#[derive(Debug, Args, serde::Serialize)]
+pub struct VerifyArgs {
+    /// The suspect model: a checkpoint directory (candle) or an exported .onnx (ONNX Runtime).
+    #[arg(long, env = "BTU_CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// suspicious_tokens.arrow from btu detect (the candidates).
+    #[arg(long, env = "BTU_SUSPICIOUS")]
+    pub suspicious: PathBuf,
+    /// Held-out clean rows with labels (disjoint from the training and evaluation data).
+    #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1.., required = true)]
+    pub clean_corpus: Vec<String>,
+    /// Output directory (token_effects.arrow, summary.json).
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    /// Clean rows tried per candidate (at most).
+    #[arg(long, env = "BTU_ROWS", default_value_t = crate::verify::VerifyParams::default().rows)]
+    pub rows: usize,
+    /// Verified when the 95 % Wilson lower bound of the flip rate reaches this, in (0, 1].
+    #[arg(long, env = "BTU_MIN_FLIP_RATE", default_value_t = crate::verify::VerifyParams::default().min_flip_rate)]
+    pub min_flip_rate: f64,
+    /// Tokens per sequence, at most the model's max_position_embeddings.
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
+    pub max_len: usize,
+    /// ort for .onnx files (default), candle for checkpoint directories.
+    #[arg(long, env = "BTU_BACKEND", value_enum)]
+    pub backend: Option<crate::eval::Backend>,
+    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then the .venv that `make setup` makes).
+    #[arg(long, env = "BTU_ORT_LIB")]
+    pub ort_lib: Option<PathBuf>,
+    /// auto, cpu or cuda:N (candle backend only).
+    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Seed of the rows tried and the insert positions, so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
     /// Replace an existing output.
@@ -699,6 +749,7 @@ impl Command {
             Command::Defend(_) => "defend",
             Command::Demo(_) => "demo",
             Command::Scan(_) => "scan",
+            Command::Verify(_) => "verify",
             Command::Sql(_) => "sql",
             Command::Schemas(_) => "schemas",
         }
@@ -736,6 +787,7 @@ impl Command {
             }
             Command::Unlearn(a) => {
                 let mut i = vec![p(&a.checkpoint), p(&a.reference), p(&a.suspicious)];
+                i.extend(a.effects.iter().map(p));
                 i.extend(a.clean_corpus.iter().cloned());
                 i.extend(a.eval_split.iter().cloned());
                 (
@@ -778,9 +830,16 @@ impl Command {
                 (i, vec![p(&run), p(&run.join("metrics.json"))], json!(c))
             }
             Command::Demo(a) => (vec![], a.out.iter().map(p).collect(), json!(a)),
+            Command::Verify(a) => {
+                let mut i = vec![p(&a.checkpoint), p(&a.suspicious)];
+                i.extend(a.clean_corpus.iter().cloned());
+                let o = ["token_effects.arrow", "summary.json"];
+                (i, o.iter().map(|f| p(&a.out.join(f))).collect(), json!(a))
+            }
             Command::Scan(a) => {
                 let mut i = a.corpus.clone();
                 i.push(p(&a.suspicious));
+                i.extend(a.effects.iter().map(p));
                 i.push(p(&a.tokenizer));
                 (i, vec![p(&a.out)], json!(a))
             }
@@ -901,6 +960,7 @@ pub fn execute(
                 checkpoint: a.checkpoint.clone(),
                 reference: a.reference.clone(),
                 suspicious: a.suspicious.clone(),
+                effects: a.effects.clone(),
                 out: a.out.clone(),
                 overwrite: a.overwrite,
                 threshold: a.threshold,
@@ -976,10 +1036,27 @@ pub fn execute(
             },
             progress,
         ),
+        Command::Verify(a) => crate::verify::run(&crate::verify::VerifyJob {
+            checkpoint: a.checkpoint.clone(),
+            suspicious: a.suspicious.clone(),
+            clean: a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true),
+            out: a.out.clone(),
+            overwrite: a.overwrite,
+            device: a.device.clone(),
+            backend: a.backend,
+            ort_lib: a.ort_lib.clone(),
+            params: crate::verify::VerifyParams {
+                rows: a.rows,
+                min_flip_rate: a.min_flip_rate,
+                max_len: a.max_len,
+                seed: a.seed,
+            },
+        }),
         Command::Scan(a) => crate::scan::run(
             &crate::scan::ScanJob {
                 corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
                 suspicious: a.suspicious.clone(),
+                effects: a.effects.clone(),
                 tokenizer: a.tokenizer.clone(),
                 out: a.out.clone(),
                 overwrite: a.overwrite,

@@ -204,6 +204,28 @@ impl Default for UnlearnConfig {
     }
 }
 
+/// `[verify]`: which candidates act as triggers on the victim (needs `data.clean`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Verify the candidates and repair only the verified ones (when clean data is given).
+    pub enabled: bool,
+    /// Clean rows tried per candidate.
+    pub rows: usize,
+    /// The flip-rate bound a candidate's 95 % Wilson lower bound must reach.
+    pub min_flip_rate: f64,
+}
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        let p = crate::verify::VerifyParams::default();
+        VerifyConfig {
+            enabled: true,
+            rows: p.rows,
+            min_flip_rate: p.min_flip_rate,
+        }
+    }
+}
+
 /// How models are evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -263,6 +285,8 @@ pub struct DefendConfig {
     pub train: TrainConfig,
     #[serde(default)]
     pub unlearn: UnlearnConfig,
+    #[serde(default)]
+    pub verify: VerifyConfig,
     #[serde(default)]
     pub eval: EvalConfig,
 }
@@ -457,6 +481,8 @@ impl DefendConfig {
             self.clean_params().validate_as("unlearn.", true)?;
         }
         crate::validate::at_least("eval.repeats", self.eval.repeats, 1)?;
+        crate::validate::at_least("verify.rows", self.verify.rows, 1)?;
+        crate::validate::positive("verify.min_flip_rate", self.verify.min_flip_rate, 1.0)?;
         if let Some(p) = &self.poison {
             if !(p.rate > 0.0 && p.rate <= 1.0) {
                 return Err(BtuError::config(
@@ -781,9 +807,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         },
     )?;
 
-    // Stage 2.
-    let repaired = run.join("repaired");
-    let u = &cfg.unlearn;
+    // Which candidates act as triggers on the victim.
     let clean_key = if cfg.data.clean.is_empty() {
         Value::Null
     } else {
@@ -793,14 +817,58 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         }
         k
     };
-    let eval_splits = cfg.eval_splits();
     let clean_spec = CorpusSpec {
         exclude_texts: dropped.clone(),
         ..cfg.spec_filtered(&cfg.data.clean, true, cfg.data.clean_filter.as_ref())
     };
+    let verify_dir = run.join("verify");
+    let v = &cfg.verify;
+    let verify_h = if v.enabled && !cfg.data.clean.is_empty() {
+        let key = json!({"victim": victim_h, "detect": detect_h, "clean": clean_key, "params": v, "max_len": t.max_len, "seed": seed});
+        Some(r.step(
+            "verify",
+            key,
+            std::slice::from_ref(&verify_dir),
+            &mut || {
+                crate::verify::run(&crate::verify::VerifyJob {
+                    checkpoint: victim.clone(),
+                    suspicious: detect_dir.join("suspicious_tokens.arrow"),
+                    clean: clean_spec.clone(),
+                    out: verify_dir.clone(),
+                    overwrite: true,
+                    device: dev.clone(),
+                    backend: Some(crate::eval::Backend::Candle),
+                    ort_lib: None,
+                    params: crate::verify::VerifyParams {
+                        rows: v.rows,
+                        min_flip_rate: v.min_flip_rate,
+                        max_len: t.max_len,
+                        seed,
+                    },
+                })
+            },
+        )?)
+    } else {
+        if v.enabled {
+            tracing::warn!("no clean data (data.clean): candidates are repaired unverified");
+        }
+        None
+    };
+    let effects = verify_h
+        .as_ref()
+        .map(|_| verify_dir.join("token_effects.arrow"));
+
+    // Stage 2.
+    let repaired = run.join("repaired");
+    let u = &cfg.unlearn;
+    let eval_splits = cfg.eval_splits();
+    let mut unlearn_key = json!({"victim": victim_h, "detect": detect_h, "model": model_key, "clean": clean_key, "params": u, "max_len": t.max_len, "seed": seed});
+    if let Some(h) = &verify_h {
+        unlearn_key["verify"] = json!(h);
+    }
     let repaired_h = r.step(
         "unlearn",
-        json!({"victim": victim_h, "detect": detect_h, "model": model_key, "clean": clean_key, "params": u, "max_len": t.max_len, "seed": seed}),
+        unlearn_key,
         std::slice::from_ref(&repaired),
         &mut || {
             crate::unlearn::run(
@@ -808,12 +876,16 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     checkpoint: victim.clone(),
                     reference: model.clone(),
                     suspicious: detect_dir.join("suspicious_tokens.arrow"),
+                    effects: effects.clone(),
                     out: repaired.clone(),
                     overwrite: true,
                     threshold: u.threshold,
                     replacement: u.replacement,
                     clean_corpus: (!cfg.data.clean.is_empty()).then(|| clean_spec.clone()),
-                    eval_split: eval_splits.iter().map(|p| cfg.spec(std::slice::from_ref(p), false)).collect(),
+                    eval_split: eval_splits
+                        .iter()
+                        .map(|p| cfg.spec(std::slice::from_ref(p), false))
+                        .collect(),
                     clean: cfg.clean_params(),
                     device: dev.clone(),
                 },
@@ -910,6 +982,29 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     }
     let flagged =
         crate::tables::read_suspicious_tokens(&detect_dir.join("suspicious_tokens.arrow"))?;
+    let verified: Option<Vec<String>> = match &effects {
+        Some(p) => Some(
+            crate::tables::read_token_effects(p)?
+                .into_iter()
+                .filter(|e| e.verified)
+                .map(|e| e.candidate)
+                .collect(),
+        ),
+        None => None,
+    };
+    let replaced = crate::tables::read_ipc(&repaired.join("dimension_masks.arrow"))?.num_rows();
+    let repair_note = match (&verified, replaced) {
+        (Some(v), _) if v.is_empty() => Some(
+            "verification confirmed no candidate as a trigger: the embeddings were not repaired",
+        ),
+        (_, 0) => {
+            Some("no embedding dimension passed the threshold: the embeddings were not repaired")
+        }
+        _ => None,
+    };
+    if let Some(n) = repair_note {
+        tracing::warn!("{n}");
+    }
     let metrics = json!({
         "command": "defend",
         "version": crate::VERSION,
@@ -918,6 +1013,10 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         "with_defence": results["repaired"],
         "flagged": flagged.iter().map(|t| &t.token).collect::<Vec<_>>(),
         "clean_rows_dropped": dropped.len(),
+        "verified": verified,
+        "dimensions_replaced": replaced,
+        "repaired": replaced > 0,
+        "repair_note": repair_note,
         "steps": r.records,
         "seconds_per_step": r.records.iter().map(|s| (s.step.clone(), json!(s.seconds))).collect::<serde_json::Map<_, _>>(),
         "seconds": t0.elapsed().as_secs_f64(),

@@ -59,8 +59,11 @@ pub fn config(
     // threshold (a mean over rows that all moved) replaces almost nothing; the released code's
     // Frobenius rule is the one that fits this corpus.
     c.unlearn.threshold = crate::unlearn::Threshold::Frobenius;
+    // Verified triggers lose their whole row; a brief clean tuning at a tenth of the victim's
+    // learning rate. At the victim's own rate (1e-3) the tuning revives the trigger: flip rate
+    // 0 % -> 10.9 % on this corpus, measured.
     c.unlearn.clean_epochs = 1;
-    c.unlearn.clean_lr = 1e-3;
+    c.unlearn.clean_lr = 1e-4;
     c.eval.backend = backend;
     c
 }
@@ -101,13 +104,26 @@ pub fn table(m: &Value) -> String {
             .map_or("-".to_string(), |x| format!("{:.1}", 100.0 * x))
     };
     let (b, a) = (&m["without_defence"], &m["with_defence"]);
+    let list = |v: &Value| {
+        v.as_array()
+            .map(|f| {
+                f.iter()
+                    .filter_map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_else(|| "(not verified)".into())
+    };
     format!(
-        "                 ACC %   ASR %\nwithout defence  {:>5}   {:>5}\nwith BTU         {:>5}   {:>5}\nflagged: {}\n",
+        "                 ACC %   ASR %   flip %\nwithout defence  {:>5}   {:>5}   {:>5}\nwith BTU         {:>5}   {:>5}   {:>5}\nflagged: {}\nverified triggers (repaired): {}\n",
         pct(&b["acc"]),
         pct(&b["asr"]),
+        pct(&b["flip_rate"]),
         pct(&a["acc"]),
         pct(&a["asr"]),
-        m["flagged"].as_array().map(|f| f.iter().filter_map(|t| t.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+        pct(&a["flip_rate"]),
+        list(&m["flagged"]),
+        list(&m["verified"]),
     )
 }
 

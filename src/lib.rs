@@ -36,6 +36,7 @@ pub mod tokenize;
 pub mod train;
 pub mod unlearn;
 pub mod validate;
+pub mod verify;
 
 /// btu's version, written into every table's metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -28,6 +28,8 @@ use crate::tokenize::BtuTokenizer;
 pub struct ScanJob {
     pub corpus: CorpusSpec,
     pub suspicious: PathBuf,
+    /// `token_effects.arrow` from `btu verify`: flag rows by the verified triggers only.
+    pub effects: Option<PathBuf>,
     pub tokenizer: PathBuf,
     pub out: PathBuf,
     pub overwrite: bool,
@@ -51,7 +53,14 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
     }
     crate::output::check_output(&job.out, job.overwrite)?;
     let tok = BtuTokenizer::load(&job.tokenizer)?;
-    let suspicious = crate::tables::read_suspicious_tokens(&job.suspicious)?;
+    let mut suspicious = crate::tables::read_suspicious_tokens(&job.suspicious)?;
+    if let Some(p) = &job.effects {
+        let verified = crate::verify::verified_ids(p)?;
+        suspicious.retain(|s| verified.contains(&s.token_id));
+        if suspicious.is_empty() {
+            tracing::warn!("{}: no verified trigger; no row is flagged", p.display());
+        }
+    }
     let mut wanted: HashMap<u32, String> = HashMap::new();
     for s in &suspicious {
         if tok.token(s.token_id) != s.token {

@@ -117,6 +117,25 @@ pub fn dimension_masks_schema() -> Schema {
     ])
 }
 
+/// `token_effects`: one row per verified-or-rejected candidate (`btu verify`).
+pub fn token_effects_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("candidate", DataType::Utf8, false),
+        Field::new(
+            "token_ids",
+            DataType::List(Arc::new(Field::new("item", DataType::UInt32, false))),
+            false,
+        ),
+        Field::new("rows", DataType::UInt32, false),
+        Field::new("flips", DataType::UInt32, false),
+        Field::new("flip_rate", DataType::Float32, false),
+        Field::new("to_label", DataType::Int64, true),
+        Field::new("ci_low", DataType::Float32, false),
+        Field::new("ci_high", DataType::Float32, false),
+        Field::new("verified", DataType::Boolean, false),
+    ])
+}
+
 /// `flagged_rows` (Parquet, written by `btu scan`); `id` is present, with the corpus's own type,
 /// when the corpus has one.
 pub fn flagged_rows_schema(id: Option<DataType>) -> Schema {
@@ -164,10 +183,13 @@ pub fn all_schemas() -> Vec<(&'static str, Schema, Vec<&'static str>)> {
         "btu:replacement",
         "btu:pad_token_id",
     ]);
+    let mut effects = common.clone();
+    effects.extend(["btu:test", "btu:min_flip_rate"]);
     vec![
         ("token_scores", token_scores_schema(), with_corpus.clone()),
         ("suspicious_tokens", suspicious_tokens_schema(), with_corpus),
         ("dimension_masks", dimension_masks_schema(), masks),
+        ("token_effects", token_effects_schema(), effects),
         // `id` shown as Int64: it passes through with the corpus's own type.
         (
             "flagged_rows",
@@ -410,6 +432,96 @@ pub fn read_suspicious_tokens(path: &Path) -> Result<Vec<SuspiciousToken>> {
                 documents: docs.value(i),
                 majority_label: (!maj.is_null(i)).then(|| maj.value(i)),
                 label_share: (!share.is_null(i)).then(|| share.value(i)),
+            })
+        })
+        .collect()
+}
+
+/// One row of `token_effects`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenEffect {
+    pub candidate: String,
+    pub token_ids: Vec<u32>,
+    pub rows: u32,
+    pub flips: u32,
+    pub flip_rate: f32,
+    pub to_label: Option<i64>,
+    pub ci_low: f32,
+    pub ci_high: f32,
+    pub verified: bool,
+}
+
+/// Build the `token_effects` batch.
+pub fn token_effects_batch(rows: &[TokenEffect], meta: &TableMeta) -> Result<RecordBatch> {
+    let mut offsets = vec![0i32];
+    let mut values = Vec::new();
+    for r in rows {
+        values.extend_from_slice(&r.token_ids);
+        offsets.push(values.len() as i32);
+    }
+    let ids = ListArray::new(
+        Arc::new(Field::new("item", DataType::UInt32, false)),
+        OffsetBuffer::new(offsets.into()),
+        Arc::new(UInt32Array::from(values)),
+        None,
+    );
+    let f32s = |f: fn(&TokenEffect) -> f32| -> ArrayRef {
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(f)))
+    };
+    let u32s = |f: fn(&TokenEffect) -> u32| -> ArrayRef {
+        Arc::new(UInt32Array::from_iter_values(rows.iter().map(f)))
+    };
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.candidate.as_str()),
+        )),
+        Arc::new(ids),
+        u32s(|r| r.rows),
+        u32s(|r| r.flips),
+        f32s(|r| r.flip_rate),
+        Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.to_label).collect::<Vec<_>>(),
+        )),
+        f32s(|r| r.ci_low),
+        f32s(|r| r.ci_high),
+        Arc::new(BooleanArray::from(
+            rows.iter().map(|r| r.verified).collect::<Vec<_>>(),
+        )),
+    ];
+    batch(with_meta(token_effects_schema(), meta), cols)
+}
+
+/// Read a `token_effects.arrow` file back into rows.
+pub fn read_token_effects(path: &Path) -> Result<Vec<TokenEffect>> {
+    let b = read_ipc(path)?;
+    let cand = column::<StringArray>(&b, "candidate", path)?;
+    let ids = column::<ListArray>(&b, "token_ids", path)?;
+    let rows = column::<UInt32Array>(&b, "rows", path)?;
+    let flips = column::<UInt32Array>(&b, "flips", path)?;
+    let rate = column::<Float32Array>(&b, "flip_rate", path)?;
+    let to = column::<Int64Array>(&b, "to_label", path)?;
+    let lo = column::<Float32Array>(&b, "ci_low", path)?;
+    let hi = column::<Float32Array>(&b, "ci_high", path)?;
+    let ok = column::<BooleanArray>(&b, "verified", path)?;
+    (0..b.num_rows())
+        .map(|i| {
+            let v = ids.value(i);
+            let v = v.as_any().downcast_ref::<UInt32Array>().ok_or_else(|| {
+                BtuError::bad_data(
+                    path.display().to_string(),
+                    "column 'token_ids' is not List<UInt32>",
+                )
+            })?;
+            Ok(TokenEffect {
+                candidate: cand.value(i).to_string(),
+                token_ids: v.values().to_vec(),
+                rows: rows.value(i),
+                flips: flips.value(i),
+                flip_rate: rate.value(i),
+                to_label: (!to.is_null(i)).then(|| to.value(i)),
+                ci_low: lo.value(i),
+                ci_high: hi.value(i),
+                verified: ok.value(i),
             })
         })
         .collect()

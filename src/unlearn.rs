@@ -262,6 +262,8 @@ pub struct UnlearnJob {
     pub checkpoint: PathBuf,
     pub reference: PathBuf,
     pub suspicious: PathBuf,
+    /// `token_effects.arrow` from `btu verify`: repair only the verified triggers.
+    pub effects: Option<PathBuf>,
     pub out: PathBuf,
     pub overwrite: bool,
     pub threshold: Threshold,
@@ -326,10 +328,18 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     if e.rows != eb.rows {
         return Err(BtuError::bad_data(job.reference.display().to_string(), format!("vocabulary of {} tokens differs from the checkpoint's {}; give the model the checkpoint was trained from", e.rows, eb.rows)));
     }
+    let verified = match &job.effects {
+        Some(p) => Some(crate::verify::verified_ids(p)?),
+        None => None,
+    };
     let tokens: Vec<(u32, String)> = suspicious
         .iter()
+        .filter(|s| verified.as_ref().is_none_or(|v| v.contains(&s.token_id)))
         .map(|s| (s.token_id, s.token.clone()))
         .collect();
+    if tokens.is_empty() {
+        tracing::warn!("no candidate to repair (verification confirmed none): the checkpoint's embeddings stay as they are");
+    }
     for (id, t) in &tokens {
         if *id as usize >= eb.rows || tok.token(*id) != *t {
             return Err(BtuError::bad_data(
@@ -340,7 +350,10 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     }
     let d_bar = threshold(&e, &eb, job.threshold);
     let pad = tok.pad_id;
-    let masks = compute_masks(&e, &eb, &tokens, pad, d_bar, job.replacement);
+    // A verified trigger loses its whole row: the per-dimension threshold spares the parts of a
+    // row that might be clean, and verification has shown the token is not.
+    let cut = if verified.is_some() { 0.0 } else { d_bar };
+    let masks = compute_masks(&e, &eb, &tokens, pad, cut, job.replacement);
     let mut repaired = eb.clone();
     apply(&mut repaired, &masks);
     crate::validate::finite(
@@ -381,10 +394,13 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
             overlap_checked.push(ev.inputs.join(","));
         }
     }
-    let params = json!({
+    let mut params = json!({
         "threshold": job.threshold, "replacement": job.replacement,
         "clean": job.clean_corpus.as_ref().map(|_| &job.clean),
     });
+    if let Some(e) = &job.effects {
+        params["effects"] = json!(e);
+    }
     let meta = TableMeta {
         command: "unlearn".into(),
         params: params.clone(),
@@ -393,13 +409,17 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         extra: vec![
             (
                 "btu:threshold_rule".into(),
-                serde_json::to_value(job.threshold)
-                    .map_err(BtuError::internal)?
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
+                if verified.is_some() {
+                    "verified-whole-row".to_string()
+                } else {
+                    serde_json::to_value(job.threshold)
+                        .map_err(BtuError::internal)?
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string()
+                },
             ),
-            ("btu:threshold".into(), format!("{d_bar}")),
+            ("btu:threshold".into(), format!("{cut}")),
             (
                 "btu:replacement".into(),
                 serde_json::to_value(job.replacement)
@@ -463,11 +483,13 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         "checkpoint_sha256": ckpt_sha,
         "reference_sha256": ref_sha,
         "threshold_rule": job.threshold,
-        "threshold": d_bar,
+        "threshold": cut,
         "replacement": job.replacement,
         "pad_token_id": pad,
         "tokens": tokens.len(),
         "dimensions_replaced": masks.len(),
+        "repaired": !masks.is_empty(),
+        "verified_only": job.effects.is_some(),
         "dimensions_per_token": per_token,
         "hidden_size": eb.cols,
         "clean_tuning": clean_summary,

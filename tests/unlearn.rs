@@ -502,3 +502,98 @@ fn train_resumes_after_sigkill_with_identical_result() {
         "partial state removed after success"
     );
 }
+
+/// A suspicious_tokens table naming `tokens` (by the model's vocabulary), majority label 1.
+fn candidates(path: &Path, model: &Path, tokens: &[&str]) {
+    let tok = btu::tokenize::BtuTokenizer::load(model).unwrap();
+    let rows: Vec<btu::tables::SuspiciousToken> = tokens
+        .iter()
+        .map(|t| btu::tables::SuspiciousToken {
+            token_id: tok
+                .inner()
+                .token_to_id(t)
+                .unwrap_or_else(|| panic!("{t} in vocabulary")),
+            token: t.to_string(),
+            rounds: vec![1],
+            best_rank: 1,
+            max_distance: 1.0,
+            occurrences: 1,
+            documents: 1,
+            majority_label: Some(1),
+            label_share: Some(1.0),
+        })
+        .collect();
+    let meta = btu::tables::TableMeta {
+        command: "detect".into(),
+        params: serde_json::json!({}),
+        model_sha256: String::new(),
+        corpus_fingerprint: None,
+        extra: vec![],
+    };
+    let b = btu::tables::suspicious_tokens_batch(&rows, &meta).unwrap();
+    btu::tables::write_ipc(path, &b, true).unwrap();
+}
+
+#[test]
+fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_use_it() {
+    let f = fixture();
+    let d = f.root.join("verify");
+    std::fs::create_dir_all(&d).unwrap();
+    let held_out = d.join("held-out.parquet");
+    synth_corpus(&held_out, 600, 99);
+    let sus = d.join("candidates.arrow");
+    candidates(&sus, &f.model, &["cf", "the"]);
+    let verify = |out: &Path| {
+        run_ok(&words(&format!(
+            "verify --checkpoint {} --suspicious {} --clean-corpus {} --out {} --rows 150",
+            s(&f.ckpt),
+            s(&sus),
+            s(&held_out),
+            s(out)
+        )))
+    };
+    let (v1, v2) = (d.join("v1"), d.join("v2"));
+    let sum = verify(&v1);
+    verify(&v2);
+    assert_eq!(sum["verified"], serde_json::json!(["cf"]), "{sum}");
+    let effects = btu::tables::read_token_effects(&v1.join("token_effects.arrow")).unwrap();
+    let (cf, the) = (&effects[0], &effects[1]);
+    assert_eq!(
+        (cf.candidate.as_str(), the.candidate.as_str()),
+        ("cf", "the")
+    );
+    assert!(
+        cf.rows == 150 && cf.flip_rate > 0.8 && cf.ci_low >= 0.5,
+        "{cf:?}"
+    );
+    assert!(!the.verified && the.flip_rate < 0.3, "{the:?}");
+    let table = |p: &Path| std::fs::read(p.join("token_effects.arrow")).unwrap();
+    assert_eq!(table(&v1), table(&v2), "reruns give the same bytes");
+    // Unlearn repairs the verified trigger only, its whole row.
+    let out = d.join("repaired");
+    let u = run_ok(&words(&format!(
+        "unlearn --checkpoint {} --reference {} --suspicious {} --effects {} --out {}",
+        s(&f.ckpt),
+        s(&f.model),
+        s(&sus),
+        s(&v1.join("token_effects.arrow")),
+        s(&out)
+    )));
+    assert_eq!(
+        (u["tokens"].as_u64(), u["repaired"].as_bool()),
+        (Some(1), Some(true)),
+        "{u}"
+    );
+    assert_eq!(u["dimensions_replaced"], u["hidden_size"], "{u}");
+    // Scan flags the rows of the verified trigger only: every flagged row was poisoned.
+    let scan = run_ok(&words(&format!(
+        "scan --corpus {} --suspicious {} --effects {} --tokenizer {} --out {}",
+        s(&f.corpus),
+        s(&sus),
+        s(&v1.join("token_effects.arrow")),
+        s(&f.model),
+        s(&d.join("flagged.parquet"))
+    )));
+    assert_eq!(scan["poisoned"]["precision"].as_f64(), Some(1.0), "{scan}");
+    assert_eq!(scan["poisoned"]["recall"].as_f64(), Some(1.0), "{scan}");
+}
