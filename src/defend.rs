@@ -935,7 +935,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                                  step: String|
              -> Result<Value> {
                 // "metrics" names the metric set: bumped when eval learns a metric, so reruns recompute it.
-                let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len, "metrics": 2});
+                let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len, "metrics": 3});
                 r.step(&step, key, std::slice::from_ref(&out), &mut || {
                     crate::eval::run(&crate::eval::EvalJob {
                         model: model_for_eval.clone(),
@@ -966,7 +966,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     out.clone(),
                     format!("eval-{name}"),
                 )?;
-                json!({"acc": metric(&m, "acc"), "asr": metric(&m, "asr"), "flip_rate": metric(&m, "flip_rate"), "clean_false_positive_rate": metric(&m, "clean_false_positive_rate"), "backend": metric(&m, "backend")})
+                json!({"acc": metric(&m, "acc"), "asr": metric(&m, "asr"), "flip_rate": metric(&m, "flip_rate"), "clean_false_positive_rate": metric(&m, "clean_false_positive_rate"), "clean_false_negative_rate": metric(&m, "clean_false_negative_rate"), "backend": metric(&m, "backend")})
             } else {
                 let acc = eval_once(&cfg.data.test, None, out.clone(), format!("eval-{name}"))?;
                 let asr = eval_once(
@@ -975,11 +975,15 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     run.join(format!("eval-{name}-asr")),
                     format!("eval-{name}-asr"),
                 )?;
-                json!({"acc": metric(&acc, "acc"), "asr": metric(&asr, "asr"), "flip_rate": metric(&asr, "flip_rate"), "clean_false_positive_rate": metric(&asr, "clean_false_positive_rate"), "backend": metric(&acc, "backend")})
+                json!({"acc": metric(&acc, "acc"), "asr": metric(&asr, "asr"), "flip_rate": metric(&asr, "flip_rate"), "clean_false_positive_rate": metric(&asr, "clean_false_positive_rate"), "clean_false_negative_rate": metric(&acc, "clean_false_negative_rate"), "backend": metric(&acc, "backend")})
             }
         };
         results.insert(name.to_string(), summary);
     }
+    let correct = |name: &str| {
+        crate::eval::clean_correct(&run.join(format!("eval-{name}/predictions.parquet")))
+    };
+    let acc_change = crate::metrics::paired_change(&correct("victim")?, &correct("repaired")?);
     let flagged =
         crate::tables::read_suspicious_tokens(&detect_dir.join("suspicious_tokens.arrow"))?;
     let verified: Option<Vec<String>> = match &effects {
@@ -1011,6 +1015,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         "run": run,
         "without_defence": results["victim"],
         "with_defence": results["repaired"],
+        "acc_change": acc_change,
         "flagged": flagged.iter().map(|t| &t.token).collect::<Vec<_>>(),
         "clean_rows_dropped": dropped.len(),
         "verified": verified,

@@ -460,6 +460,7 @@ pub fn evaluate(
         "asr_per_repeat": asrs,
         "flip_rate": (!flips.is_empty()).then(|| flips.iter().sum::<f64>() / flips.len() as f64),
         "clean_false_positive_rate": attack_success_rate(clean_pred, &split.labels, attack.map_or(target, |a| a.target)),
+        "clean_false_negative_rate": crate::metrics::false_negative_rate(clean_pred, &split.labels, attack.map_or(target, |a| a.target)),
         "rows": split.texts.len(),
         "attacked_rows": attacked_n,
         "confusion_matrix": confusion(clean_pred, &split.labels, classes),
@@ -513,6 +514,41 @@ pub struct EvalJob {
     pub backend: Option<Backend>,
     pub ort_lib: Option<PathBuf>,
     pub seed: u64,
+}
+
+/// Whether each clean (not attacked) row of a `predictions.parquet` is classified correctly, in
+/// the file's order.
+pub fn clean_correct(predictions: &std::path::Path) -> Result<Vec<bool>> {
+    use arrow::array::{AsArray, BooleanArray};
+    use arrow::datatypes::Int64Type;
+    let file = std::fs::File::open(predictions).map_err(|e| BtuError::io(predictions, e))?;
+    let bad = |e: &dyn std::fmt::Display| {
+        BtuError::bad_data(predictions.display().to_string(), e.to_string())
+    };
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| bad(&e))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let b = batch.map_err(|e| bad(&e))?;
+        let col = |n: &str| {
+            b.column_by_name(n)
+                .cloned()
+                .ok_or_else(|| bad(&format!("no column '{n}'")))
+        };
+        let (label, pred, poisoned) = (col("label")?, col("prediction")?, col("poisoned")?);
+        let (label, pred) = (
+            label.as_primitive::<Int64Type>(),
+            pred.as_primitive::<Int64Type>(),
+        );
+        let poisoned: &BooleanArray = poisoned.as_boolean();
+        out.extend(
+            (0..b.num_rows())
+                .filter(|&i| !poisoned.value(i))
+                .map(|i| label.value(i) == pred.value(i)),
+        );
+    }
+    Ok(out)
 }
 
 /// `btu eval`.

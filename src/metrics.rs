@@ -52,6 +52,46 @@ pub fn flip_rate(
     )
 }
 
+/// False-negative rate: among samples whose true label is `target`, the share predicted as
+/// another label (what a repair costs the target class). `NaN` when there is no such sample.
+pub fn false_negative_rate(pred: &[i64], true_label: &[i64], target: i64) -> f64 {
+    share(
+        pred.iter()
+            .zip(true_label)
+            .filter(|(_, l)| **l == target)
+            .map(|(p, _)| *p != target),
+    )
+}
+
+/// A paired change of accuracy on the same rows: mean of `after - before` correctness with its
+/// 95 % normal-approximation interval.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct PairedChange {
+    pub delta: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+    pub rows: usize,
+}
+
+/// [`PairedChange`] of two correctness vectors over the same rows.
+pub fn paired_change(before: &[bool], after: &[bool]) -> PairedChange {
+    let d: Vec<f64> = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| *a as i32 as f64 - *b as i32 as f64)
+        .collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n.max(1.0);
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let half = 1.959_964 * (var / n.max(1.0)).sqrt();
+    PairedChange {
+        delta: mean,
+        ci_low: mean - half,
+        ci_high: mean + half,
+        rows: d.len(),
+    }
+}
+
 /// Confusion matrix `[true][predicted]` over `classes` classes.
 pub fn confusion(pred: &[i64], label: &[i64], classes: usize) -> Vec<Vec<u64>> {
     let mut m = vec![vec![0u64; classes]; classes];
@@ -102,6 +142,22 @@ mod tests {
         assert!((flip_rate(&attacked, &clean, &label, 1) - 2.0 / 3.0).abs() < 1e-12);
         assert!((attack_success_rate(&attacked, &label, 1) - 3.0 / 4.0).abs() < 1e-12);
         assert!(flip_rate(&[1], &[1], &[0], 1).is_nan());
+    }
+
+    #[test]
+    fn false_negatives_and_paired_change_by_hand() {
+        // Target 1: rows 0, 1, 2 carry it and row 2 is missed.
+        assert!((false_negative_rate(&[1, 1, 0, 0], &[1, 1, 1, 0], 1) - 1.0 / 3.0).abs() < 1e-12);
+        // Differences [0, 1, -1, 0]: mean 0, variance 2/3, half-width 1.96 * sqrt(2/3 / 4).
+        let c = paired_change(&[true, false, true, true], &[true, true, false, true]);
+        let half = 1.959_964 * (2.0f64 / 3.0 / 4.0).sqrt();
+        assert!(
+            c.delta.abs() < 1e-12 && (c.ci_high - half).abs() < 1e-9 && c.rows == 4,
+            "{c:?}"
+        );
+        // No change at all: a zero-width interval.
+        let c = paired_change(&[true, false], &[true, false]);
+        assert_eq!((c.delta, c.ci_low, c.ci_high), (0.0, 0.0, 0.0));
     }
 
     #[test]

@@ -360,6 +360,17 @@ fn every_command_has_a_dry_run_that_touches_nothing() {
         ],
         vec!["demo".into(), "--out".into(), o("demo")],
         vec!["schemas".into(), "--out".into(), o("schemas")],
+        [
+            "verify",
+            "--checkpoint",
+            &o("v"),
+            "--suspicious",
+            &o("s.arrow"),
+        ]
+        .into_iter()
+        .chain(["--clean-corpus", &o("c.parquet"), "--out", &o("f")])
+        .map(String::from)
+        .collect(),
     ];
     for mut c in cases {
         c.insert(0, "--dry-run".into());
