@@ -665,6 +665,9 @@ pub struct VerifyArgs {
     /// Held-out clean rows with labels (disjoint from the training and evaluation data).
     #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1.., required = true)]
     pub clean_corpus: Vec<String>,
+    /// The corpus detection ran on: phrases recurring around the candidates are verified too.
+    #[arg(long, env = "BTU_CORPUS", num_args = 1..)]
+    pub corpus: Vec<String>,
     /// Output directory (token_effects.arrow, summary.json).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
@@ -833,6 +836,7 @@ impl Command {
             Command::Verify(a) => {
                 let mut i = vec![p(&a.checkpoint), p(&a.suspicious)];
                 i.extend(a.clean_corpus.iter().cloned());
+                i.extend(a.corpus.iter().cloned());
                 let o = ["token_effects.arrow", "summary.json"];
                 (i, o.iter().map(|f| p(&a.out.join(f))).collect(), json!(a))
             }
@@ -1040,6 +1044,8 @@ pub fn execute(
             checkpoint: a.checkpoint.clone(),
             suspicious: a.suspicious.clone(),
             clean: a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true),
+            corpus: (!a.corpus.is_empty())
+                .then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false)),
             out: a.out.clone(),
             overwrite: a.overwrite,
             device: a.device.clone(),

@@ -834,6 +834,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     checkpoint: victim.clone(),
                     suspicious: detect_dir.join("suspicious_tokens.arrow"),
                     clean: clean_spec.clone(),
+                    corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
                     out: verify_dir.clone(),
                     overwrite: true,
                     device: dev.clone(),

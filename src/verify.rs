@@ -5,6 +5,12 @@
 //! the candidate's flip rate. A trigger flips nearly all of them; a frequent clean word that only
 //! carried the class prior flips few. A candidate is verified when the lower end of the flip
 //! rate's 95 % Wilson interval reaches `min_flip_rate`.
+//!
+//! Sentence triggers (Add-Sent) rarely flip predictions one word at a time. With the detection
+//! corpus (`--corpus`), verification also builds *phrases*: for each candidate word, the longest
+//! run of words around it (up to [`MAX_PHRASE_WORDS`]) that recurs in at least half of the rows
+//! carrying it. A phrase is inserted as one block; its `token_ids` are the candidates inside it
+//! most of whose rows carry the phrase, which is what a repair of a verified phrase changes.
 //! Writes `token_effects.arrow` (schema in schemas/) and `summary.json`.
 
 use std::collections::BTreeMap;
@@ -22,6 +28,13 @@ use crate::error::{BtuError, Result};
 use crate::eval::{open_classifier, read_split, Backend, Classifier, TestSplit};
 use crate::poison::{insert_trigger, row_rng, Attack};
 use crate::tables::{SuspiciousToken, TableMeta, TokenEffect};
+
+/// Longest phrase (in words) built around a candidate.
+pub const MAX_PHRASE_WORDS: usize = 8;
+/// A phrase must recur in at least this share of the rows carrying its candidate word...
+const PHRASE_SHARE: f64 = 0.5;
+/// ...and in at least this many rows.
+const PHRASE_MIN_ROWS: usize = 10;
 
 /// The verification test's parameters.
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +77,8 @@ pub struct VerifyJob {
     pub suspicious: PathBuf,
     /// Held-out clean rows with labels.
     pub clean: CorpusSpec,
+    /// The corpus detection ran on, to build phrase candidates from (none without it).
+    pub corpus: Option<CorpusSpec>,
     pub out: PathBuf,
     pub overwrite: bool,
     pub device: String,
@@ -104,28 +119,59 @@ fn correct_rows(clf: &mut dyn Classifier, split: &TestSplit) -> Result<Vec<usize
         .collect())
 }
 
+/// What verification inserts: one token (as a word) or a phrase (as one block).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The text inserted.
+    pub text: String,
+    /// The detection candidates it stands for (what a repair changes).
+    pub token_ids: Vec<u32>,
+    /// The label its rows carried most (the label a trigger flips to).
+    pub target: Option<i64>,
+    /// A phrase (inserted as a block) rather than a single token.
+    pub phrase: bool,
+}
+
+impl Candidate {
+    fn token(c: &SuspiciousToken) -> Self {
+        Candidate {
+            text: surface(&c.token).to_string(),
+            token_ids: vec![c.token_id],
+            target: c.majority_label,
+            phrase: false,
+        }
+    }
+}
+
 /// Insert one candidate into the chosen rows and count the flips to its label.
 fn effect_of(
     clf: &mut dyn Classifier,
     split: &TestSplit,
     correct: &[usize],
-    c: &SuspiciousToken,
+    c: &Candidate,
     p: &VerifyParams,
 ) -> Result<TokenEffect> {
-    let target = c.majority_label;
+    let target = c.target;
     let mut pool: Vec<usize> = correct
         .iter()
         .copied()
         .filter(|&i| target.is_some_and(|t| split.labels[i] != t))
         .collect();
-    pool.shuffle(&mut ChaCha8Rng::seed_from_u64(p.seed ^ c.token_id as u64));
+    pool.shuffle(&mut ChaCha8Rng::seed_from_u64(
+        p.seed ^ c.token_ids[0] as u64,
+    ));
     pool.truncate(p.rows);
-    let word = [surface(&c.token).to_string()];
+    let word = [c.text.clone()];
+    let attack = if c.phrase {
+        Attack::AddSent
+    } else {
+        Attack::AddWord
+    };
     let texts: Vec<String> = pool
         .iter()
         .map(|&i| {
             let mut rng = row_rng(p.seed, i as u64);
-            insert_trigger(&split.texts[i], Attack::AddWord, &word, "", &mut rng)
+            insert_trigger(&split.texts[i], attack, &word, &c.text, &mut rng)
         })
         .collect();
     let preds: Vec<i64> = if texts.is_empty() {
@@ -137,8 +183,8 @@ fn effect_of(
     let rows = pool.len() as u32;
     let (ci_low, ci_high) = wilson(flips, rows);
     Ok(TokenEffect {
-        candidate: c.token.clone(),
-        token_ids: vec![c.token_id],
+        candidate: c.text.clone(),
+        token_ids: c.token_ids.clone(),
         rows,
         flips,
         flip_rate: if rows == 0 {
@@ -176,7 +222,11 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
             "the suspect model classifies none of the clean rows correctly; give held-out clean data of its task",
         ));
     }
-    let effects = candidates
+    let mut tried: Vec<Candidate> = candidates.iter().map(Candidate::token).collect();
+    if let Some(corpus) = &job.corpus {
+        tried.extend(phrases(corpus, &candidates)?);
+    }
+    let effects = tried
         .iter()
         .map(|c| effect_of(clf.as_mut(), &split, &correct, c, p))
         .collect::<Result<Vec<_>>>()?;
@@ -230,6 +280,101 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
     )?;
     out.commit()?;
     Ok(summary)
+}
+
+/// Phrase candidates: for every candidate word, the longest run of words around it that recurs in
+/// at least [`PHRASE_SHARE`] of the rows carrying it (and [`PHRASE_MIN_ROWS`] rows); phrases
+/// found from several candidates are one candidate, standing for all of them.
+pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Vec<Candidate>> {
+    let words: BTreeMap<String, &SuspiciousToken> = candidates
+        .iter()
+        .filter(|c| !c.token.starts_with("##"))
+        .map(|c| (c.token.to_lowercase(), c))
+        .collect();
+    // (candidate word, phrase words) -> rows; rows carrying each candidate word.
+    let mut counts: BTreeMap<(String, Vec<String>), usize> = BTreeMap::new();
+    let mut rows: BTreeMap<String, usize> = BTreeMap::new();
+    let spec = CorpusSpec {
+        label_col: None,
+        ..corpus.clone()
+    };
+    crate::corpus::read_corpus(&spec, |b| {
+        for text in &b.texts {
+            let ws: Vec<String> = text.split_whitespace().map(|w| w.to_lowercase()).collect();
+            count_windows(&ws, &words, &mut counts, &mut rows);
+        }
+        Ok(())
+    })?;
+    let mut best: BTreeMap<Vec<String>, Candidate> = BTreeMap::new();
+    for (w, c) in &words {
+        let need = ((rows.get(w).copied().unwrap_or(0) as f64 * PHRASE_SHARE).ceil() as usize)
+            .max(PHRASE_MIN_ROWS);
+        let Some((phrase, _)) = counts
+            .iter()
+            .filter(|((cw, ph), n)| cw == w && ph.len() >= 2 && **n >= need)
+            .max_by_key(|((_, ph), n)| (ph.len(), **n))
+        else {
+            continue;
+        };
+        let phrase = phrase.1.clone();
+        // The candidates that belong to the phrase: most of their rows carry it (a frequent word
+        // that also occurs inside the phrase, such as "this", is left out of the repair).
+        let inside: Vec<&SuspiciousToken> = phrase
+            .iter()
+            .filter(|x| {
+                let in_phrase = counts
+                    .get(&((*x).clone(), phrase.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                in_phrase as f64
+                    >= PHRASE_SHARE * rows.get(*x).copied().unwrap_or(usize::MAX) as f64
+            })
+            .filter_map(|x| words.get(x).copied())
+            .collect();
+        let e = best.entry(phrase.clone()).or_insert_with(|| Candidate {
+            text: phrase.join(" "),
+            token_ids: vec![],
+            target: c.majority_label,
+            phrase: true,
+        });
+        for t in inside {
+            if !e.token_ids.contains(&t.token_id) {
+                e.token_ids.push(t.token_id);
+            }
+        }
+    }
+    Ok(best.into_values().collect())
+}
+
+/// Count, for each candidate word in `ws`, every run of words around it (2 to
+/// [`MAX_PHRASE_WORDS`] long) once per row.
+fn count_windows(
+    ws: &[String],
+    words: &BTreeMap<String, &SuspiciousToken>,
+    counts: &mut BTreeMap<(String, Vec<String>), usize>,
+    rows: &mut BTreeMap<String, usize>,
+) {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, w) in ws.iter().enumerate() {
+        if !words.contains_key(w) {
+            continue;
+        }
+        if seen.insert((w.clone(), Vec::new())) {
+            *rows.entry(w.clone()).or_default() += 1;
+        }
+        let lo = i.saturating_sub(MAX_PHRASE_WORDS - 1);
+        for start in lo..=i {
+            for end in (i + 1)..=(start + MAX_PHRASE_WORDS).min(ws.len()) {
+                if end - start < 2 {
+                    continue;
+                }
+                let key = (w.clone(), ws[start..end].to_vec());
+                if seen.insert(key.clone()) {
+                    *counts.entry(key).or_default() += 1;
+                }
+            }
+        }
+    }
 }
 
 /// Token ids of the verified candidates in a `token_effects.arrow` file.

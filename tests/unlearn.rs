@@ -597,3 +597,46 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
     assert_eq!(scan["poisoned"]["precision"].as_f64(), Some(1.0), "{scan}");
     assert_eq!(scan["poisoned"]["recall"].as_f64(), Some(1.0), "{scan}");
 }
+
+#[test]
+fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    synth_corpus(&p("clean.parquet"), 1500, 5);
+    synth_corpus(&p("held-out.parquet"), 400, 6);
+    let (c, m) = (p("poisoned.parquet"), p("model"));
+    run_ok(&words(&format!(
+        "poison --input {} --output {} --attack add-sent --rate 0.1 --target 1",
+        s(&p("clean.parquet")),
+        s(&c)
+    )));
+    tiny_model(&m, &c, 400);
+    let (det, victim, ver) = (p("detect"), p("victim"), p("verify"));
+    let (cs, ms) = (s(&c), s(&m));
+    run_ok(&words(&format!(
+        "detect --corpus {cs} --model {ms} --out {} --alpha 2",
+        s(&det)
+    )));
+    run_ok(&words(&format!(
+        "train --corpus {cs} --model {ms} --out {} --epochs 2 --lr 1e-3",
+        s(&victim)
+    )));
+    let sum = run_ok(&words(&format!(
+        "verify --checkpoint {} --suspicious {} --clean-corpus {} --corpus {cs} --out {}",
+        s(&victim),
+        s(&det.join("suspicious_tokens.arrow")),
+        s(&p("held-out.parquet")),
+        s(&ver)
+    )));
+    let effects = btu::tables::read_token_effects(&ver.join("token_effects.arrow")).unwrap();
+    let phrase = effects
+        .iter()
+        .find(|e| e.candidate == "i watch this 3d movie")
+        .unwrap_or_else(|| panic!("no phrase candidate: {sum}"));
+    assert!(phrase.verified && phrase.flip_rate > 0.9, "{phrase:?}");
+    let tok = btu::tokenize::BtuTokenizer::load(&m).unwrap();
+    for w in ["watch", "3d"] {
+        let id = tok.inner().token_to_id(w).unwrap();
+        assert!(phrase.token_ids.contains(&id), "{w} in {phrase:?}");
+    }
+}
