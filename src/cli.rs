@@ -660,8 +660,12 @@ pub struct VerifyArgs {
     #[arg(long, env = "BTU_CHECKPOINT")]
     pub checkpoint: PathBuf,
     /// suspicious_tokens.arrow from btu detect (the candidates).
-    #[arg(long, env = "BTU_SUSPICIOUS")]
-    pub suspicious: PathBuf,
+    #[arg(long, env = "BTU_SUSPICIOUS", required_unless_present = "recheck")]
+    pub suspicious: Option<PathBuf>,
+    /// Instead: token_effects.arrow of an earlier verification; are its verified triggers still
+    /// triggers on this (repaired) model?
+    #[arg(long, env = "BTU_RECHECK", conflicts_with = "suspicious")]
+    pub recheck: Option<PathBuf>,
     /// Held-out clean rows with labels (disjoint from the training and evaluation data).
     #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1.., required = true)]
     pub clean_corpus: Vec<String>,
@@ -834,7 +838,8 @@ impl Command {
             }
             Command::Demo(a) => (vec![], a.out.iter().map(p).collect(), json!(a)),
             Command::Verify(a) => {
-                let mut i = vec![p(&a.checkpoint), p(&a.suspicious)];
+                let mut i = vec![p(&a.checkpoint)];
+                i.extend(a.suspicious.iter().chain(&a.recheck).map(p));
                 i.extend(a.clean_corpus.iter().cloned());
                 i.extend(a.corpus.iter().cloned());
                 let o = ["token_effects.arrow", "summary.json"];
@@ -1042,7 +1047,11 @@ pub fn execute(
         ),
         Command::Verify(a) => crate::verify::run(&crate::verify::VerifyJob {
             checkpoint: a.checkpoint.clone(),
-            suspicious: a.suspicious.clone(),
+            candidates: match (&a.suspicious, &a.recheck) {
+                (_, Some(r)) => crate::verify::CandidateSource::Recheck(r.clone()),
+                (Some(s), None) => crate::verify::CandidateSource::Suspicious(s.clone()),
+                (None, None) => unreachable!("clap requires one"),
+            },
             clean: a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true),
             corpus: (!a.corpus.is_empty())
                 .then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false)),

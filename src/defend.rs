@@ -832,7 +832,9 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             &mut || {
                 crate::verify::run(&crate::verify::VerifyJob {
                     checkpoint: victim.clone(),
-                    suspicious: detect_dir.join("suspicious_tokens.arrow"),
+                    candidates: crate::verify::CandidateSource::Suspicious(
+                        detect_dir.join("suspicious_tokens.arrow"),
+                    ),
                     clean: clean_spec.clone(),
                     corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
                     out: verify_dir.clone(),
@@ -894,6 +896,42 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             )
         },
     )?;
+
+    // Are the verified triggers gone from the repaired model?
+    let recheck_dir = run.join("verify-repaired");
+    let residual: Option<Vec<crate::tables::TokenEffect>> = match &effects {
+        Some(e) => {
+            let key = json!({"repaired": repaired_h, "verify": verify_h, "params": v, "max_len": t.max_len, "seed": seed});
+            r.step(
+                "verify-repaired",
+                key,
+                std::slice::from_ref(&recheck_dir),
+                &mut || {
+                    crate::verify::run(&crate::verify::VerifyJob {
+                        checkpoint: repaired.clone(),
+                        candidates: crate::verify::CandidateSource::Recheck(e.clone()),
+                        clean: clean_spec.clone(),
+                        corpus: None,
+                        out: recheck_dir.clone(),
+                        overwrite: true,
+                        device: dev.clone(),
+                        backend: Some(crate::eval::Backend::Candle),
+                        ort_lib: None,
+                        params: crate::verify::VerifyParams {
+                            rows: v.rows,
+                            min_flip_rate: v.min_flip_rate,
+                            max_len: t.max_len,
+                            seed,
+                        },
+                    })
+                },
+            )?;
+            Some(crate::tables::read_token_effects(
+                &recheck_dir.join("token_effects.arrow"),
+            )?)
+        }
+        None => None,
+    };
 
     // Export and evaluate both models.
     let attack = cfg.eval_attack().expect("validated");
@@ -1005,6 +1043,9 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         (_, 0) => {
             Some("no embedding dimension passed the threshold: the embeddings were not repaired")
         }
+        _ if residual.iter().flatten().any(|e| e.verified) => {
+            Some("a verified trigger still flips the repaired model's predictions (see residual)")
+        }
         _ => None,
     };
     if let Some(n) = repair_note {
@@ -1023,6 +1064,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         "dimensions_replaced": replaced,
         "repaired": replaced > 0,
         "repair_note": repair_note,
+        "residual": residual.as_ref().map(|r| r.iter().map(|e| (e.candidate.clone(), json!({"flip_rate": e.flip_rate, "rows": e.rows, "still_a_trigger": e.verified}))).collect::<serde_json::Map<_, _>>()),
         "steps": r.records,
         "seconds_per_step": r.records.iter().map(|s| (s.step.clone(), json!(s.seconds))).collect::<serde_json::Map<_, _>>(),
         "seconds": t0.elapsed().as_secs_f64(),

@@ -73,8 +73,9 @@ impl VerifyParams {
 pub struct VerifyJob {
     /// The suspect model: a checkpoint directory (candle) or an exported `.onnx` (ONNX Runtime).
     pub checkpoint: PathBuf,
-    /// `suspicious_tokens.arrow` from `btu detect`.
-    pub suspicious: PathBuf,
+    /// What to try: the candidates of `btu detect`, or the verified rows of an earlier
+    /// verification (to check a repaired model).
+    pub candidates: CandidateSource,
     /// Held-out clean rows with labels.
     pub clean: CorpusSpec,
     /// The corpus detection ran on, to build phrase candidates from (none without it).
@@ -85,6 +86,39 @@ pub struct VerifyJob {
     pub backend: Option<Backend>,
     pub ort_lib: Option<PathBuf>,
     pub params: VerifyParams,
+}
+
+/// Where the candidates come from.
+#[derive(Debug, Clone)]
+pub enum CandidateSource {
+    /// `suspicious_tokens.arrow` from `btu detect`.
+    Suspicious(PathBuf),
+    /// The verified rows of a `token_effects.arrow`: is each still a trigger on this model?
+    Recheck(PathBuf),
+}
+
+/// The candidates of a [`CandidateSource`] (phrases from `corpus` for detection candidates).
+fn candidates_of(src: &CandidateSource, corpus: Option<&CorpusSpec>) -> Result<Vec<Candidate>> {
+    match src {
+        CandidateSource::Suspicious(p) => {
+            let sus = crate::tables::read_suspicious_tokens(p)?;
+            let mut all: Vec<Candidate> = sus.iter().map(Candidate::token).collect();
+            if let Some(c) = corpus {
+                all.extend(phrases(c, &sus)?);
+            }
+            Ok(all)
+        }
+        CandidateSource::Recheck(p) => Ok(crate::tables::read_token_effects(p)?
+            .into_iter()
+            .filter(|e| e.verified)
+            .map(|e| Candidate {
+                phrase: e.candidate.contains(' '),
+                text: e.candidate,
+                token_ids: e.token_ids,
+                target: e.to_label,
+            })
+            .collect()),
+    }
 }
 
 /// The 95 % Wilson score interval of `k` successes in `n` trials.
@@ -205,7 +239,7 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
     let p = &job.params;
     p.validate()?;
     crate::output::check_output(&job.out, job.overwrite)?;
-    let candidates = crate::tables::read_suspicious_tokens(&job.suspicious)?;
+    let tried = candidates_of(&job.candidates, job.corpus.as_ref())?;
     let mut clf = open_classifier(
         &job.checkpoint,
         job.backend,
@@ -221,10 +255,6 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
             job.clean.inputs.join(", "),
             "the suspect model classifies none of the clean rows correctly; give held-out clean data of its task",
         ));
-    }
-    let mut tried: Vec<Candidate> = candidates.iter().map(Candidate::token).collect();
-    if let Some(corpus) = &job.corpus {
-        tried.extend(phrases(corpus, &candidates)?);
     }
     let effects = tried
         .iter()

@@ -585,6 +585,21 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
         "{u}"
     );
     assert_eq!(u["dimensions_replaced"], u["hidden_size"], "{u}");
+    // The repaired model no longer flips on the trigger.
+    let re = run_ok(&words(&format!(
+        "verify --checkpoint {} --recheck {} --clean-corpus {} --out {} --rows 150",
+        s(&out),
+        s(&v1.join("token_effects.arrow")),
+        s(&held_out),
+        s(&d.join("recheck"))
+    )));
+    assert_eq!(
+        re["candidates"], 1,
+        "only the verified trigger is rechecked: {re}"
+    );
+    assert_eq!(re["trigger_found"], false, "{re}");
+    let after = btu::tables::read_token_effects(&d.join("recheck/token_effects.arrow")).unwrap();
+    assert!(after[0].flip_rate < 0.2, "{:?}", after[0]);
     // Scan flags the rows of the verified trigger only: every flagged row was poisoned.
     let scan = run_ok(&words(&format!(
         "scan --corpus {} --suspicious {} --effects {} --tokenizer {} --out {}",
