@@ -395,18 +395,9 @@ pub struct EvalArgs {
     /// Random insertions averaged for ASR.
     #[arg(long, env = "BTU_REPEATS", default_value_t = 1)]
     pub repeats: usize,
-    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
-    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
-    pub max_len: usize,
-    /// ort for .onnx files (default), candle for checkpoint directories.
-    #[arg(long, env = "BTU_BACKEND", value_enum)]
-    pub backend: Option<crate::eval::Backend>,
-    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then the .venv that `make setup` makes).
-    #[arg(long, env = "BTU_ORT_LIB")]
-    pub ort_lib: Option<PathBuf>,
-    /// Device of the candle backend: auto, cpu or cuda:N.
-    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub classifier: ClassifierArgs,
     /// Seed of the attack's insertions (and of a missing head, as export-onnx initialises it).
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
@@ -654,6 +645,23 @@ pub struct ScanArgs {
     pub corpus_args: CorpusArgs,
 }
 
+/// How a classifier is opened and fed (eval, verify).
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct ClassifierArgs {
+    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
+    pub max_len: usize,
+    /// ort for .onnx files (default), candle for checkpoint directories.
+    #[arg(long, env = "BTU_BACKEND", value_enum)]
+    pub backend: Option<crate::eval::Backend>,
+    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then the .venv that `make setup` makes).
+    #[arg(long, env = "BTU_ORT_LIB")]
+    pub ort_lib: Option<PathBuf>,
+    /// Device of the candle backend: auto, cpu or cuda:N.
+    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    pub device: String,
+}
+
 #[derive(Debug, Args, serde::Serialize)]
 pub struct VerifyArgs {
     /// The suspect model: a checkpoint directory (candle) or an exported .onnx (ONNX Runtime).
@@ -681,18 +689,9 @@ pub struct VerifyArgs {
     /// Verified when the 95 % Wilson lower bound of the flip rate reaches this, in (0, 1].
     #[arg(long, env = "BTU_MIN_FLIP_RATE", default_value_t = crate::verify::VerifyParams::default().min_flip_rate)]
     pub min_flip_rate: f64,
-    /// Tokens per sequence, at most the model's max_position_embeddings.
-    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
-    pub max_len: usize,
-    /// ort for .onnx files (default), candle for checkpoint directories.
-    #[arg(long, env = "BTU_BACKEND", value_enum)]
-    pub backend: Option<crate::eval::Backend>,
-    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then the .venv that `make setup` makes).
-    #[arg(long, env = "BTU_ORT_LIB")]
-    pub ort_lib: Option<PathBuf>,
-    /// auto, cpu or cuda:N (candle backend only).
-    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub classifier: ClassifierArgs,
     /// Seed of the rows tried and the insert positions, so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
@@ -1021,10 +1020,10 @@ pub fn execute(
                 seed: a.seed,
             }),
             target: a.target,
-            max_len: a.max_len,
-            device: a.device.clone(),
-            backend: a.backend,
-            ort_lib: a.ort_lib.clone(),
+            max_len: a.classifier.max_len,
+            device: a.classifier.device.clone(),
+            backend: a.classifier.backend,
+            ort_lib: a.classifier.ort_lib.clone(),
             seed: a.seed,
         }),
         Command::ExportOnnx(a) => crate::export::run(&crate::export::ExportJob {
@@ -1057,13 +1056,13 @@ pub fn execute(
                 .then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false)),
             out: a.out.clone(),
             overwrite: a.overwrite,
-            device: a.device.clone(),
-            backend: a.backend,
-            ort_lib: a.ort_lib.clone(),
+            device: a.classifier.device.clone(),
+            backend: a.classifier.backend,
+            ort_lib: a.classifier.ort_lib.clone(),
             params: crate::verify::VerifyParams {
                 rows: a.rows,
                 min_flip_rate: a.min_flip_rate,
-                max_len: a.max_len,
+                max_len: a.classifier.max_len,
                 seed: a.seed,
             },
         }),

@@ -823,6 +823,25 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     };
     let verify_dir = run.join("verify");
     let v = &cfg.verify;
+    use crate::verify::CandidateSource;
+    let verify_job =
+        |checkpoint: &Path, candidates: CandidateSource, out: &Path| crate::verify::VerifyJob {
+            checkpoint: checkpoint.to_path_buf(),
+            candidates,
+            clean: clean_spec.clone(),
+            corpus: None,
+            out: out.to_path_buf(),
+            overwrite: true,
+            device: dev.clone(),
+            backend: Some(crate::eval::Backend::Candle),
+            ort_lib: None,
+            params: crate::verify::VerifyParams {
+                rows: v.rows,
+                min_flip_rate: v.min_flip_rate,
+                max_len: t.max_len,
+                seed,
+            },
+        };
     let verify_h = if v.enabled && !cfg.data.clean.is_empty() {
         let key = json!({"victim": victim_h, "detect": detect_h, "clean": clean_key, "params": v, "max_len": t.max_len, "seed": seed});
         Some(r.step(
@@ -831,23 +850,12 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             std::slice::from_ref(&verify_dir),
             &mut || {
                 crate::verify::run(&crate::verify::VerifyJob {
-                    checkpoint: victim.clone(),
-                    candidates: crate::verify::CandidateSource::Suspicious(
-                        detect_dir.join("suspicious_tokens.arrow"),
-                    ),
-                    clean: clean_spec.clone(),
                     corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
-                    out: verify_dir.clone(),
-                    overwrite: true,
-                    device: dev.clone(),
-                    backend: Some(crate::eval::Backend::Candle),
-                    ort_lib: None,
-                    params: crate::verify::VerifyParams {
-                        rows: v.rows,
-                        min_flip_rate: v.min_flip_rate,
-                        max_len: t.max_len,
-                        seed,
-                    },
+                    ..verify_job(
+                        &victim,
+                        CandidateSource::Suspicious(detect_dir.join("suspicious_tokens.arrow")),
+                        &verify_dir,
+                    )
                 })
             },
         )?)
@@ -907,23 +915,11 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                 key,
                 std::slice::from_ref(&recheck_dir),
                 &mut || {
-                    crate::verify::run(&crate::verify::VerifyJob {
-                        checkpoint: repaired.clone(),
-                        candidates: crate::verify::CandidateSource::Recheck(e.clone()),
-                        clean: clean_spec.clone(),
-                        corpus: None,
-                        out: recheck_dir.clone(),
-                        overwrite: true,
-                        device: dev.clone(),
-                        backend: Some(crate::eval::Backend::Candle),
-                        ort_lib: None,
-                        params: crate::verify::VerifyParams {
-                            rows: v.rows,
-                            min_flip_rate: v.min_flip_rate,
-                            max_len: t.max_len,
-                            seed,
-                        },
-                    })
+                    crate::verify::run(&verify_job(
+                        &repaired,
+                        CandidateSource::Recheck(e.clone()),
+                        &recheck_dir,
+                    ))
                 },
             )?;
             Some(crate::tables::read_token_effects(

@@ -545,10 +545,7 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
         "flagged": det.suspicious,
         "seconds": t0.elapsed().as_secs_f64(),
     });
-    out.write(
-        "summary.json",
-        (serde_json::to_string_pretty(&summary).map_err(BtuError::internal)? + "\n").as_bytes(),
-    )?;
+    out.write_json("summary.json", &summary)?;
     out.commit()?;
     Ok(summary)
 }

@@ -587,10 +587,7 @@ pub fn run(job: &EvalJob) -> Result<Value> {
     let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
     crate::tables::write_parquet(&out.path("predictions.parquet"), &batch, false)?;
     metrics["seconds"] = json!(t0.elapsed().as_secs_f64());
-    out.write(
-        "metrics.json",
-        (serde_json::to_string_pretty(&metrics).map_err(BtuError::internal)? + "\n").as_bytes(),
-    )?;
+    out.write_json("metrics.json", &metrics)?;
     out.commit()?;
     Ok(metrics)
 }

@@ -500,10 +500,7 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<V
         "corpus": data.fingerprint.to_json(),
         "seconds": t0.elapsed().as_secs_f64(),
     });
-    out.write(
-        "train_summary.json",
-        (serde_json::to_string_pretty(&summary).map_err(BtuError::internal)? + "\n").as_bytes(),
-    )?;
+    out.write_json("train_summary.json", &summary)?;
     out.commit()?;
     let _ = std::fs::remove_dir_all(&partial);
     Ok(summary)

@@ -210,6 +210,12 @@ impl OutputDir {
         fs::write(&p, bytes).map_err(|e| BtuError::io(&p, e))
     }
 
+    /// Write `value` as pretty JSON (with a final newline) inside the staging directory.
+    pub fn write_json(&self, name: &str, value: &serde_json::Value) -> Result<()> {
+        let text = serde_json::to_string_pretty(value).map_err(BtuError::internal)?;
+        self.write(name, (text + "\n").as_bytes())
+    }
+
     /// Rename the staging directory into place: exclusively without `overwrite` (a concurrent
     /// writer that got there first wins, this one gets exit 73), replacing it with. On failure
     /// the staging directory is removed and an existing output is left as it was.

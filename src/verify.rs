@@ -304,10 +304,7 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
     });
     let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
     crate::tables::write_ipc(&out.path("token_effects.arrow"), &batch, false)?;
-    out.write(
-        "summary.json",
-        (serde_json::to_string_pretty(&summary).map_err(BtuError::internal)? + "\n").as_bytes(),
-    )?;
+    out.write_json("summary.json", &summary)?;
     out.commit()?;
     Ok(summary)
 }
