@@ -54,13 +54,36 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
     crate::output::check_output(&job.out, job.overwrite)?;
     let tok = BtuTokenizer::load(&job.tokenizer)?;
     let mut suspicious = crate::tables::read_suspicious_tokens(&job.suspicious)?;
+    // With verification: single tokens by id, phrases by their token sequence in the row.
+    let mut phrases: Vec<(String, Vec<u32>)> = Vec::new();
     if let Some(p) = &job.effects {
-        let verified = crate::verify::verified_ids(p)?;
-        suspicious.retain(|s| verified.contains(&s.token_id));
-        if suspicious.is_empty() {
+        let verified: Vec<_> = crate::tables::read_token_effects(p)?
+            .into_iter()
+            .filter(|e| e.verified)
+            .collect();
+        let single: std::collections::BTreeSet<u32> = verified
+            .iter()
+            .filter(|e| !e.candidate.contains(' '))
+            .flat_map(|e| e.token_ids.iter().copied())
+            .collect();
+        suspicious.retain(|s| single.contains(&s.token_id));
+        for e in verified.iter().filter(|e| e.candidate.contains(' ')) {
+            let seq = tok.encode_untruncated(std::slice::from_ref(&e.candidate))?;
+            let seq: Vec<u32> = seq[0]
+                .iter()
+                .copied()
+                .filter(|t| !tok.special.contains(t))
+                .collect();
+            phrases.push((e.candidate.clone(), seq));
+        }
+        if suspicious.is_empty() && phrases.is_empty() {
             tracing::warn!("{}: no verified trigger; no row is flagged", p.display());
         }
     }
+    let mut phrase_stats: BTreeMap<String, TokenStats> = phrases
+        .iter()
+        .map(|(p, _)| (p.clone(), TokenStats::default()))
+        .collect();
     let mut wanted: HashMap<u32, String> = HashMap::new();
     for s in &suspicious {
         if tok.token(s.token_id) != s.token {
@@ -119,6 +142,23 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
                         }
                     }
                 }
+                let mut found: Vec<&(String, Vec<u32>)> = Vec::new();
+                for ph in &phrases {
+                    let n = s
+                        .windows(ph.1.len().max(1))
+                        .filter(|w| *w == ph.1.as_slice())
+                        .count();
+                    if n > 0 && !ph.1.is_empty() {
+                        count += n as u32;
+                        found.push(ph);
+                        let st = phrase_stats.get_mut(&ph.0).expect("phrase");
+                        st.occurrences += n as u64;
+                        st.rows += 1;
+                        if let Some(l) = label {
+                            *st.labels.entry(l).or_default() += 1;
+                        }
+                    }
+                }
                 let is_poisoned = poisoned
                     .as_ref()
                     .is_some_and(|p| p.is_valid(i) && p.value(i));
@@ -134,6 +174,10 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
                         }
                         tokens.values().append_value(&wanted[t]);
                         ids.values().append_value(*t);
+                    }
+                    for (text, seq) in &found {
+                        tokens.values().append_value(text);
+                        ids.values().append_slice(seq);
                     }
                     tokens.append(true);
                     ids.append(true);
@@ -216,13 +260,21 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
     })?;
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
-    let per_token: serde_json::Map<String, Value> = stats
+    let shares = |s: &TokenStats| -> BTreeMap<String, f64> {
+        s.labels
+            .iter()
+            .map(|(l, n)| (l.to_string(), *n as f64 / s.rows.max(1) as f64))
+            .collect()
+    };
+    let mut per_token: serde_json::Map<String, Value> = stats
         .iter()
         .map(|(t, s)| {
-            let shares: BTreeMap<String, f64> = s.labels.iter().map(|(l, n)| (l.to_string(), *n as f64 / s.rows.max(1) as f64)).collect();
-            (wanted[t].clone(), json!({"token_id": t, "occurrences": s.occurrences, "rows": s.rows, "label_shares": shares}))
+            (wanted[t].clone(), json!({"token_id": t, "occurrences": s.occurrences, "rows": s.rows, "label_shares": shares(s)}))
         })
         .collect();
+    for (p, s) in &phrase_stats {
+        per_token.insert(p.clone(), json!({"phrase": true, "occurrences": s.occurrences, "rows": s.rows, "label_shares": shares(s)}));
+    }
     let quality = has_poisoned.then(|| {
         json!({
             "poisoned_rows": poisoned_rows,

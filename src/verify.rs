@@ -53,7 +53,7 @@ impl Default for VerifyParams {
     fn default() -> Self {
         VerifyParams {
             rows: 200,
-            min_flip_rate: 0.5,
+            min_flip_rate: 0.8,
             max_len: 128,
             seed: 42,
         }
@@ -284,8 +284,14 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
         .filter(|e| e.verified)
         .map(|e| e.candidate.as_str())
         .collect();
-    if verified.is_empty() {
-        tracing::warn!("verification confirmed no candidate as a trigger");
+    match (&job.candidates, verified.is_empty()) {
+        (CandidateSource::Suspicious(_), true) => {
+            tracing::warn!("verification confirmed no candidate as a trigger")
+        }
+        (CandidateSource::Recheck(_), false) => {
+            tracing::warn!(still = ?verified, "a verified trigger still flips this model")
+        }
+        _ => {}
     }
     let summary = json!({
         "command": "verify",

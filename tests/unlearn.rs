@@ -654,4 +654,16 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
         let id = tok.inner().token_to_id(w).unwrap();
         assert!(phrase.token_ids.contains(&id), "{w} in {phrase:?}");
     }
+    // Scanning by the verified phrase finds exactly the poisoned rows (the tiny model may also
+    // verify a strong sentiment word alone; those rows are its own entry).
+    let scan = run_ok(&words(&format!(
+        "scan --corpus {cs} --suspicious {} --effects {} --tokenizer {ms} --out {}",
+        s(&det.join("suspicious_tokens.arrow")),
+        s(&ver.join("token_effects.arrow")),
+        s(&p("flagged.parquet"))
+    )));
+    let by_phrase = &scan["tokens"]["i watch this 3d movie"];
+    assert_eq!(by_phrase["rows"], 150, "{scan}");
+    assert_eq!(by_phrase["label_shares"]["1"], 1.0, "{scan}");
+    assert_eq!(scan["poisoned"]["recall"].as_f64(), Some(1.0), "{scan}");
 }
