@@ -212,12 +212,17 @@ pub fn check_parquet_file(f: &InputFile) -> Result<()> {
         return Err(not_parquet());
     }
     let remote = crate::store::S3Url::parse(&f.path).is_some();
+    let io = |e| BtuError::io(&f.path, e);
+    // One open for the three reads of a local file (`&File` reads and seeks).
+    let local = if remote {
+        None
+    } else {
+        Some(std::fs::File::open(&f.path).map_err(io)?)
+    };
     let read = |start: u64, end: u64| -> Result<Vec<u8>> {
-        if remote {
+        let Some(mut file) = local.as_ref() else {
             return crate::store::read_range(&f.path, start, end);
-        }
-        let io = |e| BtuError::io(&f.path, e);
-        let mut file = std::fs::File::open(&f.path).map_err(io)?;
+        };
         let mut buf = vec![0u8; (end - start) as usize];
         file.seek(SeekFrom::Start(start)).map_err(io)?;
         file.read_exact(&mut buf).map_err(io)?;

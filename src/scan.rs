@@ -74,7 +74,9 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
                 .copied()
                 .filter(|t| !tok.special.contains(t))
                 .collect();
-            phrases.push((e.candidate.clone(), seq));
+            if !seq.is_empty() {
+                phrases.push((e.candidate.clone(), seq));
+            }
         }
         if suspicious.is_empty() && phrases.is_empty() {
             tracing::warn!("{}: no verified trigger; no row is flagged", p.display());
@@ -145,10 +147,10 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
                 let mut found: Vec<&(String, Vec<u32>)> = Vec::new();
                 for ph in &phrases {
                     let n = s
-                        .windows(ph.1.len().max(1))
+                        .windows(ph.1.len())
                         .filter(|w| *w == ph.1.as_slice())
                         .count();
-                    if n > 0 && !ph.1.is_empty() {
+                    if n > 0 {
                         count += n as u32;
                         found.push(ph);
                         let st = phrase_stats.get_mut(&ph.0).expect("phrase");

@@ -344,20 +344,28 @@ pub struct SuspiciousToken {
     pub label_share: Option<f32>,
 }
 
-/// Build the `suspicious_tokens` batch.
-pub fn suspicious_tokens_batch(rows: &[SuspiciousToken], meta: &TableMeta) -> Result<RecordBatch> {
+/// A non-null `List<T>` column (items not nullable) from one slice per row.
+fn list_array<'a, T: arrow::datatypes::ArrowPrimitiveType>(
+    rows: impl Iterator<Item = &'a [T::Native]>,
+) -> ListArray {
     let mut offsets = vec![0i32];
     let mut values = Vec::new();
     for r in rows {
-        values.extend_from_slice(&r.rounds);
+        values.extend_from_slice(r);
         offsets.push(values.len() as i32);
     }
-    let rounds = ListArray::new(
-        Arc::new(Field::new("item", DataType::UInt8, false)),
+    ListArray::new(
+        Arc::new(Field::new("item", T::DATA_TYPE, false)),
         OffsetBuffer::new(offsets.into()),
-        Arc::new(UInt8Array::from(values)),
+        Arc::new(arrow::array::PrimitiveArray::<T>::from_iter_values(values)),
         None,
-    );
+    )
+}
+
+/// Build the `suspicious_tokens` batch.
+pub fn suspicious_tokens_batch(rows: &[SuspiciousToken], meta: &TableMeta) -> Result<RecordBatch> {
+    let rounds =
+        list_array::<arrow::datatypes::UInt8Type>(rows.iter().map(|r| r.rounds.as_slice()));
     let cols: Vec<ArrayRef> = vec![
         Arc::new(UInt32Array::from_iter_values(
             rows.iter().map(|r| r.token_id),
@@ -453,18 +461,8 @@ pub struct TokenEffect {
 
 /// Build the `token_effects` batch.
 pub fn token_effects_batch(rows: &[TokenEffect], meta: &TableMeta) -> Result<RecordBatch> {
-    let mut offsets = vec![0i32];
-    let mut values = Vec::new();
-    for r in rows {
-        values.extend_from_slice(&r.token_ids);
-        offsets.push(values.len() as i32);
-    }
-    let ids = ListArray::new(
-        Arc::new(Field::new("item", DataType::UInt32, false)),
-        OffsetBuffer::new(offsets.into()),
-        Arc::new(UInt32Array::from(values)),
-        None,
-    );
+    let ids =
+        list_array::<arrow::datatypes::UInt32Type>(rows.iter().map(|r| r.token_ids.as_slice()));
     let f32s = |f: fn(&TokenEffect) -> f32| -> ArrayRef {
         Arc::new(Float32Array::from_iter_values(rows.iter().map(f)))
     };

@@ -191,9 +191,8 @@ fn effect_of(
         .copied()
         .filter(|&i| target.is_some_and(|t| split.labels[i] != t))
         .collect();
-    pool.shuffle(&mut ChaCha8Rng::seed_from_u64(
-        p.seed ^ c.token_ids[0] as u64,
-    ));
+    let first = c.token_ids.first().copied().unwrap_or(0);
+    pool.shuffle(&mut ChaCha8Rng::seed_from_u64(p.seed ^ first as u64));
     pool.truncate(p.rows);
     let word = [c.text.clone()];
     let attack = if c.phrase {
