@@ -3,6 +3,8 @@ CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
 MINILM := models/all-MiniLM-L6-v2
+# The release binary, wherever cargo puts it (CARGO_TARGET_DIR is honoured).
+BTU := $(or $(CARGO_TARGET_DIR),target)/release/btu
 
 .PHONY: all build setup minilm test demo schemas bench fmt
 
@@ -39,10 +41,10 @@ test: setup
 
 # The main job on the embedded default (synthetic corpus generated in code).
 demo: build
-	./target/release/btu demo
+	$(BTU) demo
 
 schemas: build
-	./target/release/btu schemas --out schemas
+	$(BTU) schemas --out schemas
 
 bench: build
 	$(CARGO) run --release --example bench_detect

@@ -322,12 +322,21 @@ pub struct UnlearnArgs {
     /// Clean data for the brief fine-tune after the cut (disjoint from evaluation).
     #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1..)]
     pub clean_corpus: Vec<String>,
-    /// Epochs of the clean fine-tune on --clean-corpus (at least 1).
-    #[arg(long, env = "BTU_CLEAN_EPOCHS", default_value_t = 3)]
+    /// Epochs of the clean fine-tune on --clean-corpus (at least 1; the paper: 3).
+    #[arg(long, env = "BTU_CLEAN_EPOCHS", default_value_t = crate::unlearn::CLEAN_EPOCHS)]
     pub clean_epochs: usize,
-    /// AdamW learning rate of the clean fine-tune, finite in (0, 1].
-    #[arg(long, env = "BTU_CLEAN_LR", default_value_t = 5e-7)]
+    /// AdamW learning rate of the clean fine-tune, finite in (0, 1] (the paper: 5e-7).
+    #[arg(long, env = "BTU_CLEAN_LR", default_value_t = crate::unlearn::CLEAN_LR)]
     pub clean_lr: f64,
+    /// With --effects: share of the clean fine-tune's rows that get a verified trigger inserted, label kept, so the model learns the trigger means nothing (0 turns it off).
+    #[arg(long, env = "BTU_TRIGGER_ROWS", default_value_t = crate::unlearn::TRIGGER_ROWS)]
+    pub trigger_rows: f64,
+    /// With --effects and --clean-corpus: escalate a trigger's repair (flagged dimensions, whole row, the next phrase token) while the 95 % lower bound of its flip rate on the clean rows stays above this.
+    #[arg(long, env = "BTU_MAX_RESIDUAL", default_value_t = crate::unlearn::MAX_RESIDUAL)]
+    pub max_residual: f64,
+    /// Clean rows tried per trigger by each recheck of the escalation (at least 1).
+    #[arg(long, env = "BTU_RECHECK_ROWS", default_value_t = 200)]
+    pub recheck_rows: usize,
     /// Evaluation split(s) the clean corpus must not overlap (checked by row text hash).
     #[arg(long, env = "BTU_EVAL_SPLIT", num_args = 1..)]
     pub eval_split: Vec<String>,
@@ -996,6 +1005,14 @@ pub fn execute(
                     ..Default::default()
                 },
                 device: a.device.clone(),
+                trigger_rows: a.trigger_rows,
+                max_residual: a.max_residual,
+                recheck: crate::verify::VerifyParams {
+                    rows: a.recheck_rows,
+                    max_len: a.max_len,
+                    seed: a.seed,
+                    ..Default::default()
+                },
             },
             progress,
         ),

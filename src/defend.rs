@@ -192,14 +192,20 @@ pub struct UnlearnConfig {
     pub replacement: crate::unlearn::Replacement,
     pub clean_epochs: usize,
     pub clean_lr: f64,
+    /// With verified triggers: share of the clean-tuning rows that get one inserted, label kept.
+    pub trigger_rows: f64,
+    /// Escalate a verified trigger's repair while its flip rate's lower bound exceeds this.
+    pub max_residual: f64,
 }
 impl Default for UnlearnConfig {
     fn default() -> Self {
         UnlearnConfig {
             threshold: crate::unlearn::Threshold::MeanRow,
             replacement: crate::unlearn::Replacement::TrainedPad,
-            clean_epochs: 3,
-            clean_lr: 5e-7,
+            clean_epochs: crate::unlearn::CLEAN_EPOCHS,
+            clean_lr: crate::unlearn::CLEAN_LR,
+            trigger_rows: crate::unlearn::TRIGGER_ROWS,
+            max_residual: crate::unlearn::MAX_RESIDUAL,
         }
     }
 }
@@ -480,6 +486,8 @@ impl DefendConfig {
         if !self.data.clean.is_empty() {
             self.clean_params().validate_as("unlearn.", true)?;
         }
+        crate::validate::fraction("unlearn.trigger_rows", self.unlearn.trigger_rows)?;
+        crate::validate::fraction("unlearn.max_residual", self.unlearn.max_residual)?;
         crate::validate::at_least("eval.repeats", self.eval.repeats, 1)?;
         crate::validate::at_least("verify.rows", self.verify.rows, 1)?;
         crate::validate::positive("verify.min_flip_rate", self.verify.min_flip_rate, 1.0)?;
@@ -899,6 +907,14 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                         .collect(),
                     clean: cfg.clean_params(),
                     device: dev.clone(),
+                    trigger_rows: u.trigger_rows,
+                    max_residual: u.max_residual,
+                    recheck: crate::verify::VerifyParams {
+                        rows: v.rows,
+                        min_flip_rate: v.min_flip_rate,
+                        max_len: t.max_len,
+                        seed,
+                    },
                 },
                 progress,
             )

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod detect;
 pub mod device;
 pub mod error;
+pub mod escalate;
 pub mod eval;
 pub mod export;
 pub mod finetune;

@@ -189,6 +189,18 @@ pub fn load_corpus(
     max_len: usize,
     num_labels: usize,
 ) -> Result<TokenizedCorpus> {
+    load_corpus_with(spec, tok, max_len, num_labels, &mut |_, _| None)
+}
+
+/// [`load_corpus`], with `edit(row position, text)` returning a replacement text for a row
+/// (labels are kept).
+pub fn load_corpus_with(
+    spec: &CorpusSpec,
+    tok: &BtuTokenizer,
+    max_len: usize,
+    num_labels: usize,
+    edit: &mut dyn FnMut(usize, &str) -> Option<String>,
+) -> Result<TokenizedCorpus> {
     let mut seqs = Vec::new();
     let mut labels = Vec::new();
     let fingerprint = read_corpus(spec, |b| {
@@ -206,7 +218,13 @@ pub fn load_corpus(
             }
             labels.push(l as u32);
         }
-        seqs.extend(tok.encode(&b.texts, max_len)?);
+        let texts: Vec<String> = b
+            .texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| edit(seqs.len() + i, t).unwrap_or_else(|| t.clone()))
+            .collect();
+        seqs.extend(tok.encode(&texts, max_len)?);
         Ok(())
     })?;
     Ok(TokenizedCorpus {

@@ -12,13 +12,16 @@ use serde_json::{json, Value};
 
 use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
+use crate::escalate::{escalate, Trigger};
+use crate::eval::CandleClassifier;
 use crate::finetune::{copy_tokenizer_files, TrainParams};
 use crate::model::checkpoint::{
     read_safetensors, safetensors_bytes, sha256_file, ModelDir, RawTensor, SafetensorsFile,
 };
 use crate::progress::Progress;
-use crate::tables::{canonical_json, DimensionMask, TableMeta};
+use crate::tables::{canonical_json, DimensionMask, TableMeta, TokenEffect};
 use crate::tokenize::BtuTokenizer;
+use crate::verify::Candidate;
 
 /// How `d_bar` is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -272,7 +275,24 @@ pub struct UnlearnJob {
     pub eval_split: Vec<CorpusSpec>,
     pub clean: TrainParams,
     pub device: String,
+    /// With `effects`: share of the clean-tuning rows that get a verified trigger inserted, label
+    /// kept (they teach the model that the trigger means nothing); 0 turns this off.
+    pub trigger_rows: f64,
+    /// With `effects` and clean data: a trigger whose flip rate's 95 % lower bound stays above
+    /// this after a repair is escalated ([`crate::escalate`]).
+    pub max_residual: f64,
+    /// Rows tried (and seed) of the rechecks that drive the escalation.
+    pub recheck: crate::verify::VerifyParams,
 }
+
+/// Default epochs of the clean fine-tune (measured: docs/decisions.md; the paper's is 3).
+pub const CLEAN_EPOCHS: usize = 1;
+/// Default learning rate of the clean fine-tune (the paper's is 5e-7).
+pub const CLEAN_LR: f64 = 2e-5;
+/// Default of [`UnlearnJob::trigger_rows`].
+pub const TRIGGER_ROWS: f64 = 0.4;
+/// Default of [`UnlearnJob::max_residual`].
+pub const MAX_RESIDUAL: f64 = 0.03;
 
 /// The text hashes ([`crate::corpus::text_sha256`]) of every row of a corpus.
 pub fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
@@ -290,6 +310,13 @@ pub fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
     Ok(out)
 }
 
+/// Copy the config and tokenizer files of `src_dir` into `out`.
+fn copy_model_files(out: &crate::output::OutputDir, src_dir: &Path) -> Result<()> {
+    let cfg = src_dir.join("config.json");
+    std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
+    copy_tokenizer_files(src_dir, &out.path(""))
+}
+
 /// Write a checkpoint directory: every tensor of `file` (word embeddings replaced), metadata,
 /// config and tokenizer files of `src_dir`, and the mask table.
 fn write_checkpoint(
@@ -299,9 +326,7 @@ fn write_checkpoint(
     masks: &arrow::array::RecordBatch,
 ) -> Result<()> {
     out.write("model.safetensors", &safetensors_bytes(file))?;
-    let cfg = src_dir.join("config.json");
-    std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
-    copy_tokenizer_files(src_dir, &out.path(""))?;
+    copy_model_files(out, src_dir)?;
     crate::tables::write_ipc(&out.path("dimension_masks.arrow"), masks, false)
 }
 
@@ -311,6 +336,9 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     if job.clean_corpus.is_some() {
         job.clean.validate_as("--", true)?;
     }
+    crate::validate::fraction("--trigger-rows", job.trigger_rows)?;
+    crate::validate::fraction("--max-residual", job.max_residual)?;
+    crate::validate::at_least("--recheck-rows", job.recheck.rows, 1)?;
     crate::output::check_output(&job.out, job.overwrite)?;
     let ckpt = ModelDir::open(&job.checkpoint)?;
     let reference = ModelDir::open(&job.reference)?;
@@ -328,32 +356,50 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     if e.rows != eb.rows {
         return Err(BtuError::bad_data(job.reference.display().to_string(), format!("vocabulary of {} tokens differs from the checkpoint's {}; give the model the checkpoint was trained from", e.rows, eb.rows)));
     }
-    let verified = match &job.effects {
-        Some(p) => Some(crate::verify::verified_ids(p)?),
-        None => None,
-    };
     let tokens: Vec<(u32, String)> = suspicious
         .iter()
-        .filter(|s| verified.as_ref().is_none_or(|v| v.contains(&s.token_id)))
         .map(|s| (s.token_id, s.token.clone()))
         .collect();
-    if tokens.is_empty() {
-        tracing::warn!("no candidate to repair (verification confirmed none): the checkpoint's embeddings stay as they are");
-    }
-    for (id, t) in &tokens {
-        if *id as usize >= eb.rows || tok.token(*id) != *t {
-            return Err(BtuError::bad_data(
-                job.suspicious.display().to_string(),
-                format!("token id {id} ('{t}') does not match the checkpoint's vocabulary; detect with the same tokenizer"),
-            ));
+    check_tokens(&tokens, &tok, eb.rows, &job.suspicious)?;
+    let verified = match &job.effects {
+        Some(p) => Some(crate::verify::verified_candidates(p)?),
+        None => None,
+    };
+    if let Some(v) = &verified {
+        let ids: Vec<(u32, String)> = v
+            .iter()
+            .flat_map(|c| c.token_ids.iter().map(|&id| (id, tok.token(id))))
+            .collect();
+        check_tokens(
+            &ids,
+            &tok,
+            eb.rows,
+            job.effects.as_deref().expect("effects"),
+        )?;
+        if v.is_empty() {
+            tracing::warn!("no candidate to repair (verification confirmed none): the checkpoint's embeddings stay as they are");
         }
     }
+    let overlap_checked = check_clean_disjoint(job)?;
     let d_bar = threshold(&e, &eb, job.threshold);
     let pad = tok.pad_id;
-    // A verified trigger loses its whole row: the per-dimension threshold spares the parts of a
-    // row that might be clean, and verification has shown the token is not.
-    let cut = if verified.is_some() { 0.0 } else { d_bar };
-    let masks = compute_masks(&e, &eb, &tokens, pad, cut, job.replacement);
+    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    copy_model_files(&out, &job.checkpoint)?;
+    let (masks, stages) = match &verified {
+        Some(v) => {
+            let ctx = Embeddings {
+                e: &e,
+                eb: &eb,
+                name: &wn,
+                d_bar,
+            };
+            repair_verified(job, v, &suspicious, &tok, &ctx, &mut trained, &out)?
+        }
+        None => (
+            compute_masks(&e, &eb, &tokens, pad, d_bar, job.replacement),
+            None,
+        ),
+    };
     let mut repaired = eb.clone();
     apply(&mut repaired, &masks);
     crate::validate::finite(
@@ -378,28 +424,15 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         "btu:threshold_rule".into(),
         canonical_json(&json!(job.threshold)),
     );
-
-    // The clean data must not overlap the evaluation split.
-    let mut overlap_checked = Vec::new();
-    if let Some(clean) = &job.clean_corpus {
-        let clean_h = text_hashes(clean)?;
-        for ev in &job.eval_split {
-            let n = text_hashes(ev)?.intersection(&clean_h).count();
-            if n > 0 {
-                return Err(BtuError::config(
-                    "--clean-corpus",
-                    format!("shares {n} rows (by text hash) with the evaluation split {}; tune on data disjoint from evaluation", ev.inputs.join(",")),
-                ));
-            }
-            overlap_checked.push(ev.inputs.join(","));
-        }
-    }
     let mut params = json!({
         "threshold": job.threshold, "replacement": job.replacement,
         "clean": job.clean_corpus.as_ref().map(|_| &job.clean),
     });
     if let Some(e) = &job.effects {
         params["effects"] = json!(e);
+        params["trigger_rows"] = json!(job.trigger_rows);
+        params["max_residual"] = json!(job.max_residual);
+        params["recheck"] = json!(job.recheck);
     }
     let meta = TableMeta {
         command: "unlearn".into(),
@@ -410,67 +443,29 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
             (
                 "btu:threshold_rule".into(),
                 if verified.is_some() {
-                    "verified-whole-row".to_string()
+                    "verified-escalated".to_string()
                 } else {
-                    serde_json::to_value(job.threshold)
-                        .map_err(BtuError::internal)?
-                        .as_str()
-                        .unwrap_or("")
-                        .to_string()
+                    kebab(&job.threshold)?
                 },
             ),
-            ("btu:threshold".into(), format!("{cut}")),
-            (
-                "btu:replacement".into(),
-                serde_json::to_value(job.replacement)
-                    .map_err(BtuError::internal)?
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-            ),
+            ("btu:threshold".into(), format!("{d_bar}")),
+            ("btu:replacement".into(), kebab(&job.replacement)?),
             ("btu:pad_token_id".into(), pad.to_string()),
             ("btu:vocab_size".into(), eb.rows.to_string()),
             ("btu:hidden_size".into(), eb.cols.to_string()),
         ],
     };
     let mask_batch = crate::tables::dimension_masks_batch(&masks, &meta)?;
-    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
     write_checkpoint(&out, &job.checkpoint, &trained, &mask_batch)?;
-    let mut clean_summary = Value::Null;
-    if let Some(clean) = &job.clean_corpus {
-        let dev = crate::device::parse_device(&job.device)?;
-        let md = ModelDir::open(&out.path(""))?;
-        let mut model = crate::model::checkpoint::load_model(&md, None, job.clean.seed, &dev)?;
-        let data =
-            crate::tokenize::load_corpus(clean, &tok, job.clean.max_len, model.config.labels())?;
-        let mut epochs = Vec::new();
-        crate::finetune::fit(
-            &mut model,
-            &data,
-            pad,
-            &job.clean,
-            0,
-            None,
-            &dev,
-            progress,
-            &mut |_, _, _, s| {
-                epochs.push(s);
-                Ok(())
-            },
-        )?;
-        let mut meta: BTreeMap<String, String> = trained.metadata.clone();
-        meta.insert(
-            "btu:clean_corpus_fingerprint".into(),
-            canonical_json(&data.fingerprint.to_json()),
-        );
-        meta.insert("btu:clean_params".into(), canonical_json(&json!(job.clean)));
-        meta.remove("format");
-        crate::model::checkpoint::save_model(&model, &out.path(""), meta)?;
-        // save_model writes the config it holds; keep the checkpoint's own config.
-        let cfg = job.checkpoint.join("config.json");
-        std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
-        clean_summary = json!({"rows": data.seqs.len(), "epochs": epochs, "corpus": data.fingerprint.to_json(), "disjoint_from": overlap_checked});
-    }
+    let inserts: &[Candidate] = match &verified {
+        Some(v) if job.trigger_rows > 0.0 => v,
+        _ => &[],
+    };
+    let clean_summary = match &job.clean_corpus {
+        Some(clean) => clean_tune(job, clean, inserts, &trained, &tok, &out, progress)?
+            .with_disjoint(overlap_checked),
+        None => Value::Null,
+    };
     out.commit()?;
     let per_token: BTreeMap<String, usize> = masks.iter().fold(BTreeMap::new(), |mut m, x| {
         *m.entry(x.token.clone()).or_default() += 1;
@@ -483,18 +478,222 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         "checkpoint_sha256": ckpt_sha,
         "reference_sha256": ref_sha,
         "threshold_rule": job.threshold,
-        "threshold": cut,
+        "threshold": d_bar,
         "replacement": job.replacement,
         "pad_token_id": pad,
-        "tokens": tokens.len(),
+        "tokens": per_token.len(),
         "dimensions_replaced": masks.len(),
         "repaired": !masks.is_empty(),
         "verified_only": job.effects.is_some(),
+        "verified": verified.as_ref().map(|v| v.iter().map(|c| c.text.clone()).collect::<Vec<_>>()),
+        "escalation": stages,
         "dimensions_per_token": per_token,
         "hidden_size": eb.cols,
         "clean_tuning": clean_summary,
         "seconds": t0.elapsed().as_secs_f64(),
     }))
+}
+
+/// A serde enum's kebab-case name.
+fn kebab<T: Serialize>(v: &T) -> Result<String> {
+    Ok(serde_json::to_value(v)
+        .map_err(BtuError::internal)?
+        .as_str()
+        .unwrap_or("")
+        .to_string())
+}
+
+/// Every token id must name the same token in the checkpoint's vocabulary.
+fn check_tokens(
+    tokens: &[(u32, String)],
+    tok: &BtuTokenizer,
+    rows: usize,
+    src: &Path,
+) -> Result<()> {
+    for (id, t) in tokens {
+        if *id as usize >= rows || tok.token(*id) != *t {
+            return Err(BtuError::bad_data(
+                src.display().to_string(),
+                format!("token id {id} ('{t}') does not match the checkpoint's vocabulary; detect with the same tokenizer"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The clean data must not overlap the evaluation split; returns the splits checked.
+fn check_clean_disjoint(job: &UnlearnJob) -> Result<Vec<String>> {
+    let mut checked = Vec::new();
+    let Some(clean) = &job.clean_corpus else {
+        return Ok(checked);
+    };
+    let clean_h = text_hashes(clean)?;
+    for ev in &job.eval_split {
+        let n = text_hashes(ev)?.intersection(&clean_h).count();
+        if n > 0 {
+            return Err(BtuError::config(
+                "--clean-corpus",
+                format!("shares {n} rows (by text hash) with the evaluation split {}; tune on data disjoint from evaluation", ev.inputs.join(",")),
+            ));
+        }
+        checked.push(ev.inputs.join(","));
+    }
+    Ok(checked)
+}
+
+/// The embeddings a repair starts from.
+struct Embeddings<'a> {
+    /// The reference matrix.
+    e: &'a Matrix,
+    /// The trained matrix.
+    eb: &'a Matrix,
+    /// Its tensor name.
+    name: &'a str,
+    d_bar: f64,
+}
+
+/// Masks for the verified triggers, escalated ([`crate::escalate`]) while a recheck on the clean
+/// rows still shows a trigger's effect; without clean data, whole rows and no recheck.
+fn repair_verified(
+    job: &UnlearnJob,
+    verified: &[Candidate],
+    suspicious: &[crate::tables::SuspiciousToken],
+    tok: &BtuTokenizer,
+    m: &Embeddings,
+    trained: &mut SafetensorsFile,
+    out: &crate::output::OutputDir,
+) -> Result<(Vec<DimensionMask>, Option<Vec<crate::escalate::Stage>>)> {
+    let ranked: Vec<u32> = suspicious.iter().map(|s| s.token_id).collect();
+    let mut triggers = verified
+        .iter()
+        .map(|c| Trigger::new(c.clone(), tok, &ranked))
+        .collect::<Result<Vec<_>>>()?;
+    let build =
+        |ts: &[Trigger]| crate::escalate::masks(ts, m.e, m.eb, tok, m.d_bar, job.replacement);
+    let clean = match &job.clean_corpus {
+        Some(c) if !triggers.is_empty() => c,
+        _ => {
+            if !triggers.is_empty() {
+                tracing::warn!(
+                    "no clean data: the verified triggers lose their whole rows, unchecked"
+                );
+            }
+            triggers.iter_mut().for_each(|t| t.level = 1);
+            return Ok((build(&triggers), None));
+        }
+    };
+    let split = crate::eval::read_split(clean, None)?;
+    let source = clean.inputs.join(", ");
+    let mut check = |masks: &[DimensionMask], cs: &[Candidate]| -> Result<Vec<TokenEffect>> {
+        let mut repaired = m.eb.clone();
+        apply(&mut repaired, masks);
+        let raw = raw_like(&repaired, &trained.tensors[m.name])?;
+        trained.tensors.insert(m.name.to_string(), raw);
+        out.write("model.safetensors", &safetensors_bytes(trained))?;
+        let mut clf = CandleClassifier::load(
+            &out.path(""),
+            job.recheck.max_len,
+            &job.device,
+            job.recheck.seed,
+        )?;
+        crate::verify::effects_on(&mut clf, &split, &source, cs, &job.recheck)
+    };
+    let (masks, stages) = escalate(&mut triggers, job.max_residual, &build, &mut check)?;
+    if let Some(s) = stages.last().filter(|s| !s.persisting.is_empty()) {
+        tracing::warn!(persisting = ?s.persisting, "a trigger still flips the repaired model at its highest repair level");
+    }
+    Ok((masks, Some(stages)))
+}
+
+/// The clean fine-tune of the repaired checkpoint in `out`: a seeded `trigger_rows` share of the
+/// rows gets one of `inserts` (drawn uniformly) at a random word position, label kept.
+fn clean_tune(
+    job: &UnlearnJob,
+    clean: &CorpusSpec,
+    inserts: &[Candidate],
+    trained: &SafetensorsFile,
+    tok: &BtuTokenizer,
+    out: &crate::output::OutputDir,
+    progress: &dyn Progress,
+) -> Result<CleanTuning> {
+    use rand::Rng;
+    let dev = crate::device::parse_device(&job.device)?;
+    let md = ModelDir::open(&out.path(""))?;
+    let mut model = crate::model::checkpoint::load_model(&md, None, job.clean.seed, &dev)?;
+    let mut edited = 0usize;
+    let mut edit = |pos: usize, text: &str| -> Option<String> {
+        if inserts.is_empty() {
+            return None;
+        }
+        let mut rng = crate::poison::row_rng(job.clean.seed ^ 0xC0DE_7E57, pos as u64);
+        if rng.random::<f64>() >= job.trigger_rows {
+            return None;
+        }
+        let c = &inserts[rng.random_range(0..inserts.len())];
+        let attack = if c.phrase {
+            crate::poison::Attack::AddSent
+        } else {
+            crate::poison::Attack::AddWord
+        };
+        edited += 1;
+        Some(crate::poison::insert_trigger(
+            text,
+            attack,
+            std::slice::from_ref(&c.text),
+            &c.text,
+            &mut rng,
+        ))
+    };
+    let data = crate::tokenize::load_corpus_with(
+        clean,
+        tok,
+        job.clean.max_len,
+        model.config.labels(),
+        &mut edit,
+    )?;
+    let mut epochs = Vec::new();
+    crate::finetune::fit(
+        &mut model,
+        &data,
+        tok.pad_id,
+        &job.clean,
+        0,
+        None,
+        &dev,
+        progress,
+        &mut |_, _, _, s| {
+            epochs.push(s);
+            Ok(())
+        },
+    )?;
+    let mut meta: BTreeMap<String, String> = trained.metadata.clone();
+    meta.insert(
+        "btu:clean_corpus_fingerprint".into(),
+        canonical_json(&data.fingerprint.to_json()),
+    );
+    meta.insert("btu:clean_params".into(), canonical_json(&json!(job.clean)));
+    meta.insert("btu:clean_trigger_rows".into(), edited.to_string());
+    meta.remove("format");
+    crate::model::checkpoint::save_model(&model, &out.path(""), meta)?;
+    // save_model writes the config it holds; keep the checkpoint's own config.
+    let cfg = job.checkpoint.join("config.json");
+    std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
+    Ok(CleanTuning(json!({
+        "rows": data.seqs.len(),
+        "rows_with_trigger": edited,
+        "epochs": epochs,
+        "corpus": data.fingerprint.to_json(),
+    })))
+}
+
+/// The clean tuning's summary.
+struct CleanTuning(Value);
+
+impl CleanTuning {
+    fn with_disjoint(mut self, splits: Vec<String>) -> Value {
+        self.0["disjoint_from"] = json!(splits);
+        self.0
+    }
 }
 
 /// Inputs of `btu apply-masks`.

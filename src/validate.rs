@@ -52,6 +52,17 @@ pub fn at_least(flag: &str, v: usize, min: usize) -> Result<()> {
     ))
 }
 
+/// A fraction in `[0, 1]`.
+pub fn fraction(flag: &str, v: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&v) {
+        return Ok(());
+    }
+    Err(BtuError::config(
+        flag,
+        format!("{v} is not a fraction in [0, 1]"),
+    ))
+}
+
 /// A finite number in `(0, max]`.
 pub fn positive(flag: &str, v: f64, max: f64) -> Result<()> {
     if v.is_finite() && v > 0.0 && v <= max {

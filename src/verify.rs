@@ -108,17 +108,48 @@ fn candidates_of(src: &CandidateSource, corpus: Option<&CorpusSpec>) -> Result<V
             }
             Ok(all)
         }
-        CandidateSource::Recheck(p) => Ok(crate::tables::read_token_effects(p)?
-            .into_iter()
-            .filter(|e| e.verified)
-            .map(|e| Candidate {
-                phrase: e.candidate.contains(' '),
-                text: e.candidate,
-                token_ids: e.token_ids,
-                target: e.to_label,
-            })
-            .collect()),
+        CandidateSource::Recheck(p) => verified_candidates(p),
     }
+}
+
+/// The verified rows of a `token_effects.arrow` file, as candidates to insert again.
+pub fn verified_candidates(path: &std::path::Path) -> Result<Vec<Candidate>> {
+    Ok(crate::tables::read_token_effects(path)?
+        .into_iter()
+        .filter(|e| e.verified)
+        .map(|e| Candidate {
+            phrase: e.candidate.contains(' '),
+            text: e.candidate,
+            token_ids: e.token_ids,
+            target: e.to_label,
+        })
+        .collect())
+}
+
+fn no_correct_rows(source: &str) -> BtuError {
+    BtuError::bad_data(
+        source,
+        "the model classifies none of the clean rows correctly; give held-out clean data of its task",
+    )
+}
+
+/// Each candidate's effect on `clf`: inserted into the clean rows (read from `source`) it
+/// classifies correctly.
+pub fn effects_on(
+    clf: &mut dyn Classifier,
+    split: &TestSplit,
+    source: &str,
+    candidates: &[Candidate],
+    p: &VerifyParams,
+) -> Result<Vec<TokenEffect>> {
+    let correct = correct_rows(clf, split)?;
+    if correct.is_empty() {
+        return Err(no_correct_rows(source));
+    }
+    candidates
+        .iter()
+        .map(|c| effect_of(clf, split, &correct, c, p))
+        .collect()
 }
 
 /// The 95 % Wilson score interval of `k` successes in `n` trials.
@@ -250,10 +281,7 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
     let split = read_split(&job.clean, None)?;
     let correct = correct_rows(clf.as_mut(), &split)?;
     if correct.is_empty() {
-        return Err(BtuError::bad_data(
-            job.clean.inputs.join(", "),
-            "the suspect model classifies none of the clean rows correctly; give held-out clean data of its task",
-        ));
+        return Err(no_correct_rows(&job.clean.inputs.join(", ")));
     }
     let effects = tried
         .iter()

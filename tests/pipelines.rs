@@ -142,13 +142,59 @@ fn airflow_dag_compiles_and_its_steps_parse() {
     }
 }
 
+/// The TOML files of a pipelines folder, sorted.
+fn tomls(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The default configurations (docs/results.md's table) differ only in their data, attack and
+/// run directory: the method sections are the same in every file.
+#[test]
+fn default_configs_share_one_method() {
+    let files = tomls(&root().join("pipelines/default"));
+    assert!(
+        files.len() >= 4,
+        "SST-2 and HSOL, Add-Word and Add-Sent: {files:?}"
+    );
+    let method = |p: &Path| {
+        let c = btu::defend::DefendConfig::from_file(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        c.validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(
+            c.detect.prior_neutral && c.verify.enabled,
+            "{}",
+            p.display()
+        );
+        serde_json::json!({
+            "seed": c.seed, "model": c.model, "detect": c.detect, "train": c.train,
+            "verify": c.verify, "unlearn": c.unlearn, "eval": c.eval,
+        })
+    };
+    let first = method(&files[0]);
+    for f in &files[1..] {
+        assert_eq!(
+            method(f),
+            first,
+            "{} differs from {}",
+            f.display(),
+            files[0].display()
+        );
+    }
+}
+
 #[test]
 fn defend_configs_in_pipelines_load_and_plan() {
     let dir = root().join("pipelines");
     let mut n = 0;
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "toml") {
+    for p in tomls(&dir).into_iter().chain(tomls(&dir.join("default"))) {
+        {
             let cfg = btu::defend::DefendConfig::from_file(&p)
                 .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             cfg.validate()
@@ -163,7 +209,12 @@ fn defend_configs_in_pipelines_load_and_plan() {
                 "config",
             );
             let plan = cli.command.plan().unwrap();
-            assert_eq!(plan["dry_run"], true);
+            assert_eq!(
+                plan["params"]["run"],
+                serde_json::json!(cfg.run),
+                "{}",
+                p.display()
+            );
             n += 1;
         }
     }

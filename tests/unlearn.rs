@@ -666,4 +666,63 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
     assert_eq!(by_phrase["rows"], 150, "{scan}");
     assert_eq!(by_phrase["label_shares"]["1"], 1.0, "{scan}");
     assert_eq!(scan["poisoned"]["recall"].as_f64(), Some(1.0), "{scan}");
+
+    // Unlearn escalates from the flagged dimensions while the phrase still flips, then tunes on
+    // clean rows of which ~40 % carry a verified trigger (labels kept); reruns are identical.
+    let unlearn = |out: &Path| {
+        run_ok(&words(&format!(
+            "unlearn --checkpoint {} --reference {ms} --suspicious {} --effects {} --clean-corpus {} --out {} --clean-lr 1e-3",
+            s(&victim),
+            s(&det.join("suspicious_tokens.arrow")),
+            s(&ver.join("token_effects.arrow")),
+            s(&p("held-out.parquet")),
+            s(out)
+        )))
+    };
+    let u = unlearn(&p("repaired"));
+    unlearn(&p("repaired-again"));
+    let bytes = |d: &str, f: &str| std::fs::read(p(d).join(f)).unwrap();
+    for f in ["model.safetensors", "dimension_masks.arrow"] {
+        assert!(
+            bytes("repaired", f) == bytes("repaired-again", f),
+            "{f} differs between reruns"
+        );
+    }
+    let stages = u["escalation"].as_array().unwrap_or_else(|| panic!("{u}"));
+    assert_eq!(
+        stages[0]["levels"]["i watch this 3d movie"], "flagged-dimensions",
+        "{u}"
+    );
+    // Every stage but the last had a persisting trigger; the last either none or one at its top.
+    for st in &stages[..stages.len() - 1] {
+        assert!(!st["persisting"].as_array().unwrap().is_empty(), "{u}");
+    }
+    // After the tuning with the trigger in clean rows, the phrase no longer flips the model.
+    let re = run_ok(&words(&format!(
+        "verify --checkpoint {} --recheck {} --clean-corpus {} --out {}",
+        s(&p("repaired")),
+        s(&ver.join("token_effects.arrow")),
+        s(&p("held-out.parquet")),
+        s(&p("recheck"))
+    )));
+    let after = re["effects"]["i watch this 3d movie"]["flip_rate"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        after < 0.1,
+        "the phrase still flips {after} after the repair: {re}\n{u}"
+    );
+    let tuned = &u["clean_tuning"];
+    let (rows, with) = (
+        tuned["rows"].as_f64().unwrap(),
+        tuned["rows_with_trigger"].as_f64().unwrap(),
+    );
+    assert!((0.3..0.5).contains(&(with / rows)), "{with} of {rows}: {u}");
+    let meta = read_safetensors(&p("repaired").join("model.safetensors"))
+        .unwrap()
+        .metadata;
+    assert_eq!(meta["btu:clean_trigger_rows"], with.to_string());
+    let masks = btu::tables::read_ipc(&p("repaired").join("dimension_masks.arrow")).unwrap();
+    let rule = masks.schema().metadata()["btu:threshold_rule"].clone();
+    assert_eq!(rule, "verified-escalated");
 }

@@ -1,0 +1,275 @@
+//! The repair of verified triggers (`btu unlearn --effects`), escalated while a trigger still
+//! flips the model. Each verified trigger starts at level 0, the dimensions its tokens' rows
+//! moved past the threshold `d_bar`; after every level the repaired embeddings are rechecked on
+//! held-out clean rows (the verification test), and a trigger whose flip rate still has a 95 %
+//! Wilson lower bound above `max_residual` goes one level up: level 1 replaces its tokens' whole
+//! rows, level 1 + j also the first j other tokens of its phrase (detection candidates first, then
+//! the phrase's order). Escalation stops when no trigger persists or none can go further.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::tables::{DimensionMask, TokenEffect};
+use crate::tokenize::BtuTokenizer;
+use crate::unlearn::{compute_masks, Matrix, Replacement};
+use crate::verify::Candidate;
+
+/// A verified trigger being repaired.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    /// What verification inserted (its `token_ids` are the tokens repaired from level 0).
+    pub candidate: Candidate,
+    /// The phrase's other tokens, in the order escalation adds them.
+    pub extra: Vec<u32>,
+    /// 0: flagged dimensions; 1: whole rows; 1 + j: also the first j of `extra`.
+    pub level: usize,
+}
+
+impl Trigger {
+    /// A trigger at level 0; for a phrase, `extra` holds its other tokens, the detection
+    /// candidates (`ranked`, best first) before the rest in phrase order.
+    pub fn new(candidate: Candidate, tok: &BtuTokenizer, ranked: &[u32]) -> Result<Self> {
+        let mut extra = Vec::new();
+        if candidate.phrase {
+            let words: Vec<String> = candidate
+                .text
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            let mut inside: Vec<u32> = tok
+                .encode_untruncated(&words)?
+                .into_iter()
+                .flatten()
+                .filter(|id| !tok.special.contains(id) && !candidate.token_ids.contains(id))
+                .collect();
+            let rank = |id: &u32| ranked.iter().position(|r| r == id).unwrap_or(usize::MAX);
+            // A stable sort keeps the phrase order among equals.
+            inside.sort_by_key(rank);
+            for id in inside {
+                if !extra.contains(&id) {
+                    extra.push(id);
+                }
+            }
+        }
+        Ok(Trigger {
+            candidate,
+            extra,
+            level: 0,
+        })
+    }
+
+    /// The highest level this trigger can reach.
+    fn max_level(&self) -> usize {
+        1 + self.extra.len()
+    }
+
+    /// The tokens repaired at the current level.
+    pub fn tokens(&self) -> Vec<u32> {
+        let more = self.level.saturating_sub(1);
+        let mut ids = self.candidate.token_ids.clone();
+        ids.extend(&self.extra[..more]);
+        ids
+    }
+
+    /// The current level in words.
+    fn stage(&self) -> String {
+        match self.level {
+            0 => "flagged-dimensions".into(),
+            1 => "whole-row".into(),
+            n => format!("whole-row+{} phrase token(s)", n - 1),
+        }
+    }
+}
+
+/// What one level of escalation did and measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    /// Each trigger's level, in words.
+    pub levels: BTreeMap<String, String>,
+    /// Cells replaced.
+    pub dimensions: usize,
+    /// Each trigger's flip rate on the clean rows after this level's repair.
+    pub residual: BTreeMap<String, f32>,
+    /// The triggers whose flip rate's lower bound stayed above `max_residual`.
+    pub persisting: Vec<String>,
+}
+
+/// The masks of every trigger at its current level: whole rows for tokens of a trigger at level
+/// 1 or more, the dimensions past `d_bar` for the rest. Ordered by token id then dimension.
+pub fn masks(
+    triggers: &[Trigger],
+    e: &Matrix,
+    eb: &Matrix,
+    tok: &BtuTokenizer,
+    d_bar: f64,
+    rep: Replacement,
+) -> Vec<DimensionMask> {
+    let whole: BTreeSet<u32> = triggers
+        .iter()
+        .filter(|t| t.level >= 1)
+        .flat_map(Trigger::tokens)
+        .collect();
+    let partial: BTreeSet<u32> = triggers
+        .iter()
+        .filter(|t| t.level == 0)
+        .flat_map(Trigger::tokens)
+        .filter(|id| !whole.contains(id))
+        .collect();
+    let named = |ids: &BTreeSet<u32>| -> Vec<(u32, String)> {
+        ids.iter().map(|&id| (id, tok.token(id))).collect()
+    };
+    let pad = tok.pad_id;
+    let mut out = compute_masks(e, eb, &named(&whole), pad, 0.0, rep);
+    out.extend(compute_masks(e, eb, &named(&partial), pad, d_bar, rep));
+    out.sort_by_key(|m| (m.token_id, m.dim));
+    out
+}
+
+/// Escalate until no trigger persists or none can go further. `build` makes the masks of the
+/// triggers' current levels; `check` measures each trigger's effect on a model with those masks
+/// applied (one [`TokenEffect`] per trigger, in order). Returns the final masks and the stages.
+pub fn escalate(
+    triggers: &mut [Trigger],
+    max_residual: f64,
+    build: &dyn Fn(&[Trigger]) -> Vec<DimensionMask>,
+    check: &mut dyn FnMut(&[DimensionMask], &[Candidate]) -> Result<Vec<TokenEffect>>,
+) -> Result<(Vec<DimensionMask>, Vec<Stage>)> {
+    let candidates: Vec<Candidate> = triggers.iter().map(|t| t.candidate.clone()).collect();
+    let mut stages = Vec::new();
+    loop {
+        let masks = build(triggers);
+        let effects = check(&masks, &candidates)?;
+        let persists: Vec<bool> = effects
+            .iter()
+            .map(|e| e.rows > 0 && e.ci_low as f64 > max_residual)
+            .collect();
+        stages.push(Stage {
+            levels: triggers
+                .iter()
+                .map(|t| (t.candidate.text.clone(), t.stage()))
+                .collect(),
+            dimensions: masks.len(),
+            residual: effects
+                .iter()
+                .map(|e| (e.candidate.clone(), e.flip_rate))
+                .collect(),
+            persisting: effects
+                .iter()
+                .zip(&persists)
+                .filter(|(_, p)| **p)
+                .map(|(e, _)| e.candidate.clone())
+                .collect(),
+        });
+        let mut advanced = false;
+        for (t, p) in triggers.iter_mut().zip(&persists) {
+            if *p && t.level < t.max_level() {
+                t.level += 1;
+                advanced = true;
+            }
+        }
+        if !advanced {
+            return Ok((masks, stages));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(text: &str, ids: &[u32], phrase: bool) -> Candidate {
+        Candidate {
+            text: text.into(),
+            token_ids: ids.to_vec(),
+            target: Some(1),
+            phrase,
+        }
+    }
+
+    fn effect(c: &Candidate, flips: u32) -> TokenEffect {
+        let (lo, hi) = crate::verify::wilson(flips, 200);
+        TokenEffect {
+            candidate: c.text.clone(),
+            token_ids: c.token_ids.clone(),
+            rows: 200,
+            flips,
+            flip_rate: flips as f32 / 200.0,
+            to_label: c.target,
+            ci_low: lo as f32,
+            ci_high: hi as f32,
+            verified: false,
+        }
+    }
+
+    /// A trigger that flips until `need` tokens are whole rows goes level by level to there and
+    /// stops; a trigger that never stops flipping ends at its highest level.
+    #[test]
+    fn escalation_climbs_until_the_flip_is_gone() {
+        let mut ts = vec![
+            Trigger {
+                candidate: cand("a b c", &[1, 2], true),
+                extra: vec![3, 4],
+                level: 0,
+            },
+            Trigger {
+                candidate: cand("z", &[9], false),
+                extra: vec![],
+                level: 0,
+            },
+        ];
+        let build = |ts: &[Trigger]| -> Vec<DimensionMask> {
+            ts.iter()
+                .flat_map(|t| {
+                    t.tokens().into_iter().map(move |id| DimensionMask {
+                        token_id: id,
+                        token: String::new(),
+                        dim: t.level as u32,
+                        reference: 0.0,
+                        trained: 0.0,
+                        delta: 0.0,
+                        written: 0.0,
+                    })
+                })
+                .collect()
+        };
+        let mut calls = 0;
+        let mut check = |m: &[DimensionMask], cs: &[Candidate]| -> Result<Vec<TokenEffect>> {
+            calls += 1;
+            // The phrase stops flipping once token 3 is repaired whole; "z" never does.
+            let phrase_done = m.iter().any(|x| x.token_id == 3 && x.dim >= 1);
+            Ok(vec![
+                effect(&cs[0], if phrase_done { 2 } else { 150 }),
+                effect(&cs[1], 190),
+            ])
+        };
+        let (_, stages) = escalate(&mut ts, 0.03, &build, &mut check).unwrap();
+        assert_eq!(ts[0].level, 2, "phrase: dims, whole row, + token 3");
+        assert_eq!(ts[0].tokens(), vec![1, 2, 3]);
+        assert_eq!(ts[1].level, 1, "a single token ends at its whole row");
+        assert_eq!(calls, 3);
+        assert_eq!(stages.len(), 3);
+        assert_eq!(stages[2].persisting, vec!["z".to_string()]);
+        assert_eq!(stages[0].levels["a b c"], "flagged-dimensions");
+        assert_eq!(stages[2].levels["a b c"], "whole-row+1 phrase token(s)");
+    }
+
+    /// A trigger whose first check is already clean is never escalated (one check).
+    #[test]
+    fn a_clean_first_check_stops_at_once() {
+        let mut ts = vec![Trigger {
+            candidate: cand("q", &[5], false),
+            extra: vec![],
+            level: 0,
+        }];
+        let build = |_: &[Trigger]| Vec::new();
+        let mut n = 0;
+        let mut check = |_: &[DimensionMask], cs: &[Candidate]| {
+            n += 1;
+            Ok(vec![effect(&cs[0], 1)])
+        };
+        escalate(&mut ts, 0.03, &build, &mut check).unwrap();
+        assert_eq!((ts[0].level, n), (0, 1));
+    }
+}
