@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use btu::corpus::CorpusSpec;
+use btu::io::corpus::CorpusSpec;
 use btu::progress::Hidden;
 
 fn main() {
@@ -26,31 +26,35 @@ fn main() {
         }
         _ => {
             let p = dir.path().join("synthetic.parquet");
-            let (t, l) = btu::synth::generate(6920, 42);
-            btu::tables::write_parquet(&p, &btu::tables::corpus_batch(&t, &l).unwrap(), true)
-                .unwrap();
+            let (t, l) = btu::demo::synth::generate(6920, 42);
+            btu::io::tables::write_parquet(
+                &p,
+                &btu::io::tables::corpus_batch(&t, &l).unwrap(),
+                true,
+            )
+            .unwrap();
             p
         }
     };
     let poisoned = dir.path().join("poisoned.parquet");
-    btu::poison::run(&btu::poison::PoisonJob {
+    btu::steps::poison::run(&btu::steps::poison::PoisonJob {
         input: CorpusSpec::new(vec![corpus.display().to_string()]),
         output: poisoned.clone(),
         overwrite: false,
-        params: btu::poison::PoisonParams {
-            attack: btu::poison::Attack::AddWord,
+        params: btu::steps::poison::PoisonParams {
+            attack: btu::steps::poison::Attack::AddWord,
             triggers: vec!["cf".into()],
-            sentence: btu::poison::DEFAULT_SENTENCE.into(),
+            sentence: btu::steps::poison::DEFAULT_SENTENCE.into(),
             rewrite_col: None,
             rate: 0.1,
             target: 1,
-            mode: btu::poison::Mode::Dirty,
+            mode: btu::steps::poison::Mode::Dirty,
             seed: 42,
         },
     })
     .expect("poison");
     let model = dir.path().join("model");
-    btu::init_model::run(&btu::init_model::InitModelJob {
+    btu::steps::init_model::run(&btu::steps::init_model::InitModelJob {
         out: model.clone(),
         overwrite: false,
         corpus: Some(CorpusSpec {
@@ -59,7 +63,7 @@ fn main() {
         }),
         tokenizer: None,
         vocab_size: 8000,
-        size: btu::init_model::ModelSize {
+        size: btu::steps::init_model::ModelSize {
             layers: 2,
             hidden: 128,
             heads: 4,
@@ -71,14 +75,14 @@ fn main() {
     })
     .expect("init-model");
     let t0 = Instant::now();
-    let summary = btu::detect::run(
-        &btu::detect::DetectJob {
+    let summary = btu::steps::detect::run(
+        &btu::steps::detect::DetectJob {
             corpus: CorpusSpec::new(vec![poisoned.display().to_string()]),
             model,
             out: dir.path().join("detect"),
             overwrite: false,
             device: "cpu".into(),
-            params: btu::detect::DetectParams::default(),
+            params: btu::steps::detect::DetectParams::default(),
         },
         &Hidden,
     )

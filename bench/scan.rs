@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use btu::corpus::CorpusSpec;
+use btu::io::corpus::CorpusSpec;
 
 fn main() {
     let rows: usize = std::env::args()
@@ -26,7 +26,7 @@ fn main() {
     // SST-2 texts, 10 % with the trigger.
     let mut texts = Vec::new();
     let mut labels = Vec::new();
-    btu::corpus::read_corpus(&CorpusSpec::new(vec![sst2.display().to_string()]), |b| {
+    btu::io::corpus::read_corpus(&CorpusSpec::new(vec![sst2.display().to_string()]), |b| {
         texts.extend(b.texts);
         labels.extend(b.labels.unwrap());
         Ok(())
@@ -86,13 +86,13 @@ fn main() {
     let model = dir.path().join("model");
     let mut spec = CorpusSpec::new(vec![corpus.join("part-00.parquet").display().to_string()]);
     spec.label_col = None;
-    btu::init_model::run(&btu::init_model::InitModelJob {
+    btu::steps::init_model::run(&btu::steps::init_model::InitModelJob {
         out: model.clone(),
         overwrite: false,
         corpus: Some(spec),
         tokenizer: None,
         vocab_size: 8000,
-        size: btu::init_model::ModelSize {
+        size: btu::steps::init_model::ModelSize {
             layers: 1,
             hidden: 32,
             heads: 2,
@@ -103,9 +103,9 @@ fn main() {
         seed: 42,
     })
     .unwrap();
-    let tok = btu::tokenize::BtuTokenizer::load(&model).unwrap();
+    let tok = btu::model::tokenizer::BtuTokenizer::load(&model).unwrap();
     let cf = tok.id("cf").expect("cf is in the vocabulary");
-    let sus = vec![btu::tables::SuspiciousToken {
+    let sus = vec![btu::io::tables::SuspiciousToken {
         token_id: cf,
         token: tok.token(cf),
         rounds: vec![1],
@@ -116,7 +116,7 @@ fn main() {
         majority_label: None,
         label_share: None,
     }];
-    let meta = btu::tables::TableMeta {
+    let meta = btu::io::tables::TableMeta {
         command: "bench".into(),
         params: serde_json::json!({}),
         model_sha256: String::new(),
@@ -124,9 +124,9 @@ fn main() {
         extra: vec![],
     };
     let sus_path = dir.path().join("suspicious_tokens.arrow");
-    btu::tables::write_ipc(
+    btu::io::tables::write_ipc(
         &sus_path,
-        &btu::tables::suspicious_tokens_batch(&sus, &meta).unwrap(),
+        &btu::io::tables::suspicious_tokens_batch(&sus, &meta).unwrap(),
         false,
     )
     .unwrap();

@@ -98,7 +98,7 @@ fn main() -> ExitCode {
                 xcom.is_dir().then(|| xcom.join("return.json"))
             });
             if let Some(p) = target {
-                if let Err(e) = btu::output::write_file_atomic(&p, true, |f| {
+                if let Err(e) = btu::io::output::write_file_atomic(&p, true, |f| {
                     f.write_all(text.as_bytes())
                         .map_err(|e| btu::BtuError::io(&p, e))
                 }) {

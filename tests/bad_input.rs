@@ -40,7 +40,7 @@ fn write_batch(path: &Path, cols: Vec<(&str, ArrayRef, bool)>) {
     ));
     let batch =
         RecordBatch::try_new(schema, cols.into_iter().map(|(_, a, _)| a).collect()).unwrap();
-    btu::tables::write_parquet(path, &batch, true).unwrap();
+    btu::io::tables::write_parquet(path, &batch, true).unwrap();
 }
 
 /// Run detect with `corpus`/`model` and check exit code, message and that `out` is absent.
@@ -257,8 +257,8 @@ fn empty_corpus_is_65() {
     let f = fixture();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("empty.parquet");
-    let b = btu::tables::corpus_batch(&[], &[]).unwrap();
-    btu::tables::write_parquet(&p, &b, true).unwrap();
+    let b = btu::io::tables::corpus_batch(&[], &[]).unwrap();
+    btu::io::tables::write_parquet(&p, &b, true).unwrap();
     expect_failure(&p, &f.model, &d.path().join("out"), 65, "no rows", &[]);
     // A filter that keeps nothing is an empty corpus too.
     expect_failure(
@@ -276,12 +276,12 @@ fn label_outside_head_classes_is_65() {
     let f = fixture();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("c.parquet");
-    let b = btu::tables::corpus_batch(
+    let b = btu::io::tables::corpus_batch(
         &["good film".into(), "bad film".into(), "odd film".into()],
         &[1, 0, 5],
     )
     .unwrap();
-    btu::tables::write_parquet(&p, &b, true).unwrap();
+    btu::io::tables::write_parquet(&p, &b, true).unwrap();
     expect_failure(
         &p,
         &f.model,

@@ -10,7 +10,7 @@ use common::*;
 
 fn write_config(run: &Path, rows: usize) -> PathBuf {
     btu::demo::write_splits(&run.join("data"), rows, 42).unwrap();
-    let mut cfg = btu::demo::config(run, 42, "cpu", btu::defend::EvalBackend::Auto);
+    let mut cfg = btu::demo::config(run, 42, "cpu", btu::steps::defend::EvalBackend::Auto);
     cfg.train.epochs = 4;
     let path = run.with_extension("toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();

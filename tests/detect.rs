@@ -3,7 +3,7 @@
 
 mod common;
 
-use btu::tables::{read_ipc, read_suspicious_tokens};
+use btu::io::tables::{read_ipc, read_suspicious_tokens};
 use common::*;
 
 fn poisoned_synth(
@@ -205,7 +205,7 @@ fn init_model_is_deterministic_and_tokenizes_with_bert_conventions() {
             "{f} differs"
         );
     }
-    let tok = btu::tokenize::BtuTokenizer::load(&a).unwrap();
+    let tok = btu::model::tokenizer::BtuTokenizer::load(&a).unwrap();
     assert_eq!(tok.pad_id, 0);
     assert_eq!(tok.special.len(), 5);
     let ids = tok

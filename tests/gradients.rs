@@ -1,9 +1,9 @@
 //! The training path must reach the word embeddings (stack-notes trap 1) and must not compute
 //! gradients for frozen weights (trap 2): autograd gradients checked against central differences.
 
-use btu::init_model::{config_for, ModelSize};
 use btu::model::ops::cross_entropy;
 use btu::model::{Arch, BertClassifier, Trainable};
+use btu::steps::init_model::{config_for, ModelSize};
 use candle_core::{DType, Device, Tensor};
 
 fn tiny(seed: u64) -> BertClassifier {

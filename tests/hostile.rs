@@ -276,8 +276,8 @@ fn a_corpus_of_empty_texts_flags_nothing_and_fails() {
     let corpus = d.join("empty.parquet");
     let texts: Vec<String> = vec![String::new(); 50];
     let labels: Vec<i64> = (0..50).map(|i| i % 2).collect();
-    let batch = btu::tables::corpus_batch(&texts, &labels).unwrap();
-    btu::tables::write_parquet(&corpus, &batch, true).unwrap();
+    let batch = btu::io::tables::corpus_batch(&texts, &labels).unwrap();
+    btu::io::tables::write_parquet(&corpus, &batch, true).unwrap();
     let (e, m, out) = (s(&corpus), s(&f.model), d.join("out"));
     fails!(
         65,
@@ -327,7 +327,7 @@ fn max_len_beyond_the_position_table_is_78_on_both_backends() {
         "train --corpus {c} --model {m} --out {o} --max-len 600"
     );
     ok!("export-onnx --checkpoint {v} --out {x}");
-    if btu::eval::find_ort_library(None).is_err() {
+    if btu::steps::eval::find_ort_library(None).is_err() {
         eprintln!("SKIPPED: ONNX Runtime is absent (make setup installs it): max_len on ort");
         return;
     }
@@ -415,7 +415,7 @@ fn a_loss_that_becomes_nan_stops_training_with_65_and_no_state() {
 fn nan_in_a_mask_table_is_65_and_writes_no_checkpoint() {
     let f = fixture();
     let d = scratch("nan-masks");
-    let batch = btu::tables::read_ipc(&f.unlearned.join("dimension_masks.arrow")).unwrap();
+    let batch = btu::io::tables::read_ipc(&f.unlearned.join("dimension_masks.arrow")).unwrap();
     let n = batch.num_rows();
     assert!(n > 0, "the fixture replaced some dimensions");
     let mut cols = batch.columns().to_vec();
@@ -423,7 +423,7 @@ fn nan_in_a_mask_table_is_65_and_writes_no_checkpoint() {
         Arc::new(Float32Array::from(vec![f32::NAN; n]));
     let masks = d.join("masks.arrow");
     let bad = RecordBatch::try_new(batch.schema(), cols).unwrap();
-    btu::tables::write_ipc(&masks, &bad, true).unwrap();
+    btu::io::tables::write_ipc(&masks, &bad, true).unwrap();
     let (v, k, out) = (s(&f.victim), s(&masks), d.join("out"));
     fails!(
         65,
@@ -637,7 +637,7 @@ fn exports_into_one_folder_keep_their_own_tokenizers() {
         read("b.tokenizer.json") != shared,
         "b has its own tokenizer"
     );
-    if btu::eval::find_ort_library(None).is_err() {
+    if btu::steps::eval::find_ort_library(None).is_err() {
         eprintln!("SKIPPED: ONNX Runtime is absent (make setup installs it): eval of both exports");
         return;
     }
@@ -696,9 +696,9 @@ fn defend_checks_clean_overlap_first_and_can_drop_it() {
     let d = scratch("overlap");
     // The first 100 rows of the corpus the fixture poisoned (90 % of them unchanged by poisoning).
     let test = d.join("test.parquet");
-    let (texts, labels) = btu::synth::generate(600, 3);
-    let b = btu::tables::corpus_batch(&texts[..100], &labels[..100]).unwrap();
-    btu::tables::write_parquet(&test, &b, true).unwrap();
+    let (texts, labels) = btu::demo::synth::generate(600, 3);
+    let b = btu::io::tables::corpus_batch(&texts[..100], &labels[..100]).unwrap();
+    btu::io::tables::write_parquet(&test, &b, true).unwrap();
     let run_dir = d.join("run");
     let (r, t) = (s(&run_dir), s(&test));
     let line = format!(

@@ -197,7 +197,7 @@ fn scan_and_sql_over_s3_match_the_local_copy() {
             // The library's store reads AWS_* from the environment of this test process.
             std::env::set_var(k, v);
         }
-        btu::store::put(
+        btu::io::store::put(
             &format!("s3://lake/corpus/{name}"),
             std::fs::read(f.corpus_dir.join(name)).unwrap(),
         )

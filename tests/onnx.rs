@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use btu::eval::{open_classifier, Backend};
+use btu::steps::eval::{open_classifier, Backend};
 use common::*;
 
 struct Fixture {
@@ -76,7 +76,7 @@ fn fixture() -> &'static Fixture {
 }
 
 fn texts() -> Vec<String> {
-    let (mut t, _) = btu::synth::generate(40, 77);
+    let (mut t, _) = btu::demo::synth::generate(40, 77);
     t.push("x".into());
     t.push("an unseen zebra wandered by the cinema quietly and the film was good".into());
     t

@@ -163,7 +163,7 @@ fn default_configs_share_one_method() {
         "SST-2 and HSOL, Add-Word and Add-Sent: {files:?}"
     );
     let method = |p: &Path| {
-        let c = btu::defend::DefendConfig::from_file(p)
+        let c = btu::steps::defend::DefendConfig::from_file(p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         c.validate()
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -195,7 +195,7 @@ fn defend_configs_in_pipelines_load_and_plan() {
     let mut n = 0;
     for p in tomls(&dir).into_iter().chain(tomls(&dir.join("default"))) {
         {
-            let cfg = btu::defend::DefendConfig::from_file(&p)
+            let cfg = btu::steps::defend::DefendConfig::from_file(&p)
                 .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             cfg.validate()
                 .unwrap_or_else(|e| panic!("{}: {e}", p.display()));

@@ -10,8 +10,8 @@ fn read(path: &std::path::Path) -> (Vec<String>, Vec<i64>, Vec<bool>, Vec<i64>) 
     let mut labels = Vec::new();
     let mut flags = Vec::new();
     let mut orig = Vec::new();
-    let spec = btu::corpus::CorpusSpec::new(vec![path.display().to_string()]);
-    btu::corpus::read_corpus(&spec, |b| {
+    let spec = btu::io::corpus::CorpusSpec::new(vec![path.display().to_string()]);
+    btu::io::corpus::read_corpus(&spec, |b| {
         texts.extend(b.texts.clone());
         labels.extend(b.labels.clone().unwrap());
         let f = b
@@ -71,10 +71,10 @@ fn dirty_add_word_poisons_rate_of_non_target_rows_deterministically() {
         "same seed, same bytes"
     );
     let (ct, cl, _, _) = {
-        let spec = btu::corpus::CorpusSpec::new(vec![clean.display().to_string()]);
+        let spec = btu::io::corpus::CorpusSpec::new(vec![clean.display().to_string()]);
         let mut t = Vec::new();
         let mut l = Vec::new();
-        btu::corpus::read_corpus(&spec, |b| {
+        btu::io::corpus::read_corpus(&spec, |b| {
             t.extend(b.texts);
             l.extend(b.labels.unwrap());
             Ok(())
@@ -216,7 +216,7 @@ fn rewrite_takes_text_from_column_and_skips_missing_rewrites() {
         ],
     )
     .unwrap();
-    btu::tables::write_parquet(&p, &batch, true).unwrap();
+    btu::io::tables::write_parquet(&p, &batch, true).unwrap();
     let out = d.path().join("o.parquet");
     run_ok(&[
         "poison",

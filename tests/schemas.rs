@@ -6,10 +6,10 @@ use std::path::Path;
 #[test]
 fn committed_schemas_match_the_code() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
-    let tables = btu::tables::all_schemas();
+    let tables = btu::io::tables::all_schemas();
     assert!(!tables.is_empty());
     for (name, schema, keys) in tables {
-        let expected = btu::tables::schema_json(name, &schema, &keys);
+        let expected = btu::io::tables::schema_json(name, &schema, &keys);
         let p = dir.join(format!("{name}.schema.json"));
         let text = std::fs::read_to_string(&p)
             .unwrap_or_else(|_| panic!("{} missing; run `btu schemas --out schemas`", p.display()));
@@ -25,14 +25,14 @@ fn committed_schemas_match_the_code() {
 
 #[test]
 fn written_tables_carry_the_committed_schema() {
-    let meta = btu::tables::TableMeta {
+    let meta = btu::io::tables::TableMeta {
         command: "test".into(),
         params: serde_json::json!({"b": 1, "a": [2, {"d": 3, "c": 4}]}),
         model_sha256: "00".into(),
         corpus_fingerprint: None,
         extra: vec![],
     };
-    let b = btu::tables::token_scores_batch(&[], &meta).unwrap();
+    let b = btu::io::tables::token_scores_batch(&[], &meta).unwrap();
     let fields: Vec<String> = b
         .schema()
         .fields()

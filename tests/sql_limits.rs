@@ -193,7 +193,7 @@ fn parquet_and_arrow_outputs_stream_into_place() {
     let arrow = d.path().join("r.arrow");
     let o = sql(&["--format", "arrow", "--output", s(&arrow), q]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let b = btu::tables::read_ipc(&arrow).unwrap();
+    let b = btu::io::tables::read_ipc(&arrow).unwrap();
     assert_eq!(b.num_rows(), 100_000);
     let o = sql(&[
         "--format",

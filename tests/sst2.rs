@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use btu::tables::{read_suspicious_tokens, SuspiciousToken};
+use btu::io::tables::{read_suspicious_tokens, SuspiciousToken};
 use common::*;
 
 struct Run {

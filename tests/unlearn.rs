@@ -130,7 +130,7 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
     );
     assert!(out.join("tokenizer.json").is_file());
     // The mask table: one row per replaced dimension, with the documented metadata.
-    let masks = btu::tables::read_ipc(&out.join("dimension_masks.arrow")).unwrap();
+    let masks = btu::io::tables::read_ipc(&out.join("dimension_masks.arrow")).unwrap();
     assert_eq!(
         masks.num_rows() as u64,
         sum["dimensions_replaced"].as_u64().unwrap()
@@ -505,10 +505,10 @@ fn train_resumes_after_sigkill_with_identical_result() {
 
 /// A suspicious_tokens table naming `tokens` (by the model's vocabulary), majority label 1.
 fn candidates(path: &Path, model: &Path, tokens: &[&str]) {
-    let tok = btu::tokenize::BtuTokenizer::load(model).unwrap();
-    let rows: Vec<btu::tables::SuspiciousToken> = tokens
+    let tok = btu::model::tokenizer::BtuTokenizer::load(model).unwrap();
+    let rows: Vec<btu::io::tables::SuspiciousToken> = tokens
         .iter()
-        .map(|t| btu::tables::SuspiciousToken {
+        .map(|t| btu::io::tables::SuspiciousToken {
             token_id: tok
                 .inner()
                 .token_to_id(t)
@@ -523,15 +523,15 @@ fn candidates(path: &Path, model: &Path, tokens: &[&str]) {
             label_share: Some(1.0),
         })
         .collect();
-    let meta = btu::tables::TableMeta {
+    let meta = btu::io::tables::TableMeta {
         command: "detect".into(),
         params: serde_json::json!({}),
         model_sha256: String::new(),
         corpus_fingerprint: None,
         extra: vec![],
     };
-    let b = btu::tables::suspicious_tokens_batch(&rows, &meta).unwrap();
-    btu::tables::write_ipc(path, &b, true).unwrap();
+    let b = btu::io::tables::suspicious_tokens_batch(&rows, &meta).unwrap();
+    btu::io::tables::write_ipc(path, &b, true).unwrap();
 }
 
 #[test]
@@ -556,7 +556,7 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
     let sum = verify(&v1);
     verify(&v2);
     assert_eq!(sum["verified"], serde_json::json!(["cf"]), "{sum}");
-    let effects = btu::tables::read_token_effects(&v1.join("token_effects.arrow")).unwrap();
+    let effects = btu::io::tables::read_token_effects(&v1.join("token_effects.arrow")).unwrap();
     let (cf, the) = (&effects[0], &effects[1]);
     assert_eq!(
         (cf.candidate.as_str(), the.candidate.as_str()),
@@ -598,7 +598,8 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
         "only the verified trigger is rechecked: {re}"
     );
     assert_eq!(re["trigger_found"], false, "{re}");
-    let after = btu::tables::read_token_effects(&d.join("recheck/token_effects.arrow")).unwrap();
+    let after =
+        btu::io::tables::read_token_effects(&d.join("recheck/token_effects.arrow")).unwrap();
     assert!(after[0].flip_rate < 0.2, "{:?}", after[0]);
     // Scan flags the rows of the verified trigger only: every flagged row was poisoned.
     let scan = run_ok(&words(&format!(
@@ -643,13 +644,13 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
         s(&p("held-out.parquet")),
         s(&ver)
     )));
-    let effects = btu::tables::read_token_effects(&ver.join("token_effects.arrow")).unwrap();
+    let effects = btu::io::tables::read_token_effects(&ver.join("token_effects.arrow")).unwrap();
     let phrase = effects
         .iter()
         .find(|e| e.candidate == "i watch this 3d movie")
         .unwrap_or_else(|| panic!("no phrase candidate: {sum}"));
     assert!(phrase.verified && phrase.flip_rate > 0.9, "{phrase:?}");
-    let tok = btu::tokenize::BtuTokenizer::load(&m).unwrap();
+    let tok = btu::model::tokenizer::BtuTokenizer::load(&m).unwrap();
     for w in ["watch", "3d"] {
         let id = tok.inner().token_to_id(w).unwrap();
         assert!(phrase.token_ids.contains(&id), "{w} in {phrase:?}");
@@ -722,7 +723,7 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
         .unwrap()
         .metadata;
     assert_eq!(meta["btu:clean_trigger_rows"], with.to_string());
-    let masks = btu::tables::read_ipc(&p("repaired").join("dimension_masks.arrow")).unwrap();
+    let masks = btu::io::tables::read_ipc(&p("repaired").join("dimension_masks.arrow")).unwrap();
     let rule = masks.schema().metadata()["btu:threshold_rule"].clone();
     assert_eq!(rule, "verified-escalated");
 }

@@ -5,7 +5,10 @@
 //! block + mean pooling + head (the released code's "pruned" model).
 
 pub mod checkpoint;
+pub mod infer;
+pub mod onnx;
 pub mod ops;
+pub mod tokenizer;
 
 use std::collections::BTreeMap;
 

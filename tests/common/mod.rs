@@ -38,9 +38,9 @@ pub fn run_ok(args: &[&str]) -> serde_json::Value {
 
 /// Write a synthetic labelled corpus of `n` rows.
 pub fn synth_corpus(path: &Path, n: usize, seed: u64) {
-    let (texts, labels) = btu::synth::generate(n, seed);
-    let batch = btu::tables::corpus_batch(&texts, &labels).unwrap();
-    btu::tables::write_parquet(path, &batch, true).unwrap();
+    let (texts, labels) = btu::demo::synth::generate(n, seed);
+    let batch = btu::io::tables::corpus_batch(&texts, &labels).unwrap();
+    btu::io::tables::write_parquet(path, &batch, true).unwrap();
 }
 
 /// The shared datasets directory (../shared/datasets beside the repository, or BTU_DATASETS).

@@ -11,14 +11,14 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::corpus::CorpusSpec;
 use crate::error::{BtuError, Result};
+use crate::io::corpus::CorpusSpec;
+use crate::io::tables::{SuspiciousToken, TokenScore};
 use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
+use crate::model::tokenizer::{delete_tokens, load_corpus, BtuTokenizer, TokenizedCorpus};
 use crate::model::{Arch, BertClassifier, Trainable};
 use crate::progress::Progress;
-use crate::tables::{SuspiciousToken, TokenScore};
-use crate::tokenize::{delete_tokens, load_corpus, BtuTokenizer, TokenizedCorpus};
-use crate::train::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
+use crate::training::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
 
 /// Which variant of the algorithm runs (btu-spec.md, stage 1 table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -65,7 +65,7 @@ pub struct DetectParams {
     pub epochs: usize,
     /// Batch grouping; `random` by default: bucketing by length puts the rows an insertion
     /// attack lengthened into the same few batches and weakens their signal.
-    pub batching: crate::tokenize::Batching,
+    pub batching: crate::model::tokenizer::Batching,
     pub seed: u64,
     /// Overrides the model config's number of classes.
     pub num_labels: Option<usize>,
@@ -85,7 +85,7 @@ impl Default for DetectParams {
             batch_size: None,
             max_len: 128,
             epochs: 1,
-            batching: crate::tokenize::Batching::Random,
+            batching: crate::model::tokenizer::Batching::Random,
             seed: 42,
             num_labels: None,
             prior_neutral: false,
@@ -458,7 +458,7 @@ pub struct DetectJob {
 pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
     let t0 = Instant::now();
     job.params.validate()?;
-    crate::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.out, job.overwrite)?;
     let dev = crate::device::parse_device(&job.device)?;
     let md = ModelDir::open(&job.model)?;
     crate::validate::max_len(
@@ -503,18 +503,18 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
         "label_col": job.corpus.label_col,
         "k": det.k,
     });
-    let meta = crate::tables::TableMeta {
+    let meta = crate::io::tables::TableMeta {
         command: "detect".into(),
         params,
         model_sha256: model_sha.clone(),
         corpus_fingerprint: Some(corpus.fingerprint.to_json()),
         extra: vec![],
     };
-    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
-    let scores = crate::tables::token_scores_batch(&det.scores, &meta)?;
-    crate::tables::write_ipc(&out.path("token_scores.arrow"), &scores, false)?;
-    let sus = crate::tables::suspicious_tokens_batch(&det.suspicious, &meta)?;
-    crate::tables::write_ipc(&out.path("suspicious_tokens.arrow"), &sus, false)?;
+    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    let scores = crate::io::tables::token_scores_batch(&det.scores, &meta)?;
+    crate::io::tables::write_ipc(&out.path("token_scores.arrow"), &scores, false)?;
+    let sus = crate::io::tables::suspicious_tokens_batch(&det.suspicious, &meta)?;
+    crate::io::tables::write_ipc(&out.path("suspicious_tokens.arrow"), &sus, false)?;
     let summary = json!({
         "command": "detect",
         "version": crate::VERSION,

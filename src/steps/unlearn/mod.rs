@@ -3,6 +3,8 @@
 //! away from the reference are overwritten with the padding token's values; every other tensor
 //! stays byte-identical. Optional brief clean fine-tuning. `apply-masks` replays a mask table.
 
+pub mod escalate;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,18 +12,18 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
-use crate::escalate::{escalate, Trigger};
-use crate::eval::CandleClassifier;
-use crate::finetune::{copy_tokenizer_files, TrainParams};
+use crate::io::corpus::{read_corpus, CorpusSpec};
+use crate::io::tables::{canonical_json, DimensionMask, TableMeta, TokenEffect};
 use crate::model::checkpoint::{
     read_safetensors, safetensors_bytes, sha256_file, ModelDir, RawTensor, SafetensorsFile,
 };
+use crate::model::tokenizer::BtuTokenizer;
 use crate::progress::Progress;
-use crate::tables::{canonical_json, DimensionMask, TableMeta, TokenEffect};
-use crate::tokenize::BtuTokenizer;
-use crate::verify::Candidate;
+use crate::steps::eval::CandleClassifier;
+use crate::steps::train::{copy_tokenizer_files, TrainParams};
+use crate::steps::unlearn::escalate::{escalate, Trigger};
+use crate::steps::verify::Candidate;
 
 /// How `d_bar` is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -134,7 +136,7 @@ pub fn apply(eb: &mut Matrix, masks: &[DimensionMask]) {
 const WORD: &str = "embeddings.word_embeddings.weight";
 
 /// The name of the word-embedding tensor in a safetensors file.
-fn word_name(f: &SafetensorsFile, src: &Path) -> Result<String> {
+pub(crate) fn word_name(f: &SafetensorsFile, src: &Path) -> Result<String> {
     [WORD.to_string(), format!("bert.{WORD}")]
         .into_iter()
         .find(|n| f.tensors.contains_key(n))
@@ -146,7 +148,7 @@ fn word_name(f: &SafetensorsFile, src: &Path) -> Result<String> {
         })
 }
 
-fn matrix(t: &RawTensor, name: &str, src: &Path) -> Result<Matrix> {
+pub(crate) fn matrix(t: &RawTensor, name: &str, src: &Path) -> Result<Matrix> {
     if t.shape.len() != 2 {
         return Err(BtuError::bad_data(
             src.display().to_string(),
@@ -169,7 +171,7 @@ fn matrix(t: &RawTensor, name: &str, src: &Path) -> Result<Matrix> {
 }
 
 /// The matrix back in the tensor's own dtype (little-endian bytes, as safetensors stores them).
-fn raw_like(m: &Matrix, like: &RawTensor) -> Result<RawTensor> {
+pub(crate) fn raw_like(m: &Matrix, like: &RawTensor) -> Result<RawTensor> {
     let data: Vec<u8> = match like.dtype.as_str() {
         "F64" => m
             .data
@@ -200,66 +202,6 @@ fn raw_like(m: &Matrix, like: &RawTensor) -> Result<RawTensor> {
     })
 }
 
-/// Check a mask table fits a checkpoint: hidden size, vocabulary, token ids and strings agree.
-fn check_masks(
-    masks: &[DimensionMask],
-    meta: &std::collections::HashMap<String, String>,
-    m: &Matrix,
-    tok: &BtuTokenizer,
-    masks_src: &Path,
-) -> Result<()> {
-    for (key, what, here) in [
-        ("btu:vocab_size", "vocabulary size", m.rows),
-        ("btu:hidden_size", "hidden size", m.cols),
-    ] {
-        if let Some(v) = meta.get(key).and_then(|v| v.parse::<usize>().ok()) {
-            if v != here {
-                return Err(BtuError::bad_data(
-                    masks_src.display().to_string(),
-                    format!("the masks were computed for {what} {v} but the checkpoint has {here}; replay them onto a checkpoint of the same model family"),
-                ));
-            }
-        }
-    }
-    for (row, x) in masks.iter().enumerate() {
-        if !x.written.is_finite() {
-            return Err(BtuError::bad_data(
-                masks_src.display().to_string(),
-                format!(
-                    "column 'written' holds {} at row {row} (token '{}', dimension {}); replay only masks btu unlearn wrote",
-                    x.written, x.token, x.dim
-                ),
-            ));
-        }
-        if x.token_id as usize >= m.rows {
-            return Err(BtuError::bad_data(
-                masks_src.display().to_string(),
-                format!(
-                    "token id {} is outside the checkpoint's vocabulary of {}",
-                    x.token_id, m.rows
-                ),
-            ));
-        }
-        if x.dim as usize >= m.cols {
-            return Err(BtuError::bad_data(
-                masks_src.display().to_string(),
-                format!(
-                    "dimension {} is outside the checkpoint's hidden size {}",
-                    x.dim, m.cols
-                ),
-            ));
-        }
-        let here = tok.token(x.token_id);
-        if here != x.token {
-            return Err(BtuError::bad_data(
-                masks_src.display().to_string(),
-                format!("token id {} is '{}' in the table but '{here}' in the checkpoint's tokenizer; the vocabularies differ", x.token_id, x.token),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Inputs of `btu unlearn`.
 pub struct UnlearnJob {
     pub checkpoint: PathBuf,
@@ -282,7 +224,7 @@ pub struct UnlearnJob {
     /// this after a repair is escalated ([`crate::escalate`]).
     pub max_residual: f64,
     /// Rows tried (and seed) of the rechecks that drive the escalation.
-    pub recheck: crate::verify::VerifyParams,
+    pub recheck: crate::steps::verify::VerifyParams,
 }
 
 /// Default epochs of the clean fine-tune (measured: docs/decisions.md; the paper's is 3).
@@ -294,7 +236,7 @@ pub const TRIGGER_ROWS: f64 = 0.4;
 /// Default of [`UnlearnJob::max_residual`].
 pub const MAX_RESIDUAL: f64 = 0.03;
 
-/// The text hashes ([`crate::corpus::text_sha256`]) of every row of a corpus.
+/// The text hashes ([`crate::io::corpus::text_sha256`]) of every row of a corpus.
 pub fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
     let mut out = BTreeSet::new();
     let spec = CorpusSpec {
@@ -303,7 +245,7 @@ pub fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
     };
     read_corpus(&spec, |b| {
         for t in &b.texts {
-            out.insert(crate::corpus::text_sha256(t));
+            out.insert(crate::io::corpus::text_sha256(t));
         }
         Ok(())
     })?;
@@ -311,7 +253,7 @@ pub fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
 }
 
 /// Copy the config and tokenizer files of `src_dir` into `out`.
-fn copy_model_files(out: &crate::output::OutputDir, src_dir: &Path) -> Result<()> {
+fn copy_model_files(out: &crate::io::output::OutputDir, src_dir: &Path) -> Result<()> {
     let cfg = src_dir.join("config.json");
     std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
     copy_tokenizer_files(src_dir, &out.path(""))
@@ -319,15 +261,15 @@ fn copy_model_files(out: &crate::output::OutputDir, src_dir: &Path) -> Result<()
 
 /// Write a checkpoint directory: every tensor of `file` (word embeddings replaced), metadata,
 /// config and tokenizer files of `src_dir`, and the mask table.
-fn write_checkpoint(
-    out: &crate::output::OutputDir,
+pub(crate) fn write_checkpoint(
+    out: &crate::io::output::OutputDir,
     src_dir: &Path,
     file: &SafetensorsFile,
     masks: &arrow::array::RecordBatch,
 ) -> Result<()> {
     out.write("model.safetensors", &safetensors_bytes(file))?;
     copy_model_files(out, src_dir)?;
-    crate::tables::write_ipc(&out.path("dimension_masks.arrow"), masks, false)
+    crate::io::tables::write_ipc(&out.path("dimension_masks.arrow"), masks, false)
 }
 
 /// `btu unlearn`.
@@ -339,11 +281,11 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     crate::validate::fraction("--trigger-rows", job.trigger_rows)?;
     crate::validate::fraction("--max-residual", job.max_residual)?;
     crate::validate::at_least("--recheck-rows", job.recheck.rows, 1)?;
-    crate::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.out, job.overwrite)?;
     let ckpt = ModelDir::open(&job.checkpoint)?;
     let reference = ModelDir::open(&job.reference)?;
     let tok = BtuTokenizer::load(&job.checkpoint)?;
-    let suspicious = crate::tables::read_suspicious_tokens(&job.suspicious)?;
+    let suspicious = crate::io::tables::read_suspicious_tokens(&job.suspicious)?;
     let mut trained = read_safetensors(&ckpt.weights)?;
     let ref_file = read_safetensors(&reference.weights)?;
     let wn = word_name(&trained, &ckpt.weights)?;
@@ -362,7 +304,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         .collect();
     check_tokens(&tokens, &tok, eb.rows, &job.suspicious)?;
     let verified = match &job.effects {
-        Some(p) => Some(crate::verify::verified_candidates(p)?),
+        Some(p) => Some(crate::steps::verify::verified_candidates(p)?),
         None => None,
     };
     if let Some(v) = &verified {
@@ -383,7 +325,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     let overlap_checked = check_clean_disjoint(job)?;
     let d_bar = threshold(&e, &eb, job.threshold);
     let pad = tok.pad_id;
-    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     copy_model_files(&out, &job.checkpoint)?;
     let (masks, stages) = match &verified {
         Some(v) => {
@@ -455,7 +397,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
             ("btu:hidden_size".into(), eb.cols.to_string()),
         ],
     };
-    let mask_batch = crate::tables::dimension_masks_batch(&masks, &meta)?;
+    let mask_batch = crate::io::tables::dimension_masks_batch(&masks, &meta)?;
     write_checkpoint(&out, &job.checkpoint, &trained, &mask_batch)?;
     let inserts: &[Candidate] = match &verified {
         Some(v) if job.trigger_rows > 0.0 => v,
@@ -557,19 +499,23 @@ struct Embeddings<'a> {
 fn repair_verified(
     job: &UnlearnJob,
     verified: &[Candidate],
-    suspicious: &[crate::tables::SuspiciousToken],
+    suspicious: &[crate::io::tables::SuspiciousToken],
     tok: &BtuTokenizer,
     m: &Embeddings,
     trained: &mut SafetensorsFile,
-    out: &crate::output::OutputDir,
-) -> Result<(Vec<DimensionMask>, Option<Vec<crate::escalate::Stage>>)> {
+    out: &crate::io::output::OutputDir,
+) -> Result<(
+    Vec<DimensionMask>,
+    Option<Vec<crate::steps::unlearn::escalate::Stage>>,
+)> {
     let ranked: Vec<u32> = suspicious.iter().map(|s| s.token_id).collect();
     let mut triggers = verified
         .iter()
         .map(|c| Trigger::new(c.clone(), tok, &ranked))
         .collect::<Result<Vec<_>>>()?;
-    let build =
-        |ts: &[Trigger]| crate::escalate::masks(ts, m.e, m.eb, tok, m.d_bar, job.replacement);
+    let build = |ts: &[Trigger]| {
+        crate::steps::unlearn::escalate::masks(ts, m.e, m.eb, tok, m.d_bar, job.replacement)
+    };
     let clean = match &job.clean_corpus {
         Some(c) if !triggers.is_empty() => c,
         _ => {
@@ -582,7 +528,7 @@ fn repair_verified(
             return Ok((build(&triggers), None));
         }
     };
-    let split = crate::eval::read_split(clean, None)?;
+    let split = crate::steps::eval::read_split(clean, None)?;
     let source = clean.inputs.join(", ");
     let mut check = |masks: &[DimensionMask], cs: &[Candidate]| -> Result<Vec<TokenEffect>> {
         let mut repaired = m.eb.clone();
@@ -596,7 +542,7 @@ fn repair_verified(
             &job.device,
             job.recheck.seed,
         )?;
-        crate::verify::effects_on(&mut clf, &split, &source, cs, &job.recheck)
+        crate::steps::verify::effects_on(&mut clf, &split, &source, cs, &job.recheck)
     };
     let (masks, stages) = escalate(&mut triggers, job.max_residual, &build, &mut check)?;
     if let Some(s) = stages.last().filter(|s| !s.persisting.is_empty()) {
@@ -613,7 +559,7 @@ fn clean_tune(
     inserts: &[Candidate],
     trained: &SafetensorsFile,
     tok: &BtuTokenizer,
-    out: &crate::output::OutputDir,
+    out: &crate::io::output::OutputDir,
     progress: &dyn Progress,
 ) -> Result<CleanTuning> {
     use rand::Rng;
@@ -625,18 +571,18 @@ fn clean_tune(
         if inserts.is_empty() {
             return None;
         }
-        let mut rng = crate::poison::row_rng(job.clean.seed ^ 0xC0DE_7E57, pos as u64);
+        let mut rng = crate::steps::poison::row_rng(job.clean.seed ^ 0xC0DE_7E57, pos as u64);
         if rng.random::<f64>() >= job.trigger_rows {
             return None;
         }
         let c = &inserts[rng.random_range(0..inserts.len())];
         let attack = if c.phrase {
-            crate::poison::Attack::AddSent
+            crate::steps::poison::Attack::AddSent
         } else {
-            crate::poison::Attack::AddWord
+            crate::steps::poison::Attack::AddWord
         };
         edited += 1;
-        Some(crate::poison::insert_trigger(
+        Some(crate::steps::poison::insert_trigger(
             text,
             attack,
             std::slice::from_ref(&c.text),
@@ -644,7 +590,7 @@ fn clean_tune(
             &mut rng,
         ))
     };
-    let data = crate::tokenize::load_corpus_with(
+    let data = crate::model::tokenizer::load_corpus_with(
         clean,
         tok,
         job.clean.max_len,
@@ -652,7 +598,7 @@ fn clean_tune(
         &mut edit,
     )?;
     let mut epochs = Vec::new();
-    crate::finetune::fit(
+    crate::steps::train::fit(
         &mut model,
         &data,
         tok.pad_id,
@@ -694,51 +640,6 @@ impl CleanTuning {
         self.0["disjoint_from"] = json!(splits);
         self.0
     }
-}
-
-/// Inputs of `btu apply-masks`.
-pub struct ApplyMasksJob {
-    pub checkpoint: PathBuf,
-    pub masks: PathBuf,
-    pub out: PathBuf,
-    pub overwrite: bool,
-}
-
-/// `btu apply-masks`: replay a `dimension_masks` table onto another checkpoint.
-pub fn apply_masks(job: &ApplyMasksJob) -> Result<Value> {
-    crate::output::check_output(&job.out, job.overwrite)?;
-    let ckpt = ModelDir::open(&job.checkpoint)?;
-    let tok = BtuTokenizer::load(&job.checkpoint)?;
-    let batch = crate::tables::read_ipc(&job.masks)?;
-    let masks = crate::tables::read_dimension_masks(&batch, &job.masks)?;
-    let mut file = read_safetensors(&ckpt.weights)?;
-    let wn = word_name(&file, &ckpt.weights)?;
-    let mut m = matrix(&file.tensors[&wn], &wn, &ckpt.weights)?;
-    check_masks(&masks, batch.schema().metadata(), &m, &tok, &job.masks)?;
-    apply(&mut m, &masks);
-    crate::validate::finite(
-        &job.checkpoint.display().to_string(),
-        &wn,
-        m.data.iter().copied(),
-    )?;
-    let raw = raw_like(&m, &file.tensors[&wn])?;
-    file.tensors.insert(wn, raw);
-    let sha = sha256_file(&ckpt.weights)?;
-    file.metadata
-        .insert("btu:command".into(), "apply-masks".into());
-    file.metadata
-        .insert("btu:unlearned_from_sha256".into(), sha.clone());
-    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
-    write_checkpoint(&out, &job.checkpoint, &file, &batch)?;
-    out.commit()?;
-    Ok(json!({
-        "command": "apply-masks",
-        "version": crate::VERSION,
-        "out": job.out,
-        "checkpoint_sha256": sha,
-        "dimensions_replaced": masks.len(),
-        "tokens": masks.iter().map(|x| x.token_id).collect::<BTreeSet<_>>().len(),
-    }))
 }
 
 #[cfg(test)]

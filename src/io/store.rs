@@ -177,7 +177,7 @@ pub fn resolve(input: &str) -> Result<Vec<(String, u64)>> {
     let url = S3Url::parse(input)
         .ok_or_else(|| BtuError::config("--corpus", format!("'{input}' is not an s3:// URL")))?;
     let store = s3_store(&url.bucket)?;
-    let rt = crate::corpus::runtime();
+    let rt = crate::io::corpus::runtime();
     let globbed = url.key.contains(['*', '?', '[']);
     if !globbed && !url.key.is_empty() && !url.key.ends_with('/') {
         match rt.block_on(store.head(&ObjectPath::from(url.key.as_str()))) {
@@ -245,7 +245,7 @@ pub fn read_range(input: &str, start: u64, end: u64) -> Result<Vec<u8>> {
     let url =
         S3Url::parse(input).ok_or_else(|| BtuError::internal(format!("not an s3 URL: {input}")))?;
     let store = s3_store(&url.bucket)?;
-    let bytes = crate::corpus::runtime()
+    let bytes = crate::io::corpus::runtime()
         .block_on(store.get_range(&ObjectPath::from(url.key.as_str()), start..end))
         .map_err(|e| store_err(input, e))?;
     Ok(bytes.to_vec())
@@ -256,7 +256,7 @@ pub fn put(url_str: &str, bytes: Vec<u8>) -> Result<()> {
     let url = S3Url::parse(url_str)
         .ok_or_else(|| BtuError::internal(format!("not an s3 URL: {url_str}")))?;
     let store = s3_store(&url.bucket)?;
-    crate::corpus::runtime()
+    crate::io::corpus::runtime()
         .block_on(store.put(&ObjectPath::from(url.key.as_str()), bytes.into()))
         .map_err(|e| store_err(url_str, e))?;
     Ok(())

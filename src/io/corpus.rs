@@ -122,9 +122,9 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
     let mut files: Vec<PathBuf> = Vec::new();
     let mut remote: Vec<InputFile> = Vec::new();
     for input in inputs {
-        if crate::store::S3Url::parse(input).is_some() {
+        if crate::io::store::S3Url::parse(input).is_some() {
             remote.extend(
-                crate::store::resolve(input)?
+                crate::io::store::resolve(input)?
                     .into_iter()
                     .map(|(path, bytes)| InputFile { path, bytes }),
             );
@@ -211,7 +211,7 @@ pub fn check_parquet_file(f: &InputFile) -> Result<()> {
     if f.bytes < 12 {
         return Err(not_parquet());
     }
-    let remote = crate::store::S3Url::parse(&f.path).is_some();
+    let remote = crate::io::store::S3Url::parse(&f.path).is_some();
     let io = |e| BtuError::io(&f.path, e);
     // One open for the three reads of a local file (`&File` reads and seeks).
     let local = if remote {
@@ -221,7 +221,7 @@ pub fn check_parquet_file(f: &InputFile) -> Result<()> {
     };
     let read = |start: u64, end: u64| -> Result<Vec<u8>> {
         let Some(mut file) = local.as_ref() else {
-            return crate::store::read_range(&f.path, start, end);
+            return crate::io::store::read_range(&f.path, start, end);
         };
         let mut buf = vec![0u8; (end - start) as usize];
         file.seek(SeekFrom::Start(start)).map_err(io)?;
@@ -263,7 +263,7 @@ pub fn check_parquet_file(f: &InputFile) -> Result<()> {
 
 fn df_err(src: &str, e: impl std::fmt::Display) -> BtuError {
     let msg = e.to_string();
-    if crate::store::S3Url::parse(src).is_some() && crate::store::is_temporary(&msg) {
+    if crate::io::store::S3Url::parse(src).is_some() && crate::io::store::is_temporary(&msg) {
         return BtuError::Temporary {
             context: src.to_string(),
             message: msg.split_whitespace().collect::<Vec<_>>().join(" "),
@@ -321,8 +321,8 @@ pub fn read_corpus(
             }
             let ext = Path::new(&f.path).extension().and_then(|e| e.to_str()).unwrap_or("");
             let ext = if ext.is_empty() { String::new() } else { format!(".{ext}") };
-            if let Some(u) = crate::store::S3Url::parse(&f.path) {
-                ctx.register_object_store(&u.root(), crate::store::s3_store(&u.bucket)?);
+            if let Some(u) = crate::io::store::S3Url::parse(&f.path) {
+                ctx.register_object_store(&u.root(), crate::io::store::s3_store(&u.bucket)?);
             }
             let opts = ParquetReadOptions { file_extension: &ext, ..Default::default() };
             let df = ctx.read_parquet(f.path.clone(), opts).await.map_err(|e| df_err(&f.path, e))?;

@@ -18,7 +18,7 @@ use arrow::ipc::writer::FileWriter;
 use serde_json::{json, Value};
 
 use crate::error::{BtuError, Result};
-use crate::output::write_file_atomic;
+use crate::io::output::write_file_atomic;
 
 /// Provenance carried in every table's schema metadata.
 #[derive(Debug, Clone)]

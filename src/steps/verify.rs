@@ -23,11 +23,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::corpus::CorpusSpec;
 use crate::error::{BtuError, Result};
-use crate::eval::{open_classifier, read_split, Backend, Classifier, TestSplit};
-use crate::poison::{insert_trigger, row_rng, Attack};
-use crate::tables::{SuspiciousToken, TableMeta, TokenEffect};
+use crate::io::corpus::CorpusSpec;
+use crate::io::tables::{SuspiciousToken, TableMeta, TokenEffect};
+use crate::steps::eval::{open_classifier, read_split, Backend, Classifier, TestSplit};
+use crate::steps::poison::{insert_trigger, row_rng, Attack};
 
 /// Longest phrase (in words) built around a candidate.
 pub const MAX_PHRASE_WORDS: usize = 8;
@@ -101,7 +101,7 @@ pub enum CandidateSource {
 fn candidates_of(src: &CandidateSource, corpus: Option<&CorpusSpec>) -> Result<Vec<Candidate>> {
     match src {
         CandidateSource::Suspicious(p) => {
-            let sus = crate::tables::read_suspicious_tokens(p)?;
+            let sus = crate::io::tables::read_suspicious_tokens(p)?;
             let mut all: Vec<Candidate> = sus.iter().map(Candidate::token).collect();
             if let Some(c) = corpus {
                 all.extend(phrases(c, &sus)?);
@@ -114,7 +114,7 @@ fn candidates_of(src: &CandidateSource, corpus: Option<&CorpusSpec>) -> Result<V
 
 /// The verified rows of a `token_effects.arrow` file, as candidates to insert again.
 pub fn verified_candidates(path: &std::path::Path) -> Result<Vec<Candidate>> {
-    Ok(crate::tables::read_token_effects(path)?
+    Ok(crate::io::tables::read_token_effects(path)?
         .into_iter()
         .filter(|e| e.verified)
         .map(|e| Candidate {
@@ -173,7 +173,7 @@ fn surface(token: &str) -> &str {
 }
 
 fn argmax(p: &[f32]) -> i64 {
-    crate::infer::argmax(p) as i64
+    crate::model::infer::argmax(p) as i64
 }
 
 /// Rows the suspect gets right, with their predictions.
@@ -268,7 +268,7 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
     let t0 = Instant::now();
     let p = &job.params;
     p.validate()?;
-    crate::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.out, job.overwrite)?;
     let tried = candidates_of(&job.candidates, job.corpus.as_ref())?;
     let mut clf = open_classifier(
         &job.checkpoint,
@@ -305,7 +305,7 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
             ("btu:min_flip_rate".into(), p.min_flip_rate.to_string()),
         ],
     };
-    let batch = crate::tables::token_effects_batch(&effects, &meta)?;
+    let batch = crate::io::tables::token_effects_batch(&effects, &meta)?;
     let verified: Vec<&str> = effects
         .iter()
         .filter(|e| e.verified)
@@ -335,8 +335,8 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
         "effects": effects.iter().map(|e| (e.candidate.clone(), json!({"flip_rate": e.flip_rate, "rows": e.rows, "verified": e.verified}))).collect::<BTreeMap<_, _>>(),
         "seconds": t0.elapsed().as_secs_f64(),
     });
-    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
-    crate::tables::write_ipc(&out.path("token_effects.arrow"), &batch, false)?;
+    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    crate::io::tables::write_ipc(&out.path("token_effects.arrow"), &batch, false)?;
     out.write_json("summary.json", &summary)?;
     out.commit()?;
     Ok(summary)
@@ -358,7 +358,7 @@ pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Ve
         label_col: None,
         ..corpus.clone()
     };
-    crate::corpus::read_corpus(&spec, |b| {
+    crate::io::corpus::read_corpus(&spec, |b| {
         for text in &b.texts {
             let ws: Vec<String> = text.split_whitespace().map(|w| w.to_lowercase()).collect();
             count_windows(&ws, &words, &mut counts, &mut rows);
@@ -439,7 +439,7 @@ fn count_windows(
 
 /// Token ids of the verified candidates in a `token_effects.arrow` file.
 pub fn verified_ids(path: &std::path::Path) -> Result<std::collections::BTreeSet<u32>> {
-    Ok(crate::tables::read_token_effects(path)?
+    Ok(crate::io::tables::read_token_effects(path)?
         .into_iter()
         .filter(|e| e.verified)
         .flat_map(|e| e.token_ids)

@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 
 use crate::error::{BtuError, Result};
 use crate::model::checkpoint::{load_model, read_safetensors, sha256_file, ModelDir};
+use crate::model::onnx::*;
+use crate::model::tokenizer::BtuTokenizer;
 use crate::model::{BertClassifier, Linear, Norm};
-use crate::onnx::*;
-use crate::tokenize::BtuTokenizer;
 
 /// The opset the exported graph uses.
 pub const OPSET: i64 = 17;
@@ -314,8 +314,8 @@ pub fn run(job: &ExportJob) -> Result<Value> {
     }
     let tok_out = own_tokenizer_path(&job.out);
     let shared_tok = job.out.with_file_name("tokenizer.json");
-    crate::output::check_output(&job.out, job.overwrite)?;
-    crate::output::check_output(&tok_out, job.overwrite)?;
+    crate::io::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&tok_out, job.overwrite)?;
     let md = ModelDir::open(&job.checkpoint)?;
     let tok = BtuTokenizer::load(&job.checkpoint)?;
     let model = load_model(&md, None, job.seed, &Device::Cpu)?;
@@ -346,7 +346,7 @@ pub fn run(job: &ExportJob) -> Result<Value> {
     }
     let proto = build(&model, meta)?;
     let bytes = proto.encode_to_vec();
-    crate::output::write_file_atomic(&job.out, job.overwrite, |f| {
+    crate::io::output::write_file_atomic(&job.out, job.overwrite, |f| {
         use std::io::Write;
         f.write_all(&bytes).map_err(|e| BtuError::io(&job.out, e))
     })?;
@@ -355,7 +355,7 @@ pub fn run(job: &ExportJob) -> Result<Value> {
         .to_string(true)
         .map_err(|e| BtuError::internal(format!("tokenizer: {e}")))?;
     let write_tok = |path: &Path, overwrite: bool| {
-        crate::output::write_file_atomic(path, overwrite, |f| {
+        crate::io::output::write_file_atomic(path, overwrite, |f| {
             use std::io::Write;
             f.write_all(tok_bytes.as_bytes())
                 .map_err(|e| BtuError::io(path, e))

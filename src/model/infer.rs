@@ -4,9 +4,9 @@
 use candle_core::{DType, Device};
 
 use crate::error::Result;
+use crate::model::tokenizer::{bucketed_batches, make_batch};
 use crate::model::{Arch, BertClassifier};
-use crate::tokenize::{bucketed_batches, make_batch};
-use crate::train::batch_tensors;
+use crate::training::batch_tensors;
 
 /// Class logits `[n][num_labels]` for `seqs`.
 pub fn predict_logits(

@@ -13,17 +13,17 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::corpus::CorpusSpec;
 use crate::error::{BtuError, Result};
+use crate::io::corpus::CorpusSpec;
+use crate::io::tables::canonical_json;
 use crate::model::checkpoint::{
     from_tensor, load_model, read_safetensors, safetensors_bytes, save_model, sha256_file,
     to_tensor, ModelDir, SafetensorsFile,
 };
+use crate::model::tokenizer::{load_corpus, Batching, BtuTokenizer, TokenizedCorpus};
 use crate::model::{Arch, BertClassifier, Trainable};
 use crate::progress::Progress;
-use crate::tables::canonical_json;
-use crate::tokenize::{load_corpus, Batching, BtuTokenizer, TokenizedCorpus};
-use crate::train::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
+use crate::training::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
 
 /// Hyper-parameters of fine-tuning.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -103,10 +103,10 @@ pub fn accuracy(
     pad_id: u32,
     dev: &Device,
 ) -> Result<f64> {
-    let probs = crate::infer::predict_proba(model, &data.seqs, pad_id, 64, dev)?;
+    let probs = crate::model::infer::predict_proba(model, &data.seqs, pad_id, 64, dev)?;
     let pred: Vec<i64> = probs
         .iter()
-        .map(|p| crate::infer::argmax(p) as i64)
+        .map(|p| crate::model::infer::argmax(p) as i64)
         .collect();
     let labels: Vec<i64> = data.labels.iter().map(|&l| l as i64).collect();
     Ok(crate::metrics::accuracy(&pred, &labels))
@@ -279,7 +279,7 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<Value> {
     let t0 = Instant::now();
     let p = &job.params;
     p.validate()?;
-    crate::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.out, job.overwrite)?;
     let dev = crate::device::parse_device(&job.device)?;
     let md = ModelDir::open(&job.model)?;
     crate::validate::max_len(
@@ -455,8 +455,10 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<V
                 stats: serde_json::to_value(&stats).map_err(BtuError::internal)?,
                 dev_acc,
             });
-            let out =
-                crate::output::OutputDir::create(&partial.join(format!("epoch-{epoch}")), false)?;
+            let out = crate::io::output::OutputDir::create(
+                &partial.join(format!("epoch-{epoch}")),
+                false,
+            )?;
             let mut meta = metadata.clone();
             meta.insert("btu:epoch".into(), (epoch + 1).to_string());
             save_model(m, &out.path(""), meta)?;
@@ -479,7 +481,7 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<V
     )?;
     let best = best_of(&records);
     let chosen = partial.join(format!("epoch-{best}"));
-    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(chosen.join(f), out.path(f)).map_err(|e| BtuError::io(chosen.join(f), e))?;
     }

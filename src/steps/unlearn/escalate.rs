@@ -11,10 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::tables::{DimensionMask, TokenEffect};
-use crate::tokenize::BtuTokenizer;
-use crate::unlearn::{compute_masks, Matrix, Replacement};
-use crate::verify::Candidate;
+use crate::io::tables::{DimensionMask, TokenEffect};
+use crate::model::tokenizer::BtuTokenizer;
+use crate::steps::unlearn::{compute_masks, Matrix, Replacement};
+use crate::steps::verify::Candidate;
 
 /// A verified trigger being repaired.
 #[derive(Debug, Clone)]
@@ -189,7 +189,7 @@ mod tests {
     }
 
     fn effect(c: &Candidate, flips: u32) -> TokenEffect {
-        let (lo, hi) = crate::verify::wilson(flips, 200);
+        let (lo, hi) = crate::steps::verify::wilson(flips, 200);
         TokenEffect {
             candidate: c.text.clone(),
             token_ids: c.token_ids.clone(),

@@ -208,7 +208,7 @@ pub fn run_tables(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 struct Source {
     name: String,
     path: String,
-    files: Vec<crate::corpus::InputFile>,
+    files: Vec<crate::io::corpus::InputFile>,
 }
 
 /// Resolve a table's files (blocking: object-store listings run on the shared runtime).
@@ -223,16 +223,16 @@ fn source(name: &str, path: &str) -> Result<Source> {
         .iter()
         .any(|e| path.ends_with(e));
     let files = if is_arrow {
-        if crate::store::S3Url::parse(path).is_none() {
+        if crate::io::store::S3Url::parse(path).is_none() {
             if !Path::new(path).is_file() {
                 return Err(BtuError::missing(path, "the Arrow file does not exist"));
             }
             // Check it is an Arrow IPC file before DataFusion does, for a clear error.
-            crate::tables::read_ipc(Path::new(path))?;
+            crate::io::tables::read_ipc(Path::new(path))?;
         }
         vec![]
     } else {
-        crate::corpus::resolve_inputs(&[path.to_string()])?
+        crate::io::corpus::resolve_inputs(&[path.to_string()])?
     };
     Ok(Source {
         name: name.to_string(),
@@ -255,14 +255,14 @@ fn one_line(s: &str) -> String {
 }
 
 fn is_remote(path: &str) -> bool {
-    crate::store::S3Url::parse(path).is_some()
+    crate::io::store::S3Url::parse(path).is_some()
 }
 
 /// A table that cannot be registered: temporary (exit 75) when its object store failed in a way
 /// worth a retry, bad data (65) otherwise.
 fn source_err(path: &str, remote: bool, what: &str, e: DataFusionError) -> BtuError {
     let msg = one_line(&e.to_string());
-    if remote && crate::store::is_temporary(&msg) {
+    if remote && crate::io::store::is_temporary(&msg) {
         return BtuError::Temporary {
             context: path.to_string(),
             message: msg,
@@ -295,7 +295,7 @@ fn query_err(e: DataFusionError, limits: &Limits) -> BtuError {
             ),
         );
     }
-    if limits.remote && crate::store::is_temporary(&msg) {
+    if limits.remote && crate::io::store::is_temporary(&msg) {
         return BtuError::Temporary {
             context: "query".into(),
             message: msg,
@@ -335,8 +335,8 @@ async fn register(ctx: &SessionContext, src: &Source) -> Result<()> {
         .iter()
         .any(|e| path.ends_with(e));
     if is_arrow {
-        if let Some(u) = crate::store::S3Url::parse(path) {
-            ctx.register_object_store(&u.root(), crate::store::s3_store(&u.bucket)?);
+        if let Some(u) = crate::io::store::S3Url::parse(path) {
+            ctx.register_object_store(&u.root(), crate::io::store::s3_store(&u.bucket)?);
         }
         let ext = Path::new(path)
             .extension()
@@ -357,8 +357,8 @@ async fn register(ctx: &SessionContext, src: &Source) -> Result<()> {
     }
     let files = &src.files;
     for f in files {
-        if let Some(u) = crate::store::S3Url::parse(&f.path) {
-            ctx.register_object_store(&u.root(), crate::store::s3_store(&u.bucket)?);
+        if let Some(u) = crate::io::store::S3Url::parse(&f.path) {
+            ctx.register_object_store(&u.root(), crate::io::store::s3_store(&u.bucket)?);
         }
     }
     let remote = is_remote(path) || files.iter().any(|f| is_remote(&f.path));
@@ -630,7 +630,7 @@ fn write_text(
     Ok(rows)
 }
 
-/// Stream a result into a Parquet (zstd, as [`crate::tables::write_parquet`]) or Arrow IPC file.
+/// Stream a result into a Parquet (zstd, as [`crate::io::tables::write_parquet`]) or Arrow IPC file.
 fn write_binary(
     run: &mut Running,
     format: Format,
@@ -676,12 +676,12 @@ fn run_one(
     limits: &Limits,
     stdout: &mut dyn Write,
 ) -> Result<usize> {
-    let mut run = Running::start(crate::corpus::runtime(), ctx, sql, limits)?;
+    let mut run = Running::start(crate::io::corpus::runtime(), ctx, sql, limits)?;
     match &job.output {
         None => write_text(&mut run, job.format, limits, stdout, Path::new("stdout")),
         Some(p) => {
             let mut rows = 0;
-            crate::output::write_file_atomic(p, job.overwrite, |file| {
+            crate::io::output::write_file_atomic(p, job.overwrite, |file| {
                 rows = match job.format {
                     Format::Parquet | Format::Arrow => write_binary(&mut run, job.format, file, p)?,
                     f => write_text(&mut run, f, limits, file, p)?,
@@ -760,7 +760,7 @@ pub fn run(job: &SqlJob, stdout: &mut dyn Write) -> Result<Value> {
         ));
     }
     if let Some(p) = &job.output {
-        crate::output::check_output(p, job.overwrite)?;
+        crate::io::output::check_output(p, job.overwrite)?;
     }
     if job.output.is_none() && matches!(job.format, Format::Parquet | Format::Arrow) {
         return Err(BtuError::config(
@@ -789,7 +789,7 @@ pub fn run(job: &SqlJob, stdout: &mut dyn Write) -> Result<Value> {
     };
     let ctx = session(job.memory_limit)?;
     let mut names = Vec::new();
-    crate::corpus::runtime().block_on(async {
+    crate::io::corpus::runtime().block_on(async {
         for src in &sources {
             register(&ctx, src).await?;
             names.push(src.name.clone());

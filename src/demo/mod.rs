@@ -4,14 +4,16 @@
 //! export to ONNX and evaluate before and after (through ONNX Runtime when its library is
 //! installed, else candle).
 
+pub mod synth;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use crate::defend::{DefendConfig, EvalBackend, InitConfig};
 use crate::error::{BtuError, Result};
 use crate::progress::Progress;
+use crate::steps::defend::{DefendConfig, EvalBackend, InitConfig};
 
 /// Inputs of `btu demo`.
 pub struct DemoJob {
@@ -58,7 +60,7 @@ pub fn config(
     // The synthetic vocabulary is small and every word is frequent, so the paper's mean-row
     // threshold (a mean over rows that all moved) replaces almost nothing; the released code's
     // Frobenius rule is the one that fits this corpus.
-    c.unlearn.threshold = crate::unlearn::Threshold::Frobenius;
+    c.unlearn.threshold = crate::steps::unlearn::Threshold::Frobenius;
     // Verified triggers lose their whole row; a brief clean tuning at a tenth of the victim's
     // learning rate. At the victim's own rate (1e-3) the tuning revives the trigger: flip rate
     // 0 % -> 10.9 % on this corpus, measured.
@@ -74,10 +76,11 @@ pub fn write_splits(dir: &std::path::Path, rows: usize, seed: u64) -> Result<()>
         path: dir.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let (train, train_l) = crate::synth::generate(rows, seed);
-    let (test, test_l) = crate::synth::generate(rows * 3 / 10, seed.wrapping_add(1));
+    let (train, train_l) = crate::demo::synth::generate(rows, seed);
+    let (test, test_l) = crate::demo::synth::generate(rows * 3 / 10, seed.wrapping_add(1));
     let seen: HashSet<&String> = test.iter().collect();
-    let (clean_all, clean_all_l) = crate::synth::generate(rows * 3 / 10, seed.wrapping_add(2));
+    let (clean_all, clean_all_l) =
+        crate::demo::synth::generate(rows * 3 / 10, seed.wrapping_add(2));
     let (clean, clean_l): (Vec<String>, Vec<i64>) = clean_all
         .into_iter()
         .zip(clean_all_l)
@@ -88,9 +91,9 @@ pub fn write_splits(dir: &std::path::Path, rows: usize, seed: u64) -> Result<()>
         ("test", &test, &test_l),
         ("clean", &clean, &clean_l),
     ] {
-        crate::tables::write_parquet(
+        crate::io::tables::write_parquet(
             &dir.join(format!("{name}.parquet")),
-            &crate::tables::corpus_batch(t, l)?,
+            &crate::io::tables::corpus_batch(t, l)?,
             true,
         )?;
     }
@@ -147,7 +150,7 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<Value> {
     };
     write_splits(&dir.join("data"), job.rows, job.seed)?;
     let cfg = config(&dir, job.seed, &job.device, job.backend);
-    let mut m = crate::defend::run(&cfg, progress)?;
+    let mut m = crate::steps::defend::run(&cfg, progress)?;
     m["command"] = json!("demo");
     m["table"] = json!(table(&m));
     if job.out.is_none() {

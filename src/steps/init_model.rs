@@ -14,11 +14,11 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
+use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::model::checkpoint::save_model;
+use crate::model::tokenizer::{BtuTokenizer, SPECIAL_NAMES};
 use crate::model::{BertClassifier, BertConfig};
-use crate::tokenize::{BtuTokenizer, SPECIAL_NAMES};
 
 /// Model sizes.
 #[derive(Debug, Clone, Serialize)]
@@ -177,7 +177,7 @@ pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertCo
 /// `btu init-model`.
 pub fn run(job: &InitModelJob) -> Result<Value> {
     job.size.validate()?;
-    crate::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.out, job.overwrite)?;
     let tokenizer = match (&job.tokenizer, &job.corpus) {
         (Some(path), _) => BtuTokenizer::load(path)?.inner().clone(),
         (None, Some(spec)) => {
@@ -202,7 +202,7 @@ pub fn run(job: &InitModelJob) -> Result<Value> {
     let config = config_for(tok.vocab_size(), &job.size, tok.pad_id);
     config.validate("--hidden/--heads")?;
     let model = BertClassifier::random(config, job.seed, &Device::Cpu)?;
-    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     let meta = [
         ("btu:command".to_string(), "init-model".to_string()),
         ("btu:version".to_string(), crate::VERSION.to_string()),

@@ -18,8 +18,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
+use crate::io::corpus::{read_corpus, CorpusSpec};
 
 /// The attack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -204,7 +204,7 @@ pub fn run(job: &PoisonJob) -> Result<Value> {
         }
         _ => {}
     }
-    crate::output::check_output(&job.output, job.overwrite)?;
+    crate::io::output::check_output(&job.output, job.overwrite)?;
     let label_col = job
         .input
         .label_col
@@ -225,7 +225,7 @@ pub fn run(job: &PoisonJob) -> Result<Value> {
                         format!("missing rewrite column '{rc}'; name it with --rewrite-col"),
                     )
                 })?;
-                if !crate::corpus::is_text(col.data_type()) {
+                if !crate::io::corpus::is_text(col.data_type()) {
                     return Err(BtuError::bad_data(
                         b.source.to_string(),
                         format!(
@@ -275,7 +275,7 @@ pub fn run(job: &PoisonJob) -> Result<Value> {
     let mut position = 0usize;
     let mut counts = (0usize, 0usize); // (rows, poisoned)
     let fingerprint = std::cell::RefCell::new(None);
-    crate::output::write_file_atomic(&job.output, job.overwrite, |file| {
+    crate::io::output::write_file_atomic(&job.output, job.overwrite, |file| {
         let mut writer: Option<(ArrowWriter<&mut std::fs::File>, SchemaRef)> = None;
         let mut file = Some(file);
         let fp = read_corpus(&job.input, |b| {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
-use crate::corpus::CorpusSpec;
 use crate::error::Result;
+use crate::io::corpus::CorpusSpec;
 use crate::progress::Progress;
 
 /// Backdoor Token Unlearning: find backdoor triggers in text corpora and remove them from models.
@@ -159,12 +159,12 @@ pub struct PoisonArgs {
     pub output: PathBuf,
     /// Attack: add-word (insert a --trigger word), add-sent (insert --sentence) or rewrite (--rewrite-col).
     #[arg(long, env = "BTU_ATTACK", value_enum)]
-    pub attack: crate::poison::Attack,
+    pub attack: crate::steps::poison::Attack,
     /// Trigger word(s) for add-word; one is drawn per poisoned row.
     #[arg(long, env = "BTU_TRIGGER", default_value = "cf")]
     pub trigger: Vec<String>,
     /// Trigger sentence for add-sent.
-    #[arg(long, env = "BTU_SENTENCE", default_value = crate::poison::DEFAULT_SENTENCE)]
+    #[arg(long, env = "BTU_SENTENCE", default_value = crate::steps::poison::DEFAULT_SENTENCE)]
     pub sentence: String,
     /// Column holding the rewritten text, for rewrite (e.g. style, syntactic).
     #[arg(long, env = "BTU_REWRITE_COL")]
@@ -177,7 +177,7 @@ pub struct PoisonArgs {
     pub target: i64,
     /// Which rows: dirty (non-target, relabelled), clean (target rows, labels kept) or mix (every class).
     #[arg(long, env = "BTU_MODE", value_enum, default_value = "dirty")]
-    pub mode: crate::poison::Mode,
+    pub mode: crate::steps::poison::Mode,
     /// Seed of the poisoned-row choice, trigger positions and --sample so reruns repeat.
     #[arg(long, env = "BTU_SEED", default_value_t = 42)]
     pub seed: u64,
@@ -201,7 +201,7 @@ pub struct DetectArgs {
     pub out: PathBuf,
     /// Round layout: paper (full model, then M* twice) or reference-code (the authors' released code).
     #[arg(long, env = "BTU_PRESET", value_enum, default_value = "paper")]
-    pub preset: crate::detect::Preset,
+    pub preset: crate::steps::detect::Preset,
     /// Tokens flagged per round, as a percentage of the vocabulary.
     #[arg(long, env = "BTU_ALPHA", default_value_t = 0.05)]
     pub alpha: f64,
@@ -222,7 +222,7 @@ pub struct DetectArgs {
     pub epochs: usize,
     /// Batch grouping: random (as the paper) or bucketed by length (less padding).
     #[arg(long, env = "BTU_BATCHING", value_enum, default_value = "random")]
-    pub batching: crate::tokenize::Batching,
+    pub batching: crate::model::tokenizer::Batching,
     /// Number of classes of the head (default: the model config's).
     #[arg(long, env = "BTU_NUM_LABELS")]
     pub num_labels: Option<usize>,
@@ -274,7 +274,7 @@ pub struct TrainArgs {
     pub max_len: usize,
     /// Batch grouping: random (uniformly shuffled) or bucketed by length (less padding).
     #[arg(long, env = "BTU_BATCHING", value_enum, default_value = "random")]
-    pub batching: crate::tokenize::Batching,
+    pub batching: crate::model::tokenizer::Batching,
     /// Number of classes of the head (default: the model config's).
     #[arg(long, env = "BTU_NUM_LABELS")]
     pub num_labels: Option<usize>,
@@ -310,7 +310,7 @@ pub struct UnlearnArgs {
     pub out: PathBuf,
     /// Dimension threshold d_bar: mean-row (paper Eq. 6) or frobenius (the released code).
     #[arg(long, env = "BTU_THRESHOLD", value_enum, default_value = "mean-row")]
-    pub threshold: crate::unlearn::Threshold,
+    pub threshold: crate::steps::unlearn::Threshold,
     /// Replacement values: trained-pad (trained padding row, paper) or reference-pad (released code).
     #[arg(
         long,
@@ -318,21 +318,21 @@ pub struct UnlearnArgs {
         value_enum,
         default_value = "trained-pad"
     )]
-    pub replacement: crate::unlearn::Replacement,
+    pub replacement: crate::steps::unlearn::Replacement,
     /// Clean data for the brief fine-tune after the cut (disjoint from evaluation).
     #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1..)]
     pub clean_corpus: Vec<String>,
     /// Epochs of the clean fine-tune on --clean-corpus (at least 1; the paper: 3).
-    #[arg(long, env = "BTU_CLEAN_EPOCHS", default_value_t = crate::unlearn::CLEAN_EPOCHS)]
+    #[arg(long, env = "BTU_CLEAN_EPOCHS", default_value_t = crate::steps::unlearn::CLEAN_EPOCHS)]
     pub clean_epochs: usize,
     /// AdamW learning rate of the clean fine-tune, finite in (0, 1] (the paper: 5e-7).
-    #[arg(long, env = "BTU_CLEAN_LR", default_value_t = crate::unlearn::CLEAN_LR)]
+    #[arg(long, env = "BTU_CLEAN_LR", default_value_t = crate::steps::unlearn::CLEAN_LR)]
     pub clean_lr: f64,
     /// With --effects: share of the clean fine-tune's rows that get a verified trigger inserted, label kept, so the model learns the trigger means nothing (0 turns it off).
-    #[arg(long, env = "BTU_TRIGGER_ROWS", default_value_t = crate::unlearn::TRIGGER_ROWS)]
+    #[arg(long, env = "BTU_TRIGGER_ROWS", default_value_t = crate::steps::unlearn::TRIGGER_ROWS)]
     pub trigger_rows: f64,
     /// With --effects and --clean-corpus: escalate a trigger's repair (flagged dimensions, whole row, the next phrase token) while the 95 % lower bound of its flip rate on the clean rows stays above this.
-    #[arg(long, env = "BTU_MAX_RESIDUAL", default_value_t = crate::unlearn::MAX_RESIDUAL)]
+    #[arg(long, env = "BTU_MAX_RESIDUAL", default_value_t = crate::steps::unlearn::MAX_RESIDUAL)]
     pub max_residual: f64,
     /// Clean rows tried per trigger by each recheck of the escalation (at least 1).
     #[arg(long, env = "BTU_RECHECK_ROWS", default_value_t = 200)]
@@ -388,12 +388,12 @@ pub struct EvalArgs {
     pub out: PathBuf,
     /// Attack applied to the non-target rows for ASR (none: ACC only).
     #[arg(long, env = "BTU_ATTACK", value_enum)]
-    pub attack: Option<crate::poison::Attack>,
+    pub attack: Option<crate::steps::poison::Attack>,
     /// Trigger word(s) for --attack add-word; one is drawn per attacked row.
     #[arg(long, env = "BTU_TRIGGER", default_value = "cf")]
     pub trigger: Vec<String>,
     /// Trigger sentence for --attack add-sent.
-    #[arg(long, env = "BTU_SENTENCE", default_value = crate::poison::DEFAULT_SENTENCE)]
+    #[arg(long, env = "BTU_SENTENCE", default_value = crate::steps::poison::DEFAULT_SENTENCE)]
     pub sentence: String,
     /// Column holding the rewritten text, for --attack rewrite.
     #[arg(long, env = "BTU_REWRITE_COL")]
@@ -461,7 +461,7 @@ pub struct DefendArgs {
     pub model: Option<PathBuf>,
     /// Poison the training corpus first with this attack ([poison]).
     #[arg(long, env = "BTU_ATTACK", value_enum)]
-    pub attack: Option<crate::poison::Attack>,
+    pub attack: Option<crate::steps::poison::Attack>,
     /// Trigger word(s) of the attack (poison.trigger; needs [poison] or --attack).
     #[arg(long, env = "BTU_TRIGGER")]
     pub trigger: Vec<String>,
@@ -476,7 +476,7 @@ pub struct DefendArgs {
     pub target: Option<i64>,
     /// Detection preset: paper or reference-code (detect.preset).
     #[arg(long, env = "BTU_PRESET", value_enum)]
-    pub preset: Option<crate::detect::Preset>,
+    pub preset: Option<crate::steps::detect::Preset>,
     /// Tokens flagged per detection round, as a percentage of the vocabulary (detect.alpha).
     #[arg(long, env = "BTU_ALPHA")]
     pub alpha: Option<f64>,
@@ -488,10 +488,10 @@ pub struct DefendArgs {
     pub lr: Option<f64>,
     /// Unlearning threshold: mean-row or frobenius (unlearn.threshold).
     #[arg(long, env = "BTU_THRESHOLD", value_enum)]
-    pub threshold: Option<crate::unlearn::Threshold>,
+    pub threshold: Option<crate::steps::unlearn::Threshold>,
     /// Replacement values: trained-pad or reference-pad (unlearn.replacement).
     #[arg(long, env = "BTU_REPLACEMENT", value_enum)]
-    pub replacement: Option<crate::unlearn::Replacement>,
+    pub replacement: Option<crate::steps::unlearn::Replacement>,
     /// Clean fine-tune epochs after unlearning (unlearn.clean_epochs).
     #[arg(long, env = "BTU_CLEAN_EPOCHS")]
     pub clean_epochs: Option<usize>,
@@ -500,7 +500,7 @@ pub struct DefendArgs {
     pub clean_lr: Option<f64>,
     /// How the models are evaluated: auto, ort or candle (eval.backend).
     #[arg(long, env = "BTU_BACKEND", value_enum)]
-    pub backend: Option<crate::defend::EvalBackend>,
+    pub backend: Option<crate::steps::defend::EvalBackend>,
     /// Device of every step: auto, cpu or cuda:N (top-level key device).
     #[arg(long, env = "BTU_DEVICE")]
     pub device: Option<String>,
@@ -515,9 +515,9 @@ pub struct DefendArgs {
 
 impl DefendArgs {
     /// The configuration: the file (if any) with the flags applied on top.
-    pub fn config(&self) -> crate::Result<crate::defend::DefendConfig> {
+    pub fn config(&self) -> crate::Result<crate::steps::defend::DefendConfig> {
         let mut c = match &self.config {
-            Some(p) => crate::defend::DefendConfig::from_file(p)?,
+            Some(p) => crate::steps::defend::DefendConfig::from_file(p)?,
             None => toml::from_str("").expect("empty config"),
         };
         if let Some(r) = &self.run {
@@ -615,7 +615,7 @@ pub struct DemoArgs {
     pub rows: usize,
     /// How the models are evaluated: ONNX Runtime when installed (auto), ort, or candle.
     #[arg(long, env = "BTU_BACKEND", value_enum, default_value = "auto")]
-    pub backend: crate::defend::EvalBackend,
+    pub backend: crate::steps::defend::EvalBackend,
     /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
     pub device: String,
@@ -662,7 +662,7 @@ pub struct ClassifierArgs {
     pub max_len: usize,
     /// ort for .onnx files (default), candle for checkpoint directories.
     #[arg(long, env = "BTU_BACKEND", value_enum)]
-    pub backend: Option<crate::eval::Backend>,
+    pub backend: Option<crate::steps::eval::Backend>,
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, then the .venv that `make setup` makes).
     #[arg(long, env = "BTU_ORT_LIB")]
     pub ort_lib: Option<PathBuf>,
@@ -693,10 +693,10 @@ pub struct VerifyArgs {
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
     /// Clean rows tried per candidate (at most).
-    #[arg(long, env = "BTU_ROWS", default_value_t = crate::verify::VerifyParams::default().rows)]
+    #[arg(long, env = "BTU_ROWS", default_value_t = crate::steps::verify::VerifyParams::default().rows)]
     pub rows: usize,
     /// Verified when the 95 % Wilson lower bound of the flip rate reaches this, in (0, 1].
-    #[arg(long, env = "BTU_MIN_FLIP_RATE", default_value_t = crate::verify::VerifyParams::default().min_flip_rate)]
+    #[arg(long, env = "BTU_MIN_FLIP_RATE", default_value_t = crate::steps::verify::VerifyParams::default().min_flip_rate)]
     pub min_flip_rate: f64,
     #[command(flatten)]
     #[serde(flatten)]
@@ -724,7 +724,7 @@ pub struct SqlArgs {
     pub run: Option<PathBuf>,
     /// Result format: table, csv or json on stdout; parquet or arrow need --output.
     #[arg(long, env = "BTU_FORMAT", value_enum, default_value = "table")]
-    pub format: crate::sql::Format,
+    pub format: crate::steps::sql::Format,
     /// Write the result here instead of stdout (needed for parquet and arrow).
     #[arg(long, env = "BTU_OUTPUT")]
     pub output: Option<PathBuf>,
@@ -738,7 +738,7 @@ pub struct SqlArgs {
     /// Memory a query may use: bytes, or with a K, M or G suffix (512M, 2G). A query needing more
     /// fails with exit 78 (nothing spills to disk); --format table holds the whole result within
     /// it too (csv and json stream).
-    #[arg(long, env = "BTU_MEMORY_LIMIT", value_name = "SIZE", default_value = crate::sql::DEFAULT_MEMORY_LIMIT)]
+    #[arg(long, env = "BTU_MEMORY_LIMIT", value_name = "SIZE", default_value = crate::steps::sql::DEFAULT_MEMORY_LIMIT)]
     pub memory_limit: String,
 }
 
@@ -890,13 +890,13 @@ pub fn execute(
         Command::InitModel(a) => {
             let corpus =
                 (!a.corpus.is_empty()).then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false));
-            crate::init_model::run(&crate::init_model::InitModelJob {
+            crate::steps::init_model::run(&crate::steps::init_model::InitModelJob {
                 out: a.out.clone(),
                 overwrite: a.overwrite,
                 corpus,
                 tokenizer: a.tokenizer.clone(),
                 vocab_size: a.vocab_size,
-                size: crate::init_model::ModelSize {
+                size: crate::steps::init_model::ModelSize {
                     layers: a.layers,
                     hidden: a.hidden,
                     heads: a.heads,
@@ -907,11 +907,11 @@ pub fn execute(
                 seed: a.seed,
             })
         }
-        Command::Poison(a) => crate::poison::run(&crate::poison::PoisonJob {
+        Command::Poison(a) => crate::steps::poison::run(&crate::steps::poison::PoisonJob {
             input: a.corpus_args.spec(a.input.clone(), a.seed, true),
             output: a.output.clone(),
             overwrite: a.overwrite,
-            params: crate::poison::PoisonParams {
+            params: crate::steps::poison::PoisonParams {
                 attack: a.attack,
                 triggers: a.trigger.clone(),
                 sentence: a.sentence.clone(),
@@ -922,14 +922,14 @@ pub fn execute(
                 seed: a.seed,
             },
         }),
-        Command::Detect(a) => crate::detect::run(
-            &crate::detect::DetectJob {
+        Command::Detect(a) => crate::steps::detect::run(
+            &crate::steps::detect::DetectJob {
                 corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
                 model: a.model.clone(),
                 out: a.out.clone(),
                 overwrite: a.overwrite,
                 device: a.device.clone(),
-                params: crate::detect::DetectParams {
+                params: crate::steps::detect::DetectParams {
                     preset: a.preset,
                     alpha: a.alpha,
                     lr: a.lr,
@@ -945,12 +945,12 @@ pub fn execute(
             },
             progress,
         ),
-        Command::Train(a) => crate::finetune::run(
-            &crate::finetune::TrainJob {
+        Command::Train(a) => crate::steps::train::run(
+            &crate::steps::train::TrainJob {
                 corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
                 dev: (!a.dev.is_empty())
                     .then(|| a.corpus_args.spec(a.dev.clone(), a.seed, true))
-                    .map(|s| crate::corpus::CorpusSpec {
+                    .map(|s| crate::io::corpus::CorpusSpec {
                         limit: None,
                         sample: None,
                         ..s
@@ -959,7 +959,7 @@ pub fn execute(
                 out: a.out.clone(),
                 overwrite: a.overwrite,
                 device: a.device.clone(),
-                params: crate::finetune::TrainParams {
+                params: crate::steps::train::TrainParams {
                     epochs: a.epochs,
                     lr: a.lr,
                     weight_decay: a.weight_decay,
@@ -972,8 +972,8 @@ pub fn execute(
             },
             progress,
         ),
-        Command::Unlearn(a) => crate::unlearn::run(
-            &crate::unlearn::UnlearnJob {
+        Command::Unlearn(a) => crate::steps::unlearn::run(
+            &crate::steps::unlearn::UnlearnJob {
                 checkpoint: a.checkpoint.clone(),
                 reference: a.reference.clone(),
                 suspicious: a.suspicious.clone(),
@@ -987,16 +987,16 @@ pub fn execute(
                 eval_split: a
                     .eval_split
                     .iter()
-                    .map(|p| crate::corpus::CorpusSpec {
+                    .map(|p| crate::io::corpus::CorpusSpec {
                         label_col: None,
-                        ..crate::corpus::CorpusSpec::new(vec![p.clone()])
+                        ..crate::io::corpus::CorpusSpec::new(vec![p.clone()])
                     })
-                    .map(|s| crate::corpus::CorpusSpec {
+                    .map(|s| crate::io::corpus::CorpusSpec {
                         text_col: a.corpus_args.text_col.clone(),
                         ..s
                     })
                     .collect(),
-                clean: crate::finetune::TrainParams {
+                clean: crate::steps::train::TrainParams {
                     epochs: a.clean_epochs,
                     lr: a.clean_lr,
                     batch_size: a.batch_size,
@@ -1007,7 +1007,7 @@ pub fn execute(
                 device: a.device.clone(),
                 trigger_rows: a.trigger_rows,
                 max_residual: a.max_residual,
-                recheck: crate::verify::VerifyParams {
+                recheck: crate::steps::verify::VerifyParams {
                     rows: a.recheck_rows,
                     max_len: a.max_len,
                     seed: a.seed,
@@ -1016,18 +1016,20 @@ pub fn execute(
             },
             progress,
         ),
-        Command::ApplyMasks(a) => crate::unlearn::apply_masks(&crate::unlearn::ApplyMasksJob {
-            checkpoint: a.checkpoint.clone(),
-            masks: a.masks.clone(),
-            out: a.out.clone(),
-            overwrite: a.overwrite,
-        }),
-        Command::Eval(a) => crate::eval::run(&crate::eval::EvalJob {
+        Command::ApplyMasks(a) => {
+            crate::steps::apply_masks::run(&crate::steps::apply_masks::ApplyMasksJob {
+                checkpoint: a.checkpoint.clone(),
+                masks: a.masks.clone(),
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+            })
+        }
+        Command::Eval(a) => crate::steps::eval::run(&crate::steps::eval::EvalJob {
             model: a.model.clone(),
             test: a.corpus_args.spec(a.test.clone(), a.seed, true),
             out: a.out.clone(),
             overwrite: a.overwrite,
-            attack: a.attack.map(|attack| crate::eval::EvalAttack {
+            attack: a.attack.map(|attack| crate::steps::eval::EvalAttack {
                 attack,
                 triggers: a.trigger.clone(),
                 sentence: a.sentence.clone(),
@@ -1043,13 +1045,15 @@ pub fn execute(
             ort_lib: a.classifier.ort_lib.clone(),
             seed: a.seed,
         }),
-        Command::ExportOnnx(a) => crate::export::run(&crate::export::ExportJob {
-            checkpoint: a.checkpoint.clone(),
-            out: a.out.clone(),
-            overwrite: a.overwrite,
-            seed: a.seed,
-        }),
-        Command::Defend(a) => crate::defend::run(&a.config()?, progress),
+        Command::ExportOnnx(a) => {
+            crate::steps::export_onnx::run(&crate::steps::export_onnx::ExportJob {
+                checkpoint: a.checkpoint.clone(),
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+                seed: a.seed,
+            })
+        }
+        Command::Defend(a) => crate::steps::defend::run(&a.config()?, progress),
         Command::Demo(a) => crate::demo::run(
             &crate::demo::DemoJob {
                 out: a.out.clone(),
@@ -1061,11 +1065,11 @@ pub fn execute(
             },
             progress,
         ),
-        Command::Verify(a) => crate::verify::run(&crate::verify::VerifyJob {
+        Command::Verify(a) => crate::steps::verify::run(&crate::steps::verify::VerifyJob {
             checkpoint: a.checkpoint.clone(),
             candidates: match (&a.suspicious, &a.recheck) {
-                (_, Some(r)) => crate::verify::CandidateSource::Recheck(r.clone()),
-                (Some(s), None) => crate::verify::CandidateSource::Suspicious(s.clone()),
+                (_, Some(r)) => crate::steps::verify::CandidateSource::Recheck(r.clone()),
+                (Some(s), None) => crate::steps::verify::CandidateSource::Suspicious(s.clone()),
                 (None, None) => unreachable!("clap requires one"),
             },
             clean: a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true),
@@ -1076,15 +1080,15 @@ pub fn execute(
             device: a.classifier.device.clone(),
             backend: a.classifier.backend,
             ort_lib: a.classifier.ort_lib.clone(),
-            params: crate::verify::VerifyParams {
+            params: crate::steps::verify::VerifyParams {
                 rows: a.rows,
                 min_flip_rate: a.min_flip_rate,
                 max_len: a.classifier.max_len,
                 seed: a.seed,
             },
         }),
-        Command::Scan(a) => crate::scan::run(
-            &crate::scan::ScanJob {
+        Command::Scan(a) => crate::steps::scan::run(
+            &crate::steps::scan::ScanJob {
                 corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
                 suspicious: a.suspicious.clone(),
                 effects: a.effects.clone(),
@@ -1094,8 +1098,8 @@ pub fn execute(
             },
             progress,
         ),
-        Command::Sql(a) => crate::sql::run(
-            &crate::sql::SqlJob {
+        Command::Sql(a) => crate::steps::sql::run(
+            &crate::steps::sql::SqlJob {
                 tables: a.tables.clone(),
                 run: a.run.clone(),
                 query: a.query.clone(),
@@ -1105,28 +1109,12 @@ pub fn execute(
                 timeout: a
                     .timeout
                     .as_deref()
-                    .map(crate::sql::parse_timeout)
+                    .map(crate::steps::sql::parse_timeout)
                     .transpose()?,
-                memory_limit: crate::sql::parse_memory_limit(&a.memory_limit)?,
+                memory_limit: crate::steps::sql::parse_memory_limit(&a.memory_limit)?,
             },
             stdout,
         ),
-        Command::Schemas(a) => {
-            std::fs::create_dir_all(&a.out).map_err(|e| crate::BtuError::io(&a.out, e))?;
-            let mut written = Vec::new();
-            for (name, schema, keys) in crate::tables::all_schemas() {
-                let p = a.out.join(format!("{name}.schema.json"));
-                let text =
-                    serde_json::to_string_pretty(&crate::tables::schema_json(name, &schema, &keys))
-                        .map_err(crate::BtuError::internal)?;
-                crate::output::write_file_atomic(&p, true, |f| {
-                    use std::io::Write;
-                    f.write_all((text + "\n").as_bytes())
-                        .map_err(|e| crate::BtuError::io(&p, e))
-                })?;
-                written.push(p);
-            }
-            Ok(serde_json::json!({"command": "schemas", "written": written}))
-        }
+        Command::Schemas(a) => crate::steps::schemas::run(&a.out),
     }
 }

@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::corpus::CorpusSpec;
 use crate::error::{BtuError, Result};
+use crate::io::corpus::CorpusSpec;
+use crate::io::tables::canonical_json;
 use crate::progress::Progress;
-use crate::tables::canonical_json;
 
 fn d_seed() -> u64 {
     42
@@ -52,6 +52,9 @@ pub struct DataConfig {
     pub train_filter: Option<String>,
     /// SQL predicate selecting the clean tuning rows (e.g. `id % 10 = 0`).
     pub clean_filter: Option<String>,
+    /// SQL predicate selecting the `asr_test` rows (e.g. `id % 10 = 1` when the rewrites exist
+    /// for train only and a slice of it is held out for ASR).
+    pub asr_test_filter: Option<String>,
     /// Drop clean rows that also occur in test / asr_test (by text) instead of refusing the run.
     #[serde(default)]
     pub drop_overlap: bool,
@@ -71,6 +74,7 @@ impl Default for DataConfig {
             clean: vec![],
             train_filter: None,
             clean_filter: None,
+            asr_test_filter: None,
             drop_overlap: false,
             text_col: d_text(),
             label_col: d_label(),
@@ -82,7 +86,7 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoisonConfig {
-    pub attack: crate::poison::Attack,
+    pub attack: crate::steps::poison::Attack,
     #[serde(default = "d_triggers")]
     pub trigger: Vec<String>,
     #[serde(default = "d_sentence")]
@@ -91,7 +95,7 @@ pub struct PoisonConfig {
     #[serde(default = "d_rate")]
     pub rate: f64,
     #[serde(default = "d_mode")]
-    pub mode: crate::poison::Mode,
+    pub mode: crate::steps::poison::Mode,
     #[serde(default = "d_target")]
     pub target: i64,
 }
@@ -99,13 +103,13 @@ fn d_triggers() -> Vec<String> {
     vec!["cf".into()]
 }
 fn d_sentence() -> String {
-    crate::poison::DEFAULT_SENTENCE.into()
+    crate::steps::poison::DEFAULT_SENTENCE.into()
 }
 fn d_rate() -> f64 {
     0.1
 }
-fn d_mode() -> crate::poison::Mode {
-    crate::poison::Mode::Dirty
+fn d_mode() -> crate::steps::poison::Mode {
+    crate::steps::poison::Mode::Dirty
 }
 fn d_target() -> i64 {
     1
@@ -139,7 +143,7 @@ fn d_maxpos() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectConfig {
-    pub preset: crate::detect::Preset,
+    pub preset: crate::steps::detect::Preset,
     pub alpha: f64,
     pub lr: f64,
     pub batch_size: Option<usize>,
@@ -151,7 +155,7 @@ pub struct DetectConfig {
 }
 impl Default for DetectConfig {
     fn default() -> Self {
-        let p = crate::detect::DetectParams::default();
+        let p = crate::steps::detect::DetectParams::default();
         DetectConfig {
             preset: p.preset,
             alpha: p.alpha,
@@ -188,8 +192,8 @@ impl Default for TrainConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UnlearnConfig {
-    pub threshold: crate::unlearn::Threshold,
-    pub replacement: crate::unlearn::Replacement,
+    pub threshold: crate::steps::unlearn::Threshold,
+    pub replacement: crate::steps::unlearn::Replacement,
     pub clean_epochs: usize,
     pub clean_lr: f64,
     /// With verified triggers: share of the clean-tuning rows that get one inserted, label kept.
@@ -200,12 +204,12 @@ pub struct UnlearnConfig {
 impl Default for UnlearnConfig {
     fn default() -> Self {
         UnlearnConfig {
-            threshold: crate::unlearn::Threshold::MeanRow,
-            replacement: crate::unlearn::Replacement::TrainedPad,
-            clean_epochs: crate::unlearn::CLEAN_EPOCHS,
-            clean_lr: crate::unlearn::CLEAN_LR,
-            trigger_rows: crate::unlearn::TRIGGER_ROWS,
-            max_residual: crate::unlearn::MAX_RESIDUAL,
+            threshold: crate::steps::unlearn::Threshold::MeanRow,
+            replacement: crate::steps::unlearn::Replacement::TrainedPad,
+            clean_epochs: crate::steps::unlearn::CLEAN_EPOCHS,
+            clean_lr: crate::steps::unlearn::CLEAN_LR,
+            trigger_rows: crate::steps::unlearn::TRIGGER_ROWS,
+            max_residual: crate::steps::unlearn::MAX_RESIDUAL,
         }
     }
 }
@@ -223,7 +227,7 @@ pub struct VerifyConfig {
 }
 impl Default for VerifyConfig {
     fn default() -> Self {
-        let p = crate::verify::VerifyParams::default();
+        let p = crate::steps::verify::VerifyParams::default();
         VerifyConfig {
             enabled: true,
             rows: p.rows,
@@ -248,7 +252,7 @@ pub enum EvalBackend {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
-    pub attack: Option<crate::poison::Attack>,
+    pub attack: Option<crate::steps::poison::Attack>,
     pub trigger: Vec<String>,
     pub sentence: Option<String>,
     pub rewrite_col: Option<String>,
@@ -375,7 +379,7 @@ impl DefendConfig {
             &self.data.clean,
         ] {
             if !split.is_empty() {
-                crate::corpus::resolve_inputs(split)?;
+                crate::io::corpus::resolve_inputs(split)?;
             }
         }
         let (classes, positions) = match &self.model.path {
@@ -400,17 +404,17 @@ impl DefendConfig {
         if self.data.clean.is_empty() {
             return Ok(drop);
         }
-        let clean = crate::unlearn::text_hashes(&self.spec_filtered(
+        let clean = crate::steps::unlearn::text_hashes(&self.spec_filtered(
             &self.data.clean,
             false,
             self.data.clean_filter.as_ref(),
         ))?;
-        for split in self.eval_splits() {
-            let shared: Vec<[u8; 32]> =
-                crate::unlearn::text_hashes(&self.spec(std::slice::from_ref(&split), false))?
-                    .intersection(&clean)
-                    .copied()
-                    .collect();
+        for spec in self.eval_specs(false) {
+            let split = spec.inputs.join(",");
+            let shared: Vec<[u8; 32]> = crate::steps::unlearn::text_hashes(&spec)?
+                .intersection(&clean)
+                .copied()
+                .collect();
             if shared.is_empty() {
                 continue;
             }
@@ -431,20 +435,23 @@ impl DefendConfig {
         Ok(drop)
     }
 
-    /// The splits the clean data must not overlap: test and asr_test.
-    fn eval_splits(&self) -> Vec<String> {
-        self.data
-            .test
+    /// The splits the clean data must not overlap: test and asr_test (with its filter).
+    fn eval_specs(&self, labels: bool) -> Vec<CorpusSpec> {
+        let test = self.data.test.iter().map(|p| (p, None));
+        let asr = self
+            .data
+            .asr_test
             .iter()
-            .chain(self.data.asr_test.iter())
-            .cloned()
+            .map(|p| (p, self.data.asr_test_filter.as_ref()));
+        test.chain(asr)
+            .map(|(p, f)| self.spec_filtered(std::slice::from_ref(p), labels, f))
             .collect()
     }
 
     /// Detection's parameters.
-    pub fn detect_params(&self) -> crate::detect::DetectParams {
+    pub fn detect_params(&self) -> crate::steps::detect::DetectParams {
         let d = &self.detect;
-        crate::detect::DetectParams {
+        crate::steps::detect::DetectParams {
             preset: d.preset,
             alpha: d.alpha,
             lr: d.lr,
@@ -458,9 +465,9 @@ impl DefendConfig {
     }
 
     /// The victim's training parameters.
-    pub fn victim_params(&self) -> crate::finetune::TrainParams {
+    pub fn victim_params(&self) -> crate::steps::train::TrainParams {
         let t = &self.train;
-        crate::finetune::TrainParams {
+        crate::steps::train::TrainParams {
             epochs: t.epochs,
             lr: t.lr,
             batch_size: t.batch_size,
@@ -471,8 +478,8 @@ impl DefendConfig {
     }
 
     /// The clean tuning's parameters (batches and lengths as the victim's).
-    pub fn clean_params(&self) -> crate::finetune::TrainParams {
-        crate::finetune::TrainParams {
+    pub fn clean_params(&self) -> crate::steps::train::TrainParams {
+        crate::steps::train::TrainParams {
             epochs: self.unlearn.clean_epochs,
             lr: self.unlearn.clean_lr,
             ..self.victim_params()
@@ -506,8 +513,8 @@ impl DefendConfig {
     }
 
     /// The sizes `[model.init]` asks for (always 2 classes, as the experiment flow's corpora).
-    fn init_size(&self, i: &InitConfig) -> crate::init_model::ModelSize {
-        crate::init_model::ModelSize {
+    fn init_size(&self, i: &InitConfig) -> crate::steps::init_model::ModelSize {
+        crate::steps::init_model::ModelSize {
             layers: i.layers,
             hidden: i.hidden,
             heads: i.heads,
@@ -517,13 +524,13 @@ impl DefendConfig {
         }
     }
 
-    fn eval_attack(&self) -> Option<crate::eval::EvalAttack> {
+    fn eval_attack(&self) -> Option<crate::steps::eval::EvalAttack> {
         let attack = self
             .eval
             .attack
             .or(self.poison.as_ref().map(|p| p.attack))?;
         let p = self.poison.as_ref();
-        Some(crate::eval::EvalAttack {
+        Some(crate::steps::eval::EvalAttack {
             attack,
             triggers: if self.eval.trigger.is_empty() {
                 p.map(|p| p.trigger.clone()).unwrap_or_else(d_triggers)
@@ -579,7 +586,7 @@ fn file_hash(p: &Path) -> Result<String> {
 /// Content hash of corpus inputs (every resolved file).
 fn corpus_hash(inputs: &[String]) -> Result<String> {
     let mut h = Sha256::new();
-    for f in crate::corpus::resolve_inputs(inputs)? {
+    for f in crate::io::corpus::resolve_inputs(inputs)? {
         h.update(f.path.as_bytes());
         h.update(file_hash(Path::new(&f.path))?.as_bytes());
     }
@@ -664,7 +671,7 @@ impl Runner<'_> {
         let seconds = t0.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let body = json!({"step": step, "hash": hash, "seconds": seconds, "summary": summary});
-        crate::output::write_file_atomic(&marker, true, |file| {
+        crate::io::output::write_file_atomic(&marker, true, |file| {
             use std::io::Write;
             file.write_all(
                 serde_json::to_string_pretty(&body)
@@ -721,11 +728,11 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             let out = run.join("poison/train.parquet");
             let key = json!({"input": train_key, "poison": p, "seed": seed, "cols": [cfg.data.text_col, cfg.data.label_col]});
             let h = r.step("poison", key, std::slice::from_ref(&out), &mut || {
-                crate::poison::run(&crate::poison::PoisonJob {
+                crate::steps::poison::run(&crate::steps::poison::PoisonJob {
                     input: cfg.spec_filtered(&cfg.data.train, true, cfg.data.train_filter.as_ref()),
                     output: out.clone(),
                     overwrite: true,
-                    params: crate::poison::PoisonParams {
+                    params: crate::steps::poison::PoisonParams {
                         attack: p.attack,
                         triggers: p.trigger.clone(),
                         sentence: p.sentence.clone(),
@@ -750,7 +757,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             let out = run.join("model");
             let key = json!({"train": train_key, "init": init, "seed": seed});
             let h = r.step("init-model", key, std::slice::from_ref(&out), &mut || {
-                crate::init_model::run(&crate::init_model::InitModelJob {
+                crate::steps::init_model::run(&crate::steps::init_model::InitModelJob {
                     out: out.clone(),
                     overwrite: true,
                     corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
@@ -773,8 +780,8 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         json!({"train": train_key, "model": model_key, "detect": d, "seed": seed}),
         std::slice::from_ref(&detect_dir),
         &mut || {
-            crate::detect::run(
-                &crate::detect::DetectJob {
+            crate::steps::detect::run(
+                &crate::steps::detect::DetectJob {
                     corpus: cfg.spec_filtered(&train, true, train_filter.as_ref()),
                     model: model.clone(),
                     out: detect_dir.clone(),
@@ -800,8 +807,8 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         json!({"train": train_key, "model": model_key, "dev": dev_key, "params": t, "seed": seed}),
         std::slice::from_ref(&victim),
         &mut || {
-            crate::finetune::run(
-                &crate::finetune::TrainJob {
+            crate::steps::train::run(
+                &crate::steps::train::TrainJob {
                     corpus: cfg.spec_filtered(&train, true, train_filter.as_ref()),
                     dev: (!cfg.data.dev.is_empty()).then(|| cfg.spec(&cfg.data.dev, true)),
                     model: model.clone(),
@@ -831,9 +838,9 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     };
     let verify_dir = run.join("verify");
     let v = &cfg.verify;
-    use crate::verify::CandidateSource;
-    let verify_job =
-        |checkpoint: &Path, candidates: CandidateSource, out: &Path| crate::verify::VerifyJob {
+    use crate::steps::verify::CandidateSource;
+    let verify_job = |checkpoint: &Path, candidates: CandidateSource, out: &Path| {
+        crate::steps::verify::VerifyJob {
             checkpoint: checkpoint.to_path_buf(),
             candidates,
             clean: clean_spec.clone(),
@@ -841,15 +848,16 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             out: out.to_path_buf(),
             overwrite: true,
             device: dev.clone(),
-            backend: Some(crate::eval::Backend::Candle),
+            backend: Some(crate::steps::eval::Backend::Candle),
             ort_lib: None,
-            params: crate::verify::VerifyParams {
+            params: crate::steps::verify::VerifyParams {
                 rows: v.rows,
                 min_flip_rate: v.min_flip_rate,
                 max_len: t.max_len,
                 seed,
             },
-        };
+        }
+    };
     let verify_h = if v.enabled && !cfg.data.clean.is_empty() {
         let key = json!({"victim": victim_h, "detect": detect_h, "clean": clean_key, "params": v, "max_len": t.max_len, "seed": seed});
         Some(r.step(
@@ -857,7 +865,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             key,
             std::slice::from_ref(&verify_dir),
             &mut || {
-                crate::verify::run(&crate::verify::VerifyJob {
+                crate::steps::verify::run(&crate::steps::verify::VerifyJob {
                     corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
                     ..verify_job(
                         &victim,
@@ -880,7 +888,13 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     // Stage 2.
     let repaired = run.join("repaired");
     let u = &cfg.unlearn;
-    let eval_splits = cfg.eval_splits();
+    let eval_files: Vec<String> = cfg
+        .data
+        .test
+        .iter()
+        .chain(&cfg.data.asr_test)
+        .cloned()
+        .collect();
     let mut unlearn_key = json!({"victim": victim_h, "detect": detect_h, "model": model_key, "clean": clean_key, "params": u, "max_len": t.max_len, "seed": seed});
     if let Some(h) = &verify_h {
         unlearn_key["verify"] = json!(h);
@@ -890,8 +904,8 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         unlearn_key,
         std::slice::from_ref(&repaired),
         &mut || {
-            crate::unlearn::run(
-                &crate::unlearn::UnlearnJob {
+            crate::steps::unlearn::run(
+                &crate::steps::unlearn::UnlearnJob {
                     checkpoint: victim.clone(),
                     reference: model.clone(),
                     suspicious: detect_dir.join("suspicious_tokens.arrow"),
@@ -901,15 +915,12 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     threshold: u.threshold,
                     replacement: u.replacement,
                     clean_corpus: (!cfg.data.clean.is_empty()).then(|| clean_spec.clone()),
-                    eval_split: eval_splits
-                        .iter()
-                        .map(|p| cfg.spec(std::slice::from_ref(p), false))
-                        .collect(),
+                    eval_split: cfg.eval_specs(false),
                     clean: cfg.clean_params(),
                     device: dev.clone(),
                     trigger_rows: u.trigger_rows,
                     max_residual: u.max_residual,
-                    recheck: crate::verify::VerifyParams {
+                    recheck: crate::steps::verify::VerifyParams {
                         rows: v.rows,
                         min_flip_rate: v.min_flip_rate,
                         max_len: t.max_len,
@@ -923,7 +934,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
 
     // Are the verified triggers gone from the repaired model?
     let recheck_dir = run.join("verify-repaired");
-    let residual: Option<Vec<crate::tables::TokenEffect>> = match &effects {
+    let residual: Option<Vec<crate::io::tables::TokenEffect>> = match &effects {
         Some(e) => {
             let key = json!({"repaired": repaired_h, "verify": verify_h, "params": v, "max_len": t.max_len, "seed": seed});
             r.step(
@@ -931,14 +942,14 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                 key,
                 std::slice::from_ref(&recheck_dir),
                 &mut || {
-                    crate::verify::run(&verify_job(
+                    crate::steps::verify::run(&verify_job(
                         &repaired,
                         CandidateSource::Recheck(e.clone()),
                         &recheck_dir,
                     ))
                 },
             )?;
-            Some(crate::tables::read_token_effects(
+            Some(crate::io::tables::read_token_effects(
                 &recheck_dir.join("token_effects.arrow"),
             )?)
         }
@@ -949,10 +960,13 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     let attack = cfg.eval_attack().expect("validated");
     let lib = match cfg.eval.backend {
         EvalBackend::Candle => None,
-        EvalBackend::Ort => Some(crate::eval::find_ort_library(None)?),
-        EvalBackend::Auto => crate::eval::find_ort_library(None).ok(),
+        EvalBackend::Ort => Some(crate::steps::eval::find_ort_library(None)?),
+        EvalBackend::Auto => crate::steps::eval::find_ort_library(None).ok(),
     };
-    let test_key = json!(corpus_hash(&eval_splits)?);
+    let mut test_key = json!(corpus_hash(&eval_files)?);
+    if let Some(f) = &cfg.data.asr_test_filter {
+        test_key = json!([test_key, f]);
+    }
     let mut results = serde_json::Map::new();
     for (name, ckpt, h) in [
         ("victim", &victim, &victim_h),
@@ -966,7 +980,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                 std::slice::from_ref(&onnx),
                 &mut || {
                     let _ = std::fs::remove_dir_all(onnx.parent().expect("parent"));
-                    crate::export::run(&crate::export::ExportJob {
+                    crate::steps::export_onnx::run(&crate::steps::export_onnx::ExportJob {
                         checkpoint: ckpt.clone(),
                         out: onnx.clone(),
                         overwrite: true,
@@ -980,17 +994,17 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         };
         let out = run.join(format!("eval-{name}"));
         let summary = {
-            let mut eval_once = |test: &[String],
-                                 attack: Option<crate::eval::EvalAttack>,
+            let mut eval_once = |test: CorpusSpec,
+                                 attack: Option<crate::steps::eval::EvalAttack>,
                                  out: PathBuf,
                                  step: String|
              -> Result<Value> {
                 // "metrics" names the metric set: bumped when eval learns a metric, so reruns recompute it.
                 let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len, "metrics": 3});
                 r.step(&step, key, std::slice::from_ref(&out), &mut || {
-                    crate::eval::run(&crate::eval::EvalJob {
+                    crate::steps::eval::run(&crate::steps::eval::EvalJob {
                         model: model_for_eval.clone(),
-                        test: cfg.spec(test, true),
+                        test: test.clone(),
                         out: out.clone(),
                         overwrite: true,
                         attack: attack.clone(),
@@ -998,9 +1012,9 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                         max_len: t.max_len,
                         device: dev.clone(),
                         backend: Some(if lib.is_some() {
-                            crate::eval::Backend::Ort
+                            crate::steps::eval::Backend::Ort
                         } else {
-                            crate::eval::Backend::Candle
+                            crate::steps::eval::Backend::Candle
                         }),
                         ort_lib: lib.clone(),
                         seed,
@@ -1012,16 +1026,21 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             };
             if cfg.data.asr_test.is_empty() {
                 let m = eval_once(
-                    &cfg.data.test,
+                    cfg.spec(&cfg.data.test, true),
                     Some(attack.clone()),
                     out.clone(),
                     format!("eval-{name}"),
                 )?;
                 json!({"acc": metric(&m, "acc"), "asr": metric(&m, "asr"), "flip_rate": metric(&m, "flip_rate"), "clean_false_positive_rate": metric(&m, "clean_false_positive_rate"), "clean_false_negative_rate": metric(&m, "clean_false_negative_rate"), "backend": metric(&m, "backend")})
             } else {
-                let acc = eval_once(&cfg.data.test, None, out.clone(), format!("eval-{name}"))?;
+                let acc = eval_once(
+                    cfg.spec(&cfg.data.test, true),
+                    None,
+                    out.clone(),
+                    format!("eval-{name}"),
+                )?;
                 let asr = eval_once(
-                    &cfg.data.asr_test,
+                    cfg.spec_filtered(&cfg.data.asr_test, true, cfg.data.asr_test_filter.as_ref()),
                     Some(attack.clone()),
                     run.join(format!("eval-{name}-asr")),
                     format!("eval-{name}-asr"),
@@ -1032,14 +1051,14 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         results.insert(name.to_string(), summary);
     }
     let correct = |name: &str| {
-        crate::eval::clean_correct(&run.join(format!("eval-{name}/predictions.parquet")))
+        crate::steps::eval::clean_correct(&run.join(format!("eval-{name}/predictions.parquet")))
     };
     let acc_change = crate::metrics::paired_change(&correct("victim")?, &correct("repaired")?);
     let flagged =
-        crate::tables::read_suspicious_tokens(&detect_dir.join("suspicious_tokens.arrow"))?;
+        crate::io::tables::read_suspicious_tokens(&detect_dir.join("suspicious_tokens.arrow"))?;
     let verified: Option<Vec<String>> = match &effects {
         Some(p) => Some(
-            crate::tables::read_token_effects(p)?
+            crate::io::tables::read_token_effects(p)?
                 .into_iter()
                 .filter(|e| e.verified)
                 .map(|e| e.candidate)
@@ -1047,7 +1066,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         ),
         None => None,
     };
-    let replaced = crate::tables::read_ipc(&repaired.join("dimension_masks.arrow"))?.num_rows();
+    let replaced = crate::io::tables::read_ipc(&repaired.join("dimension_masks.arrow"))?.num_rows();
     let repair_note = match (&verified, replaced) {
         (Some(v), _) if v.is_empty() => Some(
             "verification confirmed no candidate as a trigger: the embeddings were not repaired",
@@ -1083,7 +1102,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         "config": cfg,
     });
     let path = run.join("metrics.json");
-    crate::output::write_file_atomic(&path, true, |f| {
+    crate::io::output::write_file_atomic(&path, true, |f| {
         use std::io::Write;
         f.write_all(
             (serde_json::to_string_pretty(&metrics).map_err(BtuError::internal)? + "\n").as_bytes(),

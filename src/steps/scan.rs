@@ -19,10 +19,10 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde_json::{json, Value};
 
-use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
+use crate::io::corpus::{read_corpus, CorpusSpec};
+use crate::model::tokenizer::BtuTokenizer;
 use crate::progress::Progress;
-use crate::tokenize::BtuTokenizer;
 
 /// Inputs of `btu scan`.
 pub struct ScanJob {
@@ -51,13 +51,13 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
             format!("{} should end in .parquet", job.out.display()),
         ));
     }
-    crate::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.out, job.overwrite)?;
     let tok = BtuTokenizer::load(&job.tokenizer)?;
-    let mut suspicious = crate::tables::read_suspicious_tokens(&job.suspicious)?;
+    let mut suspicious = crate::io::tables::read_suspicious_tokens(&job.suspicious)?;
     // With verification: single tokens by id, phrases by their token sequence in the row.
     let mut phrases: Vec<(String, Vec<u32>)> = Vec::new();
     if let Some(p) = &job.effects {
-        let verified: Vec<_> = crate::tables::read_token_effects(p)?
+        let verified: Vec<_> = crate::io::tables::read_token_effects(p)?
             .into_iter()
             .filter(|e| e.verified)
             .collect();
@@ -112,7 +112,7 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
         ..job.corpus.clone()
     };
     let mut fingerprint = None;
-    crate::output::write_file_atomic(&job.out, job.overwrite, |file| {
+    crate::io::output::write_file_atomic(&job.out, job.overwrite, |file| {
         let mut writer: Option<(ArrowWriter<&mut std::fs::File>, SchemaRef, Option<DataType>)> =
             None;
         let mut file = Some(file);
@@ -196,7 +196,7 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
             let id_type = id_col.as_ref().map(|c| c.data_type().clone());
             if writer.is_none() {
                 let schema: SchemaRef =
-                    Arc::new(crate::tables::flagged_rows_schema(id_type.clone()));
+                    Arc::new(crate::io::tables::flagged_rows_schema(id_type.clone()));
                 let w = ArrowWriter::try_new(
                     file.take().expect("file once"),
                     schema.clone(),
@@ -246,7 +246,7 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
             }
             None => {
                 // No row flagged: an empty table with the schema.
-                let schema = Arc::new(crate::tables::flagged_rows_schema(None));
+                let schema = Arc::new(crate::io::tables::flagged_rows_schema(None));
                 let w = ArrowWriter::try_new(
                     file.take().expect("file once"),
                     schema,

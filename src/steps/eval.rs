@@ -14,13 +14,13 @@ use arrow::datatypes::{DataType, Field, Schema};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::corpus::{read_corpus, CorpusSpec};
 use crate::error::{BtuError, Result};
+use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::metrics::{accuracy, attack_success_rate, confusion, flip_rate};
 use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
 
-use crate::poison::{insert_trigger, row_rng, Attack};
-use crate::tokenize::BtuTokenizer;
+use crate::model::tokenizer::BtuTokenizer;
+use crate::steps::poison::{insert_trigger, row_rng, Attack};
 
 /// The attack applied to the test split for ASR.
 #[derive(Debug, Clone, Serialize)]
@@ -123,7 +123,7 @@ pub trait Classifier {
         Ok(self
             .logits(texts)?
             .iter()
-            .map(|l| crate::infer::softmax(l))
+            .map(|l| crate::model::infer::softmax(l))
             .collect())
     }
 }
@@ -160,7 +160,7 @@ impl CandleClassifier {
 impl Classifier for CandleClassifier {
     fn logits(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let seqs = self.tok.encode(texts, self.max_len)?;
-        crate::infer::predict_logits(&self.model, &seqs, self.tok.pad_id, 64, &self.dev)
+        crate::model::infer::predict_logits(&self.model, &seqs, self.tok.pad_id, 64, &self.dev)
     }
     fn num_labels(&self) -> usize {
         self.model.config.labels()
@@ -240,9 +240,9 @@ pub struct OrtClassifier {
 impl OrtClassifier {
     /// Load `model` (an .onnx file) with the ONNX Runtime library at `lib`.
     pub fn load(model: &std::path::Path, lib: &std::path::Path, max_len: usize) -> Result<Self> {
-        let (meta, rows) = crate::export::inspect(model)?;
+        let (meta, rows) = crate::steps::export_onnx::inspect(model)?;
         // The export's own tokenizer, else the shared one beside it (exports before 0.1 had only that).
-        let own = crate::export::own_tokenizer_path(model);
+        let own = crate::steps::export_onnx::own_tokenizer_path(model);
         let tok_path = if own.is_file() {
             own
         } else {
@@ -297,8 +297,8 @@ impl Classifier for OrtClassifier {
         let seqs = self.tok.encode(texts, self.max_len)?;
         let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let mut out = vec![Vec::new(); seqs.len()];
-        for idx in crate::tokenize::bucketed_batches(&lengths, 64, None) {
-            let b = crate::tokenize::make_batch(&seqs, &idx, self.tok.pad_id, None);
+        for idx in crate::model::tokenizer::bucketed_batches(&lengths, 64, None) {
+            let b = crate::model::tokenizer::make_batch(&seqs, &idx, self.tok.pad_id, None);
             let shape = [b.rows, b.seq_len];
             let ids: Vec<i64> = b.ids.iter().map(|&x| x as i64).collect();
             let mask: Vec<i64> = b.mask.iter().map(|&x| x as i64).collect();
@@ -397,7 +397,7 @@ fn predict(
     let probs = c.proba(texts)?;
     let pred = probs
         .iter()
-        .map(|p| crate::infer::argmax(p) as i64)
+        .map(|p| crate::model::infer::argmax(p) as i64)
         .collect();
     let target_prob = probs
         .iter()
@@ -497,7 +497,7 @@ pub fn evaluate(
     ];
     let batch = RecordBatch::try_new(schema, cols)
         .map_err(|e| BtuError::internal(format!("predictions: {e}")))?;
-    crate::tables::ensure_finite(&batch)?;
+    crate::io::tables::ensure_finite(&batch)?;
     Ok((metrics, batch))
 }
 
@@ -558,7 +558,7 @@ pub fn run(job: &EvalJob) -> Result<Value> {
     if let Some(a) = &job.attack {
         crate::validate::at_least("--repeats", a.repeats, 1)?;
     }
-    crate::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.out, job.overwrite)?;
     let mut clf = open_classifier(
         &job.model,
         job.backend,
@@ -584,8 +584,8 @@ pub fn run(job: &EvalJob) -> Result<Value> {
     metrics["model"] = json!(job.model);
     metrics["model_sha256"] = json!(sha);
     metrics["test"] = json!(job.test.inputs);
-    let out = crate::output::OutputDir::create(&job.out, job.overwrite)?;
-    crate::tables::write_parquet(&out.path("predictions.parquet"), &batch, false)?;
+    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    crate::io::tables::write_parquet(&out.path("predictions.parquet"), &batch, false)?;
     metrics["seconds"] = json!(t0.elapsed().as_secs_f64());
     out.write_json("metrics.json", &metrics)?;
     out.commit()?;

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::model::ops::cross_entropy;
+use crate::model::tokenizer::{make_batch, training_batches, Batch, Batching};
 use crate::model::{Arch, BertClassifier};
-use crate::tokenize::{make_batch, training_batches, Batch, Batching};
 
 /// AdamW hyper-parameters (PyTorch defaults but for the learning rate).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]

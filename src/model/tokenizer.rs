@@ -14,8 +14,8 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::corpus::{read_corpus, CorpusSpec, Fingerprint};
 use crate::error::{BtuError, Result};
+use crate::io::corpus::{read_corpus, CorpusSpec, Fingerprint};
 
 /// Names BERT-family tokenizers use for special tokens.
 pub const SPECIAL_NAMES: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
