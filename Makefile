@@ -49,6 +49,7 @@ schemas: build
 bench: build
 	$(CARGO) run --release --example bench_detect
 	$(CARGO) run --release --example bench_scan
+	$(CARGO) run --release --example bench_defend
 
 fmt:
 	$(CARGO) fmt

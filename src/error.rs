@@ -12,12 +12,19 @@ pub type Result<T, E = BtuError> = std::result::Result<T, E>;
 pub enum BtuError {
     /// An input file, directory or object is absent (exit 66).
     #[error("{path}: not found; {hint}")]
-    InputMissing { path: String, hint: String },
+    InputMissing {
+        /// The path or URL that is absent.
+        path: String,
+        /// What to give instead.
+        hint: String,
+    },
 
     /// Input data is malformed: wrong schema or type, nulls, corrupt file, labels out of range (exit 65).
     #[error("{source_name}: {message}")]
     BadData {
+        /// The file, column or stage the bad data came from.
         source_name: String,
+        /// What is wrong and how to fix it.
         message: String,
     },
 
@@ -25,27 +32,47 @@ pub enum BtuError {
     #[error(
         "{path}: output already exists; pass --overwrite to replace it or choose another path"
     )]
-    OutputExists { path: PathBuf },
+    OutputExists {
+        /// The existing output.
+        path: PathBuf,
+    },
 
     /// The output cannot be created (exit 73).
     #[error("{path}: cannot create output ({reason}); choose a writable location")]
-    OutputUnwritable { path: PathBuf, reason: String },
+    OutputUnwritable {
+        /// The output that could not be created.
+        path: PathBuf,
+        /// Why: the operating system's error, or another run holding its lock.
+        reason: String,
+    },
 
     /// An I/O error while reading or writing (exit 74).
     #[error("{path}: I/O error: {source}")]
     Io {
+        /// The file or directory being read or written.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
 
     /// A failure worth retrying, such as an object-store timeout (exit 75).
     #[error("{context}: temporary failure, retry later: {message}")]
-    Temporary { context: String, message: String },
+    Temporary {
+        /// What was being accessed (a URL).
+        context: String,
+        /// The transport's message.
+        message: String,
+    },
 
     /// Bad configuration: flags that contradict each other, a bad filter expression (exit 78).
     #[error("{flag}: {message}")]
-    Config { flag: String, message: String },
+    Config {
+        /// The flag or configuration key at fault (`--alpha`, `detect.alpha`).
+        flag: String,
+        /// What is wrong with it.
+        message: String,
+    },
 
     /// A bug in btu (exit 70).
     #[error("internal error (please report): {0}")]

@@ -12,6 +12,7 @@
 //! prints: results are returned as values (and summary JSON), logs go through `tracing`, progress
 //! through [`progress::Progress`].
 #![deny(clippy::print_stdout, clippy::print_stderr)]
+#![warn(missing_docs)]
 
 pub mod cli;
 pub mod demo;

@@ -67,9 +67,13 @@ pub fn false_negative_rate(pred: &[i64], true_label: &[i64], target: i64) -> f64
 /// 95 % normal-approximation interval.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct PairedChange {
+    /// Mean of `after - before` (each 0 or 1): the change of accuracy, in [-1, 1].
     pub delta: f64,
+    /// Lower bound of the 95 % interval of `delta`.
     pub ci_low: f64,
+    /// Upper bound of the 95 % interval of `delta`.
     pub ci_high: f64,
+    /// Rows compared.
     pub rows: usize,
 }
 
@@ -106,9 +110,13 @@ pub fn confusion(pred: &[i64], label: &[i64], classes: usize) -> Vec<Vec<u64>> {
 /// ACC and ASR with their counts.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Scores {
+    /// Clean accuracy, in [0, 1].
     pub acc: f64,
+    /// Attack success rate, in [0, 1].
     pub asr: f64,
+    /// Rows ACC was computed on.
     pub clean_rows: usize,
+    /// Rows ASR was computed on.
     pub attacked_rows: usize,
 }
 

@@ -585,6 +585,50 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
         "{u}"
     );
     assert_eq!(u["dimensions_replaced"], u["hidden_size"], "{u}");
+    // --unverified reference-row also gives `the` (not verified) its pre-trained row back; the
+    // trigger's row is the same as without the option.
+    let gentle = d.join("repaired-gentle");
+    run_ok(&words(&format!(
+        "unlearn --checkpoint {} --reference {} --suspicious {} --effects {} --out {} --unverified reference-row",
+        s(&f.ckpt),
+        s(&f.model),
+        s(&sus),
+        s(&v1.join("token_effects.arrow")),
+        s(&gentle)
+    )));
+    let rows = |dir: &Path, id: u32| {
+        let t = read_safetensors(&dir.join("model.safetensors")).unwrap();
+        let w = &t.tensors[&word(&t.tensors)];
+        let h = w.shape[1];
+        let f: Vec<f32> = w
+            .data
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        f[id as usize * h..(id as usize + 1) * h].to_vec()
+    };
+    let tok = btu::model::tokenizer::BtuTokenizer::load(&f.model).unwrap();
+    let (cf_id, the_id) = (tok.id("cf").unwrap(), tok.id("the").unwrap());
+    assert_eq!(
+        rows(&gentle, the_id),
+        rows(&f.model, the_id),
+        "the: reference row"
+    );
+    assert_ne!(
+        rows(&f.ckpt, the_id),
+        rows(&f.model, the_id),
+        "the moved in training"
+    );
+    assert_eq!(
+        rows(&gentle, cf_id),
+        rows(&out, cf_id),
+        "cf: repaired as before"
+    );
+    assert_eq!(
+        rows(&out, the_id),
+        rows(&f.ckpt, the_id),
+        "keep (default) leaves the"
+    );
     // The repaired model no longer flips on the trigger.
     let re = run_ok(&words(&format!(
         "verify --checkpoint {} --recheck {} --clean-corpus {} --out {} --rows 150",

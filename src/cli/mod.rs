@@ -337,6 +337,9 @@ pub struct UnlearnArgs {
     /// Clean rows tried per trigger by each recheck of the escalation (at least 1).
     #[arg(long, env = "BTU_RECHECK_ROWS", default_value_t = 200)]
     pub recheck_rows: usize,
+    /// With --effects: the candidates verification did not confirm keep their rows (keep) or get their pre-trained rows back (reference-row).
+    #[arg(long, env = "BTU_UNVERIFIED", value_enum, default_value = "keep")]
+    pub unverified: crate::steps::unlearn::Unverified,
     /// Evaluation split(s) the clean corpus must not overlap (checked by row text hash).
     #[arg(long, env = "BTU_EVAL_SPLIT", num_args = 1..)]
     pub eval_split: Vec<String>,
@@ -1007,6 +1010,7 @@ pub fn execute(
                 device: a.device.clone(),
                 trigger_rows: a.trigger_rows,
                 max_residual: a.max_residual,
+                unverified: a.unverified,
                 recheck: crate::steps::verify::VerifyParams {
                     rows: a.recheck_rows,
                     max_len: a.max_len,

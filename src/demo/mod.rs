@@ -19,10 +19,15 @@ use crate::steps::defend::{DefendConfig, EvalBackend, InitConfig};
 pub struct DemoJob {
     /// Run directory (kept); a temporary one when `None`.
     pub out: Option<PathBuf>,
+    /// Replace an existing `out` directory (`--overwrite`).
     pub overwrite: bool,
+    /// Rows of the synthetic training split (`--rows`); test and clean splits get 30 % as many.
     pub rows: usize,
+    /// Seed of the synthetic corpus and of every step (`--seed`).
     pub seed: u64,
+    /// Device spec (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
+    /// How the models are evaluated (`--backend`: auto, ort or candle).
     pub backend: EvalBackend,
 }
 

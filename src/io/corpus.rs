@@ -81,12 +81,17 @@ pub struct InputFile {
 /// Provenance of a corpus read: which files, how many rows, and a hash of their content.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Fingerprint {
+    /// The resolved input files, in reading order.
     pub files: Vec<InputFile>,
+    /// Rows delivered (after filter, sample and limit).
     pub rows: u64,
     /// sha256 over every row's text and label, in reading order.
     pub content_sha256: String,
+    /// The `--filter` predicate applied, if any.
     pub filter: Option<String>,
+    /// The `--limit` applied, if any.
     pub limit: Option<u64>,
+    /// The `--sample` fraction applied, if any.
     pub sample: Option<f64>,
 }
 

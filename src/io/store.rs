@@ -16,7 +16,9 @@ use crate::error::{BtuError, Result};
 /// An `s3://bucket/key` location.
 #[derive(Debug, Clone, PartialEq)]
 pub struct S3Url {
+    /// Bucket name (the URL's host part).
     pub bucket: String,
+    /// Object key or prefix, without a leading `/` (empty for the bucket root).
     pub key: String,
 }
 

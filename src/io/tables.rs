@@ -295,12 +295,19 @@ pub fn ensure_finite(b: &RecordBatch) -> Result<()> {
 /// One row of `token_scores`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenScore {
+    /// Detection round, 1 to 3.
     pub round: u8,
+    /// Vocabulary id.
     pub token_id: u32,
+    /// The token's string in the tokenizer's vocabulary.
     pub token: String,
+    /// Whether it is a special token (never ranked, never selected).
     pub special: bool,
+    /// Euclidean distance its word-embedding row moved in this round.
     pub distance: f32,
+    /// 1-based rank by distance among non-special tokens; null for special tokens.
     pub rank: Option<u32>,
+    /// Whether it is in this round's top `k`.
     pub selected: bool,
 }
 
@@ -333,14 +340,23 @@ pub fn token_scores_batch(rows: &[TokenScore], meta: &TableMeta) -> Result<Recor
 /// One row of `suspicious_tokens`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SuspiciousToken {
+    /// Vocabulary id.
     pub token_id: u32,
+    /// The token's string in the tokenizer's vocabulary.
     pub token: String,
+    /// The rounds that selected it, ascending.
     pub rounds: Vec<u8>,
+    /// Its best (smallest) rank over the rounds.
     pub best_rank: u32,
+    /// Its largest distance over the rounds.
     pub max_distance: f32,
+    /// Occurrences in the tokenized (truncated) corpus.
     pub occurrences: u64,
+    /// Corpus rows that contain it at least once.
     pub documents: u64,
+    /// The label most of those rows carry (ties to the smaller label); null when it occurs in none.
     pub majority_label: Option<i64>,
+    /// Share of those rows that carry `majority_label`, in [0, 1]; null when it occurs in none.
     pub label_share: Option<f32>,
 }
 
@@ -448,14 +464,23 @@ pub fn read_suspicious_tokens(path: &Path) -> Result<Vec<SuspiciousToken>> {
 /// One row of `token_effects`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TokenEffect {
+    /// The text inserted (a token's surface form, or a phrase).
     pub candidate: String,
+    /// The detection candidates (token ids) it stands for.
     pub token_ids: Vec<u32>,
+    /// Clean rows it was inserted into (correctly classified, label other than `to_label`).
     pub rows: u32,
+    /// Rows whose prediction flipped to `to_label` after the insertion.
     pub flips: u32,
+    /// `flips / rows` (0 when `rows` is 0).
     pub flip_rate: f32,
+    /// The label a trigger would flip to (the candidate's majority label); null when unknown.
     pub to_label: Option<i64>,
+    /// Lower bound of the 95 % Wilson interval of the flip rate.
     pub ci_low: f32,
+    /// Upper bound of the 95 % Wilson interval of the flip rate.
     pub ci_high: f32,
+    /// Whether `ci_low` reached `--min-flip-rate` (with at least one row).
     pub verified: bool,
 }
 
@@ -566,12 +591,20 @@ pub fn corpus_batch(texts: &[String], labels: &[i64]) -> Result<RecordBatch> {
 /// One row of `dimension_masks`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DimensionMask {
+    /// Vocabulary id of the repaired token.
     pub token_id: u32,
+    /// The token's string in the tokenizer's vocabulary.
     pub token: String,
+    /// Embedding dimension replaced, `0..hidden_size`.
     pub dim: u32,
+    /// Value in the reference (pre-training) word embeddings `E`.
     pub reference: f32,
+    /// Value in the trained word embeddings `E^b`.
     pub trained: f32,
+    /// `trained - reference`.
     pub delta: f32,
+    /// Value written into the repaired model (the padding row's, or the reference value when a
+    /// row is restored).
     pub written: f32,
 }
 

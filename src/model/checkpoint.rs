@@ -17,15 +17,20 @@ use crate::error::{BtuError, Result};
 /// A tensor as stored: safetensors dtype name, shape and little-endian bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawTensor {
+    /// safetensors dtype name (`F32`, `F16`, `BF16`, `F64`, ...).
     pub dtype: String,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// Element bytes, little-endian, row-major.
     pub data: Vec<u8>,
 }
 
 /// Contents of a safetensors file.
 #[derive(Debug, Clone, Default)]
 pub struct SafetensorsFile {
+    /// Tensors by name, sorted.
     pub tensors: BTreeMap<String, RawTensor>,
+    /// The header's `__metadata__` string map (empty when absent).
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -142,8 +147,11 @@ pub fn from_tensor(t: &Tensor) -> Result<RawTensor> {
 /// Files of a model directory.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
+    /// The directory itself.
     pub dir: PathBuf,
+    /// Its parsed and validated `config.json`.
     pub config: BertConfig,
+    /// Path of its `model.safetensors`.
     pub weights: PathBuf,
 }
 

@@ -36,28 +36,45 @@ fn default_dropout() -> f64 {
 /// Mirrors Hugging Face `config.json` for BERT; unknown fields are kept and written back.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BertConfig {
+    /// Rows of the word-embedding matrix (token ids are below this).
     pub vocab_size: usize,
+    /// Width of every hidden state (`h`).
     pub hidden_size: usize,
+    /// Number of encoder layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer; divides `hidden_size`.
     pub num_attention_heads: usize,
+    /// Width of the feed-forward layer inside each encoder layer.
     pub intermediate_size: usize,
+    /// Feed-forward activation: `gelu` (erf, the default), `gelu_new` (tanh approximation) or
+    /// `relu`.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Dropout on hidden states (default 0.1); kept for `config.json`, btu's forward passes do
+    /// not apply it.
     #[serde(default = "default_dropout")]
     pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities (default 0.1); kept for `config.json`, not applied.
     #[serde(default = "default_dropout")]
     pub attention_probs_dropout_prob: f64,
+    /// Rows of the position-embedding matrix: the longest sequence the model accepts.
     pub max_position_embeddings: usize,
+    /// Rows of the token-type embedding matrix (default 2); btu only uses type 0.
     #[serde(default = "default_type_vocab")]
     pub type_vocab_size: usize,
+    /// Epsilon of every LayerNorm (default 1e-12).
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// Id of the padding token (default 0); a randomly initialised model zeroes its embedding row.
     #[serde(default)]
     pub pad_token_id: u32,
+    /// Number of classes, when `config.json` states it; see [`BertConfig::labels`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_labels: Option<usize>,
+    /// Class index (as a string) to label name, when `config.json` states it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id2label: Option<BTreeMap<String, String>>,
+    /// Every other field of `config.json`, written back unchanged.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -133,7 +150,9 @@ impl BertConfig {
 /// `y = x W^T + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// Weight `W`, `[out, in]`.
     pub w: Tensor,
+    /// Bias `b`, `[out]`.
     pub b: Tensor,
 }
 
@@ -146,33 +165,52 @@ impl Linear {
 /// LayerNorm parameters.
 #[derive(Debug, Clone)]
 pub struct Norm {
+    /// Scale (gamma), `[h]`.
     pub w: Tensor,
+    /// Shift (beta), `[h]`.
     pub b: Tensor,
 }
 
 /// One encoder layer.
 #[derive(Debug, Clone)]
 pub struct Layer {
+    /// Query projection (`attention.self.query`), `h -> h`.
     pub query: Linear,
+    /// Key projection (`attention.self.key`), `h -> h`.
     pub key: Linear,
+    /// Value projection (`attention.self.value`), `h -> h`.
     pub value: Linear,
+    /// Projection of the attention output (`attention.output.dense`), `h -> h`.
     pub attn_out: Linear,
+    /// LayerNorm after attention and its residual (`attention.output.LayerNorm`).
     pub attn_norm: Norm,
+    /// Feed-forward expansion (`intermediate.dense`), `h -> intermediate_size`.
     pub intermediate: Linear,
+    /// Feed-forward contraction (`output.dense`), `intermediate_size -> h`.
     pub output: Linear,
+    /// LayerNorm after the feed-forward block and its residual (`output.LayerNorm`).
     pub out_norm: Norm,
 }
 
 /// A BERT encoder with pooler and classification head.
 #[derive(Debug, Clone)]
 pub struct BertClassifier {
+    /// The configuration the parameters were built or loaded for.
     pub config: BertConfig,
+    /// Word embeddings (`embeddings.word_embeddings.weight`), `[vocab_size, h]`.
     pub word: Tensor,
+    /// Position embeddings (`embeddings.position_embeddings.weight`),
+    /// `[max_position_embeddings, h]`.
     pub position: Tensor,
+    /// Token-type embeddings (`embeddings.token_type_embeddings.weight`), `[type_vocab_size, h]`.
     pub token_type: Tensor,
+    /// LayerNorm of the embedding block (`embeddings.LayerNorm`).
     pub emb_norm: Norm,
+    /// The encoder layers, in order.
     pub layers: Vec<Layer>,
+    /// Pooler on the `[CLS]` state (`pooler.dense`), `h -> h`, followed by tanh.
     pub pooler: Linear,
+    /// Classification head (`classifier`), `h -> num_labels`.
     pub classifier: Linear,
 }
 

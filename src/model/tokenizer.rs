@@ -177,8 +177,11 @@ fn from_vocab_txt(file: &Path) -> Result<Tokenizer> {
 
 /// A tokenized corpus with its labels.
 pub struct TokenizedCorpus {
+    /// Token ids of each row (with `[CLS]`/`[SEP]`, truncated to `max_len`), in corpus order.
     pub seqs: Vec<Vec<u32>>,
+    /// Label of each row, below `num_labels`; parallel to `seqs`.
     pub labels: Vec<u32>,
+    /// Fingerprint of the rows read (before any edit).
     pub fingerprint: Fingerprint,
 }
 
@@ -239,10 +242,13 @@ pub fn load_corpus_with(
 pub struct Batch {
     /// Indices of the samples in the corpus.
     pub index: Vec<usize>,
+    /// Token ids, `rows * seq_len`, padded with the tokenizer's pad id.
     pub ids: Vec<u32>,
     /// 1 for real tokens, 0 for padding.
     pub mask: Vec<u8>,
+    /// Number of sequences (`index.len()`).
     pub rows: usize,
+    /// Padded length of every row (at least 1).
     pub seq_len: usize,
 }
 

@@ -74,9 +74,14 @@ fn check_masks(
 
 /// Inputs of `btu apply-masks`.
 pub struct ApplyMasksJob {
+    /// Checkpoint directory to repair (`--checkpoint`): same vocabulary and hidden size as the
+    /// masks.
     pub checkpoint: PathBuf,
+    /// `dimension_masks.arrow` from `btu unlearn` (`--masks`).
     pub masks: PathBuf,
+    /// Output checkpoint directory (`--out`).
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
 }
 

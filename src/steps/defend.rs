@@ -200,6 +200,10 @@ pub struct UnlearnConfig {
     pub trigger_rows: f64,
     /// Escalate a verified trigger's repair while its flip rate's lower bound exceeds this.
     pub max_residual: f64,
+    /// What happens to the candidates verification did not confirm (left out of the step key
+    /// when `keep`, so runs made before the option existed stay valid).
+    #[serde(skip_serializing_if = "crate::steps::unlearn::Unverified::is_keep")]
+    pub unverified: crate::steps::unlearn::Unverified,
 }
 impl Default for UnlearnConfig {
     fn default() -> Self {
@@ -210,6 +214,7 @@ impl Default for UnlearnConfig {
             clean_lr: crate::steps::unlearn::CLEAN_LR,
             trigger_rows: crate::steps::unlearn::TRIGGER_ROWS,
             max_residual: crate::steps::unlearn::MAX_RESIDUAL,
+            unverified: crate::steps::unlearn::Unverified::Keep,
         }
     }
 }
@@ -920,6 +925,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     device: dev.clone(),
                     trigger_rows: u.trigger_rows,
                     max_residual: u.max_residual,
+                    unverified: u.unverified,
                     recheck: crate::steps::verify::VerifyParams {
                         rows: v.rows,
                         min_flip_rate: v.min_flip_rate,

@@ -43,29 +43,41 @@ pub enum RoundData {
 /// The plan of one round.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundPlan {
+    /// Round number, 1 to 3.
     pub round: u8,
+    /// Forward pass the round trains.
     pub arch: Arch,
+    /// Parameters that train (the rest stay frozen).
     pub trainable: Trainable,
+    /// Rows per batch (the preset's, or `--batch-size`).
     pub batch_size: usize,
+    /// Pad every batch to this length instead of its longest row (`reference-code`: `--max-len`).
     pub pad_to: Option<usize>,
+    /// Corpus the round trains on.
     pub data: RoundData,
 }
 
 /// Parameters of detection.
 #[derive(Debug, Clone, Serialize)]
 pub struct DetectParams {
+    /// Variant of the algorithm (`--preset`, default `paper`).
     pub preset: Preset,
     /// Percentage of the vocabulary selected per round.
     pub alpha: f64,
+    /// AdamW learning rate of every round (`--lr`, default 2e-5).
     pub lr: f64,
+    /// AdamW weight decay (`--weight-decay`, default 0.01).
     pub weight_decay: f64,
     /// Overrides the preset's batch sizes.
     pub batch_size: Option<usize>,
+    /// Tokens per sequence including `[CLS]`/`[SEP]` (`--max-len`, default 128).
     pub max_len: usize,
+    /// Epochs per round (`--epochs`, default 1).
     pub epochs: usize,
     /// Batch grouping; `random` by default: bucketing by length puts the rows an insertion
     /// attack lengthened into the same few batches and weakens their signal.
     pub batching: crate::model::tokenizer::Batching,
+    /// Seed of the batch order (per round and epoch) and of a missing head (`--seed`).
     pub seed: u64,
     /// Overrides the model config's number of classes.
     pub num_labels: Option<usize>,
@@ -190,19 +202,29 @@ pub fn top_k(alpha: f64, vocab: usize) -> usize {
 /// What one round did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundSummary {
+    /// What the round was to do.
     pub plan: RoundPlan,
+    /// One entry per epoch.
     pub stats: Vec<EpochStats>,
+    /// Wall-clock seconds of the round, scoring included.
     pub seconds: f64,
+    /// Rows trained per second of training time.
     pub samples_per_s: f64,
+    /// The round's selected tokens as strings, best rank first.
     pub selected: Vec<String>,
+    /// The same tokens' ids, in the same order.
     pub selected_ids: Vec<u32>,
 }
 
 /// Everything detection found.
 pub struct Detection {
+    /// `token_scores` rows: every round x every vocabulary id, in that order.
     pub scores: Vec<TokenScore>,
+    /// `suspicious_tokens` rows: the union `T`, by best rank then id.
     pub suspicious: Vec<SuspiciousToken>,
+    /// One summary per round.
     pub rounds: Vec<RoundSummary>,
+    /// Tokens selected per round, `ceil(alpha% * |V|)`.
     pub k: usize,
 }
 
@@ -445,11 +467,17 @@ fn summarize(
 
 /// Inputs of `btu detect`.
 pub struct DetectJob {
+    /// Labelled corpus to detect on (`--corpus`).
     pub corpus: CorpusSpec,
+    /// Model directory every round starts from (`--model`).
     pub model: PathBuf,
+    /// Output directory (`--out`).
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// Device spec (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
+    /// Detection parameters.
     pub params: DetectParams,
 }
 

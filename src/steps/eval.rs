@@ -25,19 +25,29 @@ use crate::steps::poison::{insert_trigger, row_rng, Attack};
 /// The attack applied to the test split for ASR.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalAttack {
+    /// The attack (`--attack`).
     pub attack: Attack,
+    /// Trigger words of Add-Word, one drawn per attacked row (`--trigger`).
     pub triggers: Vec<String>,
+    /// Trigger sentence of Add-Sent (`--sentence`).
     pub sentence: String,
+    /// Column holding the rewritten texts, for Rewrite (`--rewrite-col`).
     pub rewrite_col: Option<String>,
+    /// Target label: ASR counts non-target rows predicted as it (`--target`).
     pub target: i64,
+    /// Random insertions averaged for ASR (`--repeats`, at least 1).
     pub repeats: usize,
+    /// Seed of the insert positions (`--seed`).
     pub seed: u64,
 }
 
 /// A test split read for evaluation.
 pub struct TestSplit {
+    /// Each row's `id` column value (cast to Int64), else its row number within its file.
     pub ids: Vec<i64>,
+    /// The texts, in reading order.
     pub texts: Vec<String>,
+    /// The labels, parallel to `texts`.
     pub labels: Vec<i64>,
     /// The rewrite column's text (None where absent), when one was asked for.
     pub rewrites: Option<Vec<Option<String>>>,
@@ -116,7 +126,9 @@ pub fn attacked_rows(split: &TestSplit, a: &EvalAttack, repeat: usize) -> Vec<(u
 pub trait Classifier {
     /// Logits `[n][num_labels]`.
     fn logits(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>>;
+    /// Number of classes the model predicts.
     fn num_labels(&self) -> usize;
+    /// Name of the runtime (`candle` or `ort`), as `metrics.json` reports it.
     fn backend(&self) -> &'static str;
     /// Class probabilities.
     fn proba(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
@@ -383,8 +395,11 @@ pub fn open_classifier(
 
 /// Predictions of one pass.
 pub struct Pass {
+    /// Indices of the rows in the [`TestSplit`].
     pub rows: Vec<usize>,
+    /// Predicted class of each row (argmax).
     pub pred: Vec<i64>,
+    /// Probability of the target class for each row.
     pub target_prob: Vec<f32>,
 }
 
@@ -503,16 +518,28 @@ pub fn evaluate(
 
 /// Inputs of `btu eval`.
 pub struct EvalJob {
+    /// Checkpoint directory or exported `.onnx` file (`--model`).
     pub model: PathBuf,
+    /// Labelled test split (`--test`).
     pub test: CorpusSpec,
+    /// Output directory: `metrics.json`, `predictions.parquet` (`--out`).
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// Attack for ASR; `None` measures ACC only.
     pub attack: Option<EvalAttack>,
+    /// Target label (`--target`): the class of `target_prob` and of the clean false-positive and
+    /// false-negative rates.
     pub target: i64,
+    /// Tokens per sequence including `[CLS]`/`[SEP]` (`--max-len`).
     pub max_len: usize,
+    /// Device of the candle backend (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
+    /// Runtime (`--backend`); `None` picks ort for `.onnx` files, candle otherwise.
     pub backend: Option<Backend>,
+    /// `libonnxruntime.so` to load (`--ort-lib`); see [`find_ort_library`].
     pub ort_lib: Option<PathBuf>,
+    /// Seed of a missing head (`--seed`); the insertions use [`EvalAttack::seed`].
     pub seed: u64,
 }
 

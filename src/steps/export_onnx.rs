@@ -298,9 +298,13 @@ pub fn own_tokenizer_path(onnx: &Path) -> PathBuf {
 
 /// Inputs of `btu export-onnx`.
 pub struct ExportJob {
+    /// Model directory to export (`--checkpoint`: `config.json`, `model.safetensors`, tokenizer).
     pub checkpoint: PathBuf,
+    /// Output `.onnx` file (`--out`); `<stem>.tokenizer.json` is written beside it.
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// Seed of a pooler or classification head the checkpoint lacks (`--seed`).
     pub seed: u64,
 }
 

@@ -23,22 +23,37 @@ use crate::model::{BertClassifier, BertConfig};
 /// Model sizes.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelSize {
+    /// Encoder layers (`--layers`, at least 1).
     pub layers: usize,
+    /// Hidden size (`--hidden`), a multiple of `heads`.
     pub hidden: usize,
+    /// Attention heads per layer (`--heads`).
     pub heads: usize,
+    /// Feed-forward width inside each layer (`--intermediate`).
     pub intermediate: usize,
+    /// Position embeddings, the longest sequence the model takes (`--max-position`).
     pub max_position: usize,
+    /// Classes of the classification head (`--num-labels`, at least 2).
     pub num_labels: usize,
 }
 
 /// Inputs of `btu init-model`.
 pub struct InitModelJob {
+    /// Output model directory (`--out`).
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// Corpus to train the WordPiece vocabulary on (`--corpus`); ignored when `tokenizer` is given.
     pub corpus: Option<CorpusSpec>,
+    /// A tokenizer to use instead of training one (`--tokenizer`: `tokenizer.json`, `vocab.txt`
+    /// or a model directory).
     pub tokenizer: Option<PathBuf>,
+    /// Target size of the trained vocabulary (`--vocab-size`, at least 100; unused with
+    /// `tokenizer`).
     pub vocab_size: usize,
+    /// Model sizes.
     pub size: ModelSize,
+    /// Seed of the random weights (`--seed`).
     pub seed: u64,
 }
 

@@ -51,13 +51,21 @@ pub const DEFAULT_SENTENCE: &str = "I watch this 3D movie";
 /// Parameters of an attack.
 #[derive(Debug, Clone, Serialize)]
 pub struct PoisonParams {
+    /// The attack (`--attack`).
     pub attack: Attack,
+    /// Trigger words of Add-Word, one drawn per poisoned row (`--trigger`, default `cf`).
     pub triggers: Vec<String>,
+    /// Trigger sentence of Add-Sent (`--sentence`, default [`DEFAULT_SENTENCE`]).
     pub sentence: String,
+    /// Column holding the rewritten texts, for Rewrite (`--rewrite-col`).
     pub rewrite_col: Option<String>,
+    /// Poison rate in (0, 1]: a fraction of the corpus, or of each class in `mix` mode (`--rate`).
     pub rate: f64,
+    /// Target label (`--target`); must occur in the corpus.
     pub target: i64,
+    /// Which rows are poisoned (`--mode`).
     pub mode: Mode,
+    /// Seed of the row choice and of the insert positions (`--seed`).
     pub seed: u64,
 }
 
@@ -146,9 +154,13 @@ pub fn choose(labels: &[i64], usable: &[bool], p: &PoisonParams) -> Result<BTree
 
 /// Inputs of `btu poison`.
 pub struct PoisonJob {
+    /// Labelled corpus to poison (`--input`); read twice, in the same order.
     pub input: CorpusSpec,
+    /// Output Parquet file (`--output`).
     pub output: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// The attack.
     pub params: PoisonParams,
 }
 

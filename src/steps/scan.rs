@@ -26,12 +26,17 @@ use crate::progress::Progress;
 
 /// Inputs of `btu scan`.
 pub struct ScanJob {
+    /// The corpus to scan (`--corpus`); the label column is optional per file.
     pub corpus: CorpusSpec,
+    /// `suspicious_tokens.arrow` from `btu detect` (`--suspicious`).
     pub suspicious: PathBuf,
     /// `token_effects.arrow` from `btu verify`: flag rows by the verified triggers only.
     pub effects: Option<PathBuf>,
+    /// Model directory or `tokenizer.json` of the tokenizer detection used (`--tokenizer`).
     pub tokenizer: PathBuf,
+    /// Output Parquet file of `flagged_rows` (`--out`, must end in `.parquet`).
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
 }
 

@@ -40,10 +40,15 @@ pub const DEFAULT_MEMORY_LIMIT: &str = "2G";
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
+    /// A pretty-printed text table (holds the whole result, within `--memory-limit`).
     Table,
+    /// CSV with a header row, streamed.
     Csv,
+    /// One JSON array of row objects, streamed.
     Json,
+    /// A zstd-compressed Parquet file (needs `--output`).
     Parquet,
+    /// An Arrow IPC file (needs `--output`).
     Arrow,
 }
 
@@ -55,8 +60,11 @@ pub struct SqlJob {
     pub run: Option<PathBuf>,
     /// The query; `None` reads queries (separated by `;`) from standard input.
     pub query: Option<String>,
+    /// How results are written (`--format`).
     pub format: Format,
+    /// File to write the result to instead of standard output (`--output`), atomically.
     pub output: Option<PathBuf>,
+    /// Replace an existing `--output` file (`--overwrite`).
     pub overwrite: bool,
     /// Bound on each query: planning, execution and writing its result (`--timeout`).
     pub timeout: Option<Duration>,

@@ -28,13 +28,21 @@ use crate::training::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
 /// Hyper-parameters of fine-tuning.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TrainParams {
+    /// Training epochs (`--epochs`, at least 1; default 3).
     pub epochs: usize,
+    /// AdamW learning rate (`--lr`, default 2e-5).
     pub lr: f64,
+    /// AdamW weight decay (`--weight-decay`, default 0.01).
     pub weight_decay: f64,
+    /// Rows per batch (`--batch-size`, default 32).
     pub batch_size: usize,
+    /// Tokens per sequence including `[CLS]`/`[SEP]` (`--max-len`, default 128).
     pub max_len: usize,
+    /// Batch grouping (`--batching`, default random).
     pub batching: Batching,
+    /// Seed of the batch order (`seed + epoch` per epoch) and of a missing head (`--seed`).
     pub seed: u64,
+    /// Classes of the head; `None` keeps the model config's (`--num-labels`).
     pub num_labels: Option<usize>,
 }
 
@@ -169,12 +177,20 @@ pub fn fit(
 
 /// Inputs of `btu train`.
 pub struct TrainJob {
+    /// Labelled training corpus (`--corpus`).
     pub corpus: CorpusSpec,
+    /// Labelled dev corpus (`--dev`): the epoch with the best accuracy on it is kept; without it
+    /// the last epoch.
     pub dev: Option<CorpusSpec>,
+    /// Model directory to start from (`--model`).
     pub model: PathBuf,
+    /// Output checkpoint directory (`--out`).
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// Device spec (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
+    /// Hyper-parameters.
     pub params: TrainParams,
 }
 

@@ -15,10 +15,16 @@ use crate::model::{Arch, BertClassifier};
 /// AdamW hyper-parameters (PyTorch defaults but for the learning rate).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct AdamWConfig {
+    /// Learning rate.
     pub lr: f64,
+    /// Decay rate of the first moment (PyTorch's `betas[0]`, default 0.9).
     pub beta1: f64,
+    /// Decay rate of the second moment (PyTorch's `betas[1]`, default 0.999).
     pub beta2: f64,
+    /// Added to the bias-corrected root of the second moment (default 1e-8).
     pub eps: f64,
+    /// Decoupled weight decay: each step multiplies parameters by `1 - lr * weight_decay`
+    /// (default 0.01).
     pub weight_decay: f64,
 }
 
@@ -180,13 +186,21 @@ impl AdamW {
 /// What one epoch did.
 #[derive(Debug, Clone, Serialize)]
 pub struct EpochStats {
+    /// Optimiser steps (batches).
     pub steps: usize,
+    /// Rows trained on.
     pub samples: usize,
+    /// Real (non-padding) tokens trained on.
     pub tokens: usize,
+    /// Wall-clock seconds of the epoch.
     pub seconds: f64,
+    /// `samples / seconds`.
     pub samples_per_s: f64,
+    /// Mean cross-entropy of the first batch (NaN when there was none).
     pub loss_first: f64,
+    /// Mean of the batches' losses.
     pub loss_mean: f64,
+    /// Mean cross-entropy of the last batch (NaN when there was none).
     pub loss_last: f64,
 }
 
@@ -199,9 +213,13 @@ pub fn batch_tensors(b: &Batch, dev: &Device) -> Result<(Tensor, Tensor)> {
 
 /// The data one epoch trains on.
 pub struct EpochData<'a> {
+    /// Token ids of every row.
     pub seqs: &'a [Vec<u32>],
+    /// Label of every row, parallel to `seqs`.
     pub labels: &'a [u32],
+    /// Padding token id.
     pub pad_id: u32,
+    /// Rows per batch (the last batch may be smaller).
     pub batch_size: usize,
     /// Pad every batch to this length (the released code pads to 128) instead of its longest row.
     pub pad_to: Option<usize>,

@@ -45,6 +45,27 @@ pub enum Replacement {
     ReferencePad,
 }
 
+/// What happens to the candidates verification did not confirm (with `--effects`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unverified {
+    /// Leave their rows as the checkpoint has them.
+    #[default]
+    Keep,
+    /// Restore their pre-trained rows (the reference model's): undoes whatever the suspect's
+    /// training taught them, clean or not.
+    ReferenceRow,
+}
+
+impl Unverified {
+    /// `keep`, the default.
+    pub fn is_keep(&self) -> bool {
+        *self == Unverified::Keep
+    }
+}
+
 /// A dense row-major `[rows, cols]` f32 matrix.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix {
@@ -119,6 +140,28 @@ pub fn compute_masks(
                     trained: rb[i],
                     delta,
                     written: pad_row[i],
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Masks restoring the reference rows of `tokens`: every dimension where `eb` differs from `e`.
+pub fn restore_masks(e: &Matrix, eb: &Matrix, tokens: &[(u32, String)]) -> Vec<DimensionMask> {
+    let mut out = Vec::new();
+    for (t, tok) in tokens {
+        let (re, rb) = (e.row(*t as usize), eb.row(*t as usize));
+        for i in 0..e.cols {
+            if rb[i] != re[i] {
+                out.push(DimensionMask {
+                    token_id: *t,
+                    token: tok.clone(),
+                    dim: i as u32,
+                    reference: re[i],
+                    trained: rb[i],
+                    delta: rb[i] - re[i],
+                    written: re[i],
                 });
             }
         }
@@ -225,6 +268,8 @@ pub struct UnlearnJob {
     pub max_residual: f64,
     /// Rows tried (and seed) of the rechecks that drive the escalation.
     pub recheck: crate::steps::verify::VerifyParams,
+    /// With `effects`: what happens to the candidates that were not verified.
+    pub unverified: Unverified,
 }
 
 /// Default epochs of the clean fine-tune (measured: docs/decisions.md; the paper's is 3).
@@ -335,7 +380,19 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
                 name: &wn,
                 d_bar,
             };
-            repair_verified(job, v, &suspicious, &tok, &ctx, &mut trained, &out)?
+            let (mut masks, stages) =
+                repair_verified(job, v, &suspicious, &tok, &ctx, &mut trained, &out)?;
+            if job.unverified == Unverified::ReferenceRow {
+                let repaired: BTreeSet<u32> = masks.iter().map(|m| m.token_id).collect();
+                let rest: Vec<(u32, String)> = tokens
+                    .iter()
+                    .filter(|(id, _)| !repaired.contains(id))
+                    .cloned()
+                    .collect();
+                masks.extend(restore_masks(&e, &eb, &rest));
+                masks.sort_by_key(|m| (m.token_id, m.dim));
+            }
+            (masks, stages)
         }
         None => (
             compute_masks(&e, &eb, &tokens, pad, d_bar, job.replacement),
@@ -375,6 +432,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         params["trigger_rows"] = json!(job.trigger_rows);
         params["max_residual"] = json!(job.max_residual);
         params["recheck"] = json!(job.recheck);
+        params["unverified"] = json!(job.unverified);
     }
     let meta = TableMeta {
         command: "unlearn".into(),
