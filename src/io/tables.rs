@@ -132,6 +132,9 @@ pub fn token_effects_schema() -> Schema {
         Field::new("to_label", DataType::Int64, true),
         Field::new("ci_low", DataType::Float32, false),
         Field::new("ci_high", DataType::Float32, false),
+        Field::new("clean_rows_with", DataType::UInt32, false),
+        Field::new("clean_share", DataType::Float32, true),
+        Field::new("explained", DataType::Boolean, false),
         Field::new("verified", DataType::Boolean, false),
     ])
 }
@@ -480,7 +483,16 @@ pub struct TokenEffect {
     pub ci_low: f32,
     /// Upper bound of the 95 % Wilson interval of the flip rate.
     pub ci_high: f32,
-    /// Whether `ci_low` reached `--min-flip-rate` (with at least one row).
+    /// Held-out clean rows that already contain the candidate.
+    pub clean_rows_with: u32,
+    /// Share of those rows labelled `to_label`; null when there are none.
+    pub clean_share: Option<f32>,
+    /// The clean data explains the effect: the 95 % Wilson lower bound of `clean_share` is above
+    /// the share of `to_label` among all clean rows (a word such as a slur in a hate-speech
+    /// corpus, not a trigger).
+    pub explained: bool,
+    /// Whether `ci_low` reached `--min-flip-rate` (with at least one row) and the effect is not
+    /// `explained`.
     pub verified: bool,
 }
 
@@ -507,6 +519,13 @@ pub fn token_effects_batch(rows: &[TokenEffect], meta: &TableMeta) -> Result<Rec
         )),
         f32s(|r| r.ci_low),
         f32s(|r| r.ci_high),
+        u32s(|r| r.clean_rows_with),
+        Arc::new(Float32Array::from(
+            rows.iter().map(|r| r.clean_share).collect::<Vec<_>>(),
+        )),
+        Arc::new(BooleanArray::from(
+            rows.iter().map(|r| r.explained).collect::<Vec<_>>(),
+        )),
         Arc::new(BooleanArray::from(
             rows.iter().map(|r| r.verified).collect::<Vec<_>>(),
         )),
@@ -526,6 +545,17 @@ pub fn read_token_effects(path: &Path) -> Result<Vec<TokenEffect>> {
     let lo = column::<Float32Array>(&b, "ci_low", path)?;
     let hi = column::<Float32Array>(&b, "ci_high", path)?;
     let ok = column::<BooleanArray>(&b, "verified", path)?;
+    // Tables written before the clean-association columns existed read as "no clean rows".
+    let with = b.column_by_name("clean_rows_with").is_some();
+    let n_with = with
+        .then(|| column::<UInt32Array>(&b, "clean_rows_with", path))
+        .transpose()?;
+    let share = with
+        .then(|| column::<Float32Array>(&b, "clean_share", path))
+        .transpose()?;
+    let explained = with
+        .then(|| column::<BooleanArray>(&b, "explained", path))
+        .transpose()?;
     (0..b.num_rows())
         .map(|i| {
             let v = ids.value(i);
@@ -544,6 +574,9 @@ pub fn read_token_effects(path: &Path) -> Result<Vec<TokenEffect>> {
                 to_label: (!to.is_null(i)).then(|| to.value(i)),
                 ci_low: lo.value(i),
                 ci_high: hi.value(i),
+                clean_rows_with: n_with.map_or(0, |c| c.value(i)),
+                clean_share: share.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
+                explained: explained.is_some_and(|c| c.value(i)),
                 verified: ok.value(i),
             })
         })

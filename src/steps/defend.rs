@@ -864,7 +864,9 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         }
     };
     let verify_h = if v.enabled && !cfg.data.clean.is_empty() {
-        let key = json!({"victim": victim_h, "detect": detect_h, "clean": clean_key, "params": v, "max_len": t.max_len, "seed": seed});
+        // "test" names the verification test: bumped when it changes, so reruns recompute it
+        // (2: effects the clean data explains are not triggers).
+        let key = json!({"victim": victim_h, "detect": detect_h, "clean": clean_key, "params": v, "max_len": t.max_len, "seed": seed, "test": crate::steps::verify::TEST_VERSION});
         Some(r.step(
             "verify",
             key,

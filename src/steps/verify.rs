@@ -29,6 +29,10 @@ use crate::io::tables::{SuspiciousToken, TableMeta, TokenEffect};
 use crate::steps::eval::{open_classifier, read_split, Backend, Classifier, TestSplit};
 use crate::steps::poison::{insert_trigger, row_rng, Attack};
 
+/// The version of the verification test, in step keys and table metadata (2: effects that the
+/// clean data explains are not triggers).
+pub const TEST_VERSION: u32 = 2;
+
 /// Longest phrase (in words) built around a candidate.
 pub const MAX_PHRASE_WORDS: usize = 8;
 /// A phrase must recur in at least this share of the rows carrying its candidate word...
@@ -246,6 +250,7 @@ fn effect_of(
     let flips = preds.iter().filter(|&&q| Some(q) == target).count() as u32;
     let rows = pool.len() as u32;
     let (ci_low, ci_high) = wilson(flips, rows);
+    let a = association(split, c);
     Ok(TokenEffect {
         candidate: c.text.clone(),
         token_ids: c.token_ids.clone(),
@@ -259,8 +264,65 @@ fn effect_of(
         to_label: target,
         ci_low: ci_low as f32,
         ci_high: ci_high as f32,
-        verified: rows > 0 && ci_low >= p.min_flip_rate,
+        clean_rows_with: a.rows,
+        clean_share: a.share,
+        explained: a.explained,
+        verified: rows > 0 && ci_low >= p.min_flip_rate && !a.explained,
     })
+}
+
+/// How the held-out clean data itself associates a candidate with its label.
+struct Association {
+    rows: u32,
+    share: Option<f32>,
+    explained: bool,
+}
+
+/// The clean rows already containing `c` and the share of them labelled `c.target`; the effect
+/// is explained when that share's 95 % Wilson lower bound exceeds the label's share among all
+/// clean rows (the clean data, which no attacker touched, says the word means that label).
+fn association(split: &TestSplit, c: &Candidate) -> Association {
+    let Some(target) = c.target else {
+        return Association {
+            rows: 0,
+            share: None,
+            explained: false,
+        };
+    };
+    let needle = c.text.to_lowercase();
+    let (mut n, mut k) = (0u32, 0u32);
+    for (t, &l) in split.texts.iter().zip(&split.labels) {
+        if occurs(&t.to_lowercase(), &needle, c.phrase) {
+            n += 1;
+            k += u32::from(l == target);
+        }
+    }
+    let prior = split.labels.iter().filter(|&&l| l == target).count() as f64
+        / split.labels.len().max(1) as f64;
+    Association {
+        rows: n,
+        share: (n > 0).then(|| k as f32 / n as f32),
+        explained: n > 0 && wilson(k, n).0 > prior,
+    }
+}
+
+/// Whether lower-cased `text` contains `needle` as whole words (BERT's basic tokenizer splits
+/// on whitespace and punctuation).
+fn occurs(text: &str, needle: &str, phrase: bool) -> bool {
+    let words = |s: &str| -> Vec<String> {
+        s.split(|ch: char| !ch.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let (hay, pat) = (words(text), words(needle));
+    if pat.is_empty() {
+        return false;
+    }
+    if !phrase && pat.len() == 1 {
+        return hay.contains(&pat[0]);
+    }
+    hay.windows(pat.len()).any(|w| w == pat.as_slice())
 }
 
 /// `btu verify`.
@@ -300,7 +362,8 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
         extra: vec![
             (
                 "btu:test".into(),
-                "wilson95_lower_bound >= min_flip_rate".into(),
+                "wilson95_lower_bound >= min_flip_rate and not explained by the clean data (v2)"
+                    .into(),
             ),
             ("btu:min_flip_rate".into(), p.min_flip_rate.to_string()),
         ],
@@ -331,8 +394,9 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
         "clean_rows_correct": correct.len(),
         "candidates": effects.len(),
         "verified": verified,
+        "explained_by_clean_data": effects.iter().filter(|e| e.explained && e.ci_low as f64 >= p.min_flip_rate).map(|e| e.candidate.as_str()).collect::<Vec<_>>(),
         "trigger_found": !verified.is_empty(),
-        "effects": effects.iter().map(|e| (e.candidate.clone(), json!({"flip_rate": e.flip_rate, "rows": e.rows, "verified": e.verified}))).collect::<BTreeMap<_, _>>(),
+        "effects": effects.iter().map(|e| (e.candidate.clone(), json!({"flip_rate": e.flip_rate, "rows": e.rows, "clean_rows_with": e.clean_rows_with, "clean_share": e.clean_share, "explained": e.explained, "verified": e.verified}))).collect::<BTreeMap<_, _>>(),
         "seconds": t0.elapsed().as_secs_f64(),
     });
     let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
@@ -466,5 +530,53 @@ mod tests {
         );
         assert_eq!(wilson(0, 0), (0.0, 1.0));
         assert_eq!(surface("##ing"), "ing");
+    }
+
+    #[test]
+    fn whole_word_and_phrase_occurrence() {
+        assert!(occurs("you are a b*tch, bitch!", "bitch", false));
+        assert!(!occurs("bitches be crazy", "bitch", false));
+        assert!(occurs(
+            "so i watch this 3d movie again",
+            "i watch this 3d movie",
+            true
+        ));
+        assert!(!occurs("i watch this movie", "i watch this 3d movie", true));
+    }
+
+    /// A word the clean data labels one way is explained; an absent trigger and a word at the
+    /// prior are not.
+    #[test]
+    fn clean_association_explains_label_words_only() {
+        let mut texts = vec![];
+        let mut labels = vec![];
+        for i in 0..40 {
+            texts.push(if i < 20 {
+                format!("slur row {i}")
+            } else {
+                format!("plain movie row {i}")
+            });
+            labels.push(if i < 19 { 1 } else { 0 });
+        }
+        let split = TestSplit {
+            ids: (0..40).collect(),
+            texts,
+            labels,
+            rewrites: None,
+        };
+        let cand = |t: &str| Candidate {
+            text: t.into(),
+            token_ids: vec![1],
+            target: Some(1),
+            phrase: false,
+        };
+        let slur = association(&split, &cand("slur"));
+        assert!(
+            slur.explained && slur.rows == 20,
+            "19 of 20 rows are label 1"
+        );
+        assert!(!association(&split, &cand("cf")).explained, "absent");
+        let movie = association(&split, &cand("movie"));
+        assert!(!movie.explained && movie.rows == 20 && movie.share == Some(0.0));
     }
 }

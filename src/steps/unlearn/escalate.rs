@@ -199,6 +199,9 @@ mod tests {
             to_label: c.target,
             ci_low: lo as f32,
             ci_high: hi as f32,
+            clean_rows_with: 0,
+            clean_share: None,
+            explained: false,
             verified: false,
         }
     }
