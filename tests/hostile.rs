@@ -305,7 +305,48 @@ fn targets_and_rewrite_columns_outside_the_data_are_refused() {
         "rewrite column 'id'",
         "{poison} --attack rewrite --rewrite-col id"
     );
+    // An attack without what it inserts measured nothing (ASR null) and exited 0.
+    fails!(78, "--rewrite-col", "{eval} --attack rewrite");
+    let mut empty = words(&eval);
+    empty.extend(["--attack", "add-sent", "--sentence", " "]);
+    fails_with(&run(&empty), 78, "--sentence");
     assert!(!out.exists());
+}
+
+#[test]
+fn demo_overwrite_replaces_only_an_earlier_demo_run() {
+    let d = scratch("demo-out");
+    let keep = d.join("precious.txt");
+    std::fs::write(&keep, "mine").unwrap();
+    // `--out DIR --overwrite` once removed whatever DIR was (`--out .` removed the working dir).
+    fails!(
+        78,
+        "not a btu demo run",
+        "demo --out {} --overwrite --rows 200",
+        s(&d)
+    );
+    assert_eq!(std::fs::read_to_string(&keep).unwrap(), "mine");
+}
+
+#[test]
+fn a_file_named_twice_is_read_once() {
+    let f = fixture();
+    let (c, ..) = f.paths();
+    let d = scratch("twice");
+    let (p1, p2) = (d.join("p.parquet"), d.join("p2.parquet"));
+    let o = s(&p1);
+    let once = ok!("poison --input {c} --output {o} --attack add-word --rate 0.1");
+    let o2 = s(&p2);
+    let twice = ok!(
+        "poison --input {c} {} {c} --output {o2} --attack add-word --rate 0.1",
+        s(&f.corpus.with_file_name("clean.parquet"))
+    );
+    let clean_rows = 600;
+    assert_eq!(
+        twice["rows"].as_u64().unwrap(),
+        once["rows"].as_u64().unwrap() + clean_rows,
+        "{twice}"
+    );
 }
 
 #[test]

@@ -144,6 +144,13 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<Value> {
                 return Err(BtuError::OutputExists { path: d.clone() });
             }
             if d.exists() {
+                // Replace only an earlier demo run (never, say, `--out .`).
+                if !d.join("data").is_dir() || !d.join(".btu").is_dir() {
+                    return Err(BtuError::config(
+                        "--out",
+                        format!("{} exists and is not a btu demo run; give a new directory (--overwrite replaces only an earlier demo run)", d.display()),
+                    ));
+                }
                 std::fs::remove_dir_all(d).map_err(|e| BtuError::io(d, e))?;
             }
             d.clone()

@@ -171,7 +171,9 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
             files.push(p.to_path_buf());
         }
     }
-    files.dedup();
+    // The same file named twice (by two globs, or `a b a`) is read once, in first-seen order.
+    let mut seen = std::collections::BTreeSet::new();
+    files.retain(|p| seen.insert(p.clone()));
     let mut local: Vec<InputFile> = files
         .into_iter()
         .map(|p| {

@@ -584,6 +584,27 @@ pub fn run(job: &EvalJob) -> Result<Value> {
     crate::validate::max_len("--max-len", job.max_len, None)?;
     if let Some(a) = &job.attack {
         crate::validate::at_least("--repeats", a.repeats, 1)?;
+        match a.attack {
+            Attack::Rewrite if a.rewrite_col.is_none() => {
+                return Err(BtuError::config(
+                    "--rewrite-col",
+                    "--attack rewrite needs the column holding the rewritten texts",
+                ))
+            }
+            Attack::AddWord if a.triggers.iter().all(|t| t.trim().is_empty()) => {
+                return Err(BtuError::config(
+                    "--trigger",
+                    "--attack add-word needs a trigger word",
+                ))
+            }
+            Attack::AddSent if a.sentence.trim().is_empty() => {
+                return Err(BtuError::config(
+                    "--sentence",
+                    "--attack add-sent needs a trigger sentence",
+                ))
+            }
+            _ => {}
+        }
     }
     crate::io::output::check_output(&job.out, job.overwrite)?;
     let mut clf = open_classifier(
