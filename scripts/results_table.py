@@ -60,20 +60,80 @@ def table(d):
 
 
 BEGIN, END = "<!-- table:begin (scripts/results_table.py) -->", "<!-- table:end -->"
+DBEGIN, DEND = "<!-- default-table:begin (scripts/results_table.py) -->", "<!-- default-table:end -->"
+
+# docs/results/<dataset>-<attack>[-<rate>]-default[-seed<N>].json, in table order.
+DEFAULT_RUNS = [
+    (ds, attack, rate, seed)
+    for ds in ["sst2", "hsol"]
+    for attack in ["addword", "addsent", "stylebkd", "synbkd"]
+    for rate, seed in [("", ""), ("", "-seed43"), ("-1", "")]
+]
+DATASETS = {"sst2": "SST-2", "hsol": "HSOL"}
+ATTACKS = {"addword": "Add-Word", "addsent": "Add-Sent", "stylebkd": "Stylebkd", "synbkd": "Synbkd"}
+
+
+def cell5(m):
+    """ACC / ASR (FPR, flip, FNR)."""
+    return (f"{pct(m['acc'])} / {pct(m['asr'])} ({pct(m.get('clean_false_positive_rate'))}, "
+            f"{pct(m.get('flip_rate'))}, {pct(m.get('clean_false_negative_rate'))})")
+
+
+def verification_share(m):
+    """Seconds of the verify steps and the escalation's rechecks, and their share of the run."""
+    total = sum(step_seconds(s) for s in m["steps"])
+    ver = sum(step_seconds(s) for s in m["steps"] if s["step"].startswith("verify"))
+    for s in m["steps"]:
+        u = s.get("summary") or {}
+        if s["step"] == "unlearn" and isinstance(u.get("escalation"), list):
+            tuning = sum(e.get("seconds", 0.0) for e in (u.get("clean_tuning") or {}).get("epochs", []))
+            ver += max(0.0, u.get("seconds", 0.0) - tuning)
+    return total, ver
+
+
+def default_table(d):
+    rows = []
+    for ds, attack, rate, seed in DEFAULT_RUNS:
+        p = os.path.join(d, f"{ds}-{attack}{rate}-default{seed}.json")
+        if not os.path.exists(p):
+            continue
+        m = json.load(open(p))
+        b, a, c = m["without_defence"], m["with_defence"], m["acc_change"]
+        total, ver = verification_share(m)
+        poison = next(s for s in m["steps"] if s["step"] == "poison")["summary"]["params"]
+        ok = ""
+        if attack in ("addword", "addsent"):
+            good = c["delta"] >= -0.005 and (a.get("flip_rate") or 1.0) <= 0.03
+            ok = "yes" if good else "no"
+        verified = ", ".join(f"`{v}`" for v in (m.get("verified") or [])) or "none"
+        rows.append(
+            f"| {DATASETS[ds]} | {ATTACKS[attack]} | {100 * poison['rate']:g} % | {poison['seed']} "
+            f"| {cell5(b)} | {cell5(a)} | {100 * c['delta']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] "
+            f"| {verified} | {m.get('dimensions_replaced', 0)} | {ok} | {total / 60:.0f} min, {100 * ver / total:.1f} % |"
+        )
+    out = [
+        "| dataset | attack | poison | seed | without defence: ACC / ASR (FPR, flip, FNR) | with btu: ACC / ASR (FPR, flip, FNR) "
+        "| ACC change, points [95 % CI] | verified triggers | dimensions replaced | ACC >= before - 0.5 and flip <= 3 % | time (verification's share) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ] + rows
+    return "\n".join(out) + "\n"
 
 
 def main(argv):
     """results_table.py [DIR] [--update FILE]: print the table, or replace it in FILE between the markers."""
     d = argv[0] if argv and not argv[0].startswith("--") else "docs/results"
-    t = table(d)
+    t, dt = table(d), default_table(d)
     if "--update" in argv:
         f = argv[argv.index("--update") + 1]
         doc = open(f).read()
-        i, j = doc.index(BEGIN), doc.index(END)
-        open(f + ".tmp", "w").write(doc[: i + len(BEGIN)] + "\n" + t + doc[j:])
+        for (b, e, text) in [(BEGIN, END, t), (DBEGIN, DEND, dt)]:
+            if b in doc:
+                i, j = doc.index(b), doc.index(e)
+                doc = doc[: i + len(b)] + "\n" + text + doc[j:]
+        open(f + ".tmp", "w").write(doc)
         os.replace(f + ".tmp", f)
     else:
-        sys.stdout.write(t)
+        sys.stdout.write(dt + "\n" + t)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,14 @@ fn add_word_trigger_is_flagged_and_reruns_are_byte_identical() {
     assert_eq!(cf.majority_label, Some(1));
     assert_eq!(cf.label_share, Some(1.0));
     assert_eq!(summary["rounds"].as_array().unwrap().len(), 3);
-    assert!(summary["rounds"][0]["samples_per_s"].as_f64().unwrap() > 0.0);
+    // Round 1 reads the corpus once: its throughput times its time is the corpus's row count.
+    let r1 = &summary["rounds"][0];
+    let seen = r1["samples_per_s"].as_f64().unwrap() * r1["seconds"].as_f64().unwrap();
+    let rows = summary["rows"].as_f64().unwrap();
+    assert!(
+        (seen - rows).abs() < 0.01 * rows,
+        "{seen} samples vs {rows} rows: {r1}"
+    );
     assert!(out1.join("summary.json").is_file());
 
     // token_scores: one row per round x token, ranks 1..=non-special count, k selected per round.

@@ -340,6 +340,9 @@ pub struct UnlearnArgs {
     /// With --effects: the candidates verification did not confirm keep their rows (keep) or get their pre-trained rows back (reference-row).
     #[arg(long, env = "BTU_UNVERIFIED", value_enum, default_value = "keep")]
     pub unverified: crate::steps::unlearn::Unverified,
+    /// When the clean fine-tune runs: auto (with --effects only when a verified trigger still flips the model after the repair; always without --effects) or always (the paper).
+    #[arg(long, env = "BTU_CLEAN_TUNING", value_enum, default_value = "auto")]
+    pub clean_tuning: crate::steps::unlearn::CleanTuning,
     /// Evaluation split(s) the clean corpus must not overlap (checked by row text hash).
     #[arg(long, env = "BTU_EVAL_SPLIT", num_args = 1..)]
     pub eval_split: Vec<String>,
@@ -1011,6 +1014,7 @@ pub fn execute(
                 trigger_rows: a.trigger_rows,
                 max_residual: a.max_residual,
                 unverified: a.unverified,
+                clean_tuning: a.clean_tuning,
                 recheck: crate::steps::verify::VerifyParams {
                     rows: a.recheck_rows,
                     max_len: a.max_len,

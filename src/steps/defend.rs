@@ -204,6 +204,8 @@ pub struct UnlearnConfig {
     /// when `keep`, so runs made before the option existed stay valid).
     #[serde(skip_serializing_if = "crate::steps::unlearn::Unverified::is_keep")]
     pub unverified: crate::steps::unlearn::Unverified,
+    /// When the clean fine-tune runs (`auto`: with verified triggers only when one still flips).
+    pub clean_tuning: crate::steps::unlearn::CleanTuning,
 }
 impl Default for UnlearnConfig {
     fn default() -> Self {
@@ -215,6 +217,7 @@ impl Default for UnlearnConfig {
             trigger_rows: crate::steps::unlearn::TRIGGER_ROWS,
             max_residual: crate::steps::unlearn::MAX_RESIDUAL,
             unverified: crate::steps::unlearn::Unverified::Keep,
+            clean_tuning: crate::steps::unlearn::CleanTuning::Auto,
         }
     }
 }
@@ -928,6 +931,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     trigger_rows: u.trigger_rows,
                     max_residual: u.max_residual,
                     unverified: u.unverified,
+                    clean_tuning: u.clean_tuning,
                     recheck: crate::steps::verify::VerifyParams {
                         rows: v.rows,
                         min_flip_rate: v.min_flip_rate,

@@ -45,6 +45,20 @@ pub enum Replacement {
     ReferencePad,
 }
 
+/// When the clean fine-tune runs (given clean data).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum CleanTuning {
+    /// Without `--effects`, always; with it, only when a verified trigger still flips the model
+    /// after the escalated repair: a repair that removed the effect changes no other weight.
+    #[default]
+    Auto,
+    /// Always (the paper).
+    Always,
+}
+
 /// What happens to the candidates verification did not confirm (with `--effects`).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
@@ -270,6 +284,8 @@ pub struct UnlearnJob {
     pub recheck: crate::steps::verify::VerifyParams,
     /// With `effects`: what happens to the candidates that were not verified.
     pub unverified: Unverified,
+    /// When the clean fine-tune runs.
+    pub clean_tuning: CleanTuning,
 }
 
 /// Default epochs of the clean fine-tune (measured: docs/decisions.md; the paper's is 3).
@@ -433,6 +449,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         params["max_residual"] = json!(job.max_residual);
         params["recheck"] = json!(job.recheck);
         params["unverified"] = json!(job.unverified);
+        params["clean_tuning"] = json!(job.clean_tuning);
     }
     let meta = TableMeta {
         command: "unlearn".into(),
@@ -461,9 +478,20 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         Some(v) if job.trigger_rows > 0.0 => v,
         _ => &[],
     };
+    let persisting = stages
+        .as_ref()
+        .and_then(|s| s.last())
+        .is_some_and(|s| !s.persisting.is_empty());
+    let tune = match job.clean_tuning {
+        CleanTuning::Always => true,
+        CleanTuning::Auto => verified.is_none() || persisting,
+    };
     let clean_summary = match &job.clean_corpus {
-        Some(clean) => clean_tune(job, clean, inserts, &trained, &tok, &out, progress)?
+        Some(clean) if tune => clean_tune(job, clean, inserts, &trained, &tok, &out, progress)?
             .with_disjoint(overlap_checked),
+        Some(_) => {
+            json!({"skipped": "no verified trigger flips the model after the repair, so no other weight changes (--clean-tuning auto)", "disjoint_from": overlap_checked})
+        }
         None => Value::Null,
     };
     out.commit()?;
@@ -619,7 +647,7 @@ fn clean_tune(
     tok: &BtuTokenizer,
     out: &crate::io::output::OutputDir,
     progress: &dyn Progress,
-) -> Result<CleanTuning> {
+) -> Result<TuningSummary> {
     use rand::Rng;
     let dev = crate::device::parse_device(&job.device)?;
     let md = ModelDir::open(&out.path(""))?;
@@ -682,7 +710,7 @@ fn clean_tune(
     // save_model writes the config it holds; keep the checkpoint's own config.
     let cfg = job.checkpoint.join("config.json");
     std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
-    Ok(CleanTuning(json!({
+    Ok(TuningSummary(json!({
         "rows": data.seqs.len(),
         "rows_with_trigger": edited,
         "epochs": epochs,
@@ -691,9 +719,9 @@ fn clean_tune(
 }
 
 /// The clean tuning's summary.
-struct CleanTuning(Value);
+struct TuningSummary(Value);
 
-impl CleanTuning {
+impl TuningSummary {
     fn with_disjoint(mut self, splits: Vec<String>) -> Value {
         self.0["disjoint_from"] = json!(splits);
         self.0
