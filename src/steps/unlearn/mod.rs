@@ -138,36 +138,36 @@ pub fn compute_masks(
         Replacement::TrainedPad => eb.row(pad as usize),
         Replacement::ReferencePad => e.row(pad as usize),
     };
-    let mut sorted: Vec<&(u32, String)> = tokens.iter().collect();
+    let mut sorted = tokens.to_vec();
     sorted.sort_by_key(|t| t.0);
-    let mut out = Vec::new();
-    for (t, tok) in sorted {
-        let (re, rb) = (e.row(*t as usize), eb.row(*t as usize));
-        for i in 0..e.cols {
-            let delta = rb[i] - re[i];
-            if ((rb[i] as f64) - (re[i] as f64)).abs() >= d_bar {
-                out.push(DimensionMask {
-                    token_id: *t,
-                    token: tok.clone(),
-                    dim: i as u32,
-                    reference: re[i],
-                    trained: rb[i],
-                    delta,
-                    written: pad_row[i],
-                });
-            }
-        }
-    }
-    out
+    row_masks(
+        e,
+        eb,
+        &sorted,
+        &|re, rb| ((rb as f64) - (re as f64)).abs() >= d_bar,
+        &|i, _| pad_row[i],
+    )
 }
 
 /// Masks restoring the reference rows of `tokens`: every dimension where `eb` differs from `e`.
 pub fn restore_masks(e: &Matrix, eb: &Matrix, tokens: &[(u32, String)]) -> Vec<DimensionMask> {
+    row_masks(e, eb, tokens, &|re, rb| rb != re, &|_, re| re)
+}
+
+/// For each token (in the given order) and dimension `i` where `select(reference, trained)`, a
+/// mask writing `write(i, reference)`.
+fn row_masks(
+    e: &Matrix,
+    eb: &Matrix,
+    tokens: &[(u32, String)],
+    select: &dyn Fn(f32, f32) -> bool,
+    write: &dyn Fn(usize, f32) -> f32,
+) -> Vec<DimensionMask> {
     let mut out = Vec::new();
     for (t, tok) in tokens {
         let (re, rb) = (e.row(*t as usize), eb.row(*t as usize));
         for i in 0..e.cols {
-            if rb[i] != re[i] {
+            if select(re[i], rb[i]) {
                 out.push(DimensionMask {
                     token_id: *t,
                     token: tok.clone(),
@@ -175,7 +175,7 @@ pub fn restore_masks(e: &Matrix, eb: &Matrix, tokens: &[(u32, String)]) -> Vec<D
                     reference: re[i],
                     trained: rb[i],
                     delta: rb[i] - re[i],
-                    written: re[i],
+                    written: write(i, re[i]),
                 });
             }
         }
