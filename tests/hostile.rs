@@ -369,7 +369,7 @@ fn max_len_beyond_the_position_table_is_78_on_both_backends() {
     );
     ok!("export-onnx --checkpoint {v} --out {x}");
     if btu::steps::eval::find_ort_library(None).is_err() {
-        eprintln!("SKIPPED: ONNX Runtime is absent (make setup installs it): max_len on ort");
+        skipped("SKIPPED: ONNX Runtime is absent (make setup installs it): max_len on ort");
         return;
     }
     fails!(
@@ -679,7 +679,7 @@ fn exports_into_one_folder_keep_their_own_tokenizers() {
         "b has its own tokenizer"
     );
     if btu::steps::eval::find_ort_library(None).is_err() {
-        eprintln!("SKIPPED: ONNX Runtime is absent (make setup installs it): eval of both exports");
+        skipped("SKIPPED: ONNX Runtime is absent (make setup installs it): eval of both exports");
         return;
     }
     for (model, corpus) in [(&a, &f.corpus), (&b, &other_corpus)] {

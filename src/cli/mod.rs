@@ -14,8 +14,10 @@ use crate::progress::Progress;
 #[derive(Debug, Parser)]
 #[command(name = "btu", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Flags every command takes.
     #[command(flatten)]
     pub global: GlobalArgs,
+    /// The step to run.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -107,6 +109,7 @@ impl CorpusArgs {
     }
 }
 
+/// Flags of `btu init-model`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct InitModelArgs {
     /// Output model directory.
@@ -145,10 +148,12 @@ pub struct InitModelArgs {
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// How --corpus is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
 }
 
+/// Flags of `btu poison`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct PoisonArgs {
     /// Input corpus (Parquet file, directory or glob).
@@ -184,10 +189,12 @@ pub struct PoisonArgs {
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// How --input is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
 }
 
+/// Flags of `btu detect`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct DetectArgs {
     /// Corpus (Parquet files, directories or globs).
@@ -239,10 +246,12 @@ pub struct DetectArgs {
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// How --corpus is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
 }
 
+/// Flags of `btu train`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct TrainArgs {
     /// Training corpus.
@@ -287,10 +296,12 @@ pub struct TrainArgs {
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// How --corpus and --dev are read (--limit and --sample apply to --corpus only).
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
 }
 
+/// Flags of `btu unlearn`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct UnlearnArgs {
     /// The trained (possibly backdoored) checkpoint M^b.
@@ -361,10 +372,12 @@ pub struct UnlearnArgs {
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// How --clean-corpus is read (--text-col applies to --eval-split too).
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
 }
 
+/// Flags of `btu apply-masks`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct ApplyMasksArgs {
     /// Checkpoint directory to repair (same vocabulary and hidden size as the masks).
@@ -381,6 +394,7 @@ pub struct ApplyMasksArgs {
     pub overwrite: bool,
 }
 
+/// Flags of `btu eval`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct EvalArgs {
     /// Checkpoint directory.
@@ -410,6 +424,7 @@ pub struct EvalArgs {
     /// Random insertions averaged for ASR.
     #[arg(long, env = "BTU_REPEATS", default_value_t = 1)]
     pub repeats: usize,
+    /// How the model is opened and fed (--max-len, --backend, --ort-lib, --device).
     #[command(flatten)]
     #[serde(flatten)]
     pub classifier: ClassifierArgs,
@@ -419,10 +434,12 @@ pub struct EvalArgs {
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// How --test is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
 }
 
+/// Flags of `btu export-onnx`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct ExportArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json).
@@ -439,6 +456,7 @@ pub struct ExportArgs {
     pub overwrite: bool,
 }
 
+/// Flags of `btu defend`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct DefendArgs {
     /// TOML configuration (see pipelines/*.toml); flags override its settings.
@@ -611,6 +629,7 @@ impl DefendArgs {
     }
 }
 
+/// Flags of `btu demo`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct DemoArgs {
     /// Keep the run directory here (default: a temporary directory, removed afterwards).
@@ -633,6 +652,7 @@ pub struct DemoArgs {
     pub overwrite: bool,
 }
 
+/// Flags of `btu scan`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct ScanArgs {
     /// Corpus (Parquet files, directories, globs, s3:// URLs).
@@ -656,6 +676,7 @@ pub struct ScanArgs {
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// How --corpus is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
 }
@@ -677,6 +698,7 @@ pub struct ClassifierArgs {
     pub device: String,
 }
 
+/// Flags of `btu verify`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct VerifyArgs {
     /// The suspect model: a checkpoint directory (candle) or an exported .onnx (ONNX Runtime).
@@ -704,6 +726,7 @@ pub struct VerifyArgs {
     /// Verified when the 95 % Wilson lower bound of the flip rate reaches this, in (0, 1].
     #[arg(long, env = "BTU_MIN_FLIP_RATE", default_value_t = crate::steps::verify::VerifyParams::default().min_flip_rate)]
     pub min_flip_rate: f64,
+    /// How the model is opened and fed (--max-len, --backend, --ort-lib, --device).
     #[command(flatten)]
     #[serde(flatten)]
     pub classifier: ClassifierArgs,
@@ -713,10 +736,12 @@ pub struct VerifyArgs {
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
     pub overwrite: bool,
+    /// How --clean-corpus and --corpus are read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
 }
 
+/// Flags of `btu sql`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct SqlArgs {
     /// The query (omit it to read queries separated by ';' from standard input; the last may
@@ -748,6 +773,7 @@ pub struct SqlArgs {
     pub memory_limit: String,
 }
 
+/// Flags of `btu schemas`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct SchemasArgs {
     /// Directory to write <table>.schema.json files into.

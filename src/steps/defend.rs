@@ -58,8 +58,10 @@ pub struct DataConfig {
     /// Drop clean rows that also occur in test / asr_test (by text) instead of refusing the run.
     #[serde(default)]
     pub drop_overlap: bool,
+    /// Text column of every split (default `text`).
     #[serde(default = "d_text")]
     pub text_col: String,
+    /// Label column of every split (default `label`).
     #[serde(default = "d_label")]
     pub label_col: String,
 }
@@ -86,16 +88,24 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoisonConfig {
+    /// The attack: `add-word`, `add-sent` or `rewrite` (required).
     pub attack: crate::steps::poison::Attack,
+    /// Trigger words of `add-word`, one drawn per poisoned row (default `["cf"]`).
     #[serde(default = "d_triggers")]
     pub trigger: Vec<String>,
+    /// Trigger sentence of `add-sent` (default [`crate::steps::poison::DEFAULT_SENTENCE`]).
     #[serde(default = "d_sentence")]
     pub sentence: String,
+    /// Column holding the rewritten texts, needed by `rewrite` (no default).
     pub rewrite_col: Option<String>,
+    /// Poison rate in (0, 1]: a fraction of the corpus, or of each class in `mix` mode (default
+    /// 0.1).
     #[serde(default = "d_rate")]
     pub rate: f64,
+    /// Which rows are poisoned: `dirty`, `clean` or `mix` (default `dirty`).
     #[serde(default = "d_mode")]
     pub mode: crate::steps::poison::Mode,
+    /// Target label; must occur in the corpus (default 1).
     #[serde(default = "d_target")]
     pub target: i64,
 }
@@ -119,7 +129,9 @@ fn d_target() -> i64 {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// Model directory every step starts from; set this or `[model.init]`, not both.
     pub path: Option<PathBuf>,
+    /// `[model.init]`: sizes of a random model made by init-model on the training corpus.
     pub init: Option<InitConfig>,
 }
 
@@ -127,11 +139,17 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
+    /// Size of the WordPiece vocabulary trained on the training corpus (at least 100; required).
     pub vocab_size: usize,
+    /// Encoder layers (at least 1; required).
     pub layers: usize,
+    /// Hidden size, a multiple of `heads` (required).
     pub hidden: usize,
+    /// Attention heads per layer (required).
     pub heads: usize,
+    /// Feed-forward width inside each layer (required).
     pub intermediate: usize,
+    /// Position embeddings, the longest sequence the model takes (default 512).
     #[serde(default = "d_maxpos")]
     pub max_position: usize,
 }
@@ -143,11 +161,17 @@ fn d_maxpos() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectConfig {
+    /// Round layout: `paper` or `reference-code` (default `paper`).
     pub preset: crate::steps::detect::Preset,
+    /// Tokens flagged per round, as a percentage of the vocabulary (default 0.05).
     pub alpha: f64,
+    /// AdamW learning rate of every round (default 2e-5).
     pub lr: f64,
+    /// Batch size of every round (default: the preset's).
     pub batch_size: Option<usize>,
+    /// Tokens per sequence including `[CLS]`/`[SEP]` (default 128).
     pub max_len: usize,
+    /// Epochs per round (default 1).
     pub epochs: usize,
     /// Start the frozen head from the class prior (`btu detect --prior-neutral`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -172,9 +196,15 @@ impl Default for DetectConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
+    /// Training epochs of the victim; with `data.dev` the best epoch by accuracy is kept
+    /// (default 3).
     pub epochs: usize,
+    /// AdamW learning rate of the victim (default 2e-5).
     pub lr: f64,
+    /// Rows per batch, of the victim and of the clean fine-tune (default 32).
     pub batch_size: usize,
+    /// Tokens per sequence including `[CLS]`/`[SEP]` (default 128), for the victim and every
+    /// later step: clean fine-tune, verification and evaluation.
     pub max_len: usize,
 }
 impl Default for TrainConfig {
@@ -192,9 +222,15 @@ impl Default for TrainConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UnlearnConfig {
+    /// Dimension threshold `d_bar`: `mean-row` (paper Eq. 6) or `frobenius` (default
+    /// `mean-row`).
     pub threshold: crate::steps::unlearn::Threshold,
+    /// Replacement values: `trained-pad` or `reference-pad` (default `trained-pad`).
     pub replacement: crate::steps::unlearn::Replacement,
+    /// Epochs of the clean fine-tune on `data.clean` (default
+    /// [`crate::steps::unlearn::CLEAN_EPOCHS`]).
     pub clean_epochs: usize,
+    /// AdamW learning rate of the clean fine-tune (default [`crate::steps::unlearn::CLEAN_LR`]).
     pub clean_lr: f64,
     /// With verified triggers: share of the clean-tuning rows that get one inserted, label kept.
     pub trigger_rows: f64,
@@ -260,12 +296,20 @@ pub enum EvalBackend {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
+    /// Attack applied for ASR (default `poison.attack`; required without `[poison]`).
     pub attack: Option<crate::steps::poison::Attack>,
+    /// Trigger words of `add-word` (default `poison.trigger`, else `["cf"]`).
     pub trigger: Vec<String>,
+    /// Trigger sentence of `add-sent` (default `poison.sentence`, else
+    /// [`crate::steps::poison::DEFAULT_SENTENCE`]).
     pub sentence: Option<String>,
+    /// Column holding the rewritten texts, for `rewrite` (default `poison.rewrite_col`).
     pub rewrite_col: Option<String>,
+    /// Target label of the attack (default `poison.target`, else 1).
     pub target: Option<i64>,
+    /// Random insertions averaged for ASR (at least 1; default 1).
     pub repeats: usize,
+    /// How the models are evaluated: `auto`, `ort` or `candle` (default `auto`).
     pub backend: EvalBackend,
 }
 impl Default for EvalConfig {
@@ -288,23 +332,33 @@ impl Default for EvalConfig {
 pub struct DefendConfig {
     /// The run directory.
     pub run: Option<PathBuf>,
+    /// Seed of every step, so reruns repeat (default 42).
     #[serde(default = "d_seed")]
     pub seed: u64,
+    /// Device of every step: `auto`, `cpu` or `cuda:N` (default `auto`).
     #[serde(default = "d_device")]
     pub device: String,
+    /// `[data]`: the corpora and splits.
     #[serde(default)]
     pub data: DataConfig,
+    /// `[poison]`: attack the training corpus first (absent: it is used as given).
     pub poison: Option<PoisonConfig>,
+    /// `[model]`: the model every step starts from.
     #[serde(default)]
     pub model: ModelConfig,
+    /// `[detect]`: stage 1 (defaults as `btu detect`).
     #[serde(default)]
     pub detect: DetectConfig,
+    /// `[train]`: the victim (defaults as `btu train`).
     #[serde(default)]
     pub train: TrainConfig,
+    /// `[unlearn]`: stage 2 (defaults as `btu unlearn`).
     #[serde(default)]
     pub unlearn: UnlearnConfig,
+    /// `[verify]`: trigger verification (on by default when `data.clean` is given).
     #[serde(default)]
     pub verify: VerifyConfig,
+    /// `[eval]`: the attack measured (defaults to `[poison]`'s) and the backend.
     #[serde(default)]
     pub eval: EvalConfig,
 }
@@ -622,14 +676,18 @@ fn model_hash(dir: &Path) -> Result<String> {
 /// One step of a run and what happened to it.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRecord {
+    /// The step's name (`detect`, `train`, `eval-victim`...).
     pub step: String,
+    /// sha256 (hex) of the step's key: its name, inputs, parameters and the btu version.
     pub hash: String,
+    /// Whether the step was skipped because its completion marker matched and its outputs exist.
     pub skipped: bool,
     /// Wall time of this run of the step (0 when skipped).
     pub seconds: f64,
     /// Wall time when the step's outputs were computed (by this run, or by the earlier run a
     /// skipped step reuses; absent for markers written before btu recorded it).
     pub computed_seconds: Option<f64>,
+    /// The step's summary JSON (from its completion marker when skipped).
     pub summary: Value,
 }
 

@@ -84,11 +84,17 @@ pub struct VerifyJob {
     pub clean: CorpusSpec,
     /// The corpus detection ran on, to build phrase candidates from (none without it).
     pub corpus: Option<CorpusSpec>,
+    /// Output directory: `token_effects.arrow`, `summary.json` (`--out`).
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// Device of the candle backend (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
+    /// Runtime (`--backend`); `None` picks ort for `.onnx` files, candle otherwise.
     pub backend: Option<Backend>,
+    /// `libonnxruntime.so` to load (`--ort-lib`); see [`crate::steps::eval::find_ort_library`].
     pub ort_lib: Option<PathBuf>,
+    /// The verification test's parameters.
     pub params: VerifyParams,
 }
 

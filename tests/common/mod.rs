@@ -43,6 +43,16 @@ pub fn synth_corpus(path: &Path, n: usize, seed: u64) {
     btu::io::tables::write_parquet(path, &batch, true).unwrap();
 }
 
+/// Report a skipped test where CI's log shows it: straight to file descriptor 2, past the test
+/// harness's capture of passing tests' output (an absent dependency is a visible skip).
+pub fn skipped(msg: &str) {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 2 is open for the whole process; ManuallyDrop keeps it from being closed.
+    let mut err = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(2) });
+    let _ = writeln!(err, "{msg}");
+}
+
 /// The shared datasets directory (../shared/datasets beside the repository, or BTU_DATASETS).
 pub fn datasets() -> Option<PathBuf> {
     let p = std::env::var_os("BTU_DATASETS")
@@ -51,10 +61,10 @@ pub fn datasets() -> Option<PathBuf> {
     if p.join("sst2/train.parquet").is_file() {
         Some(p)
     } else {
-        eprintln!(
+        skipped(&format!(
             "SKIPPED: real-data test: {} is absent (set BTU_DATASETS to the shared datasets)",
             p.display()
-        );
+        ));
         None
     }
 }
@@ -133,10 +143,10 @@ impl Moto {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let server = root.join(".venv/bin/moto_server");
         if !server.is_file() {
-            eprintln!(
+            skipped(&format!(
                 "SKIPPED: {} is absent (make setup installs moto)",
                 server.display()
-            );
+            ));
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -83,8 +83,11 @@ impl Unverified {
 /// A dense row-major `[rows, cols]` f32 matrix.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix {
+    /// Number of rows (the vocabulary size for an embedding matrix).
     pub rows: usize,
+    /// Number of columns (the hidden size).
     pub cols: usize,
+    /// The `rows * cols` values, row after row.
     pub data: Vec<f32>,
 }
 
@@ -261,24 +264,37 @@ pub(crate) fn raw_like(m: &Matrix, like: &RawTensor) -> Result<RawTensor> {
 
 /// Inputs of `btu unlearn`.
 pub struct UnlearnJob {
+    /// The trained, possibly backdoored checkpoint `M^b` to repair (`--checkpoint`).
     pub checkpoint: PathBuf,
+    /// The model the checkpoint was trained from, whose embeddings are the reference `e`
+    /// (`--reference`).
     pub reference: PathBuf,
+    /// `suspicious_tokens.arrow` from `btu detect` (`--suspicious`).
     pub suspicious: PathBuf,
     /// `token_effects.arrow` from `btu verify`: repair only the verified triggers.
     pub effects: Option<PathBuf>,
+    /// Output checkpoint directory, with `dimension_masks.arrow` (`--out`).
     pub out: PathBuf,
+    /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// How `d_bar` is computed (`--threshold`).
     pub threshold: Threshold,
+    /// Where the replacement values come from (`--replacement`).
     pub replacement: Replacement,
+    /// Labelled clean data (`--clean-corpus`) for the fine-tune after the repair and, with
+    /// `effects`, for the rechecks of the escalation.
     pub clean_corpus: Option<CorpusSpec>,
+    /// Evaluation splits the clean data must not overlap, by text hash (`--eval-split`).
     pub eval_split: Vec<CorpusSpec>,
+    /// Hyper-parameters of the clean fine-tune.
     pub clean: TrainParams,
+    /// Device of the clean fine-tune and the rechecks (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
     /// With `effects`: share of the clean-tuning rows that get a verified trigger inserted, label
     /// kept (they teach the model that the trigger means nothing); 0 turns this off.
     pub trigger_rows: f64,
     /// With `effects` and clean data: a trigger whose flip rate's 95 % lower bound stays above
-    /// this after a repair is escalated ([`crate::escalate`]).
+    /// this after a repair is escalated ([`escalate`]).
     pub max_residual: f64,
     /// Rows tried (and seed) of the rechecks that drive the escalation.
     pub recheck: crate::steps::verify::VerifyParams,
@@ -580,7 +596,7 @@ struct Embeddings<'a> {
     d_bar: f64,
 }
 
-/// Masks for the verified triggers, escalated ([`crate::escalate`]) while a recheck on the clean
+/// Masks for the verified triggers, escalated ([`escalate`]) while a recheck on the clean
 /// rows still shows a trigger's effect; without clean data, whole rows and no recheck.
 fn repair_verified(
     job: &UnlearnJob,
