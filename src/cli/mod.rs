@@ -542,7 +542,7 @@ impl DefendArgs {
     pub fn config(&self) -> crate::Result<crate::steps::defend::DefendConfig> {
         let mut c = match &self.config {
             Some(p) => crate::steps::defend::DefendConfig::from_file(p)?,
-            None => toml::from_str("").expect("empty config"),
+            None => crate::steps::defend::DefendConfig::default(),
         };
         if let Some(r) = &self.run {
             c.run = Some(r.clone());

@@ -39,7 +39,7 @@ pub fn config(
     backend: EvalBackend,
 ) -> DefendConfig {
     let data = |n: &str| vec![run.join("data").join(n).display().to_string()];
-    let mut c: DefendConfig = toml::from_str("").expect("defaults");
+    let mut c = DefendConfig::default();
     c.run = Some(run.to_path_buf());
     c.seed = seed;
     c.device = device.to_string();

@@ -327,40 +327,50 @@ impl Default for EvalConfig {
 }
 
 /// A whole `btu defend` configuration (TOML).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DefendConfig {
     /// The run directory.
     pub run: Option<PathBuf>,
     /// Seed of every step, so reruns repeat (default 42).
-    #[serde(default = "d_seed")]
     pub seed: u64,
     /// Device of every step: `auto`, `cpu` or `cuda:N` (default `auto`).
-    #[serde(default = "d_device")]
     pub device: String,
     /// `[data]`: the corpora and splits.
-    #[serde(default)]
     pub data: DataConfig,
     /// `[poison]`: attack the training corpus first (absent: it is used as given).
     pub poison: Option<PoisonConfig>,
     /// `[model]`: the model every step starts from.
-    #[serde(default)]
     pub model: ModelConfig,
     /// `[detect]`: stage 1 (defaults as `btu detect`).
-    #[serde(default)]
     pub detect: DetectConfig,
     /// `[train]`: the victim (defaults as `btu train`).
-    #[serde(default)]
     pub train: TrainConfig,
     /// `[unlearn]`: stage 2 (defaults as `btu unlearn`).
-    #[serde(default)]
     pub unlearn: UnlearnConfig,
     /// `[verify]`: trigger verification (on by default when `data.clean` is given).
-    #[serde(default)]
     pub verify: VerifyConfig,
     /// `[eval]`: the attack measured (defaults to `[poison]`'s) and the backend.
-    #[serde(default)]
     pub eval: EvalConfig,
+}
+
+impl Default for DefendConfig {
+    /// What an empty TOML file gives: seed 42, device `auto`, every table at its defaults.
+    fn default() -> Self {
+        DefendConfig {
+            run: None,
+            seed: d_seed(),
+            device: d_device(),
+            data: DataConfig::default(),
+            poison: None,
+            model: ModelConfig::default(),
+            detect: DetectConfig::default(),
+            train: TrainConfig::default(),
+            unlearn: UnlearnConfig::default(),
+            verify: VerifyConfig::default(),
+            eval: EvalConfig::default(),
+        }
+    }
 }
 
 impl DefendConfig {
@@ -1180,4 +1190,22 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         .map_err(|e| BtuError::io(&path, e))
     })?;
     Ok(metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Default` and an empty TOML file are one configuration (they once disagreed: seed 0 vs 42,
+    /// device "" vs "auto").
+    #[test]
+    fn default_is_the_empty_config() {
+        let empty: DefendConfig = toml::from_str("").unwrap();
+        let d = DefendConfig::default();
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            serde_json::to_value(&empty).unwrap()
+        );
+        assert_eq!((d.seed, d.device.as_str()), (42, "auto"));
+    }
 }
