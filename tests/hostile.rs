@@ -314,6 +314,27 @@ fn targets_and_rewrite_columns_outside_the_data_are_refused() {
 }
 
 #[test]
+fn defend_poisoning_flags_without_poisoning_are_refused() {
+    let f = fixture();
+    let (c, m, ..) = f.paths();
+    let d = scratch("no-poison");
+    let run_dir = d.join("run");
+    let run = s(&run_dir);
+    // --rate once did nothing at all when the run poisons nothing.
+    fails!(
+        78,
+        "--rate",
+        "defend --run {run} --train {c} --test {c} --model {m} --rate 0.2"
+    );
+    fails!(
+        78,
+        "--trigger",
+        "defend --run {run} --train {c} --test {c} --model {m} --trigger mb"
+    );
+    assert!(!d.join("run").exists());
+}
+
+#[test]
 fn demo_overwrite_replaces_only_an_earlier_demo_run() {
     let d = scratch("demo-out");
     let keep = d.join("precious.txt");

@@ -575,6 +575,21 @@ impl DefendArgs {
             });
             p.attack = a;
         }
+        if c.poison.is_none() {
+            // These flags change the poisoning only: with none to change they would do nothing.
+            let given = [
+                ("--trigger", !self.trigger.is_empty()),
+                ("--rewrite-col", self.rewrite_col.is_some()),
+                ("--rate", self.rate.is_some()),
+                ("--target", self.target.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+                return Err(crate::BtuError::config(
+                    *flag,
+                    "changes the poisoning, but the run poisons nothing; give --attack or a [poison] table",
+                ));
+            }
+        }
         if let Some(p) = c.poison.as_mut() {
             if !self.trigger.is_empty() {
                 p.trigger = self.trigger.clone();
