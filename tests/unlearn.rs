@@ -139,6 +139,17 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
     assert_eq!(meta["btu:threshold_rule"], "frobenius");
     assert_eq!(meta["btu:replacement"], "trained-pad");
     assert_eq!(meta["btu:pad_token_id"], "0");
+    // Every metadata key the committed schema documents is written.
+    let (_, _, keys) = btu::io::tables::all_schemas()
+        .into_iter()
+        .find(|t| t.0 == "dimension_masks")
+        .unwrap();
+    for k in keys {
+        assert!(
+            meta.contains_key(k),
+            "{k} missing from dimension_masks: {meta:?}"
+        );
+    }
     assert!(
         (meta["btu:threshold"].parse::<f64>().unwrap() - sum["threshold"].as_f64().unwrap()).abs()
             < 1e-12

@@ -185,6 +185,8 @@ pub fn all_schemas() -> Vec<(&'static str, Schema, Vec<&'static str>)> {
         "btu:threshold",
         "btu:replacement",
         "btu:pad_token_id",
+        "btu:vocab_size",
+        "btu:hidden_size",
     ]);
     let mut effects = common.clone();
     effects.extend(["btu:test", "btu:min_flip_rate"]);
