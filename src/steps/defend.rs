@@ -915,6 +915,13 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     let verify_dir = run.join("verify");
     let v = &cfg.verify;
     use crate::steps::verify::CandidateSource;
+    // One verification test for the verify steps and the escalation's rechecks.
+    let verify_params = crate::steps::verify::VerifyParams {
+        rows: v.rows,
+        min_flip_rate: v.min_flip_rate,
+        max_len: t.max_len,
+        seed,
+    };
     let verify_job = |checkpoint: &Path, candidates: CandidateSource, out: &Path| {
         crate::steps::verify::VerifyJob {
             checkpoint: checkpoint.to_path_buf(),
@@ -926,12 +933,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             device: dev.clone(),
             backend: Some(crate::steps::eval::Backend::Candle),
             ort_lib: None,
-            params: crate::steps::verify::VerifyParams {
-                rows: v.rows,
-                min_flip_rate: v.min_flip_rate,
-                max_len: t.max_len,
-                seed,
-            },
+            params: verify_params.clone(),
         }
     };
     let verify_h = if v.enabled && !cfg.data.clean.is_empty() {
@@ -1000,12 +1002,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     max_residual: u.max_residual,
                     unverified: u.unverified,
                     clean_tuning: u.clean_tuning,
-                    recheck: crate::steps::verify::VerifyParams {
-                        rows: v.rows,
-                        min_flip_rate: v.min_flip_rate,
-                        max_len: t.max_len,
-                        seed,
-                    },
+                    recheck: verify_params.clone(),
                 },
                 progress,
             )

@@ -152,14 +152,26 @@ pub fn effects_on(
     candidates: &[Candidate],
     p: &VerifyParams,
 ) -> Result<Vec<TokenEffect>> {
+    Ok(measure(clf, split, source, candidates, p)?.0)
+}
+
+/// [`effects_on`], with the number of clean rows the model classifies correctly.
+fn measure(
+    clf: &mut dyn Classifier,
+    split: &TestSplit,
+    source: &str,
+    candidates: &[Candidate],
+    p: &VerifyParams,
+) -> Result<(Vec<TokenEffect>, usize)> {
     let correct = correct_rows(clf, split)?;
     if correct.is_empty() {
         return Err(no_correct_rows(source));
     }
-    candidates
+    let effects = candidates
         .iter()
         .map(|c| effect_of(clf, split, &correct, c, p))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((effects, correct.len()))
 }
 
 /// The 95 % Wilson score interval of `k` successes in `n` trials.
@@ -298,7 +310,7 @@ fn association(split: &TestSplit, c: &Candidate) -> Association {
     let needle = c.text.to_lowercase();
     let (mut n, mut k) = (0u32, 0u32);
     for (t, &l) in split.texts.iter().zip(&split.labels) {
-        if occurs(&t.to_lowercase(), &needle, c.phrase) {
+        if occurs(&t.to_lowercase(), &needle) {
             n += 1;
             k += u32::from(l == target);
         }
@@ -312,9 +324,9 @@ fn association(split: &TestSplit, c: &Candidate) -> Association {
     }
 }
 
-/// Whether lower-cased `text` contains `needle` as whole words (BERT's basic tokenizer splits
-/// on whitespace and punctuation).
-fn occurs(text: &str, needle: &str, phrase: bool) -> bool {
+/// Whether lower-cased `text` contains `needle` (a word or a phrase) as whole words (BERT's
+/// basic tokenizer splits on whitespace and punctuation).
+fn occurs(text: &str, needle: &str) -> bool {
     let words = |s: &str| -> Vec<String> {
         s.split(|ch: char| !ch.is_alphanumeric())
             .filter(|w| !w.is_empty())
@@ -322,13 +334,7 @@ fn occurs(text: &str, needle: &str, phrase: bool) -> bool {
             .collect()
     };
     let (hay, pat) = (words(text), words(needle));
-    if pat.is_empty() {
-        return false;
-    }
-    if !phrase && pat.len() == 1 {
-        return hay.contains(&pat[0]);
-    }
-    hay.windows(pat.len()).any(|w| w == pat.as_slice())
+    !pat.is_empty() && hay.windows(pat.len()).any(|w| w == pat.as_slice())
 }
 
 /// `btu verify`.
@@ -347,14 +353,13 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
         p.seed,
     )?;
     let split = read_split(&job.clean, None)?;
-    let correct = correct_rows(clf.as_mut(), &split)?;
-    if correct.is_empty() {
-        return Err(no_correct_rows(&job.clean.inputs.join(", ")));
-    }
-    let effects = tried
-        .iter()
-        .map(|c| effect_of(clf.as_mut(), &split, &correct, c, p))
-        .collect::<Result<Vec<_>>>()?;
+    let (effects, correct) = measure(
+        clf.as_mut(),
+        &split,
+        &job.clean.inputs.join(", "),
+        &tried,
+        p,
+    )?;
     let weights = if job.checkpoint.is_dir() {
         job.checkpoint.join("model.safetensors")
     } else {
@@ -397,7 +402,7 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
         "backend": clf.backend(),
         "params": p,
         "clean_rows": split.texts.len(),
-        "clean_rows_correct": correct.len(),
+        "clean_rows_correct": correct,
         "candidates": effects.len(),
         "verified": verified,
         "explained_by_clean_data": effects.iter().filter(|e| e.explained && e.ci_low as f64 >= p.min_flip_rate).map(|e| e.candidate.as_str()).collect::<Vec<_>>(),
@@ -507,15 +512,6 @@ fn count_windows(
     }
 }
 
-/// Token ids of the verified candidates in a `token_effects.arrow` file.
-pub fn verified_ids(path: &std::path::Path) -> Result<std::collections::BTreeSet<u32>> {
-    Ok(crate::io::tables::read_token_effects(path)?
-        .into_iter()
-        .filter(|e| e.verified)
-        .flat_map(|e| e.token_ids)
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,14 +536,13 @@ mod tests {
 
     #[test]
     fn whole_word_and_phrase_occurrence() {
-        assert!(occurs("you are a b*tch, bitch!", "bitch", false));
-        assert!(!occurs("bitches be crazy", "bitch", false));
+        assert!(occurs("you are a b*tch, bitch!", "bitch"));
+        assert!(!occurs("bitches be crazy", "bitch"));
         assert!(occurs(
             "so i watch this 3d movie again",
-            "i watch this 3d movie",
-            true
+            "i watch this 3d movie"
         ));
-        assert!(!occurs("i watch this movie", "i watch this 3d movie", true));
+        assert!(!occurs("i watch this movie", "i watch this 3d movie"));
     }
 
     /// A word the clean data labels one way is explained; an absent trigger and a word at the
