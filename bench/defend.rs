@@ -25,7 +25,9 @@ fn step_seconds(summary: &Value) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// Seconds the escalation's rechecks took inside `unlearn` (its total minus the clean tuning).
+/// Seconds the escalation's rechecks took inside `unlearn`: the stages' own `seconds`, or, for
+/// summaries written before stages were timed, an upper bound (unlearn's total minus the clean
+/// tuning, which also counts reading and writing the checkpoint).
 fn recheck_seconds(summary: &Value) -> f64 {
     summary["steps"]
         .as_array()
@@ -34,6 +36,12 @@ fn recheck_seconds(summary: &Value) -> f64 {
         .filter(|s| s["step"] == "unlearn")
         .map(|s| {
             let u = &s["summary"];
+            let Some(stages) = u["escalation"].as_array() else {
+                return 0.0;
+            };
+            if stages.iter().all(|st| st["seconds"].is_f64()) {
+                return stages.iter().filter_map(|st| st["seconds"].as_f64()).sum();
+            }
             let total = u["seconds"].as_f64().unwrap_or(0.0);
             let tuning: f64 = u["clean_tuning"]["epochs"]
                 .as_array()
@@ -41,11 +49,7 @@ fn recheck_seconds(summary: &Value) -> f64 {
                 .flatten()
                 .filter_map(|e| e["seconds"].as_f64())
                 .sum();
-            if u["escalation"].is_array() {
-                (total - tuning).max(0.0)
-            } else {
-                0.0
-            }
+            (total - tuning).max(0.0)
         })
         .sum()
 }

@@ -94,6 +94,8 @@ pub struct Stage {
     pub residual: BTreeMap<String, f32>,
     /// The triggers whose flip rate's lower bound stayed above `max_residual`.
     pub persisting: Vec<String>,
+    /// Seconds the recheck of this level took.
+    pub seconds: f64,
 }
 
 /// The masks of every trigger at its current level: whole rows for tokens of a trigger at level
@@ -140,7 +142,9 @@ pub fn escalate(
     let mut stages = Vec::new();
     loop {
         let masks = build(triggers);
+        let t0 = std::time::Instant::now();
         let effects = check(&masks, &candidates)?;
+        let seconds = t0.elapsed().as_secs_f64();
         let persists: Vec<bool> = effects
             .iter()
             .map(|e| e.rows > 0 && e.ci_low as f64 > max_residual)
@@ -161,6 +165,7 @@ pub fn escalate(
                 .filter(|(_, p)| **p)
                 .map(|(e, _)| e.candidate.clone())
                 .collect(),
+            seconds,
         });
         let mut advanced = false;
         for (t, p) in triggers.iter_mut().zip(&persists) {
