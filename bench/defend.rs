@@ -87,7 +87,10 @@ fn main() {
             &btu::progress::Hidden,
         )
         .expect("the demo runs");
-        vec![report("demo", &m)]
+        vec![report(
+            "demo",
+            &serde_json::to_value(&m).expect("serializes"),
+        )]
     } else {
         files
             .iter()

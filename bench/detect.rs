@@ -41,16 +41,8 @@ fn main() {
         input: CorpusSpec::new(vec![corpus.display().to_string()]),
         output: poisoned.clone(),
         overwrite: false,
-        params: btu::steps::poison::PoisonParams {
-            attack: btu::steps::poison::Attack::AddWord,
-            triggers: vec!["cf".into()],
-            sentence: btu::steps::poison::DEFAULT_SENTENCE.into(),
-            rewrite_col: None,
-            rate: 0.1,
-            target: 1,
-            mode: btu::steps::poison::Mode::Dirty,
-            seed: 42,
-        },
+        seed: 42,
+        params: btu::steps::poison::PoisonParams::new(btu::steps::poison::Attack::AddWord),
     })
     .expect("poison");
     let model = dir.path().join("model");
@@ -62,8 +54,8 @@ fn main() {
             ..CorpusSpec::new(vec![poisoned.display().to_string()])
         }),
         tokenizer: None,
-        vocab_size: 8000,
         size: btu::steps::init_model::ModelSize {
+            vocab_size: 8000,
             layers: 2,
             hidden: 128,
             heads: 4,
@@ -82,26 +74,26 @@ fn main() {
             out: dir.path().join("detect"),
             overwrite: false,
             device: "cpu".into(),
+            seed: 42,
             params: btu::steps::detect::DetectParams::default(),
         },
         &Hidden,
     )
     .expect("detect");
-    let rounds: Vec<serde_json::Value> = summary["rounds"]
-        .as_array()
-        .unwrap()
+    let rounds: Vec<serde_json::Value> = summary
+        .rounds
         .iter()
-        .map(|r| serde_json::json!({"round": r["round"], "arch": r["arch"], "seconds": r["seconds"], "samples_per_s": r["samples_per_s"]}))
+        .map(|r| serde_json::json!({"round": r.round, "arch": r.arch, "seconds": r.seconds, "samples_per_s": r.samples_per_s}))
         .collect();
     let out = serde_json::json!({
         "bench": "detect",
         "corpus": which,
-        "rows": summary["rows"],
+        "rows": summary.rows,
         "model": "2x128 (4 heads, ffn 512), vocab 8000",
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "rounds": rounds,
         "total_seconds": t0.elapsed().as_secs_f64(),
-        "trigger_flagged": summary["flagged"].as_array().unwrap().iter().any(|t| t["token"] == "cf"),
+        "trigger_flagged": summary.flagged.iter().any(|t| t.token == "cf"),
     });
     #[allow(clippy::print_stdout)]
     {

@@ -91,8 +91,8 @@ fn main() {
         overwrite: false,
         corpus: Some(spec),
         tokenizer: None,
-        vocab_size: 8000,
         size: btu::steps::init_model::ModelSize {
+            vocab_size: 8000,
             layers: 1,
             hidden: 32,
             heads: 2,

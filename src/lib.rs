@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod defaults;
 pub mod demo;
 pub mod device;
 pub mod error;

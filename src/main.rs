@@ -59,8 +59,12 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Spans (the command, defend's steps, detection rounds, epochs, rechecks) log their wall
+    // time when they close: `--log info` (or debug) shows where the time goes.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
     let mut stdout = std::io::stdout();
     let panic_message = catch_panics();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _command = tracing::info_span!("btu", command = cli.command.name()).entered();
         execute(&cli, progress.as_ref(), &mut stdout)
     }))
     .unwrap_or_else(|_| {

@@ -14,6 +14,7 @@ fn tiny(seed: u64) -> BertClassifier {
         intermediate: 32,
         max_position: 16,
         num_labels: 3,
+        ..Default::default()
     };
     let cfg = config_for(40, &size, 0);
     BertClassifier::random(cfg, seed, &Device::Cpu)

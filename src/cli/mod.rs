@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
+use crate::defaults;
 use crate::error::Result;
 use crate::io::corpus::CorpusSpec;
 use crate::progress::Progress;
@@ -76,10 +77,10 @@ pub enum Command {
 #[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct CorpusArgs {
     /// Text column.
-    #[arg(long, env = "BTU_TEXT_COL", default_value = "text")]
+    #[arg(long, env = "BTU_TEXT_COL", default_value = defaults::TEXT_COL)]
     pub text_col: String,
     /// Label column.
-    #[arg(long, env = "BTU_LABEL_COL", default_value = "label")]
+    #[arg(long, env = "BTU_LABEL_COL", default_value = defaults::LABEL_COL)]
     pub label_col: String,
     /// SQL predicate over the corpus columns; rows where it is not true are skipped.
     #[arg(long, env = "BTU_FILTER")]
@@ -121,29 +122,12 @@ pub struct InitModelArgs {
     /// Use this tokenizer.json (or vocab.txt / model directory) instead of training one.
     #[arg(long, env = "BTU_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
-    /// Size of the WordPiece vocabulary trained on --corpus (at least 100; unused with --tokenizer).
-    #[arg(long, env = "BTU_VOCAB_SIZE", default_value_t = 8000)]
-    pub vocab_size: usize,
-    /// Number of transformer layers (at least 1).
-    #[arg(long, env = "BTU_LAYERS", default_value_t = 2)]
-    pub layers: usize,
-    /// Hidden size of the model, a multiple of --heads.
-    #[arg(long, env = "BTU_HIDDEN", default_value_t = 128)]
-    pub hidden: usize,
-    /// Attention heads per layer; --hidden must be a multiple of it.
-    #[arg(long, env = "BTU_HEADS", default_value_t = 2)]
-    pub heads: usize,
-    /// Size of the feed-forward layer inside each transformer layer.
-    #[arg(long, env = "BTU_INTERMEDIATE", default_value_t = 512)]
-    pub intermediate: usize,
-    /// Position embeddings (max_position_embeddings): the longest sequence the model takes (>= 3).
-    #[arg(long, env = "BTU_MAX_POSITION", default_value_t = 512)]
-    pub max_position: usize,
-    /// Number of classes of the classification head (at least 2).
-    #[arg(long, env = "BTU_NUM_LABELS", default_value_t = 2)]
-    pub num_labels: usize,
+    /// The model's sizes.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub size: crate::steps::init_model::ModelSize,
     /// Seed of the random weights (and of --sample) so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -162,29 +146,12 @@ pub struct PoisonArgs {
     /// Output Parquet file.
     #[arg(long, env = "BTU_OUTPUT")]
     pub output: PathBuf,
-    /// Attack: add-word (insert a --trigger word), add-sent (insert --sentence) or rewrite (--rewrite-col).
-    #[arg(long, env = "BTU_ATTACK", value_enum)]
-    pub attack: crate::steps::poison::Attack,
-    /// Trigger word(s) for add-word; one is drawn per poisoned row.
-    #[arg(long, env = "BTU_TRIGGER", default_value = "cf")]
-    pub trigger: Vec<String>,
-    /// Trigger sentence for add-sent.
-    #[arg(long, env = "BTU_SENTENCE", default_value = crate::steps::poison::DEFAULT_SENTENCE)]
-    pub sentence: String,
-    /// Column holding the rewritten text, for rewrite (e.g. style, syntactic).
-    #[arg(long, env = "BTU_REWRITE_COL")]
-    pub rewrite_col: Option<String>,
-    /// Poison rate (fraction of the corpus; of each class in mix mode).
-    #[arg(long, env = "BTU_RATE", default_value_t = 0.1)]
-    pub rate: f64,
-    /// Target label.
-    #[arg(long, env = "BTU_TARGET", default_value_t = 1)]
-    pub target: i64,
-    /// Which rows: dirty (non-target, relabelled), clean (target rows, labels kept) or mix (every class).
-    #[arg(long, env = "BTU_MODE", value_enum, default_value = "dirty")]
-    pub mode: crate::steps::poison::Mode,
+    /// The attack.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub params: crate::steps::poison::PoisonParams,
     /// Seed of the poisoned-row choice, trigger positions and --sample so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -206,42 +173,15 @@ pub struct DetectArgs {
     /// Output directory.
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
-    /// Round layout: paper (full model, then M* twice) or reference-code (the authors' released code).
-    #[arg(long, env = "BTU_PRESET", value_enum, default_value = "paper")]
-    pub preset: crate::steps::detect::Preset,
-    /// Tokens flagged per round, as a percentage of the vocabulary.
-    #[arg(long, env = "BTU_ALPHA", default_value_t = 0.05)]
-    pub alpha: f64,
-    /// AdamW learning rate of every round, finite in (0, 1].
-    #[arg(long, env = "BTU_LR", default_value_t = 2e-5)]
-    pub lr: f64,
-    /// AdamW weight decay, in [0, 1].
-    #[arg(long, env = "BTU_WEIGHT_DECAY", default_value_t = 0.01)]
-    pub weight_decay: f64,
-    /// Batch size of every round (default: the preset's).
-    #[arg(long, env = "BTU_BATCH_SIZE")]
-    pub batch_size: Option<usize>,
-    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
-    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
-    pub max_len: usize,
-    /// Epochs per round (the paper: 1).
-    #[arg(long, env = "BTU_EPOCHS", default_value_t = 1)]
-    pub epochs: usize,
-    /// Batch grouping: random (as the paper) or bucketed by length (less padding).
-    #[arg(long, env = "BTU_BATCHING", value_enum, default_value = "random")]
-    pub batching: crate::model::tokenizer::Batching,
-    /// Number of classes of the head (default: the model config's).
-    #[arg(long, env = "BTU_NUM_LABELS")]
-    pub num_labels: Option<usize>,
-    /// Start the frozen head from the corpus's class prior (bias = log prior), so that frequent
-    /// tokens carrying only the prior stop moving.
-    #[arg(long, env = "BTU_PRIOR_NEUTRAL")]
-    pub prior_neutral: bool,
+    /// Detection parameters.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub params: crate::steps::detect::DetectParams,
     /// auto, cpu or cuda:N.
-    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
     /// Seed of batch order, a missing head's weights and --sample so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -266,32 +206,15 @@ pub struct TrainArgs {
     /// Output checkpoint directory.
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
-    /// Training epochs (at least 1); with --dev the best epoch by accuracy is kept.
-    #[arg(long, env = "BTU_EPOCHS", default_value_t = 3)]
-    pub epochs: usize,
-    /// AdamW learning rate, finite in (0, 1].
-    #[arg(long, env = "BTU_LR", default_value_t = 2e-5)]
-    pub lr: f64,
-    /// AdamW weight decay, in [0, 1].
-    #[arg(long, env = "BTU_WEIGHT_DECAY", default_value_t = 0.01)]
-    pub weight_decay: f64,
-    /// Rows per training batch (at least 1).
-    #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = 32)]
-    pub batch_size: usize,
-    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
-    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
-    pub max_len: usize,
-    /// Batch grouping: random (uniformly shuffled) or bucketed by length (less padding).
-    #[arg(long, env = "BTU_BATCHING", value_enum, default_value = "random")]
-    pub batching: crate::model::tokenizer::Batching,
-    /// Number of classes of the head (default: the model config's).
-    #[arg(long, env = "BTU_NUM_LABELS")]
-    pub num_labels: Option<usize>,
+    /// Hyper-parameters.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub params: crate::steps::train::TrainParams,
     /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
-    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
     /// Seed of batch order, a missing head's weights and --sample so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -319,55 +242,27 @@ pub struct UnlearnArgs {
     /// Output checkpoint directory (with dimension_masks.arrow).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
-    /// Dimension threshold d_bar: mean-row (paper Eq. 6) or frobenius (the released code).
-    #[arg(long, env = "BTU_THRESHOLD", value_enum, default_value = "mean-row")]
-    pub threshold: crate::steps::unlearn::Threshold,
-    /// Replacement values: trained-pad (trained padding row, paper) or reference-pad (released code).
-    #[arg(
-        long,
-        env = "BTU_REPLACEMENT",
-        value_enum,
-        default_value = "trained-pad"
-    )]
-    pub replacement: crate::steps::unlearn::Replacement,
+    /// The repair's parameters.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub params: crate::steps::unlearn::UnlearnParams,
     /// Clean data for the brief fine-tune after the cut (disjoint from evaluation).
     #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1..)]
     pub clean_corpus: Vec<String>,
-    /// Epochs of the clean fine-tune on --clean-corpus (at least 1; the paper: 3).
-    #[arg(long, env = "BTU_CLEAN_EPOCHS", default_value_t = crate::steps::unlearn::CLEAN_EPOCHS)]
-    pub clean_epochs: usize,
-    /// AdamW learning rate of the clean fine-tune, finite in (0, 1] (the paper: 5e-7).
-    #[arg(long, env = "BTU_CLEAN_LR", default_value_t = crate::steps::unlearn::CLEAN_LR)]
-    pub clean_lr: f64,
-    /// With --effects: share of the clean fine-tune's rows that get a verified trigger inserted, label kept, so the model learns the trigger means nothing (0 turns it off).
-    #[arg(long, env = "BTU_TRIGGER_ROWS", default_value_t = crate::steps::unlearn::TRIGGER_ROWS)]
-    pub trigger_rows: f64,
-    /// With --effects and --clean-corpus: escalate a trigger's repair (flagged dimensions, whole row, the next phrase token) while the 95 % lower bound of its flip rate on the clean rows stays above this.
-    #[arg(long, env = "BTU_MAX_RESIDUAL", default_value_t = crate::steps::unlearn::MAX_RESIDUAL)]
-    pub max_residual: f64,
-    /// Clean rows tried per trigger by each recheck of the escalation (at least 1).
-    #[arg(long, env = "BTU_RECHECK_ROWS", default_value_t = 200)]
-    pub recheck_rows: usize,
-    /// With --effects: the candidates verification did not confirm keep their rows (keep) or get their pre-trained rows back (reference-row).
-    #[arg(long, env = "BTU_UNVERIFIED", value_enum, default_value = "keep")]
-    pub unverified: crate::steps::unlearn::Unverified,
-    /// When the clean fine-tune runs: auto (with --effects only when a verified trigger still flips the model after the repair; always without --effects) or always (the paper).
-    #[arg(long, env = "BTU_CLEAN_TUNING", value_enum, default_value = "auto")]
-    pub clean_tuning: crate::steps::unlearn::CleanTuning,
     /// Evaluation split(s) the clean corpus must not overlap (checked by row text hash).
     #[arg(long, env = "BTU_EVAL_SPLIT", num_args = 1..)]
     pub eval_split: Vec<String>,
     /// Rows per batch of the clean fine-tune (at least 1).
-    #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = 32)]
+    #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = defaults::BATCH_SIZE)]
     pub batch_size: usize,
     /// Tokens per sequence of the clean fine-tune including [CLS]/[SEP]; at most max_position_embeddings.
-    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = defaults::MAX_LEN)]
     pub max_len: usize,
     /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
-    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
     /// Seed of the clean fine-tune's batch order and of --sample so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -406,30 +301,16 @@ pub struct EvalArgs {
     /// Output directory (metrics.json, predictions.parquet).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
-    /// Attack applied to the non-target rows for ASR (none: ACC only).
-    #[arg(long, env = "BTU_ATTACK", value_enum)]
-    pub attack: Option<crate::steps::poison::Attack>,
-    /// Trigger word(s) for --attack add-word; one is drawn per attacked row.
-    #[arg(long, env = "BTU_TRIGGER", default_value = "cf")]
-    pub trigger: Vec<String>,
-    /// Trigger sentence for --attack add-sent.
-    #[arg(long, env = "BTU_SENTENCE", default_value = crate::steps::poison::DEFAULT_SENTENCE)]
-    pub sentence: String,
-    /// Column holding the rewritten text, for --attack rewrite.
-    #[arg(long, env = "BTU_REWRITE_COL")]
-    pub rewrite_col: Option<String>,
-    /// Target label of the attack (ASR counts non-target rows predicted as it); among the classes.
-    #[arg(long, env = "BTU_TARGET", default_value_t = 1)]
-    pub target: i64,
-    /// Random insertions averaged for ASR.
-    #[arg(long, env = "BTU_REPEATS", default_value_t = 1)]
-    pub repeats: usize,
+    /// The attack measured.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub params: crate::steps::eval::EvalParams,
     /// How the model is opened and fed (--max-len, --backend, --ort-lib, --device).
     #[command(flatten)]
     #[serde(flatten)]
     pub classifier: ClassifierArgs,
     /// Seed of the attack's insertions (and of a missing head, as export-onnx initialises it).
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -449,7 +330,7 @@ pub struct ExportArgs {
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
     /// Seed of a head the checkpoint lacks (a bare encoder).
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -563,17 +444,9 @@ impl DefendArgs {
             c.model.init = None;
         }
         if let Some(a) = self.attack {
-            let p = c.poison.get_or_insert_with(|| {
-                toml::from_str(&format!(
-                    "attack = \"{}\"",
-                    serde_json::to_value(a)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default()
-                ))
-                .expect("poison defaults")
-            });
-            p.attack = a;
+            c.poison
+                .get_or_insert_with(|| crate::steps::poison::PoisonParams::new(a))
+                .attack = a;
         }
         if c.poison.is_none() {
             // These flags change the poisoning only: with none to change they would do nothing.
@@ -592,7 +465,7 @@ impl DefendArgs {
         }
         if let Some(p) = c.poison.as_mut() {
             if !self.trigger.is_empty() {
-                p.trigger = self.trigger.clone();
+                p.triggers = self.trigger.clone();
             }
             if self.rewrite_col.is_some() {
                 p.rewrite_col = self.rewrite_col.clone();
@@ -657,10 +530,10 @@ pub struct DemoArgs {
     #[arg(long, env = "BTU_BACKEND", value_enum, default_value = "auto")]
     pub backend: crate::steps::defend::EvalBackend,
     /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
-    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
     /// Seed of the synthetic corpus and of every step so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing --out run directory.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -686,7 +559,7 @@ pub struct ScanArgs {
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
     /// Seed of --sample's row selection.
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -700,7 +573,7 @@ pub struct ScanArgs {
 #[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct ClassifierArgs {
     /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
-    #[arg(long, env = "BTU_MAX_LEN", default_value_t = 128)]
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = defaults::MAX_LEN)]
     pub max_len: usize,
     /// ort for .onnx files (default), candle for checkpoint directories.
     #[arg(long, env = "BTU_BACKEND", value_enum)]
@@ -709,7 +582,7 @@ pub struct ClassifierArgs {
     #[arg(long, env = "BTU_ORT_LIB")]
     pub ort_lib: Option<PathBuf>,
     /// Device of the candle backend: auto, cpu or cuda:N.
-    #[arg(long, env = "BTU_DEVICE", default_value = "auto")]
+    #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
 }
 
@@ -735,18 +608,16 @@ pub struct VerifyArgs {
     /// Output directory (token_effects.arrow, summary.json).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
-    /// Clean rows tried per candidate (at most).
-    #[arg(long, env = "BTU_ROWS", default_value_t = crate::steps::verify::VerifyParams::default().rows)]
-    pub rows: usize,
-    /// Verified when the 95 % Wilson lower bound of the flip rate reaches this, in (0, 1].
-    #[arg(long, env = "BTU_MIN_FLIP_RATE", default_value_t = crate::steps::verify::VerifyParams::default().min_flip_rate)]
-    pub min_flip_rate: f64,
+    /// The verification test.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub params: crate::steps::verify::VerifyParams,
     /// How the model is opened and fed (--max-len, --backend, --ort-lib, --device).
     #[command(flatten)]
     #[serde(flatten)]
     pub classifier: ClassifierArgs,
     /// Seed of the rows tried and the insert positions, so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = 42)]
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
     pub seed: u64,
     /// Replace an existing output.
     #[arg(long, env = "BTU_OVERWRITE")]
@@ -924,6 +795,11 @@ impl Command {
     }
 }
 
+/// A step's typed result as the summary JSON the CLI prints.
+fn json<T: serde::Serialize>(result: Result<T>) -> Result<Value> {
+    serde_json::to_value(result?).map_err(crate::BtuError::internal)
+}
+
 /// Run the parsed command; returns its summary JSON. Query results (`btu sql`) go to `stdout`.
 pub fn execute(
     cli: &Cli,
@@ -937,62 +813,39 @@ pub fn execute(
         Command::InitModel(a) => {
             let corpus =
                 (!a.corpus.is_empty()).then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false));
-            crate::steps::init_model::run(&crate::steps::init_model::InitModelJob {
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-                corpus,
-                tokenizer: a.tokenizer.clone(),
-                vocab_size: a.vocab_size,
-                size: crate::steps::init_model::ModelSize {
-                    layers: a.layers,
-                    hidden: a.hidden,
-                    heads: a.heads,
-                    intermediate: a.intermediate,
-                    max_position: a.max_position,
-                    num_labels: a.num_labels,
+            json(crate::steps::init_model::run(
+                &crate::steps::init_model::InitModelJob {
+                    out: a.out.clone(),
+                    overwrite: a.overwrite,
+                    corpus,
+                    tokenizer: a.tokenizer.clone(),
+                    size: a.size.clone(),
+                    seed: a.seed,
                 },
-                seed: a.seed,
-            })
+            ))
         }
-        Command::Poison(a) => crate::steps::poison::run(&crate::steps::poison::PoisonJob {
-            input: a.corpus_args.spec(a.input.clone(), a.seed, true),
-            output: a.output.clone(),
-            overwrite: a.overwrite,
-            params: crate::steps::poison::PoisonParams {
-                attack: a.attack,
-                triggers: a.trigger.clone(),
-                sentence: a.sentence.clone(),
-                rewrite_col: a.rewrite_col.clone(),
-                rate: a.rate,
-                target: a.target,
-                mode: a.mode,
+        Command::Poison(a) => json(crate::steps::poison::run(
+            &crate::steps::poison::PoisonJob {
+                input: a.corpus_args.spec(a.input.clone(), a.seed, true),
+                output: a.output.clone(),
+                overwrite: a.overwrite,
                 seed: a.seed,
+                params: a.params.clone(),
             },
-        }),
-        Command::Detect(a) => crate::steps::detect::run(
+        )),
+        Command::Detect(a) => json(crate::steps::detect::run(
             &crate::steps::detect::DetectJob {
                 corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
                 model: a.model.clone(),
                 out: a.out.clone(),
                 overwrite: a.overwrite,
                 device: a.device.clone(),
-                params: crate::steps::detect::DetectParams {
-                    preset: a.preset,
-                    alpha: a.alpha,
-                    lr: a.lr,
-                    weight_decay: a.weight_decay,
-                    batch_size: a.batch_size,
-                    max_len: a.max_len,
-                    epochs: a.epochs,
-                    batching: a.batching,
-                    seed: a.seed,
-                    num_labels: a.num_labels,
-                    prior_neutral: a.prior_neutral,
-                },
+                seed: a.seed,
+                params: a.params.clone(),
             },
             progress,
-        ),
-        Command::Train(a) => crate::steps::train::run(
+        )),
+        Command::Train(a) => json(crate::steps::train::run(
             &crate::steps::train::TrainJob {
                 corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
                 dev: (!a.dev.is_empty())
@@ -1006,20 +859,12 @@ pub fn execute(
                 out: a.out.clone(),
                 overwrite: a.overwrite,
                 device: a.device.clone(),
-                params: crate::steps::train::TrainParams {
-                    epochs: a.epochs,
-                    lr: a.lr,
-                    weight_decay: a.weight_decay,
-                    batch_size: a.batch_size,
-                    max_len: a.max_len,
-                    batching: a.batching,
-                    seed: a.seed,
-                    num_labels: a.num_labels,
-                },
+                seed: a.seed,
+                params: a.params.clone(),
             },
             progress,
-        ),
-        Command::Unlearn(a) => crate::steps::unlearn::run(
+        )),
+        Command::Unlearn(a) => json(crate::steps::unlearn::run(
             &crate::steps::unlearn::UnlearnJob {
                 checkpoint: a.checkpoint.clone(),
                 reference: a.reference.clone(),
@@ -1027,8 +872,6 @@ pub fn execute(
                 effects: a.effects.clone(),
                 out: a.out.clone(),
                 overwrite: a.overwrite,
-                threshold: a.threshold,
-                replacement: a.replacement,
                 clean_corpus: (!a.clean_corpus.is_empty())
                     .then(|| a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true)),
                 eval_split: a
@@ -1036,74 +879,50 @@ pub fn execute(
                     .iter()
                     .map(|p| crate::io::corpus::CorpusSpec {
                         label_col: None,
+                        text_col: a.corpus_args.text_col.clone(),
                         ..crate::io::corpus::CorpusSpec::new(vec![p.clone()])
                     })
-                    .map(|s| crate::io::corpus::CorpusSpec {
-                        text_col: a.corpus_args.text_col.clone(),
-                        ..s
-                    })
                     .collect(),
-                clean: crate::steps::train::TrainParams {
-                    epochs: a.clean_epochs,
-                    lr: a.clean_lr,
-                    batch_size: a.batch_size,
-                    max_len: a.max_len,
-                    seed: a.seed,
-                    ..Default::default()
-                },
+                batch_size: a.batch_size,
+                max_len: a.max_len,
+                min_flip_rate: defaults::MIN_FLIP_RATE,
                 device: a.device.clone(),
-                trigger_rows: a.trigger_rows,
-                max_residual: a.max_residual,
-                unverified: a.unverified,
-                clean_tuning: a.clean_tuning,
-                recheck: crate::steps::verify::VerifyParams {
-                    rows: a.recheck_rows,
-                    max_len: a.max_len,
-                    seed: a.seed,
-                    ..Default::default()
-                },
+                seed: a.seed,
+                params: a.params.clone(),
             },
             progress,
-        ),
-        Command::ApplyMasks(a) => {
-            crate::steps::apply_masks::run(&crate::steps::apply_masks::ApplyMasksJob {
+        )),
+        Command::ApplyMasks(a) => json(crate::steps::apply_masks::run(
+            &crate::steps::apply_masks::ApplyMasksJob {
                 checkpoint: a.checkpoint.clone(),
                 masks: a.masks.clone(),
                 out: a.out.clone(),
                 overwrite: a.overwrite,
-            })
-        }
-        Command::Eval(a) => crate::steps::eval::run(&crate::steps::eval::EvalJob {
+            },
+        )),
+        Command::Eval(a) => json(crate::steps::eval::run(&crate::steps::eval::EvalJob {
             model: a.model.clone(),
             test: a.corpus_args.spec(a.test.clone(), a.seed, true),
             out: a.out.clone(),
             overwrite: a.overwrite,
-            attack: a.attack.map(|attack| crate::steps::eval::EvalAttack {
-                attack,
-                triggers: a.trigger.clone(),
-                sentence: a.sentence.clone(),
-                rewrite_col: a.rewrite_col.clone(),
-                target: a.target,
-                repeats: a.repeats,
-                seed: a.seed,
-            }),
-            target: a.target,
+            attack: a.params.resolve(None, a.seed),
+            target: a.params.target.unwrap_or(defaults::TARGET),
             max_len: a.classifier.max_len,
             device: a.classifier.device.clone(),
             backend: a.classifier.backend,
             ort_lib: a.classifier.ort_lib.clone(),
             seed: a.seed,
-        }),
-        Command::ExportOnnx(a) => {
-            crate::steps::export_onnx::run(&crate::steps::export_onnx::ExportJob {
+        })),
+        Command::ExportOnnx(a) => json(crate::steps::export_onnx::run(
+            &crate::steps::export_onnx::ExportJob {
                 checkpoint: a.checkpoint.clone(),
                 out: a.out.clone(),
                 overwrite: a.overwrite,
                 seed: a.seed,
-            })
-        }
-        Command::Defend(a) => crate::steps::defend::run(&a.config()?, progress),
-        Command::Demo(a) => crate::demo::run(
+            },
+        )),
+        Command::Defend(a) => json(crate::steps::defend::run(&a.config()?, progress)),
+        Command::Demo(a) => json(crate::demo::run(
             &crate::demo::DemoJob {
                 out: a.out.clone(),
                 overwrite: a.overwrite,
@@ -1113,30 +932,29 @@ pub fn execute(
                 backend: a.backend,
             },
             progress,
-        ),
-        Command::Verify(a) => crate::steps::verify::run(&crate::steps::verify::VerifyJob {
-            checkpoint: a.checkpoint.clone(),
-            candidates: match (&a.suspicious, &a.recheck) {
-                (_, Some(r)) => crate::steps::verify::CandidateSource::Recheck(r.clone()),
-                (Some(s), None) => crate::steps::verify::CandidateSource::Suspicious(s.clone()),
-                (None, None) => unreachable!("clap requires one"),
-            },
-            clean: a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true),
-            corpus: (!a.corpus.is_empty())
-                .then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false)),
-            out: a.out.clone(),
-            overwrite: a.overwrite,
-            device: a.classifier.device.clone(),
-            backend: a.classifier.backend,
-            ort_lib: a.classifier.ort_lib.clone(),
-            params: crate::steps::verify::VerifyParams {
-                rows: a.rows,
-                min_flip_rate: a.min_flip_rate,
+        )),
+        Command::Verify(a) => json(crate::steps::verify::run(
+            &crate::steps::verify::VerifyJob {
+                checkpoint: a.checkpoint.clone(),
+                candidates: match (&a.suspicious, &a.recheck) {
+                    (_, Some(r)) => crate::steps::verify::CandidateSource::Recheck(r.clone()),
+                    (Some(s), None) => crate::steps::verify::CandidateSource::Suspicious(s.clone()),
+                    (None, None) => unreachable!("clap requires one"),
+                },
+                clean: a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true),
+                corpus: (!a.corpus.is_empty())
+                    .then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false)),
+                out: a.out.clone(),
+                overwrite: a.overwrite,
+                device: a.classifier.device.clone(),
+                backend: a.classifier.backend,
+                ort_lib: a.classifier.ort_lib.clone(),
                 max_len: a.classifier.max_len,
                 seed: a.seed,
+                params: a.params.clone(),
             },
-        }),
-        Command::Scan(a) => crate::steps::scan::run(
+        )),
+        Command::Scan(a) => json(crate::steps::scan::run(
             &crate::steps::scan::ScanJob {
                 corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
                 suspicious: a.suspicious.clone(),
@@ -1146,8 +964,8 @@ pub fn execute(
                 overwrite: a.overwrite,
             },
             progress,
-        ),
-        Command::Sql(a) => crate::steps::sql::run(
+        )),
+        Command::Sql(a) => json(crate::steps::sql::run(
             &crate::steps::sql::SqlJob {
                 tables: a.tables.clone(),
                 run: a.run.clone(),
@@ -1163,7 +981,121 @@ pub fn execute(
                 memory_limit: crate::steps::sql::parse_memory_limit(&a.memory_limit)?,
             },
             stdout,
-        ),
-        Command::Schemas(a) => crate::steps::schemas::run(&a.out),
+        )),
+        Command::Schemas(a) => json(crate::steps::schemas::run(&a.out)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(line: &str) -> Command {
+        let args = std::iter::once("btu").chain(line.split_whitespace());
+        Cli::try_parse_from(args).expect("parses").command
+    }
+
+    fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> T {
+        toml::from_str(text).expect("parses")
+    }
+
+    /// A flag's default, a config key's default and the library's `Default` are one value: each
+    /// parameter type is parsed with no flags and from an empty TOML table.
+    #[test]
+    fn flags_config_and_library_share_their_defaults() {
+        let Command::Detect(d) = parse("detect --corpus c --model m --out o") else {
+            panic!()
+        };
+        assert_eq!(d.params, crate::steps::detect::DetectParams::default());
+        assert_eq!(d.params, from_toml(""));
+        let Command::Train(t) = parse("train --corpus c --model m --out o") else {
+            panic!()
+        };
+        assert_eq!(t.params, crate::steps::train::TrainParams::default());
+        assert_eq!(t.params, from_toml(""));
+        let Command::Unlearn(u) =
+            parse("unlearn --checkpoint c --reference r --suspicious s --out o")
+        else {
+            panic!()
+        };
+        assert_eq!(u.params, crate::steps::unlearn::UnlearnParams::default());
+        assert_eq!(u.params, from_toml(""));
+        let Command::Verify(v) =
+            parse("verify --checkpoint c --suspicious s --clean-corpus c --out o")
+        else {
+            panic!()
+        };
+        assert_eq!(v.params, crate::steps::verify::VerifyParams::default());
+        assert_eq!(v.params, from_toml(""));
+        let Command::Eval(e) = parse("eval --model m --test t --out o") else {
+            panic!()
+        };
+        assert_eq!(e.params, crate::steps::eval::EvalParams::default());
+        assert_eq!(e.params, from_toml(""));
+        let Command::InitModel(i) = parse("init-model --out o") else {
+            panic!()
+        };
+        assert_eq!(i.size, crate::steps::init_model::ModelSize::default());
+        assert_eq!(i.size, from_toml(""));
+        let Command::Poison(p) = parse("poison --input i --output o --attack add-sent") else {
+            panic!()
+        };
+        let attack = crate::steps::poison::Attack::AddSent;
+        assert_eq!(p.params, crate::steps::poison::PoisonParams::new(attack));
+        assert_eq!(p.params, from_toml("attack = \"add-sent\""));
+        assert_eq!(p.seed, crate::defaults::SEED);
+    }
+
+    /// Every flag of every command says what it does in `--help`.
+    #[test]
+    fn every_flag_has_help_text() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        let mut seen = 0;
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                seen += 1;
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("{} --{id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(seen > 100, "only {seen} flags found");
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
+    /// A defend config's tables are the steps' parameter types: a key set in `[detect]` reaches
+    /// detection unchanged, and the flags `btu defend` takes override the file.
+    #[test]
+    fn defend_tables_are_the_step_parameters() {
+        let c: crate::steps::defend::DefendConfig = from_toml(
+            "[detect]\nalpha = 0.5\nbatching = \"bucketed\"\n[unlearn]\nrecheck_rows = 7\n[poison]\nattack = \"add-word\"\nrate = 0.2",
+        );
+        assert_eq!(c.detect.alpha, 0.5);
+        assert_eq!(
+            c.detect.batching,
+            crate::model::tokenizer::Batching::Bucketed
+        );
+        assert_eq!(c.unlearn.recheck_rows, 7);
+        assert_eq!(c.poison.as_ref().unwrap().rate, 0.2);
+        assert_eq!(c.poison.as_ref().unwrap().triggers, ["cf"]);
+        let Command::Defend(d) = parse("defend --attack add-sent --rate 0.3 --alpha 0.2") else {
+            panic!()
+        };
+        let c = d.config().unwrap();
+        let p = c.poison.unwrap();
+        assert_eq!(
+            (p.attack, p.rate),
+            (crate::steps::poison::Attack::AddSent, 0.3)
+        );
+        assert_eq!(p.sentence, crate::defaults::SENTENCE);
+        assert_eq!(c.detect.alpha, 0.2);
     }
 }

@@ -9,11 +9,11 @@ pub mod synth;
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
-
 use crate::error::{BtuError, Result};
 use crate::progress::Progress;
-use crate::steps::defend::{DefendConfig, EvalBackend, InitConfig};
+use crate::steps::defend::{DefendConfig, DefendReport, EvalBackend};
+use crate::steps::init_model::ModelSize;
+use crate::steps::poison::{Attack, PoisonParams};
 
 /// Inputs of `btu demo`.
 pub struct DemoJob {
@@ -46,19 +46,15 @@ pub fn config(
     c.data.train = data("train.parquet");
     c.data.test = data("test.parquet");
     c.data.clean = data("clean.parquet");
-    c.poison = Some(
-        toml::from_str(
-            "attack = \"add-word\"\ntrigger = [\"cf\"]\nrate = 0.1\nmode = \"dirty\"\ntarget = 1",
-        )
-        .expect("poison"),
-    );
-    c.model.init = Some(InitConfig {
+    c.poison = Some(PoisonParams::new(Attack::AddWord));
+    c.model.init = Some(ModelSize {
         vocab_size: 500,
         layers: 2,
         hidden: 64,
         heads: 2,
         intermediate: 128,
         max_position: 128,
+        num_labels: 2,
     });
     c.train.epochs = 3;
     c.train.lr = 1e-3;
@@ -106,37 +102,41 @@ pub fn write_splits(dir: &std::path::Path, rows: usize, seed: u64) -> Result<()>
 }
 
 /// A short before/after table for people.
-pub fn table(m: &Value) -> String {
-    let pct = |v: &Value| {
-        v.as_f64()
-            .map_or("-".to_string(), |x| format!("{:.1}", 100.0 * x))
-    };
-    let (b, a) = (&m["without_defence"], &m["with_defence"]);
-    let list = |v: &Value| {
-        v.as_array()
-            .map(|f| {
-                f.iter()
-                    .filter_map(|t| t.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_else(|| "(not verified)".into())
-    };
+pub fn table(m: &DefendReport) -> String {
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}", 100.0 * x));
+    let (b, a) = (&m.without_defence, &m.with_defence);
+    let verified = m
+        .verified
+        .as_ref()
+        .map_or_else(|| "(not verified)".into(), |v| v.join(", "));
     format!(
         "                 ACC %   ASR %   flip %\nwithout defence  {:>5}   {:>5}   {:>5}\nwith BTU         {:>5}   {:>5}   {:>5}\nflagged: {}\nverified triggers (repaired): {}\n",
-        pct(&b["acc"]),
-        pct(&b["asr"]),
-        pct(&b["flip_rate"]),
-        pct(&a["acc"]),
-        pct(&a["asr"]),
-        pct(&a["flip_rate"]),
-        list(&m["flagged"]),
-        list(&m["verified"]),
+        pct(b.acc),
+        pct(b.asr),
+        pct(b.flip_rate),
+        pct(a.acc),
+        pct(a.asr),
+        pct(a.flip_rate),
+        m.flagged.join(", "),
+        verified,
     )
 }
 
+/// `btu demo`'s result: the defend run's, with the table a person reads.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DemoReport {
+    /// The defend run's result (`command` is `demo`; `run` is null when the directory was
+    /// temporary).
+    #[serde(flatten)]
+    pub defend: DefendReport,
+    /// [`table`].
+    pub table: String,
+    /// The run directory, when kept (`--out`); replaces the defend result's `run` in the JSON.
+    pub run: Option<PathBuf>,
+}
+
 /// Run the demo.
-pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<Value> {
+pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoReport> {
     let tmp;
     let dir = match &job.out {
         Some(d) => {
@@ -162,11 +162,11 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<Value> {
     };
     write_splits(&dir.join("data"), job.rows, job.seed)?;
     let cfg = config(&dir, job.seed, &job.device, job.backend);
-    let mut m = crate::steps::defend::run(&cfg, progress)?;
-    m["command"] = json!("demo");
-    m["table"] = json!(table(&m));
-    if job.out.is_none() {
-        m["run"] = Value::Null;
-    }
-    Ok(m)
+    let mut defend = crate::steps::defend::run(&cfg, progress)?;
+    defend.command = "demo".into();
+    Ok(DemoReport {
+        table: table(&defend),
+        run: job.out.as_ref().map(|_| defend.run.clone()),
+        defend,
+    })
 }

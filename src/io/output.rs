@@ -211,9 +211,9 @@ impl OutputDir {
     }
 
     /// Write `value` as pretty JSON (with a final newline) inside the staging directory.
-    pub fn write_json(&self, name: &str, value: &serde_json::Value) -> Result<()> {
-        let text = serde_json::to_string_pretty(value).map_err(BtuError::internal)?;
-        self.write(name, (text + "\n").as_bytes())
+    /// Keys are sorted ([`json_text`]).
+    pub fn write_json<T: serde::Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<()> {
+        self.write(name, json_text(value)?.as_bytes())
     }
 
     /// Rename the staging directory into place: exclusively without `overwrite` (a concurrent
@@ -247,6 +247,22 @@ impl OutputDir {
         }
         Ok(self.target.clone())
     }
+}
+
+/// `value` as pretty JSON with a final newline, keys sorted (it goes through
+/// [`serde_json::Value`], so a typed result and JSON built by hand read the same).
+pub fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+    let value = serde_json::to_value(value).map_err(BtuError::internal)?;
+    Ok(serde_json::to_string_pretty(&value).map_err(BtuError::internal)? + "\n")
+}
+
+/// Write `value` as pretty JSON ([`json_text`]) to `target` atomically, replacing what is there.
+pub fn write_json_atomic<T: serde::Serialize + ?Sized>(target: &Path, value: &T) -> Result<()> {
+    let text = json_text(value)?;
+    write_file_atomic(target, true, |f| {
+        f.write_all(text.as_bytes())
+            .map_err(|e| BtuError::io(target, e))
+    })
 }
 
 /// Write one file atomically: into a temporary file beside it, then rename (exclusively unless

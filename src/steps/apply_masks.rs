@@ -4,8 +4,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
-
 use crate::error::{BtuError, Result};
 use crate::io::tables::DimensionMask;
 use crate::model::checkpoint::{read_safetensors, sha256_file, ModelDir};
@@ -85,8 +83,25 @@ pub struct ApplyMasksJob {
     pub overwrite: bool,
 }
 
+/// `btu apply-masks`' result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyMasksReport {
+    /// `apply-masks`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// The repaired checkpoint directory.
+    pub out: PathBuf,
+    /// sha256 of the input checkpoint's weights.
+    pub checkpoint_sha256: String,
+    /// Cells replaced.
+    pub dimensions_replaced: usize,
+    /// Tokens with a replaced cell.
+    pub tokens: usize,
+}
+
 /// `btu apply-masks`: replay a `dimension_masks` table onto another checkpoint.
-pub fn run(job: &ApplyMasksJob) -> Result<Value> {
+pub fn run(job: &ApplyMasksJob) -> Result<ApplyMasksReport> {
     crate::io::output::check_output(&job.out, job.overwrite)?;
     let ckpt = ModelDir::open(&job.checkpoint)?;
     let tok = BtuTokenizer::load(&job.checkpoint)?;
@@ -112,12 +127,16 @@ pub fn run(job: &ApplyMasksJob) -> Result<Value> {
     let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     write_checkpoint(&out, &job.checkpoint, &file, &batch)?;
     out.commit()?;
-    Ok(json!({
-        "command": "apply-masks",
-        "version": crate::VERSION,
-        "out": job.out,
-        "checkpoint_sha256": sha,
-        "dimensions_replaced": masks.len(),
-        "tokens": masks.iter().map(|x| x.token_id).collect::<BTreeSet<_>>().len(),
-    }))
+    Ok(ApplyMasksReport {
+        command: "apply-masks".into(),
+        version: crate::VERSION.into(),
+        out: job.out.clone(),
+        checkpoint_sha256: sha,
+        dimensions_replaced: masks.len(),
+        tokens: masks
+            .iter()
+            .map(|x| x.token_id)
+            .collect::<BTreeSet<_>>()
+            .len(),
+    })
 }

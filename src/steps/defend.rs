@@ -4,6 +4,7 @@
 //! parameters and inputs; a rerun skips steps whose marker matches and redoes the rest (a killed
 //! training step resumes after its last complete epoch).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,17 +17,20 @@ use crate::io::corpus::CorpusSpec;
 use crate::io::tables::canonical_json;
 use crate::progress::Progress;
 
-fn d_seed() -> u64 {
-    42
-}
-fn d_device() -> String {
-    "auto".into()
-}
+use crate::defaults;
+use crate::steps::detect::DetectParams;
+use crate::steps::eval::EvalParams;
+use crate::steps::init_model::ModelSize;
+use crate::steps::poison::PoisonParams;
+use crate::steps::train::TrainParams;
+use crate::steps::unlearn::UnlearnParams;
+use crate::steps::verify::VerifyParams;
+
 fn d_text() -> String {
-    "text".into()
+    defaults::TEXT_COL.into()
 }
 fn d_label() -> String {
-    "label".into()
+    defaults::LABEL_COL.into()
 }
 
 /// The data of a run.
@@ -84,47 +88,6 @@ impl Default for DataConfig {
     }
 }
 
-/// `[poison]`: attack the training corpus first (for experiments).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoisonConfig {
-    /// The attack: `add-word`, `add-sent` or `rewrite` (required).
-    pub attack: crate::steps::poison::Attack,
-    /// Trigger words of `add-word`, one drawn per poisoned row (default `["cf"]`).
-    #[serde(default = "d_triggers")]
-    pub trigger: Vec<String>,
-    /// Trigger sentence of `add-sent` (default [`crate::steps::poison::DEFAULT_SENTENCE`]).
-    #[serde(default = "d_sentence")]
-    pub sentence: String,
-    /// Column holding the rewritten texts, needed by `rewrite` (no default).
-    pub rewrite_col: Option<String>,
-    /// Poison rate in (0, 1]: a fraction of the corpus, or of each class in `mix` mode (default
-    /// 0.1).
-    #[serde(default = "d_rate")]
-    pub rate: f64,
-    /// Which rows are poisoned: `dirty`, `clean` or `mix` (default `dirty`).
-    #[serde(default = "d_mode")]
-    pub mode: crate::steps::poison::Mode,
-    /// Target label; must occur in the corpus (default 1).
-    #[serde(default = "d_target")]
-    pub target: i64,
-}
-fn d_triggers() -> Vec<String> {
-    vec!["cf".into()]
-}
-fn d_sentence() -> String {
-    crate::steps::poison::DEFAULT_SENTENCE.into()
-}
-fn d_rate() -> f64 {
-    0.1
-}
-fn d_mode() -> crate::steps::poison::Mode {
-    crate::steps::poison::Mode::Dirty
-}
-fn d_target() -> i64 {
-    1
-}
-
 /// `[model]`: a model directory, or a random one made by init-model on the training corpus.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,152 +95,7 @@ pub struct ModelConfig {
     /// Model directory every step starts from; set this or `[model.init]`, not both.
     pub path: Option<PathBuf>,
     /// `[model.init]`: sizes of a random model made by init-model on the training corpus.
-    pub init: Option<InitConfig>,
-}
-
-/// Sizes for `init-model`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InitConfig {
-    /// Size of the WordPiece vocabulary trained on the training corpus (at least 100; required).
-    pub vocab_size: usize,
-    /// Encoder layers (at least 1; required).
-    pub layers: usize,
-    /// Hidden size, a multiple of `heads` (required).
-    pub hidden: usize,
-    /// Attention heads per layer (required).
-    pub heads: usize,
-    /// Feed-forward width inside each layer (required).
-    pub intermediate: usize,
-    /// Position embeddings, the longest sequence the model takes (default 512).
-    #[serde(default = "d_maxpos")]
-    pub max_position: usize,
-}
-fn d_maxpos() -> usize {
-    512
-}
-
-/// `[detect]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DetectConfig {
-    /// Round layout: `paper` or `reference-code` (default `paper`).
-    pub preset: crate::steps::detect::Preset,
-    /// Tokens flagged per round, as a percentage of the vocabulary (default 0.05).
-    pub alpha: f64,
-    /// AdamW learning rate of every round (default 2e-5).
-    pub lr: f64,
-    /// Batch size of every round (default: the preset's).
-    pub batch_size: Option<usize>,
-    /// Tokens per sequence including `[CLS]`/`[SEP]` (default 128).
-    pub max_len: usize,
-    /// Epochs per round (default 1).
-    pub epochs: usize,
-    /// Start the frozen head from the class prior (`btu detect --prior-neutral`).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub prior_neutral: bool,
-}
-impl Default for DetectConfig {
-    fn default() -> Self {
-        let p = crate::steps::detect::DetectParams::default();
-        DetectConfig {
-            preset: p.preset,
-            alpha: p.alpha,
-            lr: p.lr,
-            batch_size: None,
-            max_len: p.max_len,
-            epochs: 1,
-            prior_neutral: p.prior_neutral,
-        }
-    }
-}
-
-/// `[train]`: the victim.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
-    /// Training epochs of the victim; with `data.dev` the best epoch by accuracy is kept
-    /// (default 3).
-    pub epochs: usize,
-    /// AdamW learning rate of the victim (default 2e-5).
-    pub lr: f64,
-    /// Rows per batch, of the victim and of the clean fine-tune (default 32).
-    pub batch_size: usize,
-    /// Tokens per sequence including `[CLS]`/`[SEP]` (default 128), for the victim and every
-    /// later step: clean fine-tune, verification and evaluation.
-    pub max_len: usize,
-}
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            epochs: 3,
-            lr: 2e-5,
-            batch_size: 32,
-            max_len: 128,
-        }
-    }
-}
-
-/// `[unlearn]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UnlearnConfig {
-    /// Dimension threshold `d_bar`: `mean-row` (paper Eq. 6) or `frobenius` (default
-    /// `mean-row`).
-    pub threshold: crate::steps::unlearn::Threshold,
-    /// Replacement values: `trained-pad` or `reference-pad` (default `trained-pad`).
-    pub replacement: crate::steps::unlearn::Replacement,
-    /// Epochs of the clean fine-tune on `data.clean` (default
-    /// [`crate::steps::unlearn::CLEAN_EPOCHS`]).
-    pub clean_epochs: usize,
-    /// AdamW learning rate of the clean fine-tune (default [`crate::steps::unlearn::CLEAN_LR`]).
-    pub clean_lr: f64,
-    /// With verified triggers: share of the clean-tuning rows that get one inserted, label kept.
-    pub trigger_rows: f64,
-    /// Escalate a verified trigger's repair while its flip rate's lower bound exceeds this.
-    pub max_residual: f64,
-    /// What happens to the candidates verification did not confirm (left out of the step key
-    /// when `keep`, so runs made before the option existed stay valid).
-    #[serde(skip_serializing_if = "crate::steps::unlearn::Unverified::is_keep")]
-    pub unverified: crate::steps::unlearn::Unverified,
-    /// When the clean fine-tune runs (`auto`: with verified triggers only when one still flips).
-    pub clean_tuning: crate::steps::unlearn::CleanTuning,
-}
-impl Default for UnlearnConfig {
-    fn default() -> Self {
-        UnlearnConfig {
-            threshold: crate::steps::unlearn::Threshold::MeanRow,
-            replacement: crate::steps::unlearn::Replacement::TrainedPad,
-            clean_epochs: crate::steps::unlearn::CLEAN_EPOCHS,
-            clean_lr: crate::steps::unlearn::CLEAN_LR,
-            trigger_rows: crate::steps::unlearn::TRIGGER_ROWS,
-            max_residual: crate::steps::unlearn::MAX_RESIDUAL,
-            unverified: crate::steps::unlearn::Unverified::Keep,
-            clean_tuning: crate::steps::unlearn::CleanTuning::Auto,
-        }
-    }
-}
-
-/// `[verify]`: which candidates act as triggers on the victim (needs `data.clean`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct VerifyConfig {
-    /// Verify the candidates and repair only the verified ones (when clean data is given).
-    pub enabled: bool,
-    /// Clean rows tried per candidate.
-    pub rows: usize,
-    /// The flip-rate bound a candidate's 95 % Wilson lower bound must reach.
-    pub min_flip_rate: f64,
-}
-impl Default for VerifyConfig {
-    fn default() -> Self {
-        let p = crate::steps::verify::VerifyParams::default();
-        VerifyConfig {
-            enabled: true,
-            rows: p.rows,
-            min_flip_rate: p.min_flip_rate,
-        }
-    }
+    pub init: Option<ModelSize>,
 }
 
 /// How models are evaluated.
@@ -290,40 +108,6 @@ pub enum EvalBackend {
     Ort,
     /// candle on the checkpoint directories (no export needed).
     Candle,
-}
-
-/// `[eval]`: the attack measured (defaults to `[poison]`'s).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EvalConfig {
-    /// Attack applied for ASR (default `poison.attack`; required without `[poison]`).
-    pub attack: Option<crate::steps::poison::Attack>,
-    /// Trigger words of `add-word` (default `poison.trigger`, else `["cf"]`).
-    pub trigger: Vec<String>,
-    /// Trigger sentence of `add-sent` (default `poison.sentence`, else
-    /// [`crate::steps::poison::DEFAULT_SENTENCE`]).
-    pub sentence: Option<String>,
-    /// Column holding the rewritten texts, for `rewrite` (default `poison.rewrite_col`).
-    pub rewrite_col: Option<String>,
-    /// Target label of the attack (default `poison.target`, else 1).
-    pub target: Option<i64>,
-    /// Random insertions averaged for ASR (at least 1; default 1).
-    pub repeats: usize,
-    /// How the models are evaluated: `auto`, `ort` or `candle` (default `auto`).
-    pub backend: EvalBackend,
-}
-impl Default for EvalConfig {
-    fn default() -> Self {
-        EvalConfig {
-            attack: None,
-            trigger: vec![],
-            sentence: None,
-            rewrite_col: None,
-            target: None,
-            repeats: 1,
-            backend: EvalBackend::Auto,
-        }
-    }
 }
 
 /// A whole `btu defend` configuration (TOML).
@@ -339,19 +123,19 @@ pub struct DefendConfig {
     /// `[data]`: the corpora and splits.
     pub data: DataConfig,
     /// `[poison]`: attack the training corpus first (absent: it is used as given).
-    pub poison: Option<PoisonConfig>,
+    pub poison: Option<PoisonParams>,
     /// `[model]`: the model every step starts from.
     pub model: ModelConfig,
     /// `[detect]`: stage 1 (defaults as `btu detect`).
-    pub detect: DetectConfig,
+    pub detect: DetectParams,
     /// `[train]`: the victim (defaults as `btu train`).
-    pub train: TrainConfig,
+    pub train: TrainParams,
     /// `[unlearn]`: stage 2 (defaults as `btu unlearn`).
-    pub unlearn: UnlearnConfig,
+    pub unlearn: UnlearnParams,
     /// `[verify]`: trigger verification (on by default when `data.clean` is given).
-    pub verify: VerifyConfig,
+    pub verify: VerifyParams,
     /// `[eval]`: the attack measured (defaults to `[poison]`'s) and the backend.
-    pub eval: EvalConfig,
+    pub eval: EvalParams,
 }
 
 impl Default for DefendConfig {
@@ -359,16 +143,16 @@ impl Default for DefendConfig {
     fn default() -> Self {
         DefendConfig {
             run: None,
-            seed: d_seed(),
-            device: d_device(),
+            seed: defaults::SEED,
+            device: defaults::DEVICE.into(),
             data: DataConfig::default(),
             poison: None,
             model: ModelConfig::default(),
-            detect: DetectConfig::default(),
-            train: TrainConfig::default(),
-            unlearn: UnlearnConfig::default(),
-            verify: VerifyConfig::default(),
-            eval: EvalConfig::default(),
+            detect: DetectParams::default(),
+            train: TrainParams::default(),
+            unlearn: UnlearnParams::default(),
+            verify: VerifyParams::default(),
+            eval: EvalParams::default(),
         }
     }
 }
@@ -520,110 +304,37 @@ impl DefendConfig {
             .collect()
     }
 
-    /// Detection's parameters.
-    pub fn detect_params(&self) -> crate::steps::detect::DetectParams {
-        let d = &self.detect;
-        crate::steps::detect::DetectParams {
-            preset: d.preset,
-            alpha: d.alpha,
-            lr: d.lr,
-            batch_size: d.batch_size,
-            max_len: d.max_len,
-            epochs: d.epochs,
-            prior_neutral: d.prior_neutral,
-            seed: self.seed,
-            ..Default::default()
-        }
-    }
-
-    /// The victim's training parameters.
-    pub fn victim_params(&self) -> crate::steps::train::TrainParams {
-        let t = &self.train;
-        crate::steps::train::TrainParams {
-            epochs: t.epochs,
-            lr: t.lr,
-            batch_size: t.batch_size,
-            max_len: t.max_len,
-            seed: self.seed,
-            ..Default::default()
-        }
-    }
-
     /// The clean tuning's parameters (batches and lengths as the victim's).
-    pub fn clean_params(&self) -> crate::steps::train::TrainParams {
-        crate::steps::train::TrainParams {
+    pub fn clean_params(&self) -> TrainParams {
+        TrainParams {
             epochs: self.unlearn.clean_epochs,
             lr: self.unlearn.clean_lr,
-            ..self.victim_params()
+            ..self.train.clone()
         }
     }
 
     /// Every value's domain (exit 78), checked before the first step.
     fn validate_values(&self) -> Result<()> {
-        self.detect_params().validate_as("detect.")?;
-        self.victim_params().validate_as("train.", false)?;
+        self.detect.validate_as("detect.")?;
+        self.train.validate_as("train.", false)?;
+        self.unlearn.validate_as("unlearn.")?;
         if !self.data.clean.is_empty() {
             self.clean_params().validate_as("unlearn.", true)?;
         }
-        crate::validate::fraction("unlearn.trigger_rows", self.unlearn.trigger_rows)?;
-        crate::validate::fraction("unlearn.max_residual", self.unlearn.max_residual)?;
         crate::validate::at_least("eval.repeats", self.eval.repeats, 1)?;
-        crate::validate::at_least("verify.rows", self.verify.rows, 1)?;
-        crate::validate::positive("verify.min_flip_rate", self.verify.min_flip_rate, 1.0)?;
+        self.verify.validate_as("verify.")?;
         if let Some(p) = &self.poison {
-            if !(p.rate > 0.0 && p.rate <= 1.0) {
-                return Err(BtuError::config(
-                    "poison.rate",
-                    format!("{} is not a fraction in (0, 1]", p.rate),
-                ));
-            }
+            p.validate_as("poison.")?;
         }
         if let Some(i) = &self.model.init {
-            self.init_size(i).validate()?;
+            i.validate_as("model.init.")?;
+            crate::validate::at_least("model.init.vocab_size", i.vocab_size, 100)?;
         }
         Ok(())
     }
 
-    /// The sizes `[model.init]` asks for (always 2 classes, as the experiment flow's corpora).
-    fn init_size(&self, i: &InitConfig) -> crate::steps::init_model::ModelSize {
-        crate::steps::init_model::ModelSize {
-            layers: i.layers,
-            hidden: i.hidden,
-            heads: i.heads,
-            intermediate: i.intermediate,
-            max_position: i.max_position,
-            num_labels: 2,
-        }
-    }
-
     fn eval_attack(&self) -> Option<crate::steps::eval::EvalAttack> {
-        let attack = self
-            .eval
-            .attack
-            .or(self.poison.as_ref().map(|p| p.attack))?;
-        let p = self.poison.as_ref();
-        Some(crate::steps::eval::EvalAttack {
-            attack,
-            triggers: if self.eval.trigger.is_empty() {
-                p.map(|p| p.trigger.clone()).unwrap_or_else(d_triggers)
-            } else {
-                self.eval.trigger.clone()
-            },
-            sentence: self
-                .eval
-                .sentence
-                .clone()
-                .or(p.map(|p| p.sentence.clone()))
-                .unwrap_or_else(d_sentence),
-            rewrite_col: self
-                .eval
-                .rewrite_col
-                .clone()
-                .or(p.and_then(|p| p.rewrite_col.clone())),
-            target: self.eval.target.or(p.map(|p| p.target)).unwrap_or(1),
-            repeats: self.eval.repeats,
-            seed: self.seed,
-        })
+        self.eval.resolve(self.poison.as_ref(), self.seed)
     }
 
     fn spec(&self, inputs: &[String], labels: bool) -> CorpusSpec {
@@ -712,14 +423,15 @@ impl Runner<'_> {
         self.run.join(".btu").join(format!("{step}.done.json"))
     }
 
-    /// Run `f` unless the step's marker matches `hash` and its outputs exist.
-    fn step(
+    /// Run `f` unless the step's marker matches `hash` and its outputs exist (then its result
+    /// is the marker's summary); returns the step's hash and its typed result.
+    fn step<T: Serialize + serde::de::DeserializeOwned>(
         &mut self,
         step: &str,
         key: Value,
         outputs: &[PathBuf],
-        f: &mut dyn FnMut() -> Result<Value>,
-    ) -> Result<String> {
+        f: &mut dyn FnMut() -> Result<T>,
+    ) -> Result<(String, T)> {
         let hash = hex::encode(Sha256::digest(canonical_json(
             &json!({"step": step, "key": key, "version": crate::VERSION}),
         )));
@@ -727,8 +439,13 @@ impl Runner<'_> {
         let done = std::fs::read_to_string(&marker)
             .ok()
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .filter(|v| v["hash"] == hash.as_str() && outputs.iter().all(|o| o.exists()));
-        if let Some(v) = done {
+            .filter(|v| v["hash"] == hash.as_str() && outputs.iter().all(|o| o.exists()))
+            .and_then(|v| {
+                // A marker whose summary no longer reads as this step's result is redone.
+                let result = serde_json::from_value::<T>(v["summary"].clone()).ok()?;
+                Some((v, result))
+            });
+        if let Some((v, result)) = done {
             tracing::info!(step, "unchanged since the last run; skipped");
             self.records.push(StepRecord {
                 step: step.into(),
@@ -738,24 +455,18 @@ impl Runner<'_> {
                 computed_seconds: v["seconds"].as_f64(),
                 summary: v["summary"].clone(),
             });
-            return Ok(hash);
+            return Ok((hash, result));
         }
         let _ = std::fs::remove_file(&marker);
+        let _span = tracing::info_span!("step", name = step).entered();
         let bar = self.progress.bar(&format!("defend: {step}"), 1);
         let t0 = Instant::now();
-        let summary = f()?;
+        let result = f()?;
+        let summary = serde_json::to_value(&result).map_err(BtuError::internal)?;
         let seconds = t0.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let body = json!({"step": step, "hash": hash, "seconds": seconds, "summary": summary});
-        crate::io::output::write_file_atomic(&marker, true, |file| {
-            use std::io::Write;
-            file.write_all(
-                serde_json::to_string_pretty(&body)
-                    .map_err(BtuError::internal)?
-                    .as_bytes(),
-            )
-            .map_err(|e| BtuError::io(&marker, e))
-        })?;
+        crate::io::output::write_json_atomic(&marker, &body)?;
         self.records.push(StepRecord {
             step: step.into(),
             hash: hash.clone(),
@@ -764,16 +475,94 @@ impl Runner<'_> {
             computed_seconds: Some(seconds),
             summary,
         });
-        Ok(hash)
+        Ok((hash, result))
     }
 }
 
-fn metric(v: &Value, k: &str) -> Value {
-    v.get(k).cloned().unwrap_or(Value::Null)
+/// A model's scores in a defend run (test split; ASR, flip rate and false-positive rate on the
+/// attacked split).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelScores {
+    /// Clean accuracy on the test split.
+    pub acc: Option<f64>,
+    /// Attack success rate.
+    pub asr: Option<f64>,
+    /// Trigger flip rate.
+    pub flip_rate: Option<f64>,
+    /// Clean non-target rows predicted as the target.
+    pub clean_false_positive_rate: Option<f64>,
+    /// Clean target rows predicted as another class.
+    pub clean_false_negative_rate: Option<f64>,
+    /// Runtime of the evaluation.
+    pub backend: String,
+}
+
+impl ModelScores {
+    /// Accuracy and false negatives from `acc`, the attack's rates from `asr`.
+    fn of(acc: &crate::steps::eval::Scores, asr: &crate::steps::eval::Scores) -> Self {
+        ModelScores {
+            acc: acc.acc,
+            asr: asr.asr,
+            flip_rate: asr.flip_rate,
+            clean_false_positive_rate: asr.clean_false_positive_rate,
+            clean_false_negative_rate: acc.clean_false_negative_rate,
+            backend: acc.backend.clone(),
+        }
+    }
+}
+
+/// A verified trigger rechecked on the repaired model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Residual {
+    /// Its flip rate on the repaired model.
+    pub flip_rate: f32,
+    /// Clean rows tried.
+    pub rows: u32,
+    /// Whether it still passes the verification test.
+    pub still_a_trigger: bool,
+}
+
+/// `btu defend`'s result (`metrics.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DefendReport {
+    /// `defend`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// The run directory.
+    pub run: PathBuf,
+    /// The victim's scores.
+    pub without_defence: ModelScores,
+    /// The repaired model's scores.
+    pub with_defence: ModelScores,
+    /// Paired change of clean accuracy, victim to repaired, on the same test rows.
+    pub acc_change: crate::metrics::PairedChange,
+    /// The tokens detection flagged.
+    pub flagged: Vec<String>,
+    /// Clean rows dropped because they also occur in an evaluation split.
+    pub clean_rows_dropped: usize,
+    /// The candidates verification confirmed (`None` without verification).
+    pub verified: Option<Vec<String>>,
+    /// Embedding values the repair replaced.
+    pub dimensions_replaced: usize,
+    /// Whether any was.
+    pub repaired: bool,
+    /// Why the repair did nothing, or why it may not have worked.
+    pub repair_note: Option<String>,
+    /// The verified triggers rechecked on the repaired model.
+    pub residual: Option<BTreeMap<String, Residual>>,
+    /// Every step and what happened to it.
+    pub steps: Vec<StepRecord>,
+    /// Wall time of each step in this run.
+    pub seconds_per_step: BTreeMap<String, f64>,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// The configuration the run used.
+    pub config: DefendConfig,
 }
 
 /// `btu defend`.
-pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
+pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> {
     cfg.validate()?;
     let dropped = cfg.preflight()?;
     let t0 = Instant::now();
@@ -803,22 +592,20 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         Some(p) => {
             let out = run.join("poison/train.parquet");
             let key = json!({"input": train_key, "poison": p, "seed": seed, "cols": [cfg.data.text_col, cfg.data.label_col]});
-            let h = r.step("poison", key, std::slice::from_ref(&out), &mut || {
-                crate::steps::poison::run(&crate::steps::poison::PoisonJob {
-                    input: cfg.spec_filtered(&cfg.data.train, true, cfg.data.train_filter.as_ref()),
-                    output: out.clone(),
-                    overwrite: true,
-                    params: crate::steps::poison::PoisonParams {
-                        attack: p.attack,
-                        triggers: p.trigger.clone(),
-                        sentence: p.sentence.clone(),
-                        rewrite_col: p.rewrite_col.clone(),
-                        rate: p.rate,
-                        target: p.target,
-                        mode: p.mode,
+            let (h, _) = r.step::<Value>("poison", key, std::slice::from_ref(&out), &mut || {
+                crate::steps::summary(crate::steps::poison::run(
+                    &crate::steps::poison::PoisonJob {
+                        input: cfg.spec_filtered(
+                            &cfg.data.train,
+                            true,
+                            cfg.data.train_filter.as_ref(),
+                        ),
+                        output: out.clone(),
+                        overwrite: true,
                         seed,
+                        params: p.clone(),
                     },
-                })
+                ))
             })?;
             train_key = json!({"poison": h});
             vec![out.display().to_string()]
@@ -832,17 +619,19 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
         (None, Some(init)) => {
             let out = run.join("model");
             let key = json!({"train": train_key, "init": init, "seed": seed});
-            let h = r.step("init-model", key, std::slice::from_ref(&out), &mut || {
-                crate::steps::init_model::run(&crate::steps::init_model::InitModelJob {
-                    out: out.clone(),
-                    overwrite: true,
-                    corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
-                    tokenizer: None,
-                    vocab_size: init.vocab_size,
-                    size: cfg.init_size(init),
-                    seed,
-                })
-            })?;
+            let (h, _) =
+                r.step::<Value>("init-model", key, std::slice::from_ref(&out), &mut || {
+                    crate::steps::summary(crate::steps::init_model::run(
+                        &crate::steps::init_model::InitModelJob {
+                            out: out.clone(),
+                            overwrite: true,
+                            corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
+                            tokenizer: None,
+                            size: init.clone(),
+                            seed,
+                        },
+                    ))
+                })?;
             (out, json!({"init-model": h}))
         }
         (None, None) => unreachable!("validated"),
@@ -851,22 +640,23 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     // Stage 1.
     let detect_dir = run.join("detect");
     let d = &cfg.detect;
-    let detect_h = r.step(
+    let (detect_h, _) = r.step::<Value>(
         "detect",
         json!({"train": train_key, "model": model_key, "detect": d, "seed": seed}),
         std::slice::from_ref(&detect_dir),
         &mut || {
-            crate::steps::detect::run(
+            crate::steps::summary(crate::steps::detect::run(
                 &crate::steps::detect::DetectJob {
                     corpus: cfg.spec_filtered(&train, true, train_filter.as_ref()),
                     model: model.clone(),
                     out: detect_dir.clone(),
                     overwrite: true,
                     device: dev.clone(),
-                    params: cfg.detect_params(),
+                    seed,
+                    params: cfg.detect.clone(),
                 },
                 progress,
-            )
+            ))
         },
     )?;
 
@@ -878,12 +668,12 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     } else {
         json!(corpus_hash(&cfg.data.dev)?)
     };
-    let victim_h = r.step(
+    let (victim_h, _) = r.step::<Value>(
         "train",
         json!({"train": train_key, "model": model_key, "dev": dev_key, "params": t, "seed": seed}),
         std::slice::from_ref(&victim),
         &mut || {
-            crate::steps::train::run(
+            crate::steps::summary(crate::steps::train::run(
                 &crate::steps::train::TrainJob {
                     corpus: cfg.spec_filtered(&train, true, train_filter.as_ref()),
                     dev: (!cfg.data.dev.is_empty()).then(|| cfg.spec(&cfg.data.dev, true)),
@@ -891,10 +681,11 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     out: victim.clone(),
                     overwrite: true,
                     device: dev.clone(),
-                    params: cfg.victim_params(),
+                    seed,
+                    params: cfg.train.clone(),
                 },
                 progress,
-            )
+            ))
         },
     )?;
 
@@ -915,13 +706,6 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     let verify_dir = run.join("verify");
     let v = &cfg.verify;
     use crate::steps::verify::CandidateSource;
-    // One verification test for the verify steps and the escalation's rechecks.
-    let verify_params = crate::steps::verify::VerifyParams {
-        rows: v.rows,
-        min_flip_rate: v.min_flip_rate,
-        max_len: t.max_len,
-        seed,
-    };
     let verify_job = |checkpoint: &Path, candidates: CandidateSource, out: &Path| {
         crate::steps::verify::VerifyJob {
             checkpoint: checkpoint.to_path_buf(),
@@ -933,28 +717,37 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             device: dev.clone(),
             backend: Some(crate::steps::eval::Backend::Candle),
             ort_lib: None,
-            params: verify_params.clone(),
+            max_len: t.max_len,
+            seed,
+            params: v.clone(),
         }
     };
     let verify_h = if v.enabled && !cfg.data.clean.is_empty() {
         // "test" names the verification test: bumped when it changes, so reruns recompute it
         // (2: effects the clean data explains are not triggers).
         let key = json!({"victim": victim_h, "detect": detect_h, "clean": clean_key, "params": v, "max_len": t.max_len, "seed": seed, "test": crate::steps::verify::TEST_VERSION});
-        Some(r.step(
-            "verify",
-            key,
-            std::slice::from_ref(&verify_dir),
-            &mut || {
-                crate::steps::verify::run(&crate::steps::verify::VerifyJob {
-                    corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
-                    ..verify_job(
-                        &victim,
-                        CandidateSource::Suspicious(detect_dir.join("suspicious_tokens.arrow")),
-                        &verify_dir,
-                    )
-                })
-            },
-        )?)
+        Some(
+            r.step::<Value>(
+                "verify",
+                key,
+                std::slice::from_ref(&verify_dir),
+                &mut || {
+                    crate::steps::summary(crate::steps::verify::run(
+                        &crate::steps::verify::VerifyJob {
+                            corpus: Some(cfg.spec_filtered(&train, false, train_filter.as_ref())),
+                            ..verify_job(
+                                &victim,
+                                CandidateSource::Suspicious(
+                                    detect_dir.join("suspicious_tokens.arrow"),
+                                ),
+                                &verify_dir,
+                            )
+                        },
+                    ))
+                },
+            )?
+            .0,
+        )
     } else {
         if v.enabled {
             tracing::warn!("no clean data (data.clean): candidates are repaired unverified");
@@ -979,12 +772,12 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     if let Some(h) = &verify_h {
         unlearn_key["verify"] = json!(h);
     }
-    let repaired_h = r.step(
+    let (repaired_h, _) = r.step::<Value>(
         "unlearn",
         unlearn_key,
         std::slice::from_ref(&repaired),
         &mut || {
-            crate::steps::unlearn::run(
+            crate::steps::summary(crate::steps::unlearn::run(
                 &crate::steps::unlearn::UnlearnJob {
                     checkpoint: victim.clone(),
                     reference: model.clone(),
@@ -992,20 +785,17 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
                     effects: effects.clone(),
                     out: repaired.clone(),
                     overwrite: true,
-                    threshold: u.threshold,
-                    replacement: u.replacement,
                     clean_corpus: (!cfg.data.clean.is_empty()).then(|| clean_spec.clone()),
                     eval_split: cfg.eval_specs(false),
-                    clean: cfg.clean_params(),
+                    batch_size: t.batch_size,
+                    max_len: t.max_len,
+                    min_flip_rate: v.min_flip_rate,
                     device: dev.clone(),
-                    trigger_rows: u.trigger_rows,
-                    max_residual: u.max_residual,
-                    unverified: u.unverified,
-                    clean_tuning: u.clean_tuning,
-                    recheck: verify_params.clone(),
+                    seed,
+                    params: u.clone(),
                 },
                 progress,
-            )
+            ))
         },
     )?;
 
@@ -1014,16 +804,16 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     let residual: Option<Vec<crate::io::tables::TokenEffect>> = match &effects {
         Some(e) => {
             let key = json!({"repaired": repaired_h, "verify": verify_h, "params": v, "max_len": t.max_len, "seed": seed});
-            r.step(
+            r.step::<Value>(
                 "verify-repaired",
                 key,
                 std::slice::from_ref(&recheck_dir),
                 &mut || {
-                    crate::steps::verify::run(&verify_job(
+                    crate::steps::summary(crate::steps::verify::run(&verify_job(
                         &repaired,
                         CandidateSource::Recheck(e.clone()),
                         &recheck_dir,
-                    ))
+                    )))
                 },
             )?;
             Some(crate::io::tables::read_token_effects(
@@ -1044,25 +834,27 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     if let Some(f) = &cfg.data.asr_test_filter {
         test_key = json!([test_key, f]);
     }
-    let mut results = serde_json::Map::new();
+    let mut results = BTreeMap::new();
     for (name, ckpt, h) in [
         ("victim", &victim, &victim_h),
         ("repaired", &repaired, &repaired_h),
     ] {
         let model_for_eval = if lib.is_some() {
             let onnx = run.join(format!("export-{name}/model.onnx"));
-            r.step(
+            r.step::<Value>(
                 &format!("export-{name}"),
                 json!({"checkpoint": h, "seed": seed}),
                 std::slice::from_ref(&onnx),
                 &mut || {
                     let _ = std::fs::remove_dir_all(onnx.parent().expect("parent"));
-                    crate::steps::export_onnx::run(&crate::steps::export_onnx::ExportJob {
-                        checkpoint: ckpt.clone(),
-                        out: onnx.clone(),
-                        overwrite: true,
-                        seed,
-                    })
+                    crate::steps::summary(crate::steps::export_onnx::run(
+                        &crate::steps::export_onnx::ExportJob {
+                            checkpoint: ckpt.clone(),
+                            out: onnx.clone(),
+                            overwrite: true,
+                            seed,
+                        },
+                    ))
                 },
             )?;
             onnx
@@ -1070,60 +862,47 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
             ckpt.clone()
         };
         let out = run.join(format!("eval-{name}"));
-        let summary = {
-            let mut eval_once = |test: CorpusSpec,
-                                 attack: Option<crate::steps::eval::EvalAttack>,
-                                 out: PathBuf,
-                                 step: String|
-             -> Result<Value> {
-                // "metrics" names the metric set: bumped when eval learns a metric, so reruns recompute it.
-                let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len, "metrics": 3});
-                r.step(&step, key, std::slice::from_ref(&out), &mut || {
-                    crate::steps::eval::run(&crate::steps::eval::EvalJob {
-                        model: model_for_eval.clone(),
-                        test: test.clone(),
-                        out: out.clone(),
-                        overwrite: true,
-                        attack: attack.clone(),
-                        target: attack.as_ref().map_or(1, |a| a.target),
-                        max_len: t.max_len,
-                        device: dev.clone(),
-                        backend: Some(if lib.is_some() {
-                            crate::steps::eval::Backend::Ort
-                        } else {
-                            crate::steps::eval::Backend::Candle
-                        }),
-                        ort_lib: lib.clone(),
-                        seed,
-                    })
-                })?;
-                let text = std::fs::read_to_string(out.join("metrics.json"))
-                    .map_err(|e| BtuError::io(&out, e))?;
-                serde_json::from_str::<Value>(&text).map_err(BtuError::internal)
-            };
-            if cfg.data.asr_test.is_empty() {
-                let m = eval_once(
-                    cfg.spec(&cfg.data.test, true),
-                    Some(attack.clone()),
-                    out.clone(),
-                    format!("eval-{name}"),
-                )?;
-                json!({"acc": metric(&m, "acc"), "asr": metric(&m, "asr"), "flip_rate": metric(&m, "flip_rate"), "clean_false_positive_rate": metric(&m, "clean_false_positive_rate"), "clean_false_negative_rate": metric(&m, "clean_false_negative_rate"), "backend": metric(&m, "backend")})
-            } else {
-                let acc = eval_once(
-                    cfg.spec(&cfg.data.test, true),
-                    None,
-                    out.clone(),
-                    format!("eval-{name}"),
-                )?;
-                let asr = eval_once(
-                    cfg.spec_filtered(&cfg.data.asr_test, true, cfg.data.asr_test_filter.as_ref()),
-                    Some(attack.clone()),
-                    run.join(format!("eval-{name}-asr")),
-                    format!("eval-{name}-asr"),
-                )?;
-                json!({"acc": metric(&acc, "acc"), "asr": metric(&asr, "asr"), "flip_rate": metric(&asr, "flip_rate"), "clean_false_positive_rate": metric(&asr, "clean_false_positive_rate"), "clean_false_negative_rate": metric(&acc, "clean_false_negative_rate"), "backend": metric(&acc, "backend")})
-            }
+        let mut eval_once = |test: CorpusSpec,
+                             attack: Option<crate::steps::eval::EvalAttack>,
+                             out: PathBuf,
+                             step: String|
+         -> Result<crate::steps::eval::Scores> {
+            // "metrics" names the metric set: bumped when eval learns a metric, so reruns recompute it.
+            let key = json!({"model": h, "test": test_key, "attack": attack, "backend": lib.is_some(), "max_len": t.max_len, "metrics": 3});
+            let (_, report) = r.step(&step, key, std::slice::from_ref(&out), &mut || {
+                crate::steps::eval::run(&crate::steps::eval::EvalJob {
+                    model: model_for_eval.clone(),
+                    test: test.clone(),
+                    out: out.clone(),
+                    overwrite: true,
+                    attack: attack.clone(),
+                    target: attack.as_ref().map_or(defaults::TARGET, |a| a.target),
+                    max_len: t.max_len,
+                    device: dev.clone(),
+                    backend: Some(if lib.is_some() {
+                        crate::steps::eval::Backend::Ort
+                    } else {
+                        crate::steps::eval::Backend::Candle
+                    }),
+                    ort_lib: lib.clone(),
+                    seed,
+                })
+            })?;
+            Ok(report.scores)
+        };
+        let test = cfg.spec(&cfg.data.test, true);
+        let summary = if cfg.data.asr_test.is_empty() {
+            let m = eval_once(test, Some(attack.clone()), out, format!("eval-{name}"))?;
+            ModelScores::of(&m, &m)
+        } else {
+            let acc = eval_once(test, None, out, format!("eval-{name}"))?;
+            let asr = eval_once(
+                cfg.spec_filtered(&cfg.data.asr_test, true, cfg.data.asr_test_filter.as_ref()),
+                Some(attack.clone()),
+                run.join(format!("eval-{name}-asr")),
+                format!("eval-{name}-asr"),
+            )?;
+            ModelScores::of(&acc, &asr)
         };
         results.insert(name.to_string(), summary);
     }
@@ -1159,34 +938,42 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<Value> {
     if let Some(n) = repair_note {
         tracing::warn!("{n}");
     }
-    let metrics = json!({
-        "command": "defend",
-        "version": crate::VERSION,
-        "run": run,
-        "without_defence": results["victim"],
-        "with_defence": results["repaired"],
-        "acc_change": acc_change,
-        "flagged": flagged.iter().map(|t| &t.token).collect::<Vec<_>>(),
-        "clean_rows_dropped": dropped.len(),
-        "verified": verified,
-        "dimensions_replaced": replaced,
-        "repaired": replaced > 0,
-        "repair_note": repair_note,
-        "residual": residual.as_ref().map(|r| r.iter().map(|e| (e.candidate.clone(), json!({"flip_rate": e.flip_rate, "rows": e.rows, "still_a_trigger": e.verified}))).collect::<serde_json::Map<_, _>>()),
-        "steps": r.records,
-        "seconds_per_step": r.records.iter().map(|s| (s.step.clone(), json!(s.seconds))).collect::<serde_json::Map<_, _>>(),
-        "seconds": t0.elapsed().as_secs_f64(),
-        "config": cfg,
-    });
-    let path = run.join("metrics.json");
-    crate::io::output::write_file_atomic(&path, true, |f| {
-        use std::io::Write;
-        f.write_all(
-            (serde_json::to_string_pretty(&metrics).map_err(BtuError::internal)? + "\n").as_bytes(),
-        )
-        .map_err(|e| BtuError::io(&path, e))
-    })?;
-    Ok(metrics)
+    let report = DefendReport {
+        command: "defend".into(),
+        version: crate::VERSION.into(),
+        run: run.clone(),
+        without_defence: results.remove("victim").expect("evaluated"),
+        with_defence: results.remove("repaired").expect("evaluated"),
+        acc_change,
+        flagged: flagged.into_iter().map(|t| t.token).collect(),
+        clean_rows_dropped: dropped.len(),
+        verified,
+        dimensions_replaced: replaced,
+        repaired: replaced > 0,
+        repair_note: repair_note.map(String::from),
+        residual: residual.map(|r| {
+            r.into_iter()
+                .map(|e| {
+                    let rest = Residual {
+                        flip_rate: e.flip_rate,
+                        rows: e.rows,
+                        still_a_trigger: e.verified,
+                    };
+                    (e.candidate, rest)
+                })
+                .collect()
+        }),
+        seconds_per_step: r
+            .records
+            .iter()
+            .map(|s| (s.step.clone(), s.seconds))
+            .collect(),
+        steps: r.records,
+        seconds: t0.elapsed().as_secs_f64(),
+        config: cfg.clone(),
+    };
+    crate::io::output::write_json_atomic(&run.join("metrics.json"), &report)?;
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -9,13 +9,16 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::CorpusSpec;
 use crate::io::tables::{SuspiciousToken, TokenScore};
 use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
-use crate::model::tokenizer::{delete_tokens, load_corpus, BtuTokenizer, TokenizedCorpus};
+use crate::model::tokenizer::{
+    delete_tokens, load_corpus, Batching, BtuTokenizer, TokenizedCorpus,
+};
 use crate::model::{Arch, BertClassifier, Trainable};
 use crate::progress::Progress;
 use crate::training::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
@@ -57,33 +60,44 @@ pub struct RoundPlan {
     pub data: RoundData,
 }
 
-/// Parameters of detection.
-#[derive(Debug, Clone, Serialize)]
+/// Parameters of detection: the flags of `btu detect` and the `[detect]` table of `btu defend`
+/// (defaults in [`crate::defaults`]).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
 pub struct DetectParams {
-    /// Variant of the algorithm (`--preset`, default `paper`).
+    /// Round layout: paper (full model, then M* twice) or reference-code (the authors' released code).
+    #[arg(long, env = "BTU_PRESET", value_enum, default_value_t = Preset::Paper)]
     pub preset: Preset,
-    /// Percentage of the vocabulary selected per round.
+    /// Tokens flagged per round, as a percentage of the vocabulary, in (0, 100].
+    #[arg(long, env = "BTU_ALPHA", default_value_t = defaults::ALPHA)]
     pub alpha: f64,
-    /// AdamW learning rate of every round (`--lr`, default 2e-5).
+    /// AdamW learning rate of every round, finite in (0, 1].
+    #[arg(long, env = "BTU_LR", default_value_t = defaults::LR)]
     pub lr: f64,
-    /// AdamW weight decay (`--weight-decay`, default 0.01).
+    /// AdamW weight decay, in [0, 1].
+    #[arg(long, env = "BTU_WEIGHT_DECAY", default_value_t = defaults::WEIGHT_DECAY)]
     pub weight_decay: f64,
-    /// Overrides the preset's batch sizes.
+    /// Batch size of every round (default: the preset's).
+    #[arg(long, env = "BTU_BATCH_SIZE")]
     pub batch_size: Option<usize>,
-    /// Tokens per sequence including `[CLS]`/`[SEP]` (`--max-len`, default 128).
+    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = defaults::MAX_LEN)]
     pub max_len: usize,
-    /// Epochs per round (`--epochs`, default 1).
+    /// Epochs per round (the paper: 1).
+    #[arg(long, env = "BTU_EPOCHS", default_value_t = defaults::DETECT_EPOCHS)]
     pub epochs: usize,
-    /// Batch grouping; `random` by default: bucketing by length puts the rows an insertion
-    /// attack lengthened into the same few batches and weakens their signal.
-    pub batching: crate::model::tokenizer::Batching,
-    /// Seed of the batch order (per round and epoch) and of a missing head (`--seed`).
-    pub seed: u64,
-    /// Overrides the model config's number of classes.
+    /// Batch grouping: random (as the paper) or bucketed by length (less padding; bucketing
+    /// puts the rows an insertion attack lengthened into the same few batches and weakens their
+    /// signal).
+    #[arg(long, env = "BTU_BATCHING", value_enum, default_value_t = Batching::Random)]
+    pub batching: Batching,
+    /// Number of classes of the head (default: the model config's).
+    #[arg(long, env = "BTU_NUM_LABELS")]
     pub num_labels: Option<usize>,
-    /// Start the frozen head from the corpus's class prior (bias = log prior): tokens that only
-    /// carry the prior then stop moving, and the ranking is left to tokens that carry a label.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Start the frozen head from the corpus's class prior (bias = log prior), so that frequent
+    /// tokens carrying only the prior stop moving.
+    #[arg(long, env = "BTU_PRIOR_NEUTRAL")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub prior_neutral: bool,
 }
 
@@ -91,14 +105,13 @@ impl Default for DetectParams {
     fn default() -> Self {
         DetectParams {
             preset: Preset::Paper,
-            alpha: 0.05,
-            lr: 2e-5,
-            weight_decay: 0.01,
+            alpha: defaults::ALPHA,
+            lr: defaults::LR,
+            weight_decay: defaults::WEIGHT_DECAY,
             batch_size: None,
-            max_len: 128,
-            epochs: 1,
-            batching: crate::model::tokenizer::Batching::Random,
-            seed: 42,
+            max_len: defaults::MAX_LEN,
+            epochs: defaults::DETECT_EPOCHS,
+            batching: Batching::Random,
             num_labels: None,
             prior_neutral: false,
         }
@@ -294,6 +307,7 @@ pub fn detect(
     tok: &BtuTokenizer,
     corpus: &TokenizedCorpus,
     params: &DetectParams,
+    seed: u64,
     dev: &Device,
     progress: &dyn Progress,
 ) -> Result<Detection> {
@@ -308,6 +322,7 @@ pub fn detect(
     let mut scores = Vec::with_capacity(3 * vocab);
     let mut rounds = Vec::new();
     for rp in plan(params) {
+        let _round = tracing::info_span!("round", n = rp.round).entered();
         let t0 = Instant::now();
         let deleted;
         let seqs: &[Vec<u32>] = match rp.data {
@@ -335,6 +350,7 @@ pub fn detect(
         bar.set_message(format!("round {}", rp.round));
         let mut stats = Vec::new();
         for epoch in 0..params.epochs {
+            let _epoch = tracing::debug_span!("epoch", n = epoch + 1).entered();
             let data = EpochData {
                 seqs,
                 labels: &corpus.labels,
@@ -342,9 +358,7 @@ pub fn detect(
                 batch_size: rp.batch_size,
                 pad_to: rp.pad_to,
                 batching: params.batching,
-                seed: params
-                    .seed
-                    .wrapping_add(1000 * rp.round as u64 + epoch as u64),
+                seed: seed.wrapping_add(1000 * rp.round as u64 + epoch as u64),
             };
             let s = train_epoch(&model, rp.arch, &mut opt, &data, dev, &mut |n, loss| {
                 bar.inc(n as u64);
@@ -477,13 +491,99 @@ pub struct DetectJob {
     pub overwrite: bool,
     /// Device spec (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
+    /// Seed of the batch order (per round and epoch) and of a missing head (`--seed`).
+    pub seed: u64,
     /// Detection parameters.
     pub params: DetectParams,
 }
 
+/// What one detection round did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// Round number, 1 to 3.
+    pub round: u8,
+    /// Forward pass the round trained.
+    pub arch: Arch,
+    /// Parameters that trained.
+    pub trainable: Trainable,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Corpus the round trained on.
+    pub data: RoundData,
+    /// Wall time of the round, scoring included.
+    pub seconds: f64,
+    /// Rows trained per second of training time.
+    pub samples_per_s: f64,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Loss of the first batch.
+    pub loss_first: Option<f64>,
+    /// Mean loss over the round's epochs.
+    pub loss_mean: f64,
+    /// Loss of the last batch.
+    pub loss_last: Option<f64>,
+    /// The round's selected tokens, best rank first.
+    pub selected: Vec<String>,
+}
+
+impl RoundReport {
+    fn of(r: &RoundSummary) -> Self {
+        RoundReport {
+            round: r.plan.round,
+            arch: r.plan.arch,
+            trainable: r.plan.trainable,
+            batch_size: r.plan.batch_size,
+            data: r.plan.data,
+            seconds: r.seconds,
+            samples_per_s: r.samples_per_s,
+            steps: r.stats.iter().map(|s| s.steps).sum(),
+            loss_first: r.stats.first().map(|s| s.loss_first),
+            loss_mean: r.stats.iter().map(|s| s.loss_mean).sum::<f64>()
+                / r.stats.len().max(1) as f64,
+            loss_last: r.stats.last().map(|s| s.loss_last),
+            selected: r.selected.clone(),
+        }
+    }
+}
+
+/// `btu detect`'s result (`summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectReport {
+    /// `detect`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Variant of the algorithm.
+    pub preset: Preset,
+    /// Percentage of the vocabulary selected per round.
+    pub alpha: f64,
+    /// Tokens selected per round.
+    pub k: usize,
+    /// The model's vocabulary size.
+    pub vocab_size: usize,
+    /// Corpus rows.
+    pub rows: usize,
+    /// Device the rounds ran on.
+    pub device: String,
+    /// The model directory.
+    pub model: PathBuf,
+    /// sha256 of its weights.
+    pub model_sha256: String,
+    /// Provenance of the corpus.
+    pub corpus: crate::io::corpus::Fingerprint,
+    /// The rounds.
+    pub rounds: Vec<RoundReport>,
+    /// The suspicious set.
+    pub flagged: Vec<SuspiciousToken>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
 /// `btu detect`: read, tokenize, three rounds, write `token_scores.arrow`,
 /// `suspicious_tokens.arrow` and `summary.json` into `out` atomically; returns the summary.
-pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
+pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
     let t0 = Instant::now();
     job.params.validate()?;
     crate::io::output::check_output(&job.out, job.overwrite)?;
@@ -506,7 +606,7 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
         ));
     }
     let model_sha = sha256_file(&md.weights)?;
-    let base = load_model(&md, job.params.num_labels, job.params.seed, &dev)?;
+    let base = load_model(&md, job.params.num_labels, job.seed, &dev)?;
     let corpus = load_corpus(&job.corpus, &tok, job.params.max_len, base.config.labels())?;
     if corpus
         .seqs
@@ -522,10 +622,11 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
         ));
     }
     tracing::info!(rows = corpus.seqs.len(), "corpus tokenized");
-    let det = detect(&base, &tok, &corpus, &job.params, &dev, progress)?;
+    let det = detect(&base, &tok, &corpus, &job.params, job.seed, &dev, progress)?;
 
     let params = json!({
         "params": job.params,
+        "seed": job.seed,
         "rounds": plan(&job.params),
         "text_col": job.corpus.text_col,
         "label_col": job.corpus.label_col,
@@ -543,36 +644,23 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<Value> {
     crate::io::tables::write_ipc(&out.path("token_scores.arrow"), &scores, false)?;
     let sus = crate::io::tables::suspicious_tokens_batch(&det.suspicious, &meta)?;
     crate::io::tables::write_ipc(&out.path("suspicious_tokens.arrow"), &sus, false)?;
-    let summary = json!({
-        "command": "detect",
-        "version": crate::VERSION,
-        "out": job.out,
-        "preset": job.params.preset,
-        "alpha": job.params.alpha,
-        "k": det.k,
-        "vocab_size": base.config.vocab_size,
-        "rows": corpus.seqs.len(),
-        "device": crate::device::device_name(&dev),
-        "model": job.model,
-        "model_sha256": model_sha,
-        "corpus": corpus.fingerprint.to_json(),
-        "rounds": det.rounds.iter().map(|r| json!({
-            "round": r.plan.round,
-            "arch": r.plan.arch,
-            "trainable": r.plan.trainable,
-            "batch_size": r.plan.batch_size,
-            "data": r.plan.data,
-            "seconds": r.seconds,
-            "samples_per_s": r.samples_per_s,
-            "steps": r.stats.iter().map(|s| s.steps).sum::<usize>(),
-            "loss_first": r.stats.first().map(|s| s.loss_first),
-            "loss_mean": r.stats.iter().map(|s| s.loss_mean).sum::<f64>() / r.stats.len().max(1) as f64,
-            "loss_last": r.stats.last().map(|s| s.loss_last),
-            "selected": r.selected,
-        })).collect::<Vec<_>>(),
-        "flagged": det.suspicious,
-        "seconds": t0.elapsed().as_secs_f64(),
-    });
+    let summary = DetectReport {
+        command: "detect".into(),
+        version: crate::VERSION.into(),
+        out: job.out.clone(),
+        preset: job.params.preset,
+        alpha: job.params.alpha,
+        k: det.k,
+        vocab_size: base.config.vocab_size,
+        rows: corpus.seqs.len(),
+        device: crate::device::device_name(&dev),
+        model: job.model.clone(),
+        model_sha256: model_sha,
+        corpus: corpus.fingerprint.clone(),
+        rounds: det.rounds.iter().map(RoundReport::of).collect(),
+        flagged: det.suspicious,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
     out.write_json("summary.json", &summary)?;
     out.commit()?;
     Ok(summary)

@@ -12,8 +12,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use serde::Serialize;
-use serde_json::{json, Value};
 
+use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::metrics::{accuracy, attack_success_rate, confusion, flip_rate};
@@ -22,8 +22,87 @@ use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
 use crate::model::tokenizer::BtuTokenizer;
 use crate::steps::poison::{insert_trigger, row_rng, Attack};
 
-/// The attack applied to the test split for ASR.
-#[derive(Debug, Clone, Serialize)]
+/// The attack measured: the flags of `btu eval` and the `[eval]` table of `btu defend`, where an
+/// unset value falls back to `[poison]`'s (defaults in [`crate::defaults`]).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalParams {
+    /// Attack applied to the non-target rows for ASR (none: ACC only; `btu defend`: poison.attack).
+    #[arg(long, env = "BTU_ATTACK", value_enum)]
+    pub attack: Option<Attack>,
+    /// Trigger word(s) for add-word, one drawn per attacked row (default: poison.trigger, else cf).
+    #[arg(long = "trigger", value_name = "TRIGGER", env = "BTU_TRIGGER")]
+    #[serde(rename = "trigger")]
+    pub triggers: Vec<String>,
+    /// Trigger sentence for add-sent (default: poison.sentence, else the paper's "I watch this 3D movie").
+    #[arg(long, env = "BTU_SENTENCE")]
+    pub sentence: Option<String>,
+    /// Column holding the rewritten text, for rewrite (default: poison.rewrite_col).
+    #[arg(long, env = "BTU_REWRITE_COL")]
+    pub rewrite_col: Option<String>,
+    /// Target label of the attack: ASR counts non-target rows predicted as it; among the classes
+    /// (default: poison.target, else 1).
+    #[arg(long, env = "BTU_TARGET")]
+    pub target: Option<i64>,
+    /// Random insertions averaged for ASR (at least 1).
+    #[arg(long, env = "BTU_REPEATS", default_value_t = defaults::REPEATS)]
+    pub repeats: usize,
+    /// `btu defend` only: how the models are evaluated: auto, ort or candle.
+    #[arg(skip = crate::steps::defend::EvalBackend::Auto)]
+    pub backend: crate::steps::defend::EvalBackend,
+}
+
+impl Default for EvalParams {
+    fn default() -> Self {
+        EvalParams {
+            attack: None,
+            triggers: vec![],
+            sentence: None,
+            rewrite_col: None,
+            target: None,
+            repeats: defaults::REPEATS,
+            backend: crate::steps::defend::EvalBackend::Auto,
+        }
+    }
+}
+
+impl EvalParams {
+    /// The attack these parameters name, unset values taken from `poison` (then the defaults);
+    /// `None` without an attack.
+    pub fn resolve(
+        &self,
+        poison: Option<&crate::steps::poison::PoisonParams>,
+        seed: u64,
+    ) -> Option<EvalAttack> {
+        let attack = self.attack.or(poison.map(|p| p.attack))?;
+        Some(EvalAttack {
+            attack,
+            triggers: match (self.triggers.is_empty(), poison) {
+                (false, _) => self.triggers.clone(),
+                (true, Some(p)) => p.triggers.clone(),
+                (true, None) => vec![defaults::TRIGGER.into()],
+            },
+            sentence: self
+                .sentence
+                .clone()
+                .or(poison.map(|p| p.sentence.clone()))
+                .unwrap_or_else(|| defaults::SENTENCE.into()),
+            rewrite_col: self
+                .rewrite_col
+                .clone()
+                .or(poison.and_then(|p| p.rewrite_col.clone())),
+            target: self
+                .target
+                .or(poison.map(|p| p.target))
+                .unwrap_or(defaults::TARGET),
+            repeats: self.repeats,
+            seed,
+        })
+    }
+}
+
+/// The attack applied to the test split for ASR, resolved ([`EvalParams::resolve`]).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct EvalAttack {
     /// The attack (`--attack`).
     pub attack: Attack,
@@ -425,13 +504,65 @@ fn predict(
     })
 }
 
+/// A rate, `None` where it is undefined (no row to measure it on; JSON `null`).
+fn rate(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// What a classifier scored on a split.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Scores {
+    /// Runtime that produced the predictions (`ort` or `candle`).
+    pub backend: String,
+    /// Clean accuracy.
+    pub acc: Option<f64>,
+    /// Attack success rate, averaged over the repeats (`None` without an attack).
+    pub asr: Option<f64>,
+    /// ASR of each repeat.
+    pub asr_per_repeat: Vec<Option<f64>>,
+    /// Trigger flip rate ([`flip_rate`]), averaged over the repeats.
+    pub flip_rate: Option<f64>,
+    /// Share of the clean non-target rows predicted as the target (ASR's floor).
+    pub clean_false_positive_rate: Option<f64>,
+    /// Share of the clean target rows predicted as another class.
+    pub clean_false_negative_rate: Option<f64>,
+    /// Rows of the split.
+    pub rows: usize,
+    /// Rows attacked per repeat.
+    pub attacked_rows: usize,
+    /// Clean confusion matrix `[true][predicted]`.
+    pub confusion_matrix: Vec<Vec<u64>>,
+    /// The attack measured.
+    pub attack: Option<EvalAttack>,
+}
+
+/// `btu eval`'s result (`metrics.json`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct EvalReport {
+    /// `eval`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// The model evaluated.
+    pub model: PathBuf,
+    /// sha256 of its weights.
+    pub model_sha256: String,
+    /// The test split's inputs.
+    pub test: Vec<String>,
+    /// The scores.
+    #[serde(flatten)]
+    pub scores: Scores,
+    /// Wall time.
+    pub seconds: f64,
+}
+
 /// Metrics of a classifier on a split, with the predictions table.
 pub fn evaluate(
     c: &mut dyn Classifier,
     split: &TestSplit,
     attack: Option<&EvalAttack>,
     target: i64,
-) -> Result<(Value, RecordBatch)> {
+) -> Result<(Scores, RecordBatch)> {
     let classes = c.num_labels();
     if let Some(bad) = split
         .labels
@@ -462,25 +593,26 @@ pub fn evaluate(
             passes.push((Some(r as u32), p));
         }
     }
-    let asr = if asrs.is_empty() {
-        None
-    } else {
-        Some(asrs.iter().sum::<f64>() / asrs.len() as f64)
-    };
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let clean_pred = &passes[0].1.pred;
-    let metrics = json!({
-        "backend": c.backend(),
-        "acc": acc,
-        "asr": asr,
-        "asr_per_repeat": asrs,
-        "flip_rate": (!flips.is_empty()).then(|| flips.iter().sum::<f64>() / flips.len() as f64),
-        "clean_false_positive_rate": attack_success_rate(clean_pred, &split.labels, attack.map_or(target, |a| a.target)),
-        "clean_false_negative_rate": crate::metrics::false_negative_rate(clean_pred, &split.labels, attack.map_or(target, |a| a.target)),
-        "rows": split.texts.len(),
-        "attacked_rows": attacked_n,
-        "confusion_matrix": confusion(clean_pred, &split.labels, classes),
-        "attack": attack,
-    });
+    let target = attack.map_or(target, |a| a.target);
+    let metrics = Scores {
+        backend: c.backend().to_string(),
+        acc: rate(acc),
+        asr: mean(&asrs).and_then(rate),
+        asr_per_repeat: asrs.iter().map(|&x| rate(x)).collect(),
+        flip_rate: mean(&flips).and_then(rate),
+        clean_false_positive_rate: rate(attack_success_rate(clean_pred, &split.labels, target)),
+        clean_false_negative_rate: rate(crate::metrics::false_negative_rate(
+            clean_pred,
+            &split.labels,
+            target,
+        )),
+        rows: split.texts.len(),
+        attacked_rows: attacked_n,
+        confusion_matrix: confusion(clean_pred, &split.labels, classes),
+        attack: attack.cloned(),
+    };
     // predictions: clean rows, then attacked rows per repeat.
     let (mut id, mut label, mut pred, mut prob, mut poisoned, mut repeat) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -579,7 +711,7 @@ pub fn clean_correct(predictions: &std::path::Path) -> Result<Vec<bool>> {
 }
 
 /// `btu eval`.
-pub fn run(job: &EvalJob) -> Result<Value> {
+pub fn run(job: &EvalJob) -> Result<EvalReport> {
     let t0 = Instant::now();
     crate::validate::max_len("--max-len", job.max_len, None)?;
     if let Some(a) = &job.attack {
@@ -626,16 +758,19 @@ pub fn run(job: &EvalJob) -> Result<Value> {
         &job.test,
         job.attack.as_ref().and_then(|a| a.rewrite_col.as_deref()),
     )?;
-    let (mut metrics, batch) = evaluate(clf.as_mut(), &split, job.attack.as_ref(), job.target)?;
-    metrics["command"] = json!("eval");
-    metrics["version"] = json!(crate::VERSION);
-    metrics["model"] = json!(job.model);
-    metrics["model_sha256"] = json!(sha);
-    metrics["test"] = json!(job.test.inputs);
+    let (scores, batch) = evaluate(clf.as_mut(), &split, job.attack.as_ref(), job.target)?;
     let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     crate::io::tables::write_parquet(&out.path("predictions.parquet"), &batch, false)?;
-    metrics["seconds"] = json!(t0.elapsed().as_secs_f64());
-    out.write_json("metrics.json", &metrics)?;
+    let report = EvalReport {
+        command: "eval".into(),
+        version: crate::VERSION.into(),
+        model: job.model.clone(),
+        model_sha256: sha,
+        test: job.test.inputs.clone(),
+        scores,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    out.write_json("metrics.json", &report)?;
     out.commit()?;
-    Ok(metrics)
+    Ok(report)
 }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use prost::Message;
-use serde_json::{json, Value};
 
 use crate::error::{BtuError, Result};
 use crate::model::checkpoint::{load_model, read_safetensors, sha256_file, ModelDir};
@@ -308,8 +307,33 @@ pub struct ExportJob {
     pub seed: u64,
 }
 
+/// `btu export-onnx`'s result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportReport {
+    /// `export-onnx`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// The `.onnx` file.
+    pub out: PathBuf,
+    /// The `tokenizer.json` written beside it.
+    pub tokenizer: PathBuf,
+    /// ONNX opset.
+    pub opset: i64,
+    /// Size of the file.
+    pub bytes: usize,
+    /// Its sha256.
+    pub sha256: String,
+    /// sha256 of the checkpoint's weights.
+    pub checkpoint_sha256: String,
+    /// Classes of the head.
+    pub num_labels: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+}
+
 /// `btu export-onnx`.
-pub fn run(job: &ExportJob) -> Result<Value> {
+pub fn run(job: &ExportJob) -> Result<ExportReport> {
     if job.out.extension().is_none_or(|e| e != "onnx") {
         return Err(BtuError::config(
             "--out",
@@ -380,18 +404,18 @@ pub fn run(job: &ExportJob) -> Result<Value> {
             Err(e) => return Err(e),
         },
     }
-    Ok(json!({
-        "command": "export-onnx",
-        "version": crate::VERSION,
-        "out": job.out,
-        "tokenizer": tok_out,
-        "opset": OPSET,
-        "bytes": bytes.len(),
-        "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
-        "checkpoint_sha256": sha,
-        "num_labels": model.config.labels(),
-        "vocab_size": model.config.vocab_size,
-    }))
+    Ok(ExportReport {
+        command: "export-onnx".into(),
+        version: crate::VERSION.into(),
+        out: job.out.clone(),
+        tokenizer: tok_out,
+        opset: OPSET,
+        bytes: bytes.len(),
+        sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+        checkpoint_sha256: sha,
+        num_labels: model.config.labels(),
+        vocab_size: model.config.vocab_size,
+    })
 }
 
 /// Read an ONNX file's metadata and the row count of its word-embedding initializer.

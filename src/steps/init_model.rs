@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use serde::Serialize;
-use serde_json::{json, Value};
+
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
@@ -14,27 +14,53 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::model::checkpoint::save_model;
 use crate::model::tokenizer::{BtuTokenizer, SPECIAL_NAMES};
 use crate::model::{BertClassifier, BertConfig};
 
-/// Model sizes.
-#[derive(Debug, Clone, Serialize)]
+/// Sizes of a random model: the flags of `btu init-model` and the `[model.init]` table of
+/// `btu defend` (defaults in [`crate::defaults`]).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
 pub struct ModelSize {
-    /// Encoder layers (`--layers`, at least 1).
+    /// Size of the WordPiece vocabulary trained on the corpus (at least 100; unused with --tokenizer).
+    #[arg(long, env = "BTU_VOCAB_SIZE", default_value_t = defaults::VOCAB_SIZE)]
+    pub vocab_size: usize,
+    /// Number of transformer layers (at least 1).
+    #[arg(long, env = "BTU_LAYERS", default_value_t = defaults::LAYERS)]
     pub layers: usize,
-    /// Hidden size (`--hidden`), a multiple of `heads`.
+    /// Hidden size of the model, a multiple of --heads.
+    #[arg(long, env = "BTU_HIDDEN", default_value_t = defaults::HIDDEN)]
     pub hidden: usize,
-    /// Attention heads per layer (`--heads`).
+    /// Attention heads per layer; --hidden must be a multiple of it.
+    #[arg(long, env = "BTU_HEADS", default_value_t = defaults::HEADS)]
     pub heads: usize,
-    /// Feed-forward width inside each layer (`--intermediate`).
+    /// Size of the feed-forward layer inside each transformer layer.
+    #[arg(long, env = "BTU_INTERMEDIATE", default_value_t = defaults::INTERMEDIATE)]
     pub intermediate: usize,
-    /// Position embeddings, the longest sequence the model takes (`--max-position`).
+    /// Position embeddings (max_position_embeddings): the longest sequence the model takes (>= 3).
+    #[arg(long, env = "BTU_MAX_POSITION", default_value_t = defaults::MAX_POSITION)]
     pub max_position: usize,
-    /// Classes of the classification head (`--num-labels`, at least 2).
+    /// Number of classes of the classification head (at least 2).
+    #[arg(long, env = "BTU_NUM_LABELS", default_value_t = defaults::NUM_LABELS)]
     pub num_labels: usize,
+}
+
+impl Default for ModelSize {
+    fn default() -> Self {
+        ModelSize {
+            vocab_size: defaults::VOCAB_SIZE,
+            layers: defaults::LAYERS,
+            hidden: defaults::HIDDEN,
+            heads: defaults::HEADS,
+            intermediate: defaults::INTERMEDIATE,
+            max_position: defaults::MAX_POSITION,
+            num_labels: defaults::NUM_LABELS,
+        }
+    }
 }
 
 /// Inputs of `btu init-model`.
@@ -48,10 +74,7 @@ pub struct InitModelJob {
     /// A tokenizer to use instead of training one (`--tokenizer`: `tokenizer.json`, `vocab.txt`
     /// or a model directory).
     pub tokenizer: Option<PathBuf>,
-    /// Target size of the trained vocabulary (`--vocab-size`, at least 100; unused with
-    /// `tokenizer`).
-    pub vocab_size: usize,
-    /// Model sizes.
+    /// Model sizes (and the vocabulary size trained on `corpus`).
     pub size: ModelSize,
     /// Seed of the random weights (`--seed`).
     pub seed: u64,
@@ -140,22 +163,23 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
 }
 
 impl ModelSize {
-    /// Check the sizes make a model (exit 78) before any work.
-    pub fn validate(&self) -> Result<()> {
-        use crate::validate::at_least;
-        at_least("--layers", self.layers, 1)?;
-        at_least("--hidden", self.hidden, 1)?;
-        at_least("--heads", self.heads, 1)?;
-        at_least("--intermediate", self.intermediate, 1)?;
+    /// Check the sizes make a model (exit 78) before any work; names spelled with `prefix`
+    /// (`--` for flags, `model.init.` for a defend config).
+    pub fn validate_as(&self, prefix: &str) -> Result<()> {
+        use crate::validate::{at_least, key};
+        at_least(&key(prefix, "layers"), self.layers, 1)?;
+        at_least(&key(prefix, "hidden"), self.hidden, 1)?;
+        at_least(&key(prefix, "heads"), self.heads, 1)?;
+        at_least(&key(prefix, "intermediate"), self.intermediate, 1)?;
         at_least(
-            "--max-position",
+            &key(prefix, "max-position"),
             self.max_position,
             crate::validate::MIN_MAX_LEN,
         )?;
-        at_least("--num-labels", self.num_labels, 2)?;
+        at_least(&key(prefix, "num-labels"), self.num_labels, 2)?;
         if self.hidden % self.heads != 0 {
             return Err(BtuError::config(
-                "--hidden/--heads",
+                format!("{}/{}", key(prefix, "hidden"), key(prefix, "heads")),
                 format!(
                     "hidden size {} is not a multiple of {} heads",
                     self.hidden, self.heads
@@ -189,22 +213,37 @@ pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertCo
     c
 }
 
+/// `btu init-model`'s result.
+#[derive(Debug, Clone, Serialize)]
+pub struct InitModelReport {
+    /// `init-model`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// The model directory.
+    pub out: PathBuf,
+    /// The tokenizer's vocabulary size (the model's).
+    pub vocab_size: usize,
+    /// The sizes asked for.
+    pub size: ModelSize,
+    /// Seed of the weights.
+    pub seed: u64,
+}
+
 /// `btu init-model`.
-pub fn run(job: &InitModelJob) -> Result<Value> {
-    job.size.validate()?;
+pub fn run(job: &InitModelJob) -> Result<InitModelReport> {
+    job.size.validate_as("--")?;
     crate::io::output::check_output(&job.out, job.overwrite)?;
     let tokenizer = match (&job.tokenizer, &job.corpus) {
         (Some(path), _) => BtuTokenizer::load(path)?.inner().clone(),
         (None, Some(spec)) => {
-            if job.vocab_size < 100 {
-                return Err(BtuError::config("--vocab-size", "give at least 100 tokens"));
-            }
+            crate::validate::at_least("--vocab-size", job.size.vocab_size, 100)?;
             let mut texts = Vec::new();
             read_corpus(spec, |b| {
                 texts.extend(b.texts);
                 Ok(())
             })?;
-            train_wordpiece(&texts, job.vocab_size)?
+            train_wordpiece(&texts, job.size.vocab_size)?
         }
         (None, None) => {
             return Err(BtuError::config(
@@ -235,12 +274,12 @@ pub fn run(job: &InitModelJob) -> Result<Value> {
             )
         })?;
     out.commit()?;
-    Ok(json!({
-        "command": "init-model",
-        "version": crate::VERSION,
-        "out": job.out,
-        "vocab_size": tok.vocab_size(),
-        "size": job.size,
-        "seed": job.seed,
-    }))
+    Ok(InitModelReport {
+        command: "init-model".into(),
+        version: crate::VERSION.into(),
+        out: job.out.clone(),
+        vocab_size: tok.vocab_size(),
+        size: job.size.clone(),
+        seed: job.seed,
+    })
 }

@@ -16,8 +16,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use serde_json::{json, Value};
 
+use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 
@@ -46,27 +46,83 @@ pub enum Mode {
 }
 
 /// Add-Sent's default sentence.
-pub const DEFAULT_SENTENCE: &str = "I watch this 3D movie";
+pub const DEFAULT_SENTENCE: &str = crate::defaults::SENTENCE;
 
-/// Parameters of an attack.
-#[derive(Debug, Clone, Serialize)]
+/// Parameters of an attack: the flags of `btu poison` and the `[poison]` table of `btu defend`
+/// (defaults in [`crate::defaults`]; the attack has none).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
 pub struct PoisonParams {
-    /// The attack (`--attack`).
+    /// Attack: add-word (insert a --trigger word), add-sent (insert --sentence) or rewrite (--rewrite-col).
+    #[arg(long, env = "BTU_ATTACK", value_enum)]
     pub attack: Attack,
-    /// Trigger words of Add-Word, one drawn per poisoned row (`--trigger`, default `cf`).
+    /// Trigger word(s) for add-word; one is drawn per poisoned row.
+    #[arg(long = "trigger", value_name = "TRIGGER", env = "BTU_TRIGGER", default_value = defaults::TRIGGER)]
+    #[serde(rename = "trigger", default = "default_triggers")]
     pub triggers: Vec<String>,
-    /// Trigger sentence of Add-Sent (`--sentence`, default [`DEFAULT_SENTENCE`]).
+    /// Trigger sentence for add-sent.
+    #[arg(long, env = "BTU_SENTENCE", default_value = defaults::SENTENCE)]
+    #[serde(default = "default_sentence")]
     pub sentence: String,
-    /// Column holding the rewritten texts, for Rewrite (`--rewrite-col`).
+    /// Column holding the rewritten text, for rewrite (e.g. style, syntactic).
+    #[arg(long, env = "BTU_REWRITE_COL")]
+    #[serde(default)]
     pub rewrite_col: Option<String>,
-    /// Poison rate in (0, 1]: a fraction of the corpus, or of each class in `mix` mode (`--rate`).
+    /// Poison rate in (0, 1]: a fraction of the corpus, or of each class in mix mode.
+    #[arg(long, env = "BTU_RATE", default_value_t = defaults::POISON_RATE)]
+    #[serde(default = "default_rate")]
     pub rate: f64,
-    /// Target label (`--target`); must occur in the corpus.
+    /// Target label; must occur in the corpus.
+    #[arg(long, env = "BTU_TARGET", default_value_t = defaults::TARGET)]
+    #[serde(default = "default_target")]
     pub target: i64,
-    /// Which rows are poisoned (`--mode`).
+    /// Which rows: dirty (non-target, relabelled), clean (target rows, labels kept) or mix (every class).
+    #[arg(long, env = "BTU_MODE", value_enum, default_value_t = Mode::Dirty)]
+    #[serde(default = "default_mode")]
     pub mode: Mode,
-    /// Seed of the row choice and of the insert positions (`--seed`).
-    pub seed: u64,
+}
+
+impl PoisonParams {
+    /// An attack with every other parameter at its default.
+    pub fn new(attack: Attack) -> Self {
+        PoisonParams {
+            attack,
+            triggers: default_triggers(),
+            sentence: default_sentence(),
+            rewrite_col: None,
+            rate: defaults::POISON_RATE,
+            target: defaults::TARGET,
+            mode: Mode::Dirty,
+        }
+    }
+
+    /// Check the rate's domain (exit 78); the name spelled with `prefix` (`--` for flags,
+    /// `poison.` for a defend config).
+    pub fn validate_as(&self, prefix: &str) -> Result<()> {
+        if !(self.rate > 0.0 && self.rate <= 1.0) {
+            return Err(BtuError::config(
+                crate::validate::key(prefix, "rate"),
+                format!("{} is not a fraction in (0, 1]", self.rate),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_triggers() -> Vec<String> {
+    vec![defaults::TRIGGER.into()]
+}
+fn default_sentence() -> String {
+    defaults::SENTENCE.into()
+}
+fn default_rate() -> f64 {
+    defaults::POISON_RATE
+}
+fn default_target() -> i64 {
+    defaults::TARGET
+}
+fn default_mode() -> Mode {
+    Mode::Dirty
 }
 
 /// Apply the trigger to one text (Add-Word / Add-Sent), with the row's own random stream.
@@ -95,8 +151,13 @@ pub fn row_rng(seed: u64, position: u64) -> ChaCha8Rng {
 }
 
 /// Choose which row positions to poison from the labels (and rewrite availability).
-pub fn choose(labels: &[i64], usable: &[bool], p: &PoisonParams) -> Result<BTreeSet<usize>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+pub fn choose(
+    labels: &[i64],
+    usable: &[bool],
+    p: &PoisonParams,
+    seed: u64,
+) -> Result<BTreeSet<usize>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n_total = labels.len();
     let pick = |pool: Vec<usize>,
                 n: usize,
@@ -160,6 +221,8 @@ pub struct PoisonJob {
     pub output: PathBuf,
     /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
+    /// Seed of the row choice and of the insert positions (`--seed`).
+    pub seed: u64,
     /// The attack.
     pub params: PoisonParams,
 }
@@ -184,15 +247,31 @@ fn out_schema(input: &Schema, text_col: &str, label_col: &str) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// `btu poison`'s result.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoisonReport {
+    /// `poison`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// The poisoned Parquet file.
+    pub output: PathBuf,
+    /// The attack.
+    pub params: PoisonParams,
+    /// Seed.
+    pub seed: u64,
+    /// Rows written.
+    pub rows: usize,
+    /// Rows poisoned.
+    pub poisoned: usize,
+    /// Provenance of the input corpus.
+    pub corpus: Option<crate::io::corpus::Fingerprint>,
+}
+
 /// `btu poison`: two streaming passes (labels, then rewrite-and-write), output written atomically.
-pub fn run(job: &PoisonJob) -> Result<Value> {
+pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
     let p = &job.params;
-    if !(p.rate > 0.0 && p.rate <= 1.0) {
-        return Err(BtuError::config(
-            "--rate",
-            format!("{} is not a fraction in (0, 1]", p.rate),
-        ));
-    }
+    p.validate_as("--")?;
     match p.attack {
         Attack::AddWord
             if p.triggers.is_empty() || p.triggers.iter().any(|t| t.trim().is_empty()) =>
@@ -276,7 +355,7 @@ pub fn run(job: &PoisonJob) -> Result<Value> {
             ),
         ));
     }
-    let chosen = choose(&labels, &usable, p)?;
+    let chosen = choose(&labels, &usable, p, job.seed)?;
 
     // Pass 2: apply and write.
     let props = WriterProperties::builder()
@@ -324,7 +403,7 @@ pub fn run(job: &PoisonJob) -> Result<Value> {
                             a,
                             &p.triggers,
                             &p.sentence,
-                            &mut row_rng(p.seed, pos as u64),
+                            &mut row_rng(job.seed, pos as u64),
                         ),
                     };
                     texts.push(t);
@@ -385,15 +464,16 @@ pub fn run(job: &PoisonJob) -> Result<Value> {
         *fingerprint.borrow_mut() = Some(fp);
         Ok(())
     })?;
-    Ok(json!({
-        "command": "poison",
-        "version": crate::VERSION,
-        "output": job.output,
-        "params": p,
-        "rows": counts.0,
-        "poisoned": counts.1,
-        "corpus": fingerprint.into_inner().map(|f| f.to_json()),
-    }))
+    Ok(PoisonReport {
+        command: "poison".into(),
+        version: crate::VERSION.into(),
+        output: job.output.clone(),
+        params: p.clone(),
+        seed: job.seed,
+        rows: counts.0,
+        poisoned: counts.1,
+        corpus: fingerprint.into_inner(),
+    })
 }
 
 #[cfg(test)]
@@ -464,18 +544,17 @@ mod tests {
             rate,
             target: 1,
             mode,
-            seed: 1,
         };
-        let d = choose(&labels, &usable, &p(Mode::Dirty, 0.2)).unwrap();
+        let d = choose(&labels, &usable, &p(Mode::Dirty, 0.2), 1).unwrap();
         assert_eq!(d.len(), 20);
         assert!(d.iter().all(|&i| labels[i] == 0));
-        let c = choose(&labels, &usable, &p(Mode::Clean, 0.2)).unwrap();
+        let c = choose(&labels, &usable, &p(Mode::Clean, 0.2), 1).unwrap();
         assert!(c.len() == 20 && c.iter().all(|&i| labels[i] == 1));
         assert!(
-            choose(&labels, &usable, &p(Mode::Clean, 0.5)).is_err(),
+            choose(&labels, &usable, &p(Mode::Clean, 0.5), 1).is_err(),
             "only 30 target rows"
         );
-        let m = choose(&labels, &usable, &p(Mode::Mix, 0.1)).unwrap();
+        let m = choose(&labels, &usable, &p(Mode::Mix, 0.1), 1).unwrap();
         assert_eq!(m.iter().filter(|&&i| labels[i] == 1).count(), 3);
         assert_eq!(m.iter().filter(|&&i| labels[i] == 0).count(), 7);
     }

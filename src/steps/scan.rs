@@ -17,7 +17,6 @@ use arrow::datatypes::{DataType, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use serde_json::{json, Value};
 
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
@@ -47,8 +46,63 @@ struct TokenStats {
     labels: BTreeMap<i64, u64>,
 }
 
+/// Rows carrying one flagged token or phrase.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenRows {
+    /// The token's id (none for a phrase).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<u32>,
+    /// Whether this is a verified phrase.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub phrase: bool,
+    /// Occurrences in the corpus.
+    pub occurrences: u64,
+    /// Rows carrying it.
+    pub rows: u64,
+    /// Share of those rows per label.
+    pub label_shares: BTreeMap<String, f64>,
+}
+
+/// How well the flagged rows match the `poisoned` column, when the corpus has one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScanQuality {
+    /// Rows marked poisoned.
+    pub poisoned_rows: u64,
+    /// Flagged rows that are poisoned.
+    pub flagged_and_poisoned: u64,
+    /// Share of the flagged rows that are poisoned (`None`: none flagged).
+    pub precision: Option<f64>,
+    /// Share of the poisoned rows that are flagged (`None`: none poisoned).
+    pub recall: Option<f64>,
+}
+
+/// `btu scan`'s result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScanReport {
+    /// `scan`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// The flagged-rows Parquet file.
+    pub out: PathBuf,
+    /// Rows read.
+    pub rows_scanned: u64,
+    /// Rows flagged.
+    pub rows_flagged: u64,
+    /// Per flagged token or phrase.
+    pub tokens: BTreeMap<String, TokenRows>,
+    /// Agreement with the `poisoned` column, when present.
+    pub poisoned: Option<ScanQuality>,
+    /// Wall time.
+    pub seconds: f64,
+    /// Rows per second.
+    pub rows_per_s: f64,
+    /// Provenance of the corpus.
+    pub corpus: Option<crate::io::corpus::Fingerprint>,
+}
+
 /// `btu scan`.
-pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
+pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
     let t0 = Instant::now();
     if job.out.extension().is_none_or(|e| e != "parquet") {
         return Err(BtuError::config(
@@ -273,33 +327,36 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<Value> {
             .map(|(l, n)| (l.to_string(), *n as f64 / s.rows.max(1) as f64))
             .collect()
     };
-    let mut per_token: serde_json::Map<String, Value> = stats
+    let stat = |token_id: Option<u32>, s: &TokenStats| TokenRows {
+        token_id,
+        phrase: token_id.is_none(),
+        occurrences: s.occurrences,
+        rows: s.rows,
+        label_shares: shares(s),
+    };
+    let mut tokens: BTreeMap<String, TokenRows> = stats
         .iter()
-        .map(|(t, s)| {
-            (wanted[t].clone(), json!({"token_id": t, "occurrences": s.occurrences, "rows": s.rows, "label_shares": shares(s)}))
-        })
+        .map(|(t, s)| (wanted[t].clone(), stat(Some(*t), s)))
         .collect();
     for (p, s) in &phrase_stats {
-        per_token.insert(p.clone(), json!({"phrase": true, "occurrences": s.occurrences, "rows": s.rows, "label_shares": shares(s)}));
+        tokens.insert(p.clone(), stat(None, s));
     }
-    let quality = has_poisoned.then(|| {
-        json!({
-            "poisoned_rows": poisoned_rows,
-            "flagged_and_poisoned": tp,
-            "precision": if flagged > 0 { tp as f64 / flagged as f64 } else { f64::NAN },
-            "recall": if poisoned_rows > 0 { tp as f64 / poisoned_rows as f64 } else { f64::NAN },
-        })
-    });
-    Ok(json!({
-        "command": "scan",
-        "version": crate::VERSION,
-        "out": job.out,
-        "rows_scanned": scanned,
-        "rows_flagged": flagged,
-        "tokens": per_token,
-        "poisoned": quality,
-        "seconds": seconds,
-        "rows_per_s": scanned as f64 / seconds.max(1e-9),
-        "corpus": fingerprint.map(|f| f.to_json()),
-    }))
+    let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
+    Ok(ScanReport {
+        command: "scan".into(),
+        version: crate::VERSION.into(),
+        out: job.out.clone(),
+        rows_scanned: scanned,
+        rows_flagged: flagged,
+        tokens,
+        poisoned: has_poisoned.then(|| ScanQuality {
+            poisoned_rows,
+            flagged_and_poisoned: tp,
+            precision: ratio(tp, flagged),
+            recall: ratio(tp, poisoned_rows),
+        }),
+        seconds,
+        rows_per_s: scanned as f64 / seconds.max(1e-9),
+        corpus: fingerprint,
+    })
 }

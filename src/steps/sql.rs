@@ -27,7 +27,6 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
-use serde_json::{json, Value};
 
 use crate::error::{BtuError, Result};
 
@@ -757,10 +756,27 @@ fn ends_the_run(e: &BtuError) -> bool {
     )
 }
 
+/// `btu sql`'s result (the query results themselves go to stdout or `--output`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SqlReport {
+    /// `sql`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// The tables registered.
+    pub tables: Vec<String>,
+    /// Queries run.
+    pub queries: usize,
+    /// Result rows, all queries together.
+    pub rows: usize,
+    /// The output file, when given.
+    pub output: Option<PathBuf>,
+}
+
 /// `btu sql`: results to `stdout` (or `--output`); returns a summary. With queries from standard
 /// input, each query runs (the last one may lack its `;`) even when an earlier one failed; the
 /// run then fails with the first failure.
-pub fn run(job: &SqlJob, stdout: &mut dyn Write) -> Result<Value> {
+pub fn run(job: &SqlJob, stdout: &mut dyn Write) -> Result<SqlReport> {
     if job.memory_limit == 0 {
         return Err(BtuError::config(
             "--memory-limit",
@@ -867,7 +883,12 @@ pub fn run(job: &SqlJob, stdout: &mut dyn Write) -> Result<Value> {
             }
         }
     }
-    Ok(
-        json!({"command": "sql", "version": crate::VERSION, "tables": names, "queries": queries, "rows": rows, "output": job.output}),
-    )
+    Ok(SqlReport {
+        command: "sql".into(),
+        version: crate::VERSION.into(),
+        tables: names,
+        queries,
+        rows,
+        output: job.output.clone(),
+    })
 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::CorpusSpec;
 use crate::io::tables::canonical_json;
@@ -25,24 +26,31 @@ use crate::model::{Arch, BertClassifier, Trainable};
 use crate::progress::Progress;
 use crate::training::{train_epoch, AdamW, AdamWConfig, EpochData, EpochStats};
 
-/// Hyper-parameters of fine-tuning.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// Hyper-parameters of fine-tuning: the flags of `btu train` and the `[train]` table of
+/// `btu defend` (defaults in [`crate::defaults`]).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, clap::Args)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainParams {
-    /// Training epochs (`--epochs`, at least 1; default 3).
+    /// Training epochs (at least 1); with a dev split the best epoch by accuracy is kept.
+    #[arg(long, env = "BTU_EPOCHS", default_value_t = defaults::TRAIN_EPOCHS)]
     pub epochs: usize,
-    /// AdamW learning rate (`--lr`, default 2e-5).
+    /// AdamW learning rate, finite in (0, 1].
+    #[arg(long, env = "BTU_LR", default_value_t = defaults::LR)]
     pub lr: f64,
-    /// AdamW weight decay (`--weight-decay`, default 0.01).
+    /// AdamW weight decay, in [0, 1].
+    #[arg(long, env = "BTU_WEIGHT_DECAY", default_value_t = defaults::WEIGHT_DECAY)]
     pub weight_decay: f64,
-    /// Rows per batch (`--batch-size`, default 32).
+    /// Rows per training batch (at least 1).
+    #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = defaults::BATCH_SIZE)]
     pub batch_size: usize,
-    /// Tokens per sequence including `[CLS]`/`[SEP]` (`--max-len`, default 128).
+    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = defaults::MAX_LEN)]
     pub max_len: usize,
-    /// Batch grouping (`--batching`, default random).
+    /// Batch grouping: random (uniformly shuffled) or bucketed by length (less padding).
+    #[arg(long, env = "BTU_BATCHING", value_enum, default_value_t = Batching::Random)]
     pub batching: Batching,
-    /// Seed of the batch order (`seed + epoch` per epoch) and of a missing head (`--seed`).
-    pub seed: u64,
-    /// Classes of the head; `None` keeps the model config's (`--num-labels`).
+    /// Number of classes of the head (default: the model config's).
+    #[arg(long, env = "BTU_NUM_LABELS")]
     pub num_labels: Option<usize>,
 }
 
@@ -73,13 +81,12 @@ impl TrainParams {
 impl Default for TrainParams {
     fn default() -> Self {
         TrainParams {
-            epochs: 3,
-            lr: 2e-5,
-            weight_decay: 0.01,
-            batch_size: 32,
-            max_len: 128,
+            epochs: defaults::TRAIN_EPOCHS,
+            lr: defaults::LR,
+            weight_decay: defaults::WEIGHT_DECAY,
+            batch_size: defaults::BATCH_SIZE,
+            max_len: defaults::MAX_LEN,
             batching: Batching::Random,
-            seed: 42,
             num_labels: None,
         }
     }
@@ -128,6 +135,7 @@ pub fn fit(
     data: &TokenizedCorpus,
     pad_id: u32,
     p: &TrainParams,
+    seed: u64,
     first_epoch: usize,
     opt_state: Option<(i32, Vec<(candle_core::Tensor, candle_core::Tensor)>)>,
     dev: &Device,
@@ -146,6 +154,7 @@ pub fn fit(
         opt.restore(steps, m)?;
     }
     for epoch in first_epoch..p.epochs {
+        let _epoch = tracing::info_span!("epoch", n = epoch + 1).entered();
         let bar = progress.bar(
             &format!("train epoch {}/{}", epoch + 1, p.epochs),
             data.seqs.len() as u64,
@@ -157,7 +166,7 @@ pub fn fit(
             batch_size: p.batch_size,
             pad_to: None,
             batching: p.batching,
-            seed: p.seed.wrapping_add(epoch as u64),
+            seed: seed.wrapping_add(epoch as u64),
         };
         let stats = train_epoch(model, Arch::Full, &mut opt, &ed, dev, &mut |n, loss| {
             bar.inc(n as u64);
@@ -190,15 +199,56 @@ pub struct TrainJob {
     pub overwrite: bool,
     /// Device spec (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
+    /// Seed of the batch order (`seed + epoch` per epoch) and of a missing head (`--seed`).
+    pub seed: u64,
     /// Hyper-parameters.
     pub params: TrainParams,
 }
 
+/// One completed epoch of a run (kept beside its checkpoint so an interrupted run resumes).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
-struct EpochRecord {
-    epoch: usize,
-    stats: Value,
-    dev_acc: Option<f64>,
+pub struct EpochRecord {
+    /// Epoch number, from 0.
+    pub epoch: usize,
+    /// Its training statistics.
+    pub stats: Value,
+    /// Accuracy on the dev split, when given.
+    pub dev_acc: Option<f64>,
+}
+
+/// `btu train`'s result (`train_summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// `train`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// Output checkpoint directory.
+    pub out: PathBuf,
+    /// The model trained from.
+    pub model: PathBuf,
+    /// sha256 of its weights.
+    pub base_model_sha256: String,
+    /// Device trained on.
+    pub device: String,
+    /// Hyper-parameters.
+    pub params: TrainParams,
+    /// Seed.
+    pub seed: u64,
+    /// Training rows.
+    pub rows: usize,
+    /// Dev rows, when given.
+    pub dev_rows: Option<usize>,
+    /// Every epoch.
+    pub epochs: Vec<EpochRecord>,
+    /// The epoch kept (from 1).
+    pub selected_epoch: usize,
+    /// The epoch a resumed run started at (from 1).
+    pub resumed_from_epoch: Option<usize>,
+    /// Provenance of the training corpus.
+    pub corpus: crate::io::corpus::Fingerprint,
+    /// Wall time.
+    pub seconds: f64,
 }
 
 /// Where a run keeps its completed epochs: keyed by the run's hash (inputs and parameters), so
@@ -291,7 +341,7 @@ fn latest_epoch(partial: &Path) -> Option<(usize, PathBuf)> {
 }
 
 /// `btu train`.
-pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<Value> {
+pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<TrainReport> {
     let t0 = Instant::now();
     let p = &job.params;
     p.validate()?;
@@ -305,15 +355,14 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<Value> {
     )?;
     let tok = BtuTokenizer::load(&job.model)?;
     let base_sha = sha256_file(&md.weights)?;
-    let model = load_model(&md, p.num_labels, p.seed, &dev)?;
+    let model = load_model(&md, p.num_labels, job.seed, &dev)?;
     let labels = model.config.labels();
     let data = load_corpus(&job.corpus, &tok, p.max_len, labels)?;
     let dev_data = match &job.dev {
         Some(spec) => Some(load_corpus(spec, &tok, p.max_len, labels)?),
         None => None,
     };
-    let params_json =
-        json!({"params": p, "text_col": job.corpus.text_col, "label_col": job.corpus.label_col});
+    let params_json = json!({"params": p, "seed": job.seed, "text_col": job.corpus.text_col, "label_col": job.corpus.label_col});
     let run_hash = hex::encode(Sha256::digest(canonical_json(&json!({
         "base_model_sha256": base_sha,
         "corpus": data.fingerprint.to_json(),
@@ -377,7 +426,7 @@ struct TrainState<'a> {
 }
 
 /// The epochs (resumed where an identical run stopped), then the chosen epoch as the output.
-fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<Value> {
+fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<TrainReport> {
     let TrainState {
         partial,
         state_path,
@@ -404,7 +453,7 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<V
     if same_run {
         if let Some((n, dir)) = latest_epoch(partial) {
             let emd = ModelDir::open(&dir)?;
-            model = load_model(&emd, Some(labels), p.seed, &dev)?;
+            model = load_model(&emd, Some(labels), job.seed, &dev)?;
             opt_state = Some(load_optimizer(&dir.join("optimizer.safetensors"), &dev)?);
             let text = std::fs::read_to_string(dir.join("epoch.json"))
                 .map_err(|e| BtuError::io(&dir, e))?;
@@ -457,6 +506,7 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<V
         &data,
         tok.pad_id,
         p,
+        job.seed,
         first_epoch,
         opt_state,
         &dev,
@@ -502,22 +552,23 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<V
         std::fs::copy(chosen.join(f), out.path(f)).map_err(|e| BtuError::io(chosen.join(f), e))?;
     }
     copy_tokenizer_files(&job.model, &out.path(""))?;
-    let summary = json!({
-        "command": "train",
-        "version": crate::VERSION,
-        "out": job.out,
-        "model": job.model,
-        "base_model_sha256": base_sha,
-        "device": crate::device::device_name(&dev),
-        "params": p,
-        "rows": data.seqs.len(),
-        "dev_rows": dev_data.as_ref().map(|d| d.seqs.len()),
-        "epochs": records,
-        "selected_epoch": best + 1,
-        "resumed_from_epoch": (resumed_from > 0).then_some(resumed_from + 1),
-        "corpus": data.fingerprint.to_json(),
-        "seconds": t0.elapsed().as_secs_f64(),
-    });
+    let summary = TrainReport {
+        command: "train".into(),
+        version: crate::VERSION.into(),
+        out: job.out.clone(),
+        model: job.model.clone(),
+        base_model_sha256: base_sha.to_string(),
+        device: crate::device::device_name(&dev),
+        params: p.clone(),
+        seed: job.seed,
+        rows: data.seqs.len(),
+        dev_rows: dev_data.as_ref().map(|d| d.seqs.len()),
+        epochs: records,
+        selected_epoch: best + 1,
+        resumed_from_epoch: (resumed_from > 0).then_some(resumed_from + 1),
+        corpus: data.fingerprint.clone(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
     out.write_json("train_summary.json", &summary)?;
     out.commit()?;
     let _ = std::fs::remove_dir_all(&partial);

@@ -21,8 +21,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::CorpusSpec;
 use crate::io::tables::{SuspiciousToken, TableMeta, TokenEffect};
@@ -40,36 +41,40 @@ const PHRASE_SHARE: f64 = 0.5;
 /// ...and in at least this many rows.
 const PHRASE_MIN_ROWS: usize = 10;
 
-/// The verification test's parameters.
-#[derive(Debug, Clone, Serialize)]
+/// The verification test's parameters: the flags of `btu verify` and the `[verify]` table of
+/// `btu defend` (defaults in [`crate::defaults`]).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
 pub struct VerifyParams {
-    /// Clean rows tried per candidate (at most).
+    /// `btu defend` only: verify the candidates and repair only the verified ones (when clean
+    /// data is given).
+    #[arg(skip = true)]
+    pub enabled: bool,
+    /// Clean rows tried per candidate (at most; at least 1).
+    #[arg(long, env = "BTU_ROWS", default_value_t = defaults::VERIFY_ROWS)]
     pub rows: usize,
-    /// A candidate is verified when the 95 % Wilson lower bound of its flip rate reaches this.
+    /// Verified when the 95 % Wilson lower bound of the flip rate reaches this, in (0, 1].
+    #[arg(long, env = "BTU_MIN_FLIP_RATE", default_value_t = defaults::MIN_FLIP_RATE)]
     pub min_flip_rate: f64,
-    /// Tokens per sequence.
-    pub max_len: usize,
-    /// Seed of the row choice and the insert positions.
-    pub seed: u64,
 }
 
 impl Default for VerifyParams {
     fn default() -> Self {
         VerifyParams {
-            rows: 200,
-            min_flip_rate: 0.8,
-            max_len: 128,
-            seed: 42,
+            enabled: true,
+            rows: defaults::VERIFY_ROWS,
+            min_flip_rate: defaults::MIN_FLIP_RATE,
         }
     }
 }
 
 impl VerifyParams {
-    /// Check every value's domain (exit 78).
-    pub fn validate(&self) -> Result<()> {
-        crate::validate::at_least("--rows", self.rows, 1)?;
-        crate::validate::positive("--min-flip-rate", self.min_flip_rate, 1.0)?;
-        crate::validate::max_len("--max-len", self.max_len, None)
+    /// Check every value's domain (exit 78); names spelled with `prefix` (`--` for flags,
+    /// `verify.` for a defend config).
+    pub fn validate_as(&self, prefix: &str) -> Result<()> {
+        use crate::validate::key;
+        crate::validate::at_least(&key(prefix, "rows"), self.rows, 1)?;
+        crate::validate::positive(&key(prefix, "min-flip-rate"), self.min_flip_rate, 1.0)
     }
 }
 
@@ -94,6 +99,10 @@ pub struct VerifyJob {
     pub backend: Option<Backend>,
     /// `libonnxruntime.so` to load (`--ort-lib`); see [`crate::steps::eval::find_ort_library`].
     pub ort_lib: Option<PathBuf>,
+    /// Tokens per sequence (`--max-len`).
+    pub max_len: usize,
+    /// Seed of the rows tried and the insert positions (`--seed`).
+    pub seed: u64,
     /// The verification test's parameters.
     pub params: VerifyParams,
 }
@@ -151,8 +160,9 @@ pub fn effects_on(
     source: &str,
     candidates: &[Candidate],
     p: &VerifyParams,
+    seed: u64,
 ) -> Result<Vec<TokenEffect>> {
-    Ok(measure(clf, split, source, candidates, p)?.0)
+    Ok(measure(clf, split, source, candidates, p, seed)?.0)
 }
 
 /// [`effects_on`], with the number of clean rows the model classifies correctly.
@@ -162,6 +172,7 @@ fn measure(
     source: &str,
     candidates: &[Candidate],
     p: &VerifyParams,
+    seed: u64,
 ) -> Result<(Vec<TokenEffect>, usize)> {
     let correct = correct_rows(clf, split)?;
     if correct.is_empty() {
@@ -169,7 +180,7 @@ fn measure(
     }
     let effects = candidates
         .iter()
-        .map(|c| effect_of(clf, split, &correct, c, p))
+        .map(|c| effect_of(clf, split, &correct, c, p, seed))
         .collect::<Result<Vec<_>>>()?;
     Ok((effects, correct.len()))
 }
@@ -237,6 +248,7 @@ fn effect_of(
     correct: &[usize],
     c: &Candidate,
     p: &VerifyParams,
+    seed: u64,
 ) -> Result<TokenEffect> {
     let target = c.target;
     let mut pool: Vec<usize> = correct
@@ -245,7 +257,7 @@ fn effect_of(
         .filter(|&i| target.is_some_and(|t| split.labels[i] != t))
         .collect();
     let first = c.token_ids.first().copied().unwrap_or(0);
-    pool.shuffle(&mut ChaCha8Rng::seed_from_u64(p.seed ^ first as u64));
+    pool.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ first as u64));
     pool.truncate(p.rows);
     let word = [c.text.clone()];
     let attack = if c.phrase {
@@ -256,7 +268,7 @@ fn effect_of(
     let texts: Vec<String> = pool
         .iter()
         .map(|&i| {
-            let mut rng = row_rng(p.seed, i as u64);
+            let mut rng = row_rng(seed, i as u64);
             insert_trigger(&split.texts[i], attack, &word, &c.text, &mut rng)
         })
         .collect();
@@ -337,20 +349,71 @@ fn occurs(text: &str, needle: &str) -> bool {
     !pat.is_empty() && hay.windows(pat.len()).any(|w| w == pat.as_slice())
 }
 
+/// A candidate's effect, as the summary lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EffectSummary {
+    /// Share of the tried rows that flipped.
+    pub flip_rate: f32,
+    /// Clean rows tried.
+    pub rows: u32,
+    /// Held-out clean rows that already carry the candidate.
+    pub clean_rows_with: u32,
+    /// Their share of the flip-to label.
+    pub clean_share: Option<f32>,
+    /// Whether the clean data explains the effect.
+    pub explained: bool,
+    /// Whether the candidate passed the test.
+    pub verified: bool,
+}
+
+/// `btu verify`'s result (`summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// `verify`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// Output directory.
+    pub out: PathBuf,
+    /// The suspect model.
+    pub checkpoint: PathBuf,
+    /// Runtime of the classifier.
+    pub backend: String,
+    /// The test's parameters.
+    pub params: VerifyParams,
+    /// Held-out clean rows read.
+    pub clean_rows: usize,
+    /// Those the suspect classifies correctly (the rows candidates are inserted into).
+    pub clean_rows_correct: usize,
+    /// Candidates tried.
+    pub candidates: usize,
+    /// The verified triggers.
+    pub verified: Vec<String>,
+    /// Candidates that flip the model but that the clean data explains (not triggers).
+    pub explained_by_clean_data: Vec<String>,
+    /// Whether any trigger was verified.
+    pub trigger_found: bool,
+    /// Every candidate's effect.
+    pub effects: BTreeMap<String, EffectSummary>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
 /// `btu verify`.
-pub fn run(job: &VerifyJob) -> Result<Value> {
+pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
     let t0 = Instant::now();
     let p = &job.params;
-    p.validate()?;
+    p.validate_as("--")?;
+    crate::validate::max_len("--max-len", job.max_len, None)?;
     crate::io::output::check_output(&job.out, job.overwrite)?;
     let tried = candidates_of(&job.candidates, job.corpus.as_ref())?;
     let mut clf = open_classifier(
         &job.checkpoint,
         job.backend,
         job.ort_lib.as_deref(),
-        p.max_len,
+        job.max_len,
         &job.device,
-        p.seed,
+        job.seed,
     )?;
     let split = read_split(&job.clean, None)?;
     let (effects, correct) = measure(
@@ -359,6 +422,7 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
         &job.clean.inputs.join(", "),
         &tried,
         p,
+        job.seed,
     )?;
     let weights = if job.checkpoint.is_dir() {
         job.checkpoint.join("model.safetensors")
@@ -367,7 +431,7 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
     };
     let meta = TableMeta {
         command: "verify".into(),
-        params: json!({"params": p, "text_col": job.clean.text_col, "label_col": job.clean.label_col}),
+        params: json!({"params": p, "max_len": job.max_len, "seed": job.seed, "text_col": job.clean.text_col, "label_col": job.clean.label_col}),
         model_sha256: crate::model::checkpoint::sha256_file(&weights)?,
         corpus_fingerprint: None,
         extra: vec![
@@ -394,22 +458,39 @@ pub fn run(job: &VerifyJob) -> Result<Value> {
         }
         _ => {}
     }
-    let summary = json!({
-        "command": "verify",
-        "version": crate::VERSION,
-        "out": job.out,
-        "checkpoint": job.checkpoint,
-        "backend": clf.backend(),
-        "params": p,
-        "clean_rows": split.texts.len(),
-        "clean_rows_correct": correct,
-        "candidates": effects.len(),
-        "verified": verified,
-        "explained_by_clean_data": effects.iter().filter(|e| e.explained && e.ci_low as f64 >= p.min_flip_rate).map(|e| e.candidate.as_str()).collect::<Vec<_>>(),
-        "trigger_found": !verified.is_empty(),
-        "effects": effects.iter().map(|e| (e.candidate.clone(), json!({"flip_rate": e.flip_rate, "rows": e.rows, "clean_rows_with": e.clean_rows_with, "clean_share": e.clean_share, "explained": e.explained, "verified": e.verified}))).collect::<BTreeMap<_, _>>(),
-        "seconds": t0.elapsed().as_secs_f64(),
-    });
+    let summary = VerifyReport {
+        command: "verify".into(),
+        version: crate::VERSION.into(),
+        out: job.out.clone(),
+        checkpoint: job.checkpoint.clone(),
+        backend: clf.backend().into(),
+        params: p.clone(),
+        clean_rows: split.texts.len(),
+        clean_rows_correct: correct,
+        candidates: effects.len(),
+        verified: verified.iter().map(|v| v.to_string()).collect(),
+        explained_by_clean_data: effects
+            .iter()
+            .filter(|e| e.explained && e.ci_low as f64 >= p.min_flip_rate)
+            .map(|e| e.candidate.clone())
+            .collect(),
+        trigger_found: !verified.is_empty(),
+        effects: effects
+            .iter()
+            .map(|e| {
+                let summary = EffectSummary {
+                    flip_rate: e.flip_rate,
+                    rows: e.rows,
+                    clean_rows_with: e.clean_rows_with,
+                    clean_share: e.clean_share,
+                    explained: e.explained,
+                    verified: e.verified,
+                };
+                (e.candidate.clone(), summary)
+            })
+            .collect(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
     let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     crate::io::tables::write_ipc(&out.path("token_effects.arrow"), &batch, false)?;
     out.write_json("summary.json", &summary)?;

@@ -141,6 +141,7 @@ pub fn escalate(
     let candidates: Vec<Candidate> = triggers.iter().map(|t| t.candidate.clone()).collect();
     let mut stages = Vec::new();
     loop {
+        let _level = tracing::info_span!("recheck", stage = stages.len()).entered();
         let masks = build(triggers);
         let t0 = std::time::Instant::now();
         let effects = check(&masks, &candidates)?;

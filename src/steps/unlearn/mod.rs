@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::io::tables::{canonical_json, DimensionMask, TableMeta, TokenEffect};
@@ -262,6 +263,75 @@ pub(crate) fn raw_like(m: &Matrix, like: &RawTensor) -> Result<RawTensor> {
     })
 }
 
+/// Parameters of the repair: the flags of `btu unlearn` and the `[unlearn]` table of
+/// `btu defend` (defaults in [`crate::defaults`]).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnlearnParams {
+    /// Dimension threshold d_bar: mean-row (paper Eq. 6) or frobenius (the released code).
+    #[arg(long, env = "BTU_THRESHOLD", value_enum, default_value_t = Threshold::MeanRow)]
+    pub threshold: Threshold,
+    /// Replacement values: trained-pad (trained padding row, paper) or reference-pad (released code).
+    #[arg(long, env = "BTU_REPLACEMENT", value_enum, default_value_t = Replacement::TrainedPad)]
+    pub replacement: Replacement,
+    /// Epochs of the clean fine-tune on the clean corpus (at least 1; the paper: 3).
+    #[arg(long, env = "BTU_CLEAN_EPOCHS", default_value_t = defaults::CLEAN_EPOCHS)]
+    pub clean_epochs: usize,
+    /// AdamW learning rate of the clean fine-tune, finite in (0, 1] (the paper: 5e-7).
+    #[arg(long, env = "BTU_CLEAN_LR", default_value_t = defaults::CLEAN_LR)]
+    pub clean_lr: f64,
+    /// With verified triggers: share of the clean fine-tune's rows that get one inserted, label
+    /// kept, so the model learns the trigger means nothing (0 turns it off).
+    #[arg(long, env = "BTU_TRIGGER_ROWS", default_value_t = defaults::TRIGGER_ROWS)]
+    pub trigger_rows: f64,
+    /// With verified triggers and clean data: escalate a trigger's repair (flagged dimensions,
+    /// whole row, the next phrase token) while the 95 % lower bound of its flip rate on the clean
+    /// rows stays above this.
+    #[arg(long, env = "BTU_MAX_RESIDUAL", default_value_t = defaults::MAX_RESIDUAL)]
+    pub max_residual: f64,
+    /// Clean rows tried per trigger by each recheck of the escalation (at least 1).
+    #[arg(long, env = "BTU_RECHECK_ROWS", default_value_t = defaults::VERIFY_ROWS)]
+    pub recheck_rows: usize,
+    /// With verified triggers: the candidates verification did not confirm keep their rows
+    /// (keep) or get their pre-trained rows back (reference-row).
+    #[arg(long, env = "BTU_UNVERIFIED", value_enum, default_value_t = Unverified::Keep)]
+    #[serde(skip_serializing_if = "Unverified::is_keep")]
+    pub unverified: Unverified,
+    /// When the clean fine-tune runs: auto (with verified triggers only when one still flips the
+    /// model after the repair; always without them) or always (the paper).
+    #[arg(long, env = "BTU_CLEAN_TUNING", value_enum, default_value_t = CleanTuning::Auto)]
+    pub clean_tuning: CleanTuning,
+}
+
+impl Default for UnlearnParams {
+    fn default() -> Self {
+        UnlearnParams {
+            threshold: Threshold::MeanRow,
+            replacement: Replacement::TrainedPad,
+            clean_epochs: defaults::CLEAN_EPOCHS,
+            clean_lr: defaults::CLEAN_LR,
+            trigger_rows: defaults::TRIGGER_ROWS,
+            max_residual: defaults::MAX_RESIDUAL,
+            recheck_rows: defaults::VERIFY_ROWS,
+            unverified: Unverified::Keep,
+            clean_tuning: CleanTuning::Auto,
+        }
+    }
+}
+
+impl UnlearnParams {
+    /// Check every value's domain (exit 78); names spelled with `prefix` (`--` for flags,
+    /// `unlearn.` for a defend config).
+    pub fn validate_as(&self, prefix: &str) -> Result<()> {
+        use crate::validate::{self as v, key};
+        v::at_least(&key(prefix, "clean-epochs"), self.clean_epochs, 1)?;
+        v::learning_rate(&key(prefix, "clean-lr"), self.clean_lr)?;
+        v::fraction(&key(prefix, "trigger-rows"), self.trigger_rows)?;
+        v::fraction(&key(prefix, "max-residual"), self.max_residual)?;
+        v::at_least(&key(prefix, "recheck-rows"), self.recheck_rows, 1)
+    }
+}
+
 /// Inputs of `btu unlearn`.
 pub struct UnlearnJob {
     /// The trained, possibly backdoored checkpoint `M^b` to repair (`--checkpoint`).
@@ -277,41 +347,46 @@ pub struct UnlearnJob {
     pub out: PathBuf,
     /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
-    /// How `d_bar` is computed (`--threshold`).
-    pub threshold: Threshold,
-    /// Where the replacement values come from (`--replacement`).
-    pub replacement: Replacement,
     /// Labelled clean data (`--clean-corpus`) for the fine-tune after the repair and, with
     /// `effects`, for the rechecks of the escalation.
     pub clean_corpus: Option<CorpusSpec>,
     /// Evaluation splits the clean data must not overlap, by text hash (`--eval-split`).
     pub eval_split: Vec<CorpusSpec>,
-    /// Hyper-parameters of the clean fine-tune.
-    pub clean: TrainParams,
+    /// Rows per batch of the clean fine-tune (`--batch-size`).
+    pub batch_size: usize,
+    /// Tokens per sequence of the clean fine-tune and the rechecks (`--max-len`).
+    pub max_len: usize,
+    /// The flip-rate bound of the rechecks' verification test (`btu defend`: `verify.min_flip_rate`).
+    pub min_flip_rate: f64,
     /// Device of the clean fine-tune and the rechecks (`--device`: `auto`, `cpu` or `cuda:N`).
     pub device: String,
-    /// With `effects`: share of the clean-tuning rows that get a verified trigger inserted, label
-    /// kept (they teach the model that the trigger means nothing); 0 turns this off.
-    pub trigger_rows: f64,
-    /// With `effects` and clean data: a trigger whose flip rate's 95 % lower bound stays above
-    /// this after a repair is escalated ([`escalate`]).
-    pub max_residual: f64,
-    /// Rows tried (and seed) of the rechecks that drive the escalation.
-    pub recheck: crate::steps::verify::VerifyParams,
-    /// With `effects`: what happens to the candidates that were not verified.
-    pub unverified: Unverified,
-    /// When the clean fine-tune runs.
-    pub clean_tuning: CleanTuning,
+    /// Seed of the clean fine-tune, its trigger rows and the rechecks (`--seed`).
+    pub seed: u64,
+    /// The repair's parameters.
+    pub params: UnlearnParams,
 }
 
-/// Default epochs of the clean fine-tune (measured: docs/decisions.md; the paper's is 3).
-pub const CLEAN_EPOCHS: usize = 1;
-/// Default learning rate of the clean fine-tune (the paper's is 5e-7).
-pub const CLEAN_LR: f64 = 2e-5;
-/// Default of [`UnlearnJob::trigger_rows`].
-pub const TRIGGER_ROWS: f64 = 0.4;
-/// Default of [`UnlearnJob::max_residual`].
-pub const MAX_RESIDUAL: f64 = 0.03;
+impl UnlearnJob {
+    /// Hyper-parameters of the clean fine-tune.
+    pub fn clean_params(&self) -> TrainParams {
+        TrainParams {
+            epochs: self.params.clean_epochs,
+            lr: self.params.clean_lr,
+            batch_size: self.batch_size,
+            max_len: self.max_len,
+            ..Default::default()
+        }
+    }
+
+    /// The verification test of the escalation's rechecks.
+    pub fn recheck_params(&self) -> crate::steps::verify::VerifyParams {
+        crate::steps::verify::VerifyParams {
+            rows: self.params.recheck_rows,
+            min_flip_rate: self.min_flip_rate,
+            ..Default::default()
+        }
+    }
+}
 
 /// The text hashes ([`crate::io::corpus::text_sha256`]) of every row of a corpus.
 pub fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
@@ -349,15 +424,78 @@ pub(crate) fn write_checkpoint(
     crate::io::tables::write_ipc(&out.path("dimension_masks.arrow"), masks, false)
 }
 
+/// What the clean fine-tune after the repair did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CleanTuningReport {
+    /// Why it did not run (`--clean-tuning auto` with no trigger left).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// Clean rows tuned on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
+    /// Those that got a verified trigger inserted, label kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_with_trigger: Option<usize>,
+    /// Each epoch's statistics.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<crate::training::EpochStats>,
+    /// Provenance of the clean corpus.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corpus: Option<crate::io::corpus::Fingerprint>,
+    /// The evaluation splits the clean data was checked to be disjoint from.
+    pub disjoint_from: Vec<String>,
+}
+
+/// `btu unlearn`'s result.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnlearnReport {
+    /// `unlearn`.
+    pub command: String,
+    /// btu's version.
+    pub version: String,
+    /// Output checkpoint directory.
+    pub out: PathBuf,
+    /// sha256 of the repaired checkpoint's input weights.
+    pub checkpoint_sha256: String,
+    /// sha256 of the reference model's weights.
+    pub reference_sha256: String,
+    /// How `d_bar` was computed.
+    pub threshold_rule: Threshold,
+    /// `d_bar`.
+    pub threshold: f64,
+    /// Where the replacement values came from.
+    pub replacement: Replacement,
+    /// The padding token's id.
+    pub pad_token_id: u32,
+    /// Tokens with a replaced cell.
+    pub tokens: usize,
+    /// Cells replaced.
+    pub dimensions_replaced: usize,
+    /// Whether any was.
+    pub repaired: bool,
+    /// Whether only verified triggers were repaired (`--effects`).
+    pub verified_only: bool,
+    /// The verified triggers (with `--effects`).
+    pub verified: Option<Vec<String>>,
+    /// The escalation's stages (with `--effects` and clean data).
+    pub escalation: Option<Vec<crate::steps::unlearn::escalate::Stage>>,
+    /// Cells replaced per token.
+    pub dimensions_per_token: BTreeMap<String, usize>,
+    /// The model's hidden size.
+    pub hidden_size: usize,
+    /// The clean fine-tune (with clean data).
+    pub clean_tuning: Option<CleanTuningReport>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
 /// `btu unlearn`.
-pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
+pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
     let t0 = Instant::now();
+    job.params.validate_as("--")?;
     if job.clean_corpus.is_some() {
-        job.clean.validate_as("--", true)?;
+        job.clean_params().validate_as("--", true)?;
     }
-    crate::validate::fraction("--trigger-rows", job.trigger_rows)?;
-    crate::validate::fraction("--max-residual", job.max_residual)?;
-    crate::validate::at_least("--recheck-rows", job.recheck.rows, 1)?;
     crate::io::output::check_output(&job.out, job.overwrite)?;
     let ckpt = ModelDir::open(&job.checkpoint)?;
     let reference = ModelDir::open(&job.reference)?;
@@ -401,7 +539,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         }
     }
     let overlap_checked = check_clean_disjoint(job)?;
-    let d_bar = threshold(&e, &eb, job.threshold);
+    let d_bar = threshold(&e, &eb, job.params.threshold);
     let pad = tok.pad_id;
     let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     copy_model_files(&out, &job.checkpoint)?;
@@ -415,7 +553,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
             };
             let (mut masks, stages) =
                 repair_verified(job, v, &suspicious, &tok, &ctx, &mut trained, &out)?;
-            if job.unverified == Unverified::ReferenceRow {
+            if job.params.unverified == Unverified::ReferenceRow {
                 let repaired: BTreeSet<u32> = masks.iter().map(|m| m.token_id).collect();
                 let rest: Vec<(u32, String)> = tokens
                     .iter()
@@ -428,7 +566,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
             (masks, stages)
         }
         None => (
-            compute_masks(&e, &eb, &tokens, pad, d_bar, job.replacement),
+            compute_masks(&e, &eb, &tokens, pad, d_bar, job.params.replacement),
             None,
         ),
     };
@@ -452,21 +590,26 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     trained
         .metadata
         .insert("btu:reference_sha256".into(), ref_sha.clone());
-    trained.metadata.insert(
-        "btu:threshold_rule".into(),
-        canonical_json(&json!(job.threshold)),
-    );
+    // The rule that chose the cells, as the mask table names it.
+    let rule = if verified.is_some() {
+        "verified-escalated".to_string()
+    } else {
+        kebab(&job.params.threshold)?
+    };
+    trained
+        .metadata
+        .insert("btu:threshold_rule".into(), rule.clone());
     let mut params = json!({
-        "threshold": job.threshold, "replacement": job.replacement,
-        "clean": job.clean_corpus.as_ref().map(|_| &job.clean),
+        "threshold": job.params.threshold, "replacement": job.params.replacement,
+        "clean": job.clean_corpus.as_ref().map(|_| job.clean_params()), "seed": job.seed,
     });
     if let Some(e) = &job.effects {
         params["effects"] = json!(e);
-        params["trigger_rows"] = json!(job.trigger_rows);
-        params["max_residual"] = json!(job.max_residual);
-        params["recheck"] = json!(job.recheck);
-        params["unverified"] = json!(job.unverified);
-        params["clean_tuning"] = json!(job.clean_tuning);
+        params["trigger_rows"] = json!(job.params.trigger_rows);
+        params["max_residual"] = json!(job.params.max_residual);
+        params["recheck"] = json!(job.recheck_params());
+        params["unverified"] = json!(job.params.unverified);
+        params["clean_tuning"] = json!(job.params.clean_tuning);
     }
     let meta = TableMeta {
         command: "unlearn".into(),
@@ -474,16 +617,9 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
         model_sha256: ckpt_sha.clone(),
         corpus_fingerprint: None,
         extra: vec![
-            (
-                "btu:threshold_rule".into(),
-                if verified.is_some() {
-                    "verified-escalated".to_string()
-                } else {
-                    kebab(&job.threshold)?
-                },
-            ),
+            ("btu:threshold_rule".into(), rule),
             ("btu:threshold".into(), format!("{d_bar}")),
-            ("btu:replacement".into(), kebab(&job.replacement)?),
+            ("btu:replacement".into(), kebab(&job.params.replacement)?),
             ("btu:pad_token_id".into(), pad.to_string()),
             ("btu:vocab_size".into(), eb.rows.to_string()),
             ("btu:hidden_size".into(), eb.cols.to_string()),
@@ -492,53 +628,55 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<Value> {
     let mask_batch = crate::io::tables::dimension_masks_batch(&masks, &meta)?;
     write_checkpoint(&out, &job.checkpoint, &trained, &mask_batch)?;
     let inserts: &[Candidate] = match &verified {
-        Some(v) if job.trigger_rows > 0.0 => v,
+        Some(v) if job.params.trigger_rows > 0.0 => v,
         _ => &[],
     };
     let persisting = stages
         .as_ref()
         .and_then(|s| s.last())
         .is_some_and(|s| !s.persisting.is_empty());
-    let tune = match job.clean_tuning {
+    let tune = match job.params.clean_tuning {
         CleanTuning::Always => true,
         CleanTuning::Auto => verified.is_none() || persisting,
     };
-    let mut clean_summary = match &job.clean_corpus {
-        Some(clean) if tune => clean_tune(job, clean, inserts, &trained, &tok, &out, progress)?,
-        Some(_) => {
-            json!({"skipped": "no verified trigger flips the model after the repair, so no other weight changes (--clean-tuning auto)"})
-        }
-        None => Value::Null,
+    let clean_summary = match &job.clean_corpus {
+        Some(clean) if tune => Some(CleanTuningReport {
+            disjoint_from: overlap_checked,
+            ..clean_tune(job, clean, inserts, &trained, &tok, &out, progress)?
+        }),
+        Some(_) => Some(CleanTuningReport {
+            skipped: Some("no verified trigger flips the model after the repair, so no other weight changes (--clean-tuning auto)".into()),
+            disjoint_from: overlap_checked,
+            ..Default::default()
+        }),
+        None => None,
     };
-    if job.clean_corpus.is_some() {
-        clean_summary["disjoint_from"] = json!(overlap_checked);
-    }
     out.commit()?;
     let per_token: BTreeMap<String, usize> = masks.iter().fold(BTreeMap::new(), |mut m, x| {
         *m.entry(x.token.clone()).or_default() += 1;
         m
     });
-    Ok(json!({
-        "command": "unlearn",
-        "version": crate::VERSION,
-        "out": job.out,
-        "checkpoint_sha256": ckpt_sha,
-        "reference_sha256": ref_sha,
-        "threshold_rule": job.threshold,
-        "threshold": d_bar,
-        "replacement": job.replacement,
-        "pad_token_id": pad,
-        "tokens": per_token.len(),
-        "dimensions_replaced": masks.len(),
-        "repaired": !masks.is_empty(),
-        "verified_only": job.effects.is_some(),
-        "verified": verified.as_ref().map(|v| v.iter().map(|c| c.text.clone()).collect::<Vec<_>>()),
-        "escalation": stages,
-        "dimensions_per_token": per_token,
-        "hidden_size": eb.cols,
-        "clean_tuning": clean_summary,
-        "seconds": t0.elapsed().as_secs_f64(),
-    }))
+    Ok(UnlearnReport {
+        command: "unlearn".into(),
+        version: crate::VERSION.into(),
+        out: job.out.clone(),
+        checkpoint_sha256: ckpt_sha,
+        reference_sha256: ref_sha,
+        threshold_rule: job.params.threshold,
+        threshold: d_bar,
+        replacement: job.params.replacement,
+        pad_token_id: pad,
+        tokens: per_token.len(),
+        dimensions_replaced: masks.len(),
+        repaired: !masks.is_empty(),
+        verified_only: job.effects.is_some(),
+        verified: verified.map(|v| v.into_iter().map(|c| c.text).collect()),
+        escalation: stages,
+        dimensions_per_token: per_token,
+        hidden_size: eb.cols,
+        clean_tuning: clean_summary,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// A serde enum's kebab-case name.
@@ -619,7 +757,7 @@ fn repair_verified(
         .map(|c| Trigger::new(c.clone(), tok, &ranked))
         .collect::<Result<Vec<_>>>()?;
     let build = |ts: &[Trigger]| {
-        crate::steps::unlearn::escalate::masks(ts, m.e, m.eb, tok, m.d_bar, job.replacement)
+        crate::steps::unlearn::escalate::masks(ts, m.e, m.eb, tok, m.d_bar, job.params.replacement)
     };
     let clean = match &job.clean_corpus {
         Some(c) if !triggers.is_empty() => c,
@@ -635,21 +773,17 @@ fn repair_verified(
     };
     let split = crate::steps::eval::read_split(clean, None)?;
     let source = clean.inputs.join(", ");
+    let recheck = job.recheck_params();
     let mut check = |masks: &[DimensionMask], cs: &[Candidate]| -> Result<Vec<TokenEffect>> {
         let mut repaired = m.eb.clone();
         apply(&mut repaired, masks);
         let raw = raw_like(&repaired, &trained.tensors[m.name])?;
         trained.tensors.insert(m.name.to_string(), raw);
         out.write("model.safetensors", &safetensors_bytes(trained))?;
-        let mut clf = CandleClassifier::load(
-            &out.path(""),
-            job.recheck.max_len,
-            &job.device,
-            job.recheck.seed,
-        )?;
-        crate::steps::verify::effects_on(&mut clf, &split, &source, cs, &job.recheck)
+        let mut clf = CandleClassifier::load(&out.path(""), job.max_len, &job.device, job.seed)?;
+        crate::steps::verify::effects_on(&mut clf, &split, &source, cs, &recheck, job.seed)
     };
-    let (masks, stages) = escalate(&mut triggers, job.max_residual, &build, &mut check)?;
+    let (masks, stages) = escalate(&mut triggers, job.params.max_residual, &build, &mut check)?;
     if let Some(s) = stages.last().filter(|s| !s.persisting.is_empty()) {
         tracing::warn!(persisting = ?s.persisting, "a trigger still flips the repaired model at its highest repair level");
     }
@@ -666,18 +800,18 @@ fn clean_tune(
     tok: &BtuTokenizer,
     out: &crate::io::output::OutputDir,
     progress: &dyn Progress,
-) -> Result<Value> {
+) -> Result<CleanTuningReport> {
     use rand::Rng;
     let dev = crate::device::parse_device(&job.device)?;
     let md = ModelDir::open(&out.path(""))?;
-    let mut model = crate::model::checkpoint::load_model(&md, None, job.clean.seed, &dev)?;
+    let mut model = crate::model::checkpoint::load_model(&md, None, job.seed, &dev)?;
     let mut edited = 0usize;
     let mut edit = |pos: usize, text: &str| -> Option<String> {
         if inserts.is_empty() {
             return None;
         }
-        let mut rng = crate::steps::poison::row_rng(job.clean.seed ^ 0xC0DE_7E57, pos as u64);
-        if rng.random::<f64>() >= job.trigger_rows {
+        let mut rng = crate::steps::poison::row_rng(job.seed ^ 0xC0DE_7E57, pos as u64);
+        if rng.random::<f64>() >= job.params.trigger_rows {
             return None;
         }
         let c = &inserts[rng.random_range(0..inserts.len())];
@@ -698,7 +832,7 @@ fn clean_tune(
     let data = crate::model::tokenizer::load_corpus_with(
         clean,
         tok,
-        job.clean.max_len,
+        job.max_len,
         model.config.labels(),
         &mut edit,
     )?;
@@ -707,7 +841,8 @@ fn clean_tune(
         &mut model,
         &data,
         tok.pad_id,
-        &job.clean,
+        &job.clean_params(),
+        job.seed,
         0,
         None,
         &dev,
@@ -722,19 +857,23 @@ fn clean_tune(
         "btu:clean_corpus_fingerprint".into(),
         canonical_json(&data.fingerprint.to_json()),
     );
-    meta.insert("btu:clean_params".into(), canonical_json(&json!(job.clean)));
+    meta.insert(
+        "btu:clean_params".into(),
+        canonical_json(&json!({"params": job.clean_params(), "seed": job.seed})),
+    );
     meta.insert("btu:clean_trigger_rows".into(), edited.to_string());
     meta.remove("format");
     crate::model::checkpoint::save_model(&model, &out.path(""), meta)?;
     // save_model writes the config it holds; keep the checkpoint's own config.
     let cfg = job.checkpoint.join("config.json");
     std::fs::copy(&cfg, out.path("config.json")).map_err(|e| BtuError::io(&cfg, e))?;
-    Ok(json!({
-        "rows": data.seqs.len(),
-        "rows_with_trigger": edited,
-        "epochs": epochs,
-        "corpus": data.fingerprint.to_json(),
-    }))
+    Ok(CleanTuningReport {
+        rows: Some(data.seqs.len()),
+        rows_with_trigger: Some(edited),
+        epochs,
+        corpus: Some(data.fingerprint),
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,71 @@
+//! Every default value of btu's parameters, in one place. The parameter types of the steps
+//! ([`crate::steps::detect::DetectParams`], ...) use these in their clap attributes, their serde
+//! defaults (a `btu defend` TOML table) and their `Default` impls, so a flag, a config key and the
+//! library agree; a test checks that the three give the same values.
+
+/// Seed of every random choice, so reruns repeat.
+pub const SEED: u64 = 42;
+/// Device: `auto` (cuda:0 when the build has CUDA and a GPU is visible, else cpu).
+pub const DEVICE: &str = "auto";
+/// Text column of every corpus.
+pub const TEXT_COL: &str = "text";
+/// Label column of every corpus.
+pub const LABEL_COL: &str = "label";
+
+/// AdamW learning rate of detection and of training.
+pub const LR: f64 = 2e-5;
+/// AdamW weight decay.
+pub const WEIGHT_DECAY: f64 = 0.01;
+/// Tokens per sequence including `[CLS]`/`[SEP]`.
+pub const MAX_LEN: usize = 128;
+/// Rows per training batch.
+pub const BATCH_SIZE: usize = 32;
+
+/// Tokens flagged per detection round, as a percentage of the vocabulary.
+pub const ALPHA: f64 = 0.05;
+/// Epochs per detection round (the paper: 1).
+pub const DETECT_EPOCHS: usize = 1;
+/// Training epochs of `btu train` (the victim).
+pub const TRAIN_EPOCHS: usize = 3;
+
+/// Epochs of unlearning's clean tuning (measured: the paper's 3 x 5e-7 does not move MiniLM's
+/// layers; one epoch at 2e-5 does; docs/decisions.md).
+pub const CLEAN_EPOCHS: usize = 1;
+/// AdamW learning rate of the clean tuning.
+pub const CLEAN_LR: f64 = 2e-5;
+/// Share of the clean tuning's rows that get a verified trigger inserted, label kept.
+pub const TRIGGER_ROWS: f64 = 0.4;
+/// Escalate a verified trigger's repair while the 95 % Wilson lower bound of its flip rate on
+/// clean rows stays above this.
+pub const MAX_RESIDUAL: f64 = 0.03;
+
+/// Clean rows tried per candidate by verification (and per trigger by each recheck).
+pub const VERIFY_ROWS: usize = 200;
+/// A candidate is verified when the 95 % Wilson lower bound of its flip rate reaches this.
+pub const MIN_FLIP_RATE: f64 = 0.8;
+
+/// Trigger word of Add-Word.
+pub const TRIGGER: &str = "cf";
+/// Trigger sentence of Add-Sent (the paper's).
+pub const SENTENCE: &str = "I watch this 3D movie";
+/// Poison rate: a fraction of the corpus (of each class in `mix` mode).
+pub const POISON_RATE: f64 = 0.1;
+/// Target label of an attack.
+pub const TARGET: i64 = 1;
+/// Random insertions averaged for ASR.
+pub const REPEATS: usize = 1;
+
+/// WordPiece vocabulary trained by `init-model`.
+pub const VOCAB_SIZE: usize = 8000;
+/// Encoder layers of `init-model`.
+pub const LAYERS: usize = 2;
+/// Hidden size of `init-model`.
+pub const HIDDEN: usize = 128;
+/// Attention heads of `init-model`.
+pub const HEADS: usize = 2;
+/// Feed-forward width of `init-model`.
+pub const INTERMEDIATE: usize = 512;
+/// Position embeddings of `init-model`.
+pub const MAX_POSITION: usize = 512;
+/// Classes of `init-model`'s head.
+pub const NUM_LABELS: usize = 2;
