@@ -587,23 +587,95 @@ pub fn read_token_effects(path: &Path) -> Result<Vec<TokenEffect>> {
 
 /// Write one record batch as a zstd Parquet file, atomically.
 pub fn write_parquet(path: &Path, batch: &RecordBatch, overwrite: bool) -> Result<()> {
-    use parquet::arrow::ArrowWriter;
-    use parquet::basic::{Compression, ZstdLevel};
-    use parquet::file::properties::WriterProperties;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid level"),
-        ))
-        .build();
     write_file_atomic(path, overwrite, |f| {
-        let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props))
-            .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
-        w.write(batch)
-            .map_err(|e| BtuError::io(path, std::io::Error::other(e)))?;
-        w.close()
-            .map_err(|e| BtuError::io(path, std::io::Error::other(e)))?;
-        Ok(())
+        let mut sink = ParquetSink::new(f, path, None);
+        sink.write(batch)?;
+        sink.finish(|| batch.schema()).map(|_| ())
     })
+}
+
+/// How btu writes Parquet: zstd level 3; row groups of at most `max_row_group` rows when given.
+pub fn parquet_props(max_row_group: Option<usize>) -> parquet::file::properties::WriterProperties {
+    use parquet::basic::{Compression, ZstdLevel};
+    let mut b = parquet::file::properties::WriterProperties::builder().set_compression(
+        Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")),
+    );
+    if let Some(n) = max_row_group {
+        b = b.set_max_row_group_row_count(Some(n));
+    }
+    b.build()
+}
+
+/// A Parquet file written batch by batch ([`parquet_props`]); the writer opens with the first
+/// batch's schema, so a stream whose schema is known only once it is read writes in one pass.
+pub struct ParquetSink<W: std::io::Write + Send> {
+    file: Option<W>,
+    writer: Option<(parquet::arrow::ArrowWriter<W>, SchemaRef)>,
+    path: std::path::PathBuf,
+    max_row_group: Option<usize>,
+    rows: usize,
+}
+
+impl<W: std::io::Write + Send> ParquetSink<W> {
+    /// A sink writing to `file`, which is `path` (named in errors).
+    pub fn new(file: W, path: &Path, max_row_group: Option<usize>) -> Self {
+        ParquetSink {
+            file: Some(file),
+            writer: None,
+            path: path.to_path_buf(),
+            max_row_group,
+            rows: 0,
+        }
+    }
+
+    /// The schema of the first batch written (`None` before it).
+    pub fn schema(&self) -> Option<SchemaRef> {
+        self.writer.as_ref().map(|(_, s)| s.clone())
+    }
+
+    fn open(&mut self, schema: SchemaRef) -> Result<()> {
+        let file = self.file.take().expect("opened once");
+        let w = parquet::arrow::ArrowWriter::try_new(
+            file,
+            schema.clone(),
+            Some(parquet_props(self.max_row_group)),
+        )
+        .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+        self.writer = Some((w, schema));
+        Ok(())
+    }
+
+    /// Append a batch (the first one fixes the schema).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        if self.writer.is_none() {
+            self.open(batch.schema())?;
+        }
+        let path = &self.path;
+        self.writer
+            .as_mut()
+            .expect("opened")
+            .0
+            .write(batch)
+            .map_err(|e| BtuError::io(path, std::io::Error::other(e)))?;
+        self.rows += batch.num_rows();
+        Ok(())
+    }
+
+    /// Close the file (with the schema `empty` gives when no batch was written); returns the
+    /// rows written.
+    pub fn finish(mut self, empty: impl FnOnce() -> SchemaRef) -> Result<usize> {
+        if self.writer.is_none() {
+            self.open(empty())?;
+        }
+        let path = self.path.clone();
+        self.writer
+            .take()
+            .expect("opened")
+            .0
+            .close()
+            .map_err(|e| BtuError::io(&path, std::io::Error::other(e)))?;
+        Ok(self.rows)
+    }
 }
 
 /// A corpus batch with columns `id` (Int64), `text` (Utf8), `label` (Int64).

@@ -43,16 +43,24 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> BtuError {
 
 /// Read every tensor of a safetensors file.
 pub fn read_safetensors(path: &Path) -> Result<SafetensorsFile> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+    parse_safetensors(&read_weights(path)?, path)
+}
+
+/// The bytes of a `model.safetensors`.
+fn read_weights(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => BtuError::missing(
             path.display().to_string(),
             "the model directory needs model.safetensors",
         ),
         _ => BtuError::io(path, e),
-    })?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(path, e))?;
+    })
+}
+
+/// Parse safetensors `bytes` read from `path` (named in errors).
+fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsFile> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e))?;
     let mut out = SafetensorsFile::default();
     if let Some(m) = meta.metadata() {
         out.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -194,6 +202,61 @@ impl ModelDir {
     }
 }
 
+/// A model directory read once: its config, tokenizer and weights (the file read a single time,
+/// its sha256 from the same bytes). Every step that reads a model directory starts here.
+pub struct Checkpoint {
+    /// The directory and its validated config.
+    pub dir: ModelDir,
+    /// Its tokenizer (no more tokens than the config's vocabulary).
+    pub tokenizer: crate::model::tokenizer::BtuTokenizer,
+    /// Its weights and metadata.
+    pub weights: SafetensorsFile,
+    /// sha256 (hex) of `model.safetensors`.
+    pub sha256: String,
+}
+
+impl Checkpoint {
+    /// Open `dir`: config, tokenizer and weights, each checked.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let md = ModelDir::open(dir)?;
+        let tokenizer = crate::model::tokenizer::BtuTokenizer::load(dir)?;
+        if tokenizer.vocab_size() > md.config.vocab_size {
+            return Err(BtuError::bad_data(
+                dir.display().to_string(),
+                format!(
+                    "tokenizer has {} tokens but the model's vocab_size is {}; give the tokenizer the model was made with",
+                    tokenizer.vocab_size(),
+                    md.config.vocab_size
+                ),
+            ));
+        }
+        let bytes = read_weights(&md.weights)?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let weights = parse_safetensors(&bytes, &md.weights)?;
+        Ok(Checkpoint {
+            dir: md,
+            tokenizer,
+            weights,
+            sha256,
+        })
+    }
+
+    /// `--max-len` must fit the model's position embeddings.
+    pub fn check_max_len(&self, flag: &str, max_len: usize) -> Result<()> {
+        crate::validate::max_len(flag, max_len, Some(self.dir.config.max_position_embeddings))
+    }
+
+    /// The classifier ([`classifier_from`]).
+    pub fn classifier(
+        &self,
+        num_labels: Option<usize>,
+        head_seed: u64,
+        dev: &Device,
+    ) -> Result<BertClassifier> {
+        classifier_from(&self.dir, &self.weights, num_labels, head_seed, dev)
+    }
+}
+
 /// Find a tensor under its canonical name, with or without `bert.`, with old gamma/beta names.
 fn find<'a>(file: &'a SafetensorsFile, canonical: &str) -> Option<(&'a String, &'a RawTensor)> {
     let mut candidates = vec![canonical.to_string(), format!("bert.{canonical}")];
@@ -218,14 +281,32 @@ pub fn load_model(
     head_seed: u64,
     dev: &Device,
 ) -> Result<BertClassifier> {
-    let file = read_safetensors(&md.weights)?;
+    classifier_from(
+        md,
+        &read_safetensors(&md.weights)?,
+        num_labels,
+        head_seed,
+        dev,
+    )
+}
+
+/// The classifier of a model directory whose weights are `file`. A missing pooler or
+/// classification head (or one with another number of classes than `num_labels`) is initialised
+/// from `head_seed`.
+pub fn classifier_from(
+    md: &ModelDir,
+    file: &SafetensorsFile,
+    num_labels: Option<usize>,
+    head_seed: u64,
+    dev: &Device,
+) -> Result<BertClassifier> {
     let mut config = md.config.clone();
     let labels = num_labels.unwrap_or_else(|| config.labels());
     config.set_labels(labels);
     let src = &md.weights;
     let h = config.hidden_size;
     let get = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
-        let Some((full, raw)) = find(&file, name) else {
+        let Some((full, raw)) = find(file, name) else {
             return Ok(None);
         };
         if raw.shape != shape {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{BtuError, Result};
 use crate::io::tables::DimensionMask;
-use crate::model::checkpoint::{read_safetensors, sha256_file, ModelDir};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::tokenizer::BtuTokenizer;
 use crate::steps::unlearn::{apply, matrix, raw_like, word_name, write_checkpoint, Matrix};
 
@@ -103,11 +103,14 @@ pub struct ApplyMasksReport {
 /// `btu apply-masks`: replay a `dimension_masks` table onto another checkpoint.
 pub fn run(job: &ApplyMasksJob) -> Result<ApplyMasksReport> {
     crate::io::output::check_output(&job.out, job.overwrite)?;
-    let ckpt = ModelDir::open(&job.checkpoint)?;
-    let tok = BtuTokenizer::load(&job.checkpoint)?;
+    let Checkpoint {
+        dir: ckpt,
+        tokenizer: tok,
+        weights: mut file,
+        sha256: sha,
+    } = Checkpoint::read(&job.checkpoint)?;
     let batch = crate::io::tables::read_ipc(&job.masks)?;
     let masks = crate::io::tables::read_dimension_masks(&batch, &job.masks)?;
-    let mut file = read_safetensors(&ckpt.weights)?;
     let wn = word_name(&file, &ckpt.weights)?;
     let mut m = matrix(&file.tensors[&wn], &wn, &ckpt.weights)?;
     check_masks(&masks, batch.schema().metadata(), &m, &tok, &job.masks)?;
@@ -119,7 +122,6 @@ pub fn run(job: &ApplyMasksJob) -> Result<ApplyMasksReport> {
     )?;
     let raw = raw_like(&m, &file.tensors[&wn])?;
     file.tensors.insert(wn, raw);
-    let sha = sha256_file(&ckpt.weights)?;
     file.metadata
         .insert("btu:command".into(), "apply-masks".into());
     file.metadata

@@ -15,7 +15,7 @@ use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::CorpusSpec;
 use crate::io::tables::{SuspiciousToken, TokenScore};
-use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::tokenizer::{
     delete_tokens, load_corpus, Batching, BtuTokenizer, TokenizedCorpus,
 };
@@ -588,25 +588,11 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
     job.params.validate()?;
     crate::io::output::check_output(&job.out, job.overwrite)?;
     let dev = crate::device::parse_device(&job.device)?;
-    let md = ModelDir::open(&job.model)?;
-    crate::validate::max_len(
-        "--max-len",
-        job.params.max_len,
-        Some(md.config.max_position_embeddings),
-    )?;
-    let tok = BtuTokenizer::load(&job.model)?;
-    if tok.vocab_size() > md.config.vocab_size {
-        return Err(BtuError::bad_data(
-            job.model.display().to_string(),
-            format!(
-                "tokenizer has {} tokens but the model's vocab_size is {}",
-                tok.vocab_size(),
-                md.config.vocab_size
-            ),
-        ));
-    }
-    let model_sha = sha256_file(&md.weights)?;
-    let base = load_model(&md, job.params.num_labels, job.seed, &dev)?;
+    let ckpt = Checkpoint::read(&job.model)?;
+    ckpt.check_max_len("--max-len", job.params.max_len)?;
+    let tok = &ckpt.tokenizer;
+    let model_sha = ckpt.sha256.clone();
+    let base = ckpt.classifier(job.params.num_labels, job.seed, &dev)?;
     let corpus = load_corpus(&job.corpus, &tok, job.params.max_len, base.config.labels())?;
     if corpus
         .seqs

@@ -17,7 +17,7 @@ use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::metrics::{accuracy, attack_success_rate, confusion, flip_rate};
-use crate::model::checkpoint::{load_model, sha256_file, ModelDir};
+use crate::model::checkpoint::{sha256_file, Checkpoint};
 
 use crate::model::tokenizer::BtuTokenizer;
 use crate::steps::poison::{insert_trigger, row_rng, Attack};
@@ -231,17 +231,12 @@ impl CandleClassifier {
     /// Load a checkpoint directory (a missing head is initialised from `seed`, as export does).
     pub fn load(dir: &std::path::Path, max_len: usize, device: &str, seed: u64) -> Result<Self> {
         let dev = crate::device::parse_device(device)?;
-        let md = ModelDir::open(dir)?;
-        crate::validate::max_len(
-            "--max-len",
-            max_len,
-            Some(md.config.max_position_embeddings),
-        )?;
-        let tok = BtuTokenizer::load(dir)?;
-        let model = load_model(&md, None, seed, &dev)?;
+        let ckpt = Checkpoint::read(dir)?;
+        ckpt.check_max_len("--max-len", max_len)?;
+        let model = ckpt.classifier(None, seed, &dev)?;
         Ok(CandleClassifier {
             model,
-            tok,
+            tok: ckpt.tokenizer,
             max_len,
             dev,
         })

@@ -9,9 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use prost::Message;
 
 use crate::error::{BtuError, Result};
-use crate::model::checkpoint::{load_model, read_safetensors, sha256_file, ModelDir};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::onnx::*;
-use crate::model::tokenizer::BtuTokenizer;
 use crate::model::{BertClassifier, Linear, Norm};
 
 /// The opset the exported graph uses.
@@ -344,11 +343,11 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
     let shared_tok = job.out.with_file_name("tokenizer.json");
     crate::io::output::check_output(&job.out, job.overwrite)?;
     crate::io::output::check_output(&tok_out, job.overwrite)?;
-    let md = ModelDir::open(&job.checkpoint)?;
-    let tok = BtuTokenizer::load(&job.checkpoint)?;
-    let model = load_model(&md, None, job.seed, &Device::Cpu)?;
-    let sha = sha256_file(&md.weights)?;
-    let st = read_safetensors(&md.weights)?;
+    let ckpt = Checkpoint::read(&job.checkpoint)?;
+    let tok = &ckpt.tokenizer;
+    let model = ckpt.classifier(None, job.seed, &Device::Cpu)?;
+    let sha = ckpt.sha256.clone();
+    let st = &ckpt.weights;
     let mut meta = vec![
         ("btu:version".to_string(), crate::VERSION.to_string()),
         ("btu:command".to_string(), "export-onnx".to_string()),

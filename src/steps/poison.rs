@@ -9,9 +9,6 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -358,17 +355,11 @@ pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
     let chosen = choose(&labels, &usable, p, job.seed)?;
 
     // Pass 2: apply and write.
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid level"),
-        ))
-        .build();
     let mut position = 0usize;
     let mut counts = (0usize, 0usize); // (rows, poisoned)
     let fingerprint = std::cell::RefCell::new(None);
     crate::io::output::write_file_atomic(&job.output, job.overwrite, |file| {
-        let mut writer: Option<(ArrowWriter<&mut std::fs::File>, SchemaRef)> = None;
-        let mut file = Some(file);
+        let mut sink = crate::io::tables::ParquetSink::new(file, &job.output, None);
         let fp = read_corpus(&job.input, |b| {
             let n = b.texts.len();
             let orig = b.labels.as_ref().expect("labels requested");
@@ -440,26 +431,16 @@ pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
             }
             let batch = RecordBatch::try_new(schema.clone(), cols)
                 .map_err(|e| BtuError::internal(format!("poison batch: {e}")))?;
-            if writer.is_none() {
-                let f = file.take().expect("file once");
-                let w = ArrowWriter::try_new(f, schema.clone(), Some(props.clone()))
-                    .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
-                writer = Some((w, schema.clone()));
-            }
-            let (w, s) = writer.as_mut().expect("writer");
-            if s.fields() != schema.fields() {
+            if sink.schema().is_some_and(|s| s.fields() != schema.fields()) {
                 return Err(BtuError::bad_data(
                     b.source.to_string(),
                     "the input files have different columns; poison them separately",
                 ));
             }
-            w.write(&batch)
-                .map_err(|e| BtuError::io(&job.output, std::io::Error::other(e)))?;
-            Ok(())
+            sink.write(&batch)
         })?;
-        if let Some((w, _)) = writer {
-            w.close()
-                .map_err(|e| BtuError::io(&job.output, std::io::Error::other(e)))?;
+        if sink.schema().is_some() {
+            sink.finish(|| unreachable!("a batch was written"))?;
         }
         *fingerprint.borrow_mut() = Some(fp);
         Ok(())

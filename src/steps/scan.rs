@@ -14,9 +14,6 @@ use arrow::array::{
     UInt32Array, UInt32Builder, UInt64Array,
 };
 use arrow::datatypes::{DataType, SchemaRef};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
@@ -159,12 +156,6 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
         wanted.keys().map(|&t| (t, TokenStats::default())).collect();
     let (mut scanned, mut flagged, mut poisoned_rows, mut tp) = (0u64, 0u64, 0u64, 0u64);
     let mut has_poisoned = false;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid level"),
-        ))
-        .set_max_row_group_row_count(Some(65_536))
-        .build();
     let bar = progress.bar("scan", 0);
     let spec = CorpusSpec {
         label_optional: true,
@@ -172,9 +163,9 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
     };
     let mut fingerprint = None;
     crate::io::output::write_file_atomic(&job.out, job.overwrite, |file| {
-        let mut writer: Option<(ArrowWriter<&mut std::fs::File>, SchemaRef, Option<DataType>)> =
-            None;
-        let mut file = Some(file);
+        let mut sink = crate::io::tables::ParquetSink::new(file, &job.out, Some(65_536));
+        // The id column's type, fixed by the first batch with a flagged row.
+        let mut first_id: Option<Option<DataType>> = None;
         let fp = read_corpus(&spec, |b| {
             let n = b.texts.len();
             let seqs = tok.encode_untruncated(&b.texts)?;
@@ -253,18 +244,9 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
             }
             let take = UInt32Array::from(keep.clone());
             let id_type = id_col.as_ref().map(|c| c.data_type().clone());
-            if writer.is_none() {
-                let schema: SchemaRef =
-                    Arc::new(crate::io::tables::flagged_rows_schema(id_type.clone()));
-                let w = ArrowWriter::try_new(
-                    file.take().expect("file once"),
-                    schema.clone(),
-                    Some(props.clone()),
-                )
-                .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
-                writer = Some((w, schema, id_type.clone()));
-            }
-            let (w, schema, first_id) = writer.as_mut().expect("writer");
+            let first_id = first_id.get_or_insert(id_type);
+            let schema: SchemaRef =
+                Arc::new(crate::io::tables::flagged_rows_schema(first_id.clone()));
             let mut cols: Vec<ArrayRef> = vec![
                 Arc::new(StringArray::from(vec![b.source.as_ref(); keep.len()])),
                 Arc::new(UInt64Array::from(
@@ -292,30 +274,12 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
             cols.push(Arc::new(tokens.finish()));
             cols.push(Arc::new(ids.finish()));
             cols.push(Arc::new(UInt32Array::from(hits)));
-            let batch = RecordBatch::try_new(schema.clone(), cols)
+            let batch = RecordBatch::try_new(schema, cols)
                 .map_err(|e| BtuError::internal(format!("flagged_rows: {e}")))?;
-            w.write(&batch)
-                .map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
-            Ok(())
+            sink.write(&batch)
         })?;
-        match writer {
-            Some((w, _, _)) => {
-                w.close()
-                    .map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
-            }
-            None => {
-                // No row flagged: an empty table with the schema.
-                let schema = Arc::new(crate::io::tables::flagged_rows_schema(None));
-                let w = ArrowWriter::try_new(
-                    file.take().expect("file once"),
-                    schema,
-                    Some(props.clone()),
-                )
-                .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
-                w.close()
-                    .map_err(|e| BtuError::io(&job.out, std::io::Error::other(e)))?;
-            }
-        }
+        // No row flagged: an empty table with the schema.
+        sink.finish(|| Arc::new(crate::io::tables::flagged_rows_schema(None)))?;
         fingerprint = Some(fp);
         Ok(())
     })?;

@@ -644,24 +644,15 @@ fn write_binary(
     file: &mut std::fs::File,
     dest: &Path,
 ) -> Result<usize> {
-    use parquet::basic::{Compression, ZstdLevel};
-    use parquet::file::properties::WriterProperties;
     let io = |e: &dyn std::fmt::Display| BtuError::io(dest, std::io::Error::other(e.to_string()));
     let schema = run.schema.clone();
     let mut rows = 0usize;
     if format == Format::Parquet {
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(3).expect("valid level"),
-            ))
-            .build();
-        let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, Some(props))
-            .map_err(|e| BtuError::internal(format!("parquet writer: {e}")))?;
+        let mut sink = crate::io::tables::ParquetSink::new(file, dest, None);
         while let Some(b) = run.next()? {
-            rows += b.num_rows();
-            w.write(&b).map_err(|e| io(&e))?;
+            sink.write(&b)?;
         }
-        w.close().map_err(|e| io(&e))?;
+        rows = sink.finish(|| schema)?;
     } else {
         let mut w = arrow::ipc::writer::FileWriter::try_new(file, &schema)
             .map_err(|e| BtuError::internal(format!("arrow writer: {e}")))?;

@@ -18,8 +18,8 @@ use crate::error::{BtuError, Result};
 use crate::io::corpus::CorpusSpec;
 use crate::io::tables::canonical_json;
 use crate::model::checkpoint::{
-    from_tensor, load_model, read_safetensors, safetensors_bytes, save_model, sha256_file,
-    to_tensor, ModelDir, SafetensorsFile,
+    from_tensor, load_model, read_safetensors, safetensors_bytes, save_model, to_tensor,
+    Checkpoint, ModelDir, SafetensorsFile,
 };
 use crate::model::tokenizer::{load_corpus, Batching, BtuTokenizer, TokenizedCorpus};
 use crate::model::{Arch, BertClassifier, Trainable};
@@ -347,15 +347,11 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<TrainReport> {
     p.validate()?;
     crate::io::output::check_output(&job.out, job.overwrite)?;
     let dev = crate::device::parse_device(&job.device)?;
-    let md = ModelDir::open(&job.model)?;
-    crate::validate::max_len(
-        "--max-len",
-        p.max_len,
-        Some(md.config.max_position_embeddings),
-    )?;
-    let tok = BtuTokenizer::load(&job.model)?;
-    let base_sha = sha256_file(&md.weights)?;
-    let model = load_model(&md, p.num_labels, job.seed, &dev)?;
+    let ckpt = Checkpoint::read(&job.model)?;
+    ckpt.check_max_len("--max-len", p.max_len)?;
+    let tok = &ckpt.tokenizer;
+    let base_sha = ckpt.sha256.clone();
+    let model = ckpt.classifier(p.num_labels, job.seed, &dev)?;
     let labels = model.config.labels();
     let data = load_corpus(&job.corpus, &tok, p.max_len, labels)?;
     let dev_data = match &job.dev {

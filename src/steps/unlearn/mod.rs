@@ -17,7 +17,8 @@ use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::io::tables::{canonical_json, DimensionMask, TableMeta, TokenEffect};
 use crate::model::checkpoint::{
-    read_safetensors, safetensors_bytes, sha256_file, ModelDir, RawTensor, SafetensorsFile,
+    read_safetensors, safetensors_bytes, sha256_file, Checkpoint, ModelDir, RawTensor,
+    SafetensorsFile,
 };
 use crate::model::tokenizer::BtuTokenizer;
 use crate::progress::Progress;
@@ -497,11 +498,14 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
         job.clean_params().validate_as("--", true)?;
     }
     crate::io::output::check_output(&job.out, job.overwrite)?;
-    let ckpt = ModelDir::open(&job.checkpoint)?;
+    let Checkpoint {
+        dir: ckpt,
+        tokenizer: tok,
+        weights: mut trained,
+        sha256: ckpt_sha,
+    } = Checkpoint::read(&job.checkpoint)?;
     let reference = ModelDir::open(&job.reference)?;
-    let tok = BtuTokenizer::load(&job.checkpoint)?;
     let suspicious = crate::io::tables::read_suspicious_tokens(&job.suspicious)?;
-    let mut trained = read_safetensors(&ckpt.weights)?;
     let ref_file = read_safetensors(&reference.weights)?;
     let wn = word_name(&trained, &ckpt.weights)?;
     let eb = matrix(&trained.tensors[&wn], &wn, &ckpt.weights)?;
@@ -579,7 +583,6 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
     )?;
     let raw = raw_like(&repaired, &trained.tensors[&wn])?;
     trained.tensors.insert(wn.clone(), raw);
-    let ckpt_sha = sha256_file(&ckpt.weights)?;
     let ref_sha = sha256_file(&reference.weights)?;
     trained
         .metadata
