@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
+mod jobs;
+
 use crate::defaults;
 use crate::error::Result;
 use crate::io::corpus::CorpusSpec;
@@ -810,178 +812,19 @@ pub fn execute(
         return cli.command.plan();
     }
     match &cli.command {
-        Command::InitModel(a) => {
-            let corpus =
-                (!a.corpus.is_empty()).then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false));
-            json(crate::steps::init_model::run(
-                &crate::steps::init_model::InitModelJob {
-                    out: a.out.clone(),
-                    overwrite: a.overwrite,
-                    corpus,
-                    tokenizer: a.tokenizer.clone(),
-                    size: a.size.clone(),
-                    seed: a.seed,
-                },
-            ))
-        }
-        Command::Poison(a) => json(crate::steps::poison::run(
-            &crate::steps::poison::PoisonJob {
-                input: a.corpus_args.spec(a.input.clone(), a.seed, true),
-                output: a.output.clone(),
-                overwrite: a.overwrite,
-                seed: a.seed,
-                params: a.params.clone(),
-            },
-        )),
-        Command::Detect(a) => json(crate::steps::detect::run(
-            &crate::steps::detect::DetectJob {
-                corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
-                model: a.model.clone(),
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-                device: a.device.clone(),
-                seed: a.seed,
-                params: a.params.clone(),
-            },
-            progress,
-        )),
-        Command::Train(a) => json(crate::steps::train::run(
-            &crate::steps::train::TrainJob {
-                corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
-                dev: (!a.dev.is_empty())
-                    .then(|| a.corpus_args.spec(a.dev.clone(), a.seed, true))
-                    .map(|s| crate::io::corpus::CorpusSpec {
-                        limit: None,
-                        sample: None,
-                        ..s
-                    }),
-                model: a.model.clone(),
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-                device: a.device.clone(),
-                seed: a.seed,
-                params: a.params.clone(),
-            },
-            progress,
-        )),
-        Command::Unlearn(a) => json(crate::steps::unlearn::run(
-            &crate::steps::unlearn::UnlearnJob {
-                checkpoint: a.checkpoint.clone(),
-                reference: a.reference.clone(),
-                suspicious: a.suspicious.clone(),
-                effects: a.effects.clone(),
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-                clean_corpus: (!a.clean_corpus.is_empty())
-                    .then(|| a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true)),
-                eval_split: a
-                    .eval_split
-                    .iter()
-                    .map(|p| crate::io::corpus::CorpusSpec {
-                        label_col: None,
-                        text_col: a.corpus_args.text_col.clone(),
-                        ..crate::io::corpus::CorpusSpec::new(vec![p.clone()])
-                    })
-                    .collect(),
-                batch_size: a.batch_size,
-                max_len: a.max_len,
-                min_flip_rate: defaults::MIN_FLIP_RATE,
-                device: a.device.clone(),
-                seed: a.seed,
-                params: a.params.clone(),
-            },
-            progress,
-        )),
-        Command::ApplyMasks(a) => json(crate::steps::apply_masks::run(
-            &crate::steps::apply_masks::ApplyMasksJob {
-                checkpoint: a.checkpoint.clone(),
-                masks: a.masks.clone(),
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-            },
-        )),
-        Command::Eval(a) => json(crate::steps::eval::run(&crate::steps::eval::EvalJob {
-            model: a.model.clone(),
-            test: a.corpus_args.spec(a.test.clone(), a.seed, true),
-            out: a.out.clone(),
-            overwrite: a.overwrite,
-            attack: a.params.resolve(None, a.seed),
-            target: a.params.target.unwrap_or(defaults::TARGET),
-            max_len: a.classifier.max_len,
-            device: a.classifier.device.clone(),
-            backend: a.classifier.backend,
-            ort_lib: a.classifier.ort_lib.clone(),
-            seed: a.seed,
-        })),
-        Command::ExportOnnx(a) => json(crate::steps::export_onnx::run(
-            &crate::steps::export_onnx::ExportJob {
-                checkpoint: a.checkpoint.clone(),
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-                seed: a.seed,
-            },
-        )),
+        Command::InitModel(a) => json(crate::steps::init_model::run(&a.job())),
+        Command::Poison(a) => json(crate::steps::poison::run(&a.job())),
+        Command::Detect(a) => json(crate::steps::detect::run(&a.job(), progress)),
+        Command::Train(a) => json(crate::steps::train::run(&a.job(), progress)),
+        Command::Unlearn(a) => json(crate::steps::unlearn::run(&a.job(), progress)),
+        Command::ApplyMasks(a) => json(crate::steps::apply_masks::run(&a.job())),
+        Command::Eval(a) => json(crate::steps::eval::run(&a.job())),
+        Command::ExportOnnx(a) => json(crate::steps::export_onnx::run(&a.job())),
         Command::Defend(a) => json(crate::steps::defend::run(&a.config()?, progress)),
-        Command::Demo(a) => json(crate::demo::run(
-            &crate::demo::DemoJob {
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-                rows: a.rows,
-                seed: a.seed,
-                device: a.device.clone(),
-                backend: a.backend,
-            },
-            progress,
-        )),
-        Command::Verify(a) => json(crate::steps::verify::run(
-            &crate::steps::verify::VerifyJob {
-                checkpoint: a.checkpoint.clone(),
-                candidates: match (&a.suspicious, &a.recheck) {
-                    (_, Some(r)) => crate::steps::verify::CandidateSource::Recheck(r.clone()),
-                    (Some(s), None) => crate::steps::verify::CandidateSource::Suspicious(s.clone()),
-                    (None, None) => unreachable!("clap requires one"),
-                },
-                clean: a.corpus_args.spec(a.clean_corpus.clone(), a.seed, true),
-                corpus: (!a.corpus.is_empty())
-                    .then(|| a.corpus_args.spec(a.corpus.clone(), a.seed, false)),
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-                device: a.classifier.device.clone(),
-                backend: a.classifier.backend,
-                ort_lib: a.classifier.ort_lib.clone(),
-                max_len: a.classifier.max_len,
-                seed: a.seed,
-                params: a.params.clone(),
-            },
-        )),
-        Command::Scan(a) => json(crate::steps::scan::run(
-            &crate::steps::scan::ScanJob {
-                corpus: a.corpus_args.spec(a.corpus.clone(), a.seed, true),
-                suspicious: a.suspicious.clone(),
-                effects: a.effects.clone(),
-                tokenizer: a.tokenizer.clone(),
-                out: a.out.clone(),
-                overwrite: a.overwrite,
-            },
-            progress,
-        )),
-        Command::Sql(a) => json(crate::steps::sql::run(
-            &crate::steps::sql::SqlJob {
-                tables: a.tables.clone(),
-                run: a.run.clone(),
-                query: a.query.clone(),
-                format: a.format,
-                output: a.output.clone(),
-                overwrite: a.overwrite,
-                timeout: a
-                    .timeout
-                    .as_deref()
-                    .map(crate::steps::sql::parse_timeout)
-                    .transpose()?,
-                memory_limit: crate::steps::sql::parse_memory_limit(&a.memory_limit)?,
-            },
-            stdout,
-        )),
+        Command::Demo(a) => json(crate::demo::run(&a.job(), progress)),
+        Command::Verify(a) => json(crate::steps::verify::run(&a.job())),
+        Command::Scan(a) => json(crate::steps::scan::run(&a.job(), progress)),
+        Command::Sql(a) => json(crate::steps::sql::run(&a.job()?, stdout)),
         Command::Schemas(a) => json(crate::steps::schemas::run(&a.out)),
     }
 }
