@@ -1,36 +1,14 @@
 //! Bad input: each case gives its documented exit code, a one-line error naming what failed,
 //! and leaves no output behind.
 
-mod common;
-
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{Field, Schema};
-use common::*;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    model: PathBuf,
-    corpus: PathBuf,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let corpus = dir.path().join("corpus.parquet");
-        synth_corpus(&corpus, 200, 1);
-        let model = dir.path().join("model");
-        tiny_model(&model, &corpus, 300);
-        Fixture {
-            model,
-            corpus,
-            _dir: dir,
-        }
-    })
-}
+use crate::fixtures::tiny;
+use crate::util::*;
 
 fn write_batch(path: &Path, cols: Vec<(&str, ArrayRef, bool)>) {
     let schema = Arc::new(Schema::new(
@@ -43,16 +21,9 @@ fn write_batch(path: &Path, cols: Vec<(&str, ArrayRef, bool)>) {
     btu::io::tables::write_parquet(path, &batch, true).unwrap();
 }
 
-/// Run detect with `corpus`/`model` and check exit code, message and that `out` is absent.
-fn expect_failure(
-    corpus: &Path,
-    model: &Path,
-    out: &Path,
-    code: i32,
-    needle: &str,
-    extra: &[&str],
-) {
-    let mut args = vec![
+/// `btu detect` of `corpus` with `model` into `out`, on the CPU unless `extra` names a device.
+fn detect(corpus: &Path, model: &Path, out: &Path, extra: &[&str]) -> Btu {
+    let b = btu([
         "detect",
         "--corpus",
         s(corpus),
@@ -60,36 +31,31 @@ fn expect_failure(
         s(model),
         "--out",
         s(out),
-    ];
-    if !extra.contains(&"--device") {
-        args.extend_from_slice(&["--device", "cpu"]);
-    }
-    args.extend_from_slice(extra);
-    let o = run(&args);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(lines[0].contains(needle), "'{needle}' not in: {stderr}");
-    assert!(o.stdout.is_empty(), "no summary on failure");
-    if !(code == 73 && out.exists()) {
-        assert!(!out.exists(), "output {} left behind", out.display());
-    }
-    // No staging directories either.
-    if let Some(parent) = out.parent().filter(|p| p.is_dir()) {
-        for e in std::fs::read_dir(parent).unwrap() {
-            let name = e.unwrap().file_name().to_string_lossy().to_string();
-            assert!(!name.contains(".tmp-"), "staging leftover {name}");
-        }
+    ]);
+    let b = if extra.contains(&"--device") {
+        b
+    } else {
+        b.args(["--device", "cpu"])
+    };
+    b.args(extra)
+}
+
+/// `detect` fails with `code` and `needle`, leaving neither `out` nor any staging entry in its
+/// directory (when that is one).
+fn refused(corpus: &Path, model: &Path, out: &Path, code: i32, needle: &str, extra: &[&str]) {
+    let f = detect(corpus, model, out, extra)
+        .fails_with(code, needle)
+        .and_no_output(out);
+    if let Some(dir) = out.parent().filter(|p| p.is_dir()) {
+        f.and_no_leftovers(dir);
     }
 }
 
 #[test]
 fn missing_corpus_file_is_66() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
-    expect_failure(
+    refused(
         &d.path().join("nope.parquet"),
         &f.model,
         &d.path().join("out"),
@@ -101,11 +67,11 @@ fn missing_corpus_file_is_66() {
 
 #[test]
 fn not_parquet_is_65() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("fake.parquet");
     std::fs::write(&p, "id,text,label\n1,hello,0\n").unwrap();
-    expect_failure(
+    refused(
         &p,
         &f.model,
         &d.path().join("out"),
@@ -117,7 +83,7 @@ fn not_parquet_is_65() {
 
 #[test]
 fn missing_text_column_is_65() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("c.parquet");
     write_batch(
@@ -135,7 +101,7 @@ fn missing_text_column_is_65() {
             ),
         ],
     );
-    expect_failure(
+    refused(
         &p,
         &f.model,
         &d.path().join("out"),
@@ -147,7 +113,7 @@ fn missing_text_column_is_65() {
 
 #[test]
 fn missing_label_column_is_65() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("c.parquet");
     write_batch(
@@ -158,7 +124,7 @@ fn missing_label_column_is_65() {
             false,
         )],
     );
-    expect_failure(
+    refused(
         &p,
         &f.model,
         &d.path().join("out"),
@@ -170,7 +136,7 @@ fn missing_label_column_is_65() {
 
 #[test]
 fn wrong_column_type_is_65() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("c.parquet");
     write_batch(
@@ -188,7 +154,7 @@ fn wrong_column_type_is_65() {
             ),
         ],
     );
-    expect_failure(
+    refused(
         &p,
         &f.model,
         &d.path().join("out"),
@@ -212,7 +178,7 @@ fn wrong_column_type_is_65() {
             ),
         ],
     );
-    expect_failure(
+    refused(
         &p2,
         &f.model,
         &d.path().join("out"),
@@ -224,7 +190,7 @@ fn wrong_column_type_is_65() {
 
 #[test]
 fn null_texts_are_65() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("c.parquet");
     write_batch(
@@ -242,7 +208,7 @@ fn null_texts_are_65() {
             ),
         ],
     );
-    expect_failure(
+    refused(
         &p,
         &f.model,
         &d.path().join("out"),
@@ -254,14 +220,14 @@ fn null_texts_are_65() {
 
 #[test]
 fn empty_corpus_is_65() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("empty.parquet");
     let b = btu::io::tables::corpus_batch(&[], &[]).unwrap();
     btu::io::tables::write_parquet(&p, &b, true).unwrap();
-    expect_failure(&p, &f.model, &d.path().join("out"), 65, "no rows", &[]);
+    refused(&p, &f.model, &d.path().join("out"), 65, "no rows", &[]);
     // A filter that keeps nothing is an empty corpus too.
-    expect_failure(
+    refused(
         &f.corpus,
         &f.model,
         &d.path().join("out"),
@@ -273,7 +239,7 @@ fn empty_corpus_is_65() {
 
 #[test]
 fn label_outside_head_classes_is_65() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("c.parquet");
     let b = btu::io::tables::corpus_batch(
@@ -282,7 +248,7 @@ fn label_outside_head_classes_is_65() {
     )
     .unwrap();
     btu::io::tables::write_parquet(&p, &b, true).unwrap();
-    expect_failure(
+    refused(
         &p,
         &f.model,
         &d.path().join("out"),
@@ -292,75 +258,52 @@ fn label_outside_head_classes_is_65() {
     );
 }
 
+/// A copy of the tiny model's `files` only, in `dir/model`.
+fn partial_model(dir: &Path, files: &[&str]) -> std::path::PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir(&m).unwrap();
+    for name in files {
+        std::fs::copy(tiny().model.join(name), m.join(name)).unwrap();
+    }
+    m
+}
+
 #[test]
 fn model_without_weights_is_66() {
-    let f = fixture();
     let d = tempfile::tempdir().unwrap();
-    let m = d.path().join("model");
-    std::fs::create_dir(&m).unwrap();
-    for name in ["config.json", "tokenizer.json"] {
-        std::fs::copy(f.model.join(name), m.join(name)).unwrap();
-    }
-    expect_failure(
-        &f.corpus,
-        &m,
-        &d.path().join("out"),
-        66,
-        "model.safetensors",
-        &[],
-    );
+    let m = partial_model(d.path(), &["config.json", "tokenizer.json"]);
+    let out = d.path().join("out");
+    refused(&tiny().corpus, &m, &out, 66, "model.safetensors", &[]);
 }
 
 #[test]
 fn model_without_tokenizer_is_66() {
-    let f = fixture();
     let d = tempfile::tempdir().unwrap();
-    let m = d.path().join("model");
-    std::fs::create_dir(&m).unwrap();
-    for name in ["config.json", "model.safetensors"] {
-        std::fs::copy(f.model.join(name), m.join(name)).unwrap();
-    }
-    expect_failure(
-        &f.corpus,
-        &m,
-        &d.path().join("out"),
-        66,
-        "tokenizer.json",
-        &[],
-    );
+    let m = partial_model(d.path(), &["config.json", "model.safetensors"]);
+    let out = d.path().join("out");
+    refused(&tiny().corpus, &m, &out, 66, "tokenizer.json", &[]);
 }
 
 #[test]
 fn corrupt_weights_are_65() {
-    let f = fixture();
     let d = tempfile::tempdir().unwrap();
-    let m = d.path().join("model");
-    std::fs::create_dir(&m).unwrap();
-    for name in ["config.json", "tokenizer.json"] {
-        std::fs::copy(f.model.join(name), m.join(name)).unwrap();
-    }
+    let m = partial_model(d.path(), &["config.json", "tokenizer.json"]);
     std::fs::write(
         m.join("model.safetensors"),
         b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ",
     )
     .unwrap();
-    expect_failure(
-        &f.corpus,
-        &m,
-        &d.path().join("out"),
-        65,
-        "corrupt safetensors",
-        &[],
-    );
+    let out = d.path().join("out");
+    refused(&tiny().corpus, &m, &out, 65, "corrupt safetensors", &[]);
 }
 
 #[test]
 fn unwritable_output_is_73() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let blocker = d.path().join("a-file");
     std::fs::write(&blocker, "x").unwrap();
-    expect_failure(
+    refused(
         &f.corpus,
         &f.model,
         &blocker.join("out"),
@@ -372,12 +315,16 @@ fn unwritable_output_is_73() {
 
 #[test]
 fn existing_output_is_73_and_untouched() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    expect_failure(&f.corpus, &f.model, &out, 73, "--overwrite", &[]);
+    detect(&f.corpus, &f.model, &out, &[])
+        .fails_with(73, "--overwrite")
+        .and_no_leftovers(d.path());
+    let kept: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().collect();
+    assert_eq!(kept.len(), 1, "nothing added to the existing output");
     assert_eq!(
         std::fs::read_to_string(out.join("keep.txt")).unwrap(),
         "mine"
@@ -386,32 +333,15 @@ fn existing_output_is_73_and_untouched() {
 
 #[test]
 fn bad_flags_are_usage_or_config_errors() {
-    let f = fixture();
+    let f = tiny();
     let d = tempfile::tempdir().unwrap();
-    expect_failure(
-        &f.corpus,
-        &f.model,
-        &d.path().join("out"),
-        78,
-        "--alpha",
-        &["--alpha", "0"],
-    );
-    expect_failure(
-        &f.corpus,
-        &f.model,
-        &d.path().join("out"),
-        78,
-        "--filter",
-        &["--filter", "no_such_col = 1"],
-    );
-    expect_failure(
-        &f.corpus,
-        &f.model,
-        &d.path().join("out"),
-        78,
-        "--device",
-        &["--device", "tpu"],
-    );
-    let o = run(&["detect", "--corpus", s(&f.corpus)]);
-    assert_eq!(o.status.code(), Some(2));
+    let out = d.path().join("out");
+    for (flag, extra) in [
+        ("--alpha", ["--alpha", "0"]),
+        ("--filter", ["--filter", "no_such_col = 1"]),
+        ("--device", ["--device", "tpu"]),
+    ] {
+        refused(&f.corpus, &f.model, &out, 78, flag, &extra);
+    }
+    btu(["detect", "--corpus", s(&f.corpus)]).exits(2);
 }

@@ -1,99 +1,26 @@
 //! Data-lake audit: `btu scan` and `btu sql` over local files and over `s3://` on a real
 //! S3-compatible server (moto) started on 127.0.0.1.
 
-mod common;
+use std::path::Path;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use crate::fixtures::lake as fixture;
+use crate::util::*;
 
-use common::*;
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    corpus_dir: PathBuf,
-    model: PathBuf,
-    suspicious: PathBuf,
-}
-
-/// A poisoned synthetic corpus split into two files, a tiny model, and its detection.
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let clean = root.join("clean.parquet");
-        synth_corpus(&clean, 2000, 31);
-        let corpus_dir = root.join("corpus");
-        std::fs::create_dir(&corpus_dir).unwrap();
-        run_ok(&[
-            "poison",
-            "--input",
-            s(&clean),
-            "--output",
-            s(&corpus_dir.join("part-0.parquet")),
-            "--attack",
-            "add-word",
-            "--rate",
-            "0.1",
-            "--filter",
-            "id < 1000",
-        ]);
-        run_ok(&[
-            "poison",
-            "--input",
-            s(&clean),
-            "--output",
-            s(&corpus_dir.join("part-1.parquet")),
-            "--attack",
-            "add-word",
-            "--rate",
-            "0.1",
-            "--filter",
-            "id >= 1000",
-            "--seed",
-            "7",
-        ]);
-        let model = root.join("model");
-        tiny_model(&model, &corpus_dir, 400);
-        let det = root.join("detect");
-        run_ok(&[
-            "detect",
-            "--corpus",
-            s(&corpus_dir),
-            "--model",
-            s(&model),
-            "--out",
-            s(&det),
-            "--device",
-            "cpu",
-        ]);
-        Fixture {
-            _dir: dir,
-            root,
-            corpus_dir,
-            model,
-            suspicious: det.join("suspicious_tokens.arrow"),
-        }
-    })
-}
-
+/// `btu sql ARGS --format json` with `envs`: the rows.
 fn sql_json(args: &[&str], envs: &[(&'static str, String)]) -> serde_json::Value {
-    let mut c = btu();
-    c.arg("sql").args(args).args(["--format", "json"]);
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    btu(["sql"])
+        .args(args)
+        .args(["--format", "json"])
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .ok()
 }
 
 #[test]
 fn scan_flags_poisoned_rows_and_sql_joins_the_tables() {
     let f = fixture();
-    let out = f.root.join("flagged_rows.parquet");
-    let sum = run_ok(&[
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("flagged_rows.parquet");
+    let sum = btu([
         "scan",
         "--corpus",
         s(&f.corpus_dir),
@@ -103,7 +30,8 @@ fn scan_flags_poisoned_rows_and_sql_joins_the_tables() {
         s(&f.model),
         "--out",
         s(&out),
-    ]);
+    ])
+    .ok();
     assert_eq!(sum["rows_scanned"], 2000);
     let q = &sum["poisoned"];
     assert_eq!(q["poisoned_rows"], 200);
@@ -143,34 +71,37 @@ fn scan_flags_poisoned_rows_and_sql_joins_the_tables() {
     let r = sql_json(
         &[
             "--run",
-            s(&f.root.join("detect")),
+            s(&f.detect),
             "SELECT COUNT(*) AS n FROM token_scores WHERE selected",
         ],
         &[],
     );
     assert!(r[0]["n"].as_u64().unwrap() >= 3);
     // Parquet output.
-    let pq = f.root.join("q.parquet");
-    let o = btu()
-        .args([
-            "sql",
-            "--run",
-            s(&f.root.join("detect")),
-            "SELECT token FROM suspicious_tokens",
-            "--format",
-            "parquet",
-            "--output",
-            s(&pq),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success() && pq.is_file());
+    let pq = d.path().join("q.parquet");
+    btu([
+        "sql",
+        "--run",
+        s(&f.detect),
+        "SELECT token FROM suspicious_tokens",
+        "--format",
+        "parquet",
+        "--output",
+        s(&pq),
+    ])
+    .success();
+    let tokens = btu::io::tables::read_suspicious_tokens(&f.suspicious).unwrap();
+    let file = std::fs::File::open(&pq).unwrap();
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let rows = reader.metadata().file_metadata().num_rows();
+    assert_eq!(rows as usize, tokens.len(), "one row per suspicious token");
 }
 
 #[test]
 fn sql_is_read_only() {
     let f = fixture();
-    let det = f.root.join("detect");
+    let det = &f.detect;
     for q in [
         "CREATE TABLE x AS SELECT 1",
         "CREATE EXTERNAL TABLE y STORED AS PARQUET LOCATION '/tmp/y.parquet'",
@@ -178,10 +109,7 @@ fn sql_is_read_only() {
         "COPY (SELECT 1 AS a) TO '/tmp/btu-copy-test.csv'",
         "DROP TABLE suspicious_tokens",
     ] {
-        let o = btu().args(["sql", "--run", s(&det), q]).output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(78), "{q}: {err}");
-        assert!(err.contains("read-only"), "{q}: {err}");
+        btu(["sql", "--run", s(det), q]).fails_with(78, "read-only");
     }
     assert!(!Path::new("/tmp/btu-copy-test.csv").exists());
 }
@@ -192,20 +120,20 @@ fn scan_and_sql_over_s3_match_the_local_copy() {
         return;
     };
     let f = fixture();
-    for name in ["part-0.parquet", "part-1.parquet"] {
-        for (k, v) in moto.env() {
-            // The library's store reads AWS_* from the environment of this test process.
-            std::env::set_var(k, v);
-        }
-        btu::io::store::put(
-            &format!("s3://lake/corpus/{name}"),
-            std::fs::read(f.corpus_dir.join(name)).unwrap(),
-        )
-        .unwrap();
-    }
-    let local_out = f.root.join("flag-local.parquet");
-    let s3_out = f.root.join("flag-s3.parquet");
-    let local = run_ok(&[
+    let parts: Vec<(String, std::path::PathBuf)> = ["part-0.parquet", "part-1.parquet"]
+        .iter()
+        .map(|name| (format!("corpus/{name}"), f.corpus_dir.join(name)))
+        .collect();
+    moto.put(
+        &parts
+            .iter()
+            .map(|(k, p)| (k.clone(), p.as_path()))
+            .collect::<Vec<_>>(),
+    );
+    let d = tempfile::tempdir().unwrap();
+    let local_out = d.path().join("flag-local.parquet");
+    let s3_out = d.path().join("flag-s3.parquet");
+    let local = btu([
         "scan",
         "--corpus",
         s(&f.corpus_dir),
@@ -215,22 +143,24 @@ fn scan_and_sql_over_s3_match_the_local_copy() {
         s(&f.model),
         "--out",
         s(&local_out),
-    ]);
-    let o = moto.btu(&[
-        "scan",
-        "--corpus",
-        "s3://lake/corpus/",
-        "--suspicious",
-        s(&f.suspicious),
-        "--tokenizer",
-        s(&f.model),
-        "--out",
-        s(&s3_out),
-        "--log",
-        "debug",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    ])
+    .ok();
+    let o = moto
+        .btu([
+            "scan",
+            "--corpus",
+            "s3://lake/corpus/",
+            "--suspicious",
+            s(&f.suspicious),
+            "--tokenizer",
+            s(&f.model),
+            "--out",
+            s(&s3_out),
+            "--log",
+            "debug",
+        ])
+        .success();
+    let err = lossy(&o.stderr);
     let remote: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for k in ["rows_scanned", "rows_flagged", "tokens", "poisoned"] {
         assert_eq!(local[k], remote[k], "{k}");
@@ -260,7 +190,8 @@ fn scan_and_sql_over_s3_match_the_local_copy() {
     );
     assert_eq!(a, b);
     // A missing object is "input missing" (66).
-    let o = moto.btu(&[
+    let none = d.path().join("none.parquet");
+    moto.btu([
         "scan",
         "--corpus",
         "s3://lake/nothing-here/",
@@ -269,35 +200,29 @@ fn scan_and_sql_over_s3_match_the_local_copy() {
         "--tokenizer",
         s(&f.model),
         "--out",
-        s(&f.root.join("none.parquet")),
-    ]);
-    assert_eq!(
-        o.status.code(),
-        Some(66),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+        s(&none),
+    ])
+    .fails_with(66, "s3://lake/nothing-here/")
+    .and_no_output(&none);
 }
 
 #[test]
 fn unreachable_object_store_is_a_temporary_failure() {
     let f = fixture();
-    let o = btu_with_dead_store()
-        .args([
-            "scan",
-            "--corpus",
-            "s3://lake/corpus/",
-            "--suspicious",
-            s(&f.suspicious),
-            "--tokenizer",
-            s(&f.model),
-            "--out",
-            s(&f.root.join("t.parquet")),
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(75), "{err}");
-    assert!(err.contains("temporary failure"), "{err}");
-    assert!(!f.root.join("t.parquet").exists());
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("t.parquet");
+    btu([
+        "scan",
+        "--corpus",
+        "s3://lake/corpus/",
+        "--suspicious",
+        s(&f.suspicious),
+        "--tokenizer",
+        s(&f.model),
+        "--out",
+        s(&out),
+    ])
+    .dead_store()
+    .fails_with(75, "temporary failure")
+    .and_no_output(&out);
 }

@@ -1,86 +1,12 @@
 //! `btu train`, `btu unlearn`, `btu apply-masks` on a synthetic corpus: byte-identity of
 //! untouched tensors, mask tables, resume after SIGKILL, and the documented errors.
 
-mod common;
-
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use btu::model::checkpoint::{read_safetensors, safetensors_bytes, RawTensor};
-use common::*;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    corpus: PathBuf,
-    model: PathBuf,
-    ckpt: PathBuf,
-    detect: PathBuf,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let clean = root.join("clean.parquet");
-        synth_corpus(&clean, 1500, 21);
-        let corpus = root.join("poisoned.parquet");
-        run_ok(&[
-            "poison",
-            "--input",
-            s(&clean),
-            "--output",
-            s(&corpus),
-            "--attack",
-            "add-word",
-            "--rate",
-            "0.1",
-            "--target",
-            "1",
-        ]);
-        let model = root.join("model");
-        tiny_model(&model, &corpus, 400);
-        let detect = root.join("detect");
-        run_ok(&[
-            "detect",
-            "--corpus",
-            s(&corpus),
-            "--model",
-            s(&model),
-            "--out",
-            s(&detect),
-            "--device",
-            "cpu",
-            "--alpha",
-            "1",
-        ]);
-        let ckpt = root.join("ckpt");
-        run_ok(&[
-            "train",
-            "--corpus",
-            s(&corpus),
-            "--model",
-            s(&model),
-            "--out",
-            s(&ckpt),
-            "--epochs",
-            "2",
-            "--lr",
-            "1e-3",
-            "--device",
-            "cpu",
-        ]);
-        Fixture {
-            _dir: dir,
-            root,
-            corpus,
-            model,
-            ckpt,
-            detect,
-        }
-    })
-}
+use crate::fixtures::trained as fixture;
+use crate::util::*;
 
 fn word(t: &std::collections::BTreeMap<String, RawTensor>) -> String {
     t.keys()
@@ -92,8 +18,10 @@ fn word(t: &std::collections::BTreeMap<String, RawTensor>) -> String {
 #[test]
 fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
     let f = fixture();
-    let out = f.root.join("unlearned-a");
-    let sum = run_ok(&[
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let out = root.join("unlearned-a");
+    let sum = btu([
         "unlearn",
         "--checkpoint",
         s(&f.ckpt),
@@ -105,7 +33,8 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
         s(&out),
         "--threshold",
         "frobenius",
-    ]);
+    ])
+    .ok();
     assert!(sum["dimensions_replaced"].as_u64().unwrap() > 0, "{sum}");
     let before = read_safetensors(&f.ckpt.join("model.safetensors")).unwrap();
     let after = read_safetensors(&out.join("model.safetensors")).unwrap();
@@ -155,8 +84,8 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
             < 1e-12
     );
     // Replaying the masks onto the trained checkpoint gives the same word embeddings.
-    let replay = f.root.join("replayed");
-    run_ok(&[
+    let replay = root.join("replayed");
+    btu([
         "apply-masks",
         "--checkpoint",
         s(&f.ckpt),
@@ -164,14 +93,15 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
         s(&out.join("dimension_masks.arrow")),
         "--out",
         s(&replay),
-    ]);
+    ])
+    .ok();
     let r = read_safetensors(&replay.join("model.safetensors")).unwrap();
     for (name, t) in &after.tensors {
         assert!(t == &r.tensors[name], "{name}");
     }
     // Unlearning is deterministic: same inputs, same tensors and table bytes.
-    let again = f.root.join("unlearned-b");
-    run_ok(&[
+    let again = root.join("unlearned-b");
+    btu([
         "unlearn",
         "--checkpoint",
         s(&f.ckpt),
@@ -183,7 +113,8 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
         s(&again),
         "--threshold",
         "frobenius",
-    ]);
+    ])
+    .ok();
     assert_eq!(
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(again.join("model.safetensors")).unwrap()
@@ -197,9 +128,11 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
 #[test]
 fn clean_tuning_refuses_overlap_with_the_evaluation_split_and_runs_otherwise() {
     let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
     let sus = f.detect.join("suspicious_tokens.arrow");
-    let out = f.root.join("tuned-overlap");
-    let o = run(&[
+    let out = root.join("tuned-overlap");
+    btu([
         "unlearn",
         "--checkpoint",
         s(&f.ckpt),
@@ -215,19 +148,13 @@ fn clean_tuning_refuses_overlap_with_the_evaluation_split_and_runs_otherwise() {
         s(&f.corpus),
         "--device",
         "cpu",
-    ]);
-    assert_eq!(
-        o.status.code(),
-        Some(78),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("evaluation split"));
-    assert!(!out.exists());
-    let clean = f.root.join("heldout.parquet");
+    ])
+    .fails_with(78, "evaluation split")
+    .and_no_output(&out);
+    let clean = root.join("heldout.parquet");
     synth_corpus(&clean, 200, 99);
-    let out = f.root.join("tuned");
-    let sum = run_ok(&[
+    let out = root.join("tuned");
+    let sum = btu([
         "unlearn",
         "--checkpoint",
         s(&f.ckpt),
@@ -247,10 +174,11 @@ fn clean_tuning_refuses_overlap_with_the_evaluation_split_and_runs_otherwise() {
         "1e-4",
         "--device",
         "cpu",
-    ]);
+    ])
+    .ok();
     assert_eq!(sum["clean_tuning"]["rows"], 200);
-    let cut = f.root.join("cut-only");
-    run_ok(&[
+    let cut = root.join("cut-only");
+    btu([
         "unlearn",
         "--checkpoint",
         s(&f.ckpt),
@@ -260,7 +188,8 @@ fn clean_tuning_refuses_overlap_with_the_evaluation_split_and_runs_otherwise() {
         s(&sus),
         "--out",
         s(&cut),
-    ]);
+    ])
+    .ok();
     let a = read_safetensors(&out.join("model.safetensors")).unwrap();
     let b = read_safetensors(&cut.join("model.safetensors")).unwrap();
     assert!(
@@ -271,42 +200,32 @@ fn clean_tuning_refuses_overlap_with_the_evaluation_split_and_runs_otherwise() {
     );
 }
 
-fn expect(args: &[&str], code: i32, needle: &str, out: &Path) {
-    let o = run(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
-    assert!(err.contains(needle), "'{needle}' not in {err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(!out.exists());
-}
-
 #[test]
 fn mismatched_models_corrupt_files_and_nan_weights_are_refused() {
     let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
     let sus = f.detect.join("suspicious_tokens.arrow");
-    let out = f.root.join("never");
+    let out = root.join("never");
     // A reference with another vocabulary.
-    let other_vocab = f.root.join("ref-vocab");
+    let other_vocab = root.join("ref-vocab");
     tiny_model(&other_vocab, &f.corpus, 150);
-    expect(
-        &[
-            "unlearn",
-            "--checkpoint",
-            s(&f.ckpt),
-            "--reference",
-            s(&other_vocab),
-            "--suspicious",
-            s(&sus),
-            "--out",
-            s(&out),
-        ],
-        65,
-        "vocabulary",
-        &out,
-    );
+    btu([
+        "unlearn",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--reference",
+        s(&other_vocab),
+        "--suspicious",
+        s(&sus),
+        "--out",
+        s(&out),
+    ])
+    .fails_with(65, "vocabulary")
+    .and_no_output(&out);
     // A reference with another hidden size.
-    let other_hidden = f.root.join("ref-hidden");
-    run_ok(&[
+    let other_hidden = root.join("ref-hidden");
+    btu([
         "init-model",
         "--out",
         s(&other_hidden),
@@ -322,26 +241,24 @@ fn mismatched_models_corrupt_files_and_nan_weights_are_refused() {
         "2",
         "--intermediate",
         "32",
-    ]);
-    expect(
-        &[
-            "unlearn",
-            "--checkpoint",
-            s(&f.ckpt),
-            "--reference",
-            s(&other_hidden),
-            "--suspicious",
-            s(&sus),
-            "--out",
-            s(&out),
-        ],
-        65,
-        "hidden size",
-        &out,
-    );
+    ])
+    .ok();
+    btu([
+        "unlearn",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--reference",
+        s(&other_hidden),
+        "--suspicious",
+        s(&sus),
+        "--out",
+        s(&out),
+    ])
+    .fails_with(65, "hidden size")
+    .and_no_output(&out);
     // Masks onto a checkpoint with another vocabulary.
-    let unl = f.root.join("for-masks");
-    run_ok(&[
+    let unl = root.join("for-masks");
+    btu([
         "unlearn",
         "--checkpoint",
         s(&f.ckpt),
@@ -351,61 +268,53 @@ fn mismatched_models_corrupt_files_and_nan_weights_are_refused() {
         s(&sus),
         "--out",
         s(&unl),
-    ]);
-    expect(
-        &[
-            "apply-masks",
-            "--checkpoint",
-            s(&other_vocab),
-            "--masks",
-            s(&unl.join("dimension_masks.arrow")),
-            "--out",
-            s(&out),
-        ],
-        65,
-        "vocabular",
-        &out,
-    );
-    expect(
-        &[
-            "apply-masks",
-            "--checkpoint",
-            s(&other_hidden),
-            "--masks",
-            s(&unl.join("dimension_masks.arrow")),
-            "--out",
-            s(&out),
-        ],
-        65,
-        "hidden size",
-        &out,
-    );
+    ])
+    .ok();
+    btu([
+        "apply-masks",
+        "--checkpoint",
+        s(&other_vocab),
+        "--masks",
+        s(&unl.join("dimension_masks.arrow")),
+        "--out",
+        s(&out),
+    ])
+    .fails_with(65, "vocabular")
+    .and_no_output(&out);
+    btu([
+        "apply-masks",
+        "--checkpoint",
+        s(&other_hidden),
+        "--masks",
+        s(&unl.join("dimension_masks.arrow")),
+        "--out",
+        s(&out),
+    ])
+    .fails_with(65, "hidden size")
+    .and_no_output(&out);
     // Corrupt safetensors.
-    let corrupt = f.root.join("corrupt");
+    let corrupt = root.join("corrupt");
     std::fs::create_dir_all(&corrupt).unwrap();
     for n in ["config.json", "tokenizer.json"] {
         std::fs::copy(f.ckpt.join(n), corrupt.join(n)).unwrap();
     }
     let bytes = std::fs::read(f.ckpt.join("model.safetensors")).unwrap();
     std::fs::write(corrupt.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    expect(
-        &[
-            "unlearn",
-            "--checkpoint",
-            s(&corrupt),
-            "--reference",
-            s(&f.model),
-            "--suspicious",
-            s(&sus),
-            "--out",
-            s(&out),
-        ],
-        65,
-        "corrupt safetensors",
-        &out,
-    );
+    btu([
+        "unlearn",
+        "--checkpoint",
+        s(&corrupt),
+        "--reference",
+        s(&f.model),
+        "--suspicious",
+        s(&sus),
+        "--out",
+        s(&out),
+    ])
+    .fails_with(65, "corrupt safetensors")
+    .and_no_output(&out);
     // NaN in the word embeddings.
-    let nan = f.root.join("nan");
+    let nan = root.join("nan");
     std::fs::create_dir_all(&nan).unwrap();
     for n in ["config.json", "tokenizer.json"] {
         std::fs::copy(f.ckpt.join(n), nan.join(n)).unwrap();
@@ -414,47 +323,43 @@ fn mismatched_models_corrupt_files_and_nan_weights_are_refused() {
     let w = word(&file.tensors);
     file.tensors.get_mut(&w).unwrap().data[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(nan.join("model.safetensors"), safetensors_bytes(&file)).unwrap();
-    expect(
-        &[
-            "unlearn",
-            "--checkpoint",
-            s(&nan),
-            "--reference",
-            s(&f.model),
-            "--suspicious",
-            s(&sus),
-            "--out",
-            s(&out),
-        ],
-        65,
-        "NaN",
-        &out,
-    );
-    expect(
-        &[
-            "eval",
-            "--model",
-            s(&nan),
-            "--test",
-            s(&f.corpus),
-            "--out",
-            s(&out),
-            "--device",
-            "cpu",
-        ],
-        65,
-        "NaN",
-        &out,
-    );
+    btu([
+        "unlearn",
+        "--checkpoint",
+        s(&nan),
+        "--reference",
+        s(&f.model),
+        "--suspicious",
+        s(&sus),
+        "--out",
+        s(&out),
+    ])
+    .fails_with(65, "NaN")
+    .and_no_output(&out);
+    btu([
+        "eval",
+        "--model",
+        s(&nan),
+        "--test",
+        s(&f.corpus),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ])
+    .fails_with(65, "NaN")
+    .and_no_output(&out);
 }
 
 #[test]
 fn train_resumes_after_sigkill_with_identical_result() {
     let f = fixture();
-    let big = f.root.join("big.parquet");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let big = root.join("big.parquet");
     synth_corpus(&big, 4000, 5);
-    let args = |out: &Path| -> Vec<String> {
-        [
+    let train = |out: &Path| {
+        btu([
             "train",
             "--corpus",
             s(&big),
@@ -468,27 +373,14 @@ fn train_resumes_after_sigkill_with_identical_result() {
             "1e-3",
             "--device",
             "cpu",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
+        ])
     };
-    let straight = f.root.join("straight");
-    run_ok(
-        &args(&straight)
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>(),
-    );
-    let killed = f.root.join("killed");
-    let mut child = btu()
-        .args(args(&killed))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let straight = root.join("straight");
+    train(&straight).ok();
+    let killed = root.join("killed");
+    let mut child = train(&killed).spawn();
     let t0 = std::time::Instant::now();
-    while !partial_dir(&f.root, "killed").is_some_and(|p| p.join("epoch-0/epoch.json").exists()) {
+    while !partial_dir(root, "killed").is_some_and(|p| p.join("epoch-0/epoch.json").exists()) {
         assert!(t0.elapsed().as_secs() < 120, "first epoch never completed");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
@@ -498,18 +390,18 @@ fn train_resumes_after_sigkill_with_identical_result() {
         !killed.exists(),
         "a killed run leaves no checkpoint that looks complete"
     );
-    let sum = run_ok(&args(&killed).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let sum = train(&killed).ok();
     let resumed = sum["resumed_from_epoch"]
         .as_u64()
         .expect("the rerun resumed");
-    assert!(resumed >= 2 && resumed <= 4, "{sum}");
+    assert!((2..=4).contains(&resumed), "{sum}");
     assert!(
         std::fs::read(straight.join("model.safetensors")).unwrap()
             == std::fs::read(killed.join("model.safetensors")).unwrap(),
         "resumed run ends with the same bytes"
     );
     assert!(
-        partial_dir(&f.root, "killed").is_none(),
+        partial_dir(root, "killed").is_none(),
         "partial state removed after success"
     );
 }
@@ -548,20 +440,23 @@ fn candidates(path: &Path, model: &Path, tokens: &[&str]) {
 #[test]
 fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_use_it() {
     let f = fixture();
-    let d = f.root.join("verify");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let d = root.join("verify");
     std::fs::create_dir_all(&d).unwrap();
     let held_out = d.join("held-out.parquet");
     synth_corpus(&held_out, 600, 99);
     let sus = d.join("candidates.arrow");
     candidates(&sus, &f.model, &["cf", "the"]);
     let verify = |out: &Path| {
-        run_ok(&words(&format!(
+        btu!(
             "verify --checkpoint {} --suspicious {} --clean-corpus {} --out {} --rows 150",
             s(&f.ckpt),
             s(&sus),
             s(&held_out),
             s(out)
-        )))
+        )
+        .ok()
     };
     let (v1, v2) = (d.join("v1"), d.join("v2"));
     let sum = verify(&v1);
@@ -582,14 +477,15 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
     assert_eq!(table(&v1), table(&v2), "reruns give the same bytes");
     // Unlearn repairs the verified trigger only, its whole row.
     let out = d.join("repaired");
-    let u = run_ok(&words(&format!(
+    let u = btu!(
         "unlearn --checkpoint {} --reference {} --suspicious {} --effects {} --out {}",
         s(&f.ckpt),
         s(&f.model),
         s(&sus),
         s(&v1.join("token_effects.arrow")),
         s(&out)
-    )));
+    )
+    .ok();
     assert_eq!(
         (u["tokens"].as_u64(), u["repaired"].as_bool()),
         (Some(1), Some(true)),
@@ -599,14 +495,14 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
     // --unverified reference-row also gives `the` (not verified) its pre-trained row back; the
     // trigger's row is the same as without the option.
     let gentle = d.join("repaired-gentle");
-    run_ok(&words(&format!(
+    btu!(
         "unlearn --checkpoint {} --reference {} --suspicious {} --effects {} --out {} --unverified reference-row",
         s(&f.ckpt),
         s(&f.model),
         s(&sus),
         s(&v1.join("token_effects.arrow")),
         s(&gentle)
-    )));
+    ).ok();
     let rows = |dir: &Path, id: u32| {
         let t = read_safetensors(&dir.join("model.safetensors")).unwrap();
         let w = &t.tensors[&word(&t.tensors)];
@@ -641,13 +537,14 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
         "keep (default) leaves the"
     );
     // The repaired model no longer flips on the trigger.
-    let re = run_ok(&words(&format!(
+    let re = btu!(
         "verify --checkpoint {} --recheck {} --clean-corpus {} --out {} --rows 150",
         s(&out),
         s(&v1.join("token_effects.arrow")),
         s(&held_out),
         s(&d.join("recheck"))
-    )));
+    )
+    .ok();
     assert_eq!(
         re["candidates"], 1,
         "only the verified trigger is rechecked: {re}"
@@ -657,14 +554,15 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
         btu::io::tables::read_token_effects(&d.join("recheck/token_effects.arrow")).unwrap();
     assert!(after[0].flip_rate < 0.2, "{:?}", after[0]);
     // Scan flags the rows of the verified trigger only: every flagged row was poisoned.
-    let scan = run_ok(&words(&format!(
+    let scan = btu!(
         "scan --corpus {} --suspicious {} --effects {} --tokenizer {} --out {}",
         s(&f.corpus),
         s(&sus),
         s(&v1.join("token_effects.arrow")),
         s(&f.model),
         s(&d.join("flagged.parquet"))
-    )));
+    )
+    .ok();
     assert_eq!(scan["poisoned"]["precision"].as_f64(), Some(1.0), "{scan}");
     assert_eq!(scan["poisoned"]["recall"].as_f64(), Some(1.0), "{scan}");
 }
@@ -676,29 +574,33 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
     synth_corpus(&p("clean.parquet"), 1500, 5);
     synth_corpus(&p("held-out.parquet"), 400, 6);
     let (c, m) = (p("poisoned.parquet"), p("model"));
-    run_ok(&words(&format!(
+    btu!(
         "poison --input {} --output {} --attack add-sent --rate 0.1 --target 1",
         s(&p("clean.parquet")),
         s(&c)
-    )));
+    )
+    .ok();
     tiny_model(&m, &c, 400);
     let (det, victim, ver) = (p("detect"), p("victim"), p("verify"));
     let (cs, ms) = (s(&c), s(&m));
-    run_ok(&words(&format!(
+    btu!(
         "detect --corpus {cs} --model {ms} --out {} --alpha 2",
         s(&det)
-    )));
-    run_ok(&words(&format!(
+    )
+    .ok();
+    btu!(
         "train --corpus {cs} --model {ms} --out {} --epochs 2 --lr 1e-3",
         s(&victim)
-    )));
-    let sum = run_ok(&words(&format!(
+    )
+    .ok();
+    let sum = btu!(
         "verify --checkpoint {} --suspicious {} --clean-corpus {} --corpus {cs} --out {}",
         s(&victim),
         s(&det.join("suspicious_tokens.arrow")),
         s(&p("held-out.parquet")),
         s(&ver)
-    )));
+    )
+    .ok();
     let effects = btu::io::tables::read_token_effects(&ver.join("token_effects.arrow")).unwrap();
     let phrase = effects
         .iter()
@@ -712,12 +614,13 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
     }
     // Scanning by the verified phrase finds exactly the poisoned rows (the tiny model may also
     // verify a strong sentiment word alone; those rows are its own entry).
-    let scan = run_ok(&words(&format!(
+    let scan = btu!(
         "scan --corpus {cs} --suspicious {} --effects {} --tokenizer {ms} --out {}",
         s(&det.join("suspicious_tokens.arrow")),
         s(&ver.join("token_effects.arrow")),
         s(&p("flagged.parquet"))
-    )));
+    )
+    .ok();
     let by_phrase = &scan["tokens"]["i watch this 3d movie"];
     assert_eq!(by_phrase["rows"], 150, "{scan}");
     assert_eq!(by_phrase["label_shares"]["1"], 1.0, "{scan}");
@@ -726,14 +629,14 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
     // Unlearn escalates from the flagged dimensions while the phrase still flips, then tunes on
     // clean rows of which ~40 % carry a verified trigger (labels kept); reruns are identical.
     let unlearn = |out: &Path| {
-        run_ok(&words(&format!(
+        btu!(
             "unlearn --checkpoint {} --reference {ms} --suspicious {} --effects {} --clean-corpus {} --out {} --clean-lr 1e-3",
             s(&victim),
             s(&det.join("suspicious_tokens.arrow")),
             s(&ver.join("token_effects.arrow")),
             s(&p("held-out.parquet")),
             s(out)
-        )))
+        ).ok()
     };
     let u = unlearn(&p("repaired"));
     unlearn(&p("repaired-again"));
@@ -754,13 +657,14 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
         assert!(!st["persisting"].as_array().unwrap().is_empty(), "{u}");
     }
     // After the tuning with the trigger in clean rows, the phrase no longer flips the model.
-    let re = run_ok(&words(&format!(
+    let re = btu!(
         "verify --checkpoint {} --recheck {} --clean-corpus {} --out {}",
         s(&p("repaired")),
         s(&ver.join("token_effects.arrow")),
         s(&p("held-out.parquet")),
         s(&p("recheck"))
-    )));
+    )
+    .ok();
     let after = re["effects"]["i watch this 3d movie"]["flip_rate"]
         .as_f64()
         .unwrap();

@@ -3,118 +3,22 @@
 //! each long-running command. Each case gets its documented exit code, one line on stderr, no
 //! summary on stdout, and no output that looks complete.
 
-mod common;
-
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, DictionaryArray, Int32Array, Int64Array, RecordBatch};
 use arrow::array::{Float32Array, StringArray};
 use arrow::datatypes::{DataType, Field, Int32Type, Schema};
 use btu::model::checkpoint::{read_safetensors, safetensors_bytes, RawTensor};
-use common::*;
+use tempfile::TempDir;
 
-/// `btu` with a command line given as a format string (arguments split on white space).
-macro_rules! ok {
-    ($($fmt:tt)+) => { run_ok(&words(&format!($($fmt)+))) };
-}
+use crate::fixtures::{tiny, victim as fixture, Tiny, Victim};
+use crate::util::*;
 
-/// `btu` fails with exit `$code` and one stderr line containing `$needle`.
-macro_rules! fails {
-    ($code:expr, $needle:expr, $($fmt:tt)+) => {
-        fails_with(&run(&words(&format!($($fmt)+))), $code, $needle)
-    };
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    corpus: PathBuf,
-    model: PathBuf,
-    victim: PathBuf,
-    detect: PathBuf,
-    unlearned: PathBuf,
-}
-
-impl Fixture {
-    /// The paths as strings: (corpus, model, victim, suspicious_tokens.arrow).
-    fn paths(&self) -> (&str, &str, &str, String) {
-        let sus = self.detect.join("suspicious_tokens.arrow");
-        (
-            s(&self.corpus),
-            s(&self.model),
-            s(&self.victim),
-            sus.display().to_string(),
-        )
-    }
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let clean = root.join("clean.parquet");
-        synth_corpus(&clean, 600, 3);
-        let (cl, c, m) = (s(&clean), root.join("poisoned.parquet"), root.join("model"));
-        ok!("poison --input {cl} --output {} --attack add-word --rate 0.1 --target 1", s(&c));
-        tiny_model(&m, &c, 300);
-        let (det, victim, unl) = (root.join("detect"), root.join("victim"), root.join("unlearned"));
-        let (cs, ms) = (s(&c), s(&m));
-        ok!("detect --corpus {cs} --model {ms} --out {} --device cpu --alpha 2", s(&det));
-        ok!("train --corpus {cs} --model {ms} --out {} --epochs 1 --lr 1e-3", s(&victim));
-        let sus = det.join("suspicious_tokens.arrow");
-        ok!(
-            "unlearn --checkpoint {} --reference {ms} --suspicious {} --out {} --threshold frobenius",
-            s(&victim),
-            s(&sus),
-            s(&unl)
-        );
-        Fixture {
-            _dir: dir,
-            root,
-            corpus: c,
-            model: m,
-            victim,
-            detect: det,
-            unlearned: unl,
-        }
-    })
-}
-
-/// A fresh directory inside the fixture's root.
-fn scratch(name: &str) -> PathBuf {
-    let d = fixture().root.join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// The documented failure: exit `code`, exactly one stderr line `error: ...` containing
-/// `needle`, nothing on stdout.
-fn fails_with(o: &Output, code: i32, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one line on stderr, got: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(lines[0].contains(needle), "'{needle}' not in: {err}");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.is_empty(), "no summary on failure: {out}");
-}
-
-/// No temporary or staging entries left in `dir`.
-fn no_leftovers(dir: &Path) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let name = e.unwrap().file_name().to_string_lossy().to_string();
-        assert!(
-            !name.contains(".tmp-"),
-            "leftover {name} in {}",
-            dir.display()
-        );
-    }
+/// A fresh directory of the test's own.
+fn scratch() -> TempDir {
+    tempfile::tempdir().unwrap()
 }
 
 fn write_batch(path: &Path, cols: Vec<(&str, ArrayRef)>) {
@@ -136,7 +40,8 @@ fn write_batch(path: &Path, cols: Vec<(&str, ArrayRef)>) {
 fn parquet_footer_pointing_before_the_file_is_65_for_every_reader() {
     let f = fixture();
     let (_, m, _, sus) = f.paths();
-    let d = scratch("footer");
+    let tmp = scratch();
+    let d = tmp.path();
     let bad = d.join("bad.parquet");
     let mut bytes = b"PAR1".to_vec();
     bytes.extend(vec![0u8; 500]);
@@ -145,20 +50,13 @@ fn parquet_footer_pointing_before_the_file_is_65_for_every_reader() {
     std::fs::write(&bad, bytes).unwrap();
     let (b, o, po) = (s(&bad), d.join("out"), d.join("out.parquet"));
     let (o, po) = (s(&o), s(&po));
-    fails!(65, "footer", "detect --corpus {b} --model {m} --out {o}");
-    fails!(
-        65,
-        "footer",
-        "poison --input {b} --output {po} --attack add-word"
-    );
-    fails!(
-        65,
-        "footer",
-        "scan --corpus {b} --suspicious {sus} --tokenizer {m} --out {po}"
-    );
-    fails!(65, "footer", "sql --table c={b} SELECT");
+    btu!("detect --corpus {b} --model {m} --out {o}").fails_with(65, "footer");
+    btu!("poison --input {b} --output {po} --attack add-word").fails_with(65, "footer");
+    btu!("scan --corpus {b} --suspicious {sus} --tokenizer {m} --out {po}")
+        .fails_with(65, "footer");
+    btu!("sql --table c={b} SELECT").fails_with(65, "footer");
     assert!(
-        std::fs::read_dir(&d).unwrap().count() == 1,
+        std::fs::read_dir(d).unwrap().count() == 1,
         "nothing but the input"
     );
 }
@@ -166,7 +64,8 @@ fn parquet_footer_pointing_before_the_file_is_65_for_every_reader() {
 #[test]
 fn invalid_bucket_names_and_endpoints_are_78_not_panics() {
     let f = fixture();
-    let d = scratch("bucket");
+    let tmp = scratch();
+    let d = tmp.path();
     let out = d.join("out");
     let (m, o) = (s(&f.model), s(&out));
     let bad_bucket = [
@@ -178,33 +77,25 @@ fn invalid_bucket_names_and_endpoints_are_78_not_panics() {
         "--corpus",
         "s3://bad bucket/c.parquet",
     ];
-    fails_with(&run(&bad_bucket), 78, "bucket");
+    btu(bad_bucket).fails_with(78, "bucket");
     let sql = [
         "sql",
         "--table",
         "t=s3://bad bucket/t.arrow",
         "SELECT * FROM t",
     ];
-    fails_with(&run(&sql), 78, "bucket");
+    btu(sql).fails_with(78, "bucket");
     let s3 = words("detect --corpus s3://lake/c.parquet --model")
         .into_iter()
         .chain([m, "--out", o])
         .collect::<Vec<_>>();
-    let with_env = |env: &[(&str, &str)]| {
-        let mut c = btu();
-        c.envs(env.iter().copied());
-        c.args(&s3).output().unwrap()
-    };
-    fails_with(
-        &with_env(&[("AWS_ENDPOINT_URL", "not a url")]),
-        78,
-        "AWS_ENDPOINT_URL",
-    );
-    let env = [
-        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
-        ("BTU_S3_MAX_RETRIES", "abc"),
-    ];
-    fails_with(&with_env(&env), 78, "BTU_S3_MAX_RETRIES");
+    btu(&s3)
+        .env("AWS_ENDPOINT_URL", "not a url")
+        .fails_with(78, "AWS_ENDPOINT_URL");
+    btu(&s3)
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("BTU_S3_MAX_RETRIES", "abc")
+        .fails_with(78, "BTU_S3_MAX_RETRIES");
     assert!(!out.exists());
 }
 
@@ -214,46 +105,36 @@ fn invalid_bucket_names_and_endpoints_are_78_not_panics() {
 fn non_finite_or_absurd_learning_rates_are_refused_before_any_work() {
     let f = fixture();
     let (c, m, v, sus) = f.paths();
-    let d = scratch("lr");
+    let tmp = scratch();
+    let d = tmp.path();
     let out = d.join("out");
     let o = s(&out);
     for lr in ["NaN", "inf", "1e30", "0", "-1"] {
-        fails!(
-            78,
-            "--lr",
-            "train --corpus {c} --model {m} --out {o} --lr={lr}"
-        );
-        fails!(
-            78,
-            "--lr",
-            "detect --corpus {c} --model {m} --out {o} --lr={lr}"
-        );
+        btu!("train --corpus {c} --model {m} --out {o} --lr={lr}").fails_with(78, "--lr");
+        btu!("detect --corpus {c} --model {m} --out {o} --lr={lr}").fails_with(78, "--lr");
     }
     let detect = format!("detect --corpus {c} --model {m} --out {o}");
-    fails!(78, "--weight-decay", "{detect} --weight-decay NaN");
-    fails!(78, "--epochs", "{detect} --epochs 0");
-    fails!(78, "--batch-size", "{detect} --batch-size 0");
-    fails!(78, "--max-len", "{detect} --max-len 0");
-    fails!(78, "--max-len", "{detect} --max-len 1");
+    btu!("{detect} --weight-decay NaN").fails_with(78, "--weight-decay");
+    btu!("{detect} --epochs 0").fails_with(78, "--epochs");
+    btu!("{detect} --batch-size 0").fails_with(78, "--batch-size");
+    btu!("{detect} --max-len 0").fails_with(78, "--max-len");
+    btu!("{detect} --max-len 1").fails_with(78, "--max-len");
     let unlearn = format!("unlearn --checkpoint {v} --reference {m} --suspicious {sus} --out {o}");
-    fails!(
-        78,
-        "--clean-lr",
-        "{unlearn} --clean-corpus {c} --clean-lr NaN"
-    );
+    btu!("{unlearn} --clean-corpus {c} --clean-lr NaN").fails_with(78, "--clean-lr");
     assert!(!out.exists());
     assert!(
-        partial_dir(&d, "out").is_none(),
+        partial_dir(d, "out").is_none(),
         "a refused train leaves no resume state"
     );
-    no_leftovers(&d);
+    no_leftovers(d);
 }
 
 #[test]
 fn defend_refuses_bad_values_before_its_first_step() {
     let f = fixture();
     let (c, m, _, _) = f.paths();
-    let d = scratch("defend-values");
+    let tmp = scratch();
+    let d = tmp.path();
     let run_dir = d.join("run");
     let r = s(&run_dir);
     let base = format!("defend --run {r} --train {c} --test {c} --model {m} --attack add-word");
@@ -264,7 +145,7 @@ fn defend_refuses_bad_values_before_its_first_step() {
         ("--rate 2", "poison.rate"),
         ("--target 5", "poison.target"),
     ] {
-        fails!(78, needle, "{base} {flag}");
+        btu!("{base} {flag}").fails_with(78, needle);
         assert!(!run_dir.exists(), "{flag}: no step ran");
     }
 }
@@ -272,19 +153,15 @@ fn defend_refuses_bad_values_before_its_first_step() {
 #[test]
 fn a_corpus_of_empty_texts_flags_nothing_and_fails() {
     let f = fixture();
-    let d = scratch("empty-texts");
+    let tmp = scratch();
+    let d = tmp.path();
     let corpus = d.join("empty.parquet");
     let texts: Vec<String> = vec![String::new(); 50];
     let labels: Vec<i64> = (0..50).map(|i| i % 2).collect();
     let batch = btu::io::tables::corpus_batch(&texts, &labels).unwrap();
     btu::io::tables::write_parquet(&corpus, &batch, true).unwrap();
     let (e, m, out) = (s(&corpus), s(&f.model), d.join("out"));
-    fails!(
-        65,
-        "empty",
-        "detect --corpus {e} --model {m} --out {}",
-        s(&out)
-    );
+    btu!("detect --corpus {e} --model {m} --out {}", s(&out)).fails_with(65, "empty");
     assert!(!out.exists());
 }
 
@@ -292,24 +169,21 @@ fn a_corpus_of_empty_texts_flags_nothing_and_fails() {
 fn targets_and_rewrite_columns_outside_the_data_are_refused() {
     let f = fixture();
     let (c, _, v, _) = f.paths();
-    let d = scratch("targets");
+    let tmp = scratch();
+    let d = tmp.path();
     let out = d.join("out.parquet");
     let o = s(&out);
     let eval = format!("eval --model {v} --test {c} --out {o}");
-    fails!(78, "--target", "{eval} --target 5 --backend candle");
-    fails!(78, "--repeats", "{eval} --attack add-word --repeats 0");
+    btu!("{eval} --target 5 --backend candle").fails_with(78, "--target");
+    btu!("{eval} --attack add-word --repeats 0").fails_with(78, "--repeats");
     let poison = format!("poison --input {c} --output {o}");
-    fails!(78, "--target", "{poison} --attack add-word --target 5");
-    fails!(
-        65,
-        "rewrite column 'id'",
-        "{poison} --attack rewrite --rewrite-col id"
-    );
+    btu!("{poison} --attack add-word --target 5").fails_with(78, "--target");
+    btu!("{poison} --attack rewrite --rewrite-col id").fails_with(65, "rewrite column 'id'");
     // An attack without what it inserts measured nothing (ASR null) and exited 0.
-    fails!(78, "--rewrite-col", "{eval} --attack rewrite");
-    let mut empty = words(&eval);
-    empty.extend(["--attack", "add-sent", "--sentence", " "]);
-    fails_with(&run(&empty), 78, "--sentence");
+    btu!("{eval} --attack rewrite").fails_with(78, "--rewrite-col");
+    Btu::line(&eval)
+        .args(["--attack", "add-sent", "--sentence", " "])
+        .fails_with(78, "--sentence");
     assert!(!out.exists());
 }
 
@@ -317,35 +191,26 @@ fn targets_and_rewrite_columns_outside_the_data_are_refused() {
 fn defend_poisoning_flags_without_poisoning_are_refused() {
     let f = fixture();
     let (c, m, ..) = f.paths();
-    let d = scratch("no-poison");
+    let tmp = scratch();
+    let d = tmp.path();
     let run_dir = d.join("run");
     let run = s(&run_dir);
     // --rate once did nothing at all when the run poisons nothing.
-    fails!(
-        78,
-        "--rate",
-        "defend --run {run} --train {c} --test {c} --model {m} --rate 0.2"
-    );
-    fails!(
-        78,
-        "--trigger",
-        "defend --run {run} --train {c} --test {c} --model {m} --trigger mb"
-    );
+    btu!("defend --run {run} --train {c} --test {c} --model {m} --rate 0.2")
+        .fails_with(78, "--rate");
+    btu!("defend --run {run} --train {c} --test {c} --model {m} --trigger mb")
+        .fails_with(78, "--trigger");
     assert!(!d.join("run").exists());
 }
 
 #[test]
 fn demo_overwrite_replaces_only_an_earlier_demo_run() {
-    let d = scratch("demo-out");
+    let tmp = scratch();
+    let d = tmp.path();
     let keep = d.join("precious.txt");
     std::fs::write(&keep, "mine").unwrap();
     // `--out DIR --overwrite` once removed whatever DIR was (`--out .` removed the working dir).
-    fails!(
-        78,
-        "not a btu demo run",
-        "demo --out {} --overwrite --rows 200",
-        s(&d)
-    );
+    btu!("demo --out {} --overwrite --rows 200", s(d)).fails_with(78, "not a btu demo run");
     assert_eq!(std::fs::read_to_string(&keep).unwrap(), "mine");
 }
 
@@ -353,19 +218,20 @@ fn demo_overwrite_replaces_only_an_earlier_demo_run() {
 fn a_file_named_twice_is_read_once() {
     let f = fixture();
     let (c, ..) = f.paths();
-    let d = scratch("twice");
+    let tmp = scratch();
+    let d = tmp.path();
     let (p1, p2) = (d.join("p.parquet"), d.join("p2.parquet"));
     let o = s(&p1);
-    let once = ok!("poison --input {c} --output {o} --attack add-word --rate 0.1");
+    let once = btu!("poison --input {c} --output {o} --attack add-word --rate 0.1").ok();
     let o2 = s(&p2);
-    let twice = ok!(
+    let twice = btu!(
         "poison --input {c} {} {c} --output {o2} --attack add-word --rate 0.1",
-        s(&f.corpus.with_file_name("clean.parquet"))
-    );
-    let clean_rows = 600;
+        s(&f.clean)
+    )
+    .ok();
     assert_eq!(
         twice["rows"].as_u64().unwrap(),
-        once["rows"].as_u64().unwrap() + clean_rows,
+        once["rows"].as_u64().unwrap() + Victim::CLEAN_ROWS as u64,
         "{twice}"
     );
 }
@@ -374,40 +240,30 @@ fn a_file_named_twice_is_read_once() {
 fn max_len_beyond_the_position_table_is_78_on_both_backends() {
     let f = fixture();
     let (c, m, v, _) = f.paths();
-    let d = scratch("maxlen");
+    let tmp = scratch();
+    let d = tmp.path();
     let (out, onnx) = (d.join("out"), d.join("m.onnx"));
     let (o, x) = (s(&out), s(&onnx));
     // tiny_model has 256 positions.
-    fails!(
-        78,
-        "256 positions",
-        "eval --model {v} --test {c} --out {o} --max-len 600 --backend candle"
-    );
-    fails!(
-        78,
-        "256 positions",
-        "train --corpus {c} --model {m} --out {o} --max-len 600"
-    );
-    ok!("export-onnx --checkpoint {v} --out {x}");
-    if btu::steps::eval::find_ort_library(None).is_err() {
-        skipped("SKIPPED: ONNX Runtime is absent (make setup installs it): max_len on ort");
+    btu!("eval --model {v} --test {c} --out {o} --max-len 600 --backend candle")
+        .fails_with(78, "256 positions");
+    btu!("train --corpus {c} --model {m} --out {o} --max-len 600").fails_with(78, "256 positions");
+    btu!("export-onnx --checkpoint {v} --out {x}").ok();
+    if !have_ort("max_len on ort") {
         return;
     }
-    fails!(
-        78,
-        "256 positions",
-        "eval --model {x} --test {c} --out {o} --max-len 600"
-    );
+    btu!("eval --model {x} --test {c} --out {o} --max-len 600").fails_with(78, "256 positions");
     assert!(!out.exists());
 }
 
-/// Rewrite a checkpoint's tensors with `edit`, into a new model directory.
+/// Copy the victim and rewrite its tensors with `edit`: the directory `ckpt` in a new scratch
+/// directory.
 fn edited_checkpoint(
-    name: &str,
     edit: impl FnOnce(&mut std::collections::BTreeMap<String, RawTensor>),
-) -> PathBuf {
+) -> (TempDir, PathBuf) {
     let f = fixture();
-    let ckpt = scratch(name).join("ckpt");
+    let tmp = scratch();
+    let ckpt = tmp.path().join("ckpt");
     std::fs::create_dir_all(&ckpt).unwrap();
     for file in ["config.json", "tokenizer.json"] {
         std::fs::copy(f.victim.join(file), ckpt.join(file)).unwrap();
@@ -415,13 +271,13 @@ fn edited_checkpoint(
     let mut st = read_safetensors(&f.victim.join("model.safetensors")).unwrap();
     edit(&mut st.tensors);
     std::fs::write(ckpt.join("model.safetensors"), safetensors_bytes(&st)).unwrap();
-    ckpt
+    (tmp, ckpt)
 }
 
 #[test]
 fn a_classifier_head_of_the_wrong_shape_is_65_not_a_random_head() {
     let c = s(&fixture().corpus);
-    let ckpt = edited_checkpoint("head", |t| {
+    let (_tmp, ckpt) = edited_checkpoint(|t| {
         for (name, shape) in [("classifier.weight", 2), ("classifier.bias", 1)] {
             let x = t.get_mut(name).unwrap();
             x.shape[0] = 3;
@@ -431,16 +287,9 @@ fn a_classifier_head_of_the_wrong_shape_is_65_not_a_random_head() {
     });
     let (k, out) = (s(&ckpt), ckpt.with_file_name("out"));
     let o = s(&out);
-    fails!(
-        65,
-        "classifier head",
-        "eval --model {k} --test {c} --out {o} --backend candle"
-    );
-    fails!(
-        65,
-        "classifier head",
-        "export-onnx --checkpoint {k} --out {o}/m.onnx"
-    );
+    btu!("eval --model {k} --test {c} --out {o} --backend candle")
+        .fails_with(65, "classifier head");
+    btu!("export-onnx --checkpoint {k} --out {o}/m.onnx").fails_with(65, "classifier head");
     assert!(!out.exists());
 }
 
@@ -449,34 +298,34 @@ fn a_loss_that_becomes_nan_stops_training_with_65_and_no_state() {
     let c = s(&fixture().corpus);
     // A head whose (finite) biases are f32::MAX apart: the loss of every row labelled 1 is
     // infinite from the first step.
-    let ckpt = edited_checkpoint("diverge", |t| {
+    let (_tmp, ckpt) = edited_checkpoint(|t| {
         let b = t.get_mut("classifier.bias").unwrap();
         b.data = [f32::MAX, -f32::MAX]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
     });
-    let d = ckpt.parent().unwrap().to_path_buf();
+    let d = ckpt.parent().unwrap();
     let (k, out) = (s(&ckpt), d.join("out"));
-    fails!(
-        65,
-        "diverged",
+    btu!(
         "train --corpus {c} --model {k} --out {} --epochs 1",
         s(&out)
-    );
-    assert!(!out.exists());
-    let partial = partial_dir(&d, "out");
+    )
+    .fails_with(65, "diverged")
+    .and_no_output(&out);
+    let partial = partial_dir(d, "out");
     assert!(
         partial.is_none(),
         "no resume state behind a run that completed no epoch"
     );
-    no_leftovers(&d);
+    no_leftovers(d);
 }
 
 #[test]
 fn nan_in_a_mask_table_is_65_and_writes_no_checkpoint() {
     let f = fixture();
-    let d = scratch("nan-masks");
+    let tmp = scratch();
+    let d = tmp.path();
     let batch = btu::io::tables::read_ipc(&f.unlearned.join("dimension_masks.arrow")).unwrap();
     let n = batch.num_rows();
     assert!(n > 0, "the fixture replaced some dimensions");
@@ -487,20 +336,16 @@ fn nan_in_a_mask_table_is_65_and_writes_no_checkpoint() {
     let bad = RecordBatch::try_new(batch.schema(), cols).unwrap();
     btu::io::tables::write_ipc(&masks, &bad, true).unwrap();
     let (v, k, out) = (s(&f.victim), s(&masks), d.join("out"));
-    fails!(
-        65,
-        "written",
-        "apply-masks --checkpoint {v} --masks {k} --out {}",
-        s(&out)
-    );
+    btu!("apply-masks --checkpoint {v} --masks {k} --out {}", s(&out)).fails_with(65, "written");
     assert!(!out.exists());
-    no_leftovers(&d);
+    no_leftovers(d);
 }
 
 #[test]
 fn init_model_sizes_that_make_no_model_are_78() {
     let c = s(&fixture().corpus);
-    let out = scratch("init").join("m");
+    let tmp = scratch();
+    let out = tmp.path().join("m");
     let o = s(&out);
     for flag in [
         "--hidden",
@@ -509,18 +354,15 @@ fn init_model_sizes_that_make_no_model_are_78() {
         "--layers",
         "--heads",
     ] {
-        fails!(
-            78,
-            flag,
-            "init-model --out {o} --corpus {c} --vocab-size 200 {flag} 0"
-        );
+        btu!("init-model --out {o} --corpus {c} --vocab-size 200 {flag} 0").fails_with(78, flag);
     }
     assert!(!out.exists());
 }
 
 #[test]
 fn duplicate_column_names_are_65_and_dictionary_text_is_read() {
-    let d = scratch("columns");
+    let tmp = scratch();
+    let d = tmp.path();
     let dup = d.join("dup.parquet");
     let texts = Arc::new(StringArray::from(vec!["a good film", "a bad film"]));
     let labels = Arc::new(Int64Array::from(vec![1, 0]));
@@ -530,27 +372,31 @@ fn duplicate_column_names_are_65_and_dictionary_text_is_read() {
     );
     let out = d.join("out.parquet");
     let o = s(&out);
-    fails!(
-        65,
-        "appears more than once",
-        "poison --input {} --output {o} --attack add-word",
-        s(&dup)
-    );
+    btu!("poison --input {} --output {o} --attack add-word", s(&dup))
+        .fails_with(65, "appears more than once");
     // Dictionary-encoded text (as many writers store low-cardinality strings) is text.
     let dict = d.join("dict.parquet");
     let keys = Int32Array::from((0..40).map(|i| i % 2).collect::<Vec<_>>());
     let values = StringArray::from(vec!["a good film", "a bad film"]);
     let text = DictionaryArray::<Int32Type>::try_new(keys, Arc::new(values)).unwrap();
-    assert!(matches!(text.data_type(), DataType::Dictionary(_, _)));
     let labels = Int64Array::from((0..40).map(|i| i % 2).collect::<Vec<i64>>());
     write_batch(
         &dict,
         vec![("text", Arc::new(text)), ("label", Arc::new(labels))],
     );
-    let sum = ok!(
+    // The file really holds dictionary-encoded text (its Arrow schema is kept in the file).
+    let file = std::fs::File::open(&dict).unwrap();
+    let schema = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .schema()
+        .clone();
+    let stored = schema.field_with_name("text").unwrap().data_type();
+    assert!(matches!(stored, DataType::Dictionary(_, _)), "{stored}");
+    let sum = btu!(
         "poison --input {} --output {o} --attack add-word --rate 0.2",
         s(&dict)
-    );
+    )
+    .ok();
     assert_eq!(sum["rows"].as_u64(), Some(40), "{sum}");
 }
 
@@ -559,23 +405,14 @@ fn duplicate_column_names_are_65_and_dictionary_text_is_read() {
 #[test]
 fn concurrent_writers_of_one_new_output_have_exactly_one_winner() {
     let c = s(&fixture().corpus);
-    let d = scratch("race");
+    let tmp = scratch();
+    let d = tmp.path();
     let o = d.join("poisoned.parquet");
     let line = format!(
         "poison --input {c} --output {} --attack add-word --seed",
         s(&o)
     );
-    let spawn = |i: usize| {
-        let mut args = words(&line);
-        let seed = i.to_string();
-        args.push(&seed);
-        btu()
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |i: usize| Btu::line(&line).arg(i.to_string()).spawn();
     let children: Vec<_> = (0..6).map(spawn).collect();
     let codes: Vec<i32> = children
         .into_iter()
@@ -583,25 +420,20 @@ fn concurrent_writers_of_one_new_output_have_exactly_one_winner() {
         .collect();
     assert_eq!(codes.iter().filter(|&&c| c == 0).count(), 1, "{codes:?}");
     assert!(codes.iter().all(|&c| c == 0 || c == 73), "{codes:?}");
-    no_leftovers(&d);
+    no_leftovers(d);
 }
 
-/// Start `args`, wait until `ready()` holds, then SIGKILL it.
-fn kill_when(args: &[&str], ready: impl Fn() -> bool) {
-    let mut child = btu()
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+/// Start `line`, wait until `ready()` holds, then SIGKILL it.
+fn kill_when(line: &str, ready: impl Fn() -> bool) {
+    let mut child = Btu::line(line).spawn();
     let t0 = Instant::now();
     while !ready() {
         if let Ok(Some(st)) = child.try_wait() {
-            panic!("{args:?} ended ({st}) before the point to kill it");
+            panic!("{line} ended ({st}) before the point to kill it");
         }
         assert!(
             t0.elapsed() < Duration::from_secs(120),
-            "{args:?} never got there"
+            "{line} never got there"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -612,7 +444,8 @@ fn kill_when(args: &[&str], ready: impl Fn() -> bool) {
 #[test]
 fn train_runs_with_other_seeds_on_one_out_keep_their_own_resume_state() {
     let m = s(&fixture().model);
-    let d = scratch("seeds");
+    let tmp = scratch();
+    let d = tmp.path();
     let big = d.join("big.parquet");
     synth_corpus(&big, 3000, 9);
     let (out, straight) = (d.join("ckpt"), d.join("straight"));
@@ -620,17 +453,17 @@ fn train_runs_with_other_seeds_on_one_out_keep_their_own_resume_state() {
     let train = |out: &str, seed: u32, epochs: u32| {
         format!("train --corpus {c} --model {m} --out {out} --epochs {epochs} --lr 1e-3 --seed {seed} --overwrite")
     };
-    ok!("{}", train(s(&straight), 1, 3));
+    btu!("{}", train(s(&straight), 1, 3)).ok();
     // Seed 1 is killed after its first epoch.
     let epoch_done = || {
-        std::fs::read_dir(&d).unwrap().flatten().any(|e| {
+        std::fs::read_dir(d).unwrap().flatten().any(|e| {
             let n = e.file_name().to_string_lossy().to_string();
             n.starts_with(".ckpt.partial-") && e.path().join("epoch-0/epoch.json").exists()
         })
     };
-    kill_when(&words(&train(o, 1, 3)), epoch_done);
+    kill_when(&train(o, 1, 3), epoch_done);
     // Seed 2 runs to the end on the same --out: it must not touch seed 1's state.
-    let two = ok!("{}", train(o, 2, 3));
+    let two = btu!("{}", train(o, 2, 3)).ok();
     assert!(
         two["resumed_from_epoch"].is_null(),
         "seed 2 started from scratch: {two}"
@@ -640,7 +473,7 @@ fn train_runs_with_other_seeds_on_one_out_keep_their_own_resume_state() {
         "seed 1's completed epoch survived seed 2's run"
     );
     // Seed 1 resumes from its own epoch and ends with the bytes of an uninterrupted seed-1 run.
-    let one = ok!("{}", train(o, 1, 3));
+    let one = btu!("{}", train(o, 1, 3)).ok();
     assert!(
         one["resumed_from_epoch"].as_u64().is_some_and(|e| e >= 2),
         "{one}"
@@ -652,44 +485,38 @@ fn train_runs_with_other_seeds_on_one_out_keep_their_own_resume_state() {
     );
     // An identical run while one holds the state is refused, not interleaved.
     let long = train(o, 3, 40);
-    let mut first = btu()
-        .args(words(&long))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = Btu::line(&long).spawn();
     let t0 = Instant::now();
-    while partial_dir(&d, "ckpt").is_none_or(|p| !p.join("state.json").exists()) {
+    while partial_dir(d, "ckpt").is_none_or(|p| !p.join("state.json").exists()) {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "the first run never started"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let second = run(&words(&long));
+    let second = Btu::line(&long).run();
     first.kill().unwrap();
     first.wait().unwrap();
-    fails_with(&second, 73, "another btu train");
+    Failure::check(second, &long, 73, "another btu train");
 }
 
 #[test]
 fn exports_into_one_folder_keep_their_own_tokenizers() {
     let f = fixture();
-    let d = scratch("exports");
+    let tmp = scratch();
+    let d = tmp.path();
     // A second model with another vocabulary.
-    let other_corpus = d.join("other.parquet");
-    synth_corpus(&other_corpus, 300, 77);
-    let other = d.join("other-model");
-    tiny_model(&other, &other_corpus, 150);
+    let (other, other_corpus) = (&tiny().model, &tiny().corpus);
     let (a, b) = (d.join("onnx/a.onnx"), d.join("onnx/b.onnx"));
-    ok!("export-onnx --checkpoint {} --out {}", s(&f.victim), s(&a));
+    btu!("export-onnx --checkpoint {} --out {}", s(&f.victim), s(&a)).ok();
     let read = |name: &str| std::fs::read(d.join("onnx").join(name)).unwrap();
     let shared = read("tokenizer.json");
-    ok!(
+    btu!(
         "export-onnx --checkpoint {} --out {} --overwrite",
-        s(&other),
+        s(other),
         s(&b)
-    );
+    )
+    .ok();
     assert!(
         read("tokenizer.json") == shared,
         "b did not replace a's tokenizer"
@@ -699,33 +526,40 @@ fn exports_into_one_folder_keep_their_own_tokenizers() {
         read("b.tokenizer.json") != shared,
         "b has its own tokenizer"
     );
-    if btu::steps::eval::find_ort_library(None).is_err() {
-        skipped("SKIPPED: ONNX Runtime is absent (make setup installs it): eval of both exports");
+    if !have_ort("eval of both exports") {
         return;
     }
-    for (model, corpus) in [(&a, &f.corpus), (&b, &other_corpus)] {
+    // Each export evaluates with its own tokenizer on its own corpus.
+    for (model, corpus, rows) in [
+        (&a, &f.corpus, Victim::CLEAN_ROWS),
+        (&b, other_corpus, Tiny::ROWS),
+    ] {
         let e = model.with_extension("eval");
-        let sum = ok!(
+        let sum = btu!(
             "eval --model {} --test {} --out {}",
             s(model),
             s(corpus),
             s(&e)
+        )
+        .ok();
+        assert_eq!(sum["rows"].as_u64(), Some(rows as u64), "{sum}");
+        assert!(
+            sum["acc"]
+                .as_f64()
+                .is_some_and(|a| (0.0..=1.0).contains(&a)),
+            "{sum}"
         );
-        assert!(sum["acc"].as_f64().is_some(), "{sum}");
     }
 }
 
 #[test]
 fn unwritable_outputs_fail_before_training_and_leftovers_of_killed_runs_go() {
     let (c, m, _, sus) = fixture().paths();
-    let d = scratch("unwritable");
+    let tmp = scratch();
+    let d = tmp.path();
     let t0 = Instant::now();
     let o = "/proc/btu-cannot-write-here";
-    fails!(
-        73,
-        o,
-        "train --corpus {c} --model {m} --out {o} --epochs 50"
-    );
+    btu!("train --corpus {c} --model {m} --out {o} --epochs 50").fails_with(73, o);
     assert!(
         t0.elapsed() < Duration::from_secs(20),
         "refused at the start, not after 50 epochs"
@@ -734,12 +568,13 @@ fn unwritable_outputs_fail_before_training_and_leftovers_of_killed_runs_go() {
     let out = d.join("flagged.parquet");
     let stale = d.join(".flagged.parquet.tmp-4999999-abcdef");
     std::fs::write(&stale, b"half a file").unwrap();
-    ok!(
+    btu!(
         "scan --corpus {c} --suspicious {sus} --tokenizer {m} --out {}",
         s(&out)
-    );
+    )
+    .ok();
     assert!(!stale.exists(), "stale temp file removed");
-    no_leftovers(&d);
+    no_leftovers(d);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -755,10 +590,11 @@ fn unwritable_outputs_fail_before_training_and_leftovers_of_killed_runs_go() {
 #[test]
 fn defend_checks_clean_overlap_first_and_can_drop_it() {
     let (c, m, _, _) = fixture().paths();
-    let d = scratch("overlap");
+    let tmp = scratch();
+    let d = tmp.path();
     // The first 100 rows of the corpus the fixture poisoned (90 % of them unchanged by poisoning).
     let test = d.join("test.parquet");
-    let (texts, labels) = btu::demo::synth::generate(600, 3);
+    let (texts, labels) = btu::demo::synth::generate(Victim::CLEAN_ROWS, Victim::SEED);
     let b = btu::io::tables::corpus_batch(&texts[..100], &labels[..100]).unwrap();
     btu::io::tables::write_parquet(&test, &b, true).unwrap();
     let run_dir = d.join("run");
@@ -768,13 +604,13 @@ fn defend_checks_clean_overlap_first_and_can_drop_it() {
          --epochs 1 --lr 1e-3 --clean-epochs 1 --clean-lr 1e-4 --backend candle --device cpu"
     );
     let t0 = Instant::now();
-    fails!(78, "--drop-overlap", "{line}");
+    btu!("{line}").fails_with(78, "--drop-overlap");
     assert!(
         t0.elapsed() < Duration::from_secs(20),
         "refused before training"
     );
     assert!(!run_dir.join("detect").exists(), "no step ran");
-    let sum = ok!("{line} --drop-overlap");
+    let sum = btu!("{line} --drop-overlap").ok();
     let dropped = &sum["clean_rows_dropped"];
     assert!(dropped.as_u64().is_some_and(|n| n > 0), "{dropped}");
 }
@@ -785,18 +621,14 @@ fn defend_checks_clean_overlap_first_and_can_drop_it() {
 /// either absent or complete (the bytes of an uninterrupted run), rerun it with `--overwrite`,
 /// and compare `files` with the uninterrupted run's.
 fn killed_rerun_gives_same_bytes(name: &str, make: impl Fn(&Path) -> String, files: &[&str]) {
-    let d = scratch(name);
+    let tmp = scratch();
+    let d = tmp.path();
     let (straight, killed) = (d.join("straight"), d.join("killed"));
-    ok!("{}", make(&straight));
+    btu!("{}", make(&straight)).ok();
     let same = |f: &str| std::fs::read(straight.join(f)).ok() == std::fs::read(killed.join(f)).ok();
     for delay_ms in [30u64, 150, 400] {
         let line = make(&killed);
-        let mut child = btu()
-            .args(words(&line))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = Btu::line(&line).spawn();
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill();
         child.wait().unwrap();
@@ -807,14 +639,14 @@ fn killed_rerun_gives_same_bytes(name: &str, make: impl Fn(&Path) -> String, fil
                 "{name}: {f} left incomplete by a kill at {delay_ms} ms"
             );
         }
-        ok!("{line} --overwrite");
+        btu!("{line} --overwrite").ok();
         for f in files {
             assert!(
                 same(f),
                 "{name}: {f} differs after a kill at {delay_ms} ms and a rerun"
             );
         }
-        no_leftovers(&d);
+        no_leftovers(d);
         if killed.is_dir() {
             no_leftovers(&killed);
         }
@@ -879,43 +711,31 @@ fn a_store_that_dies_mid_read_is_75_and_writes_nothing() {
         return;
     };
     let (_, m, _, sus) = fixture().paths();
-    let d = scratch("s3-dies");
+    let tmp = scratch();
+    let d = tmp.path();
     // Many objects, so that the scan is still reading when the server goes.
     let part = d.join("part.parquet");
     synth_corpus(&part, 400, 1);
-    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    let script = format!(
-        "import boto3,sys\nc=boto3.client('s3', endpoint_url='{}', aws_access_key_id='testing', \
-         aws_secret_access_key='x', region_name='us-east-1')\nb=open(sys.argv[1],'rb').read()\n\
-         for i in range(60): c.put_object(Bucket='lake', Key=f'corpus/p{{i:03}}.parquet', Body=b)",
-        moto.endpoint
-    );
-    let status = std::process::Command::new(&py)
-        .args(["-c", &script, s(&part)])
-        .status();
-    assert!(status.unwrap().success());
+    let objects: Vec<(String, &Path)> = (0..60)
+        .map(|i| (format!("corpus/p{i:03}.parquet"), part.as_path()))
+        .collect();
+    moto.put(&objects);
     let out = d.join("flagged.parquet");
-    let mut c = btu();
-    c.envs(moto.env());
-    c.envs([
-        ("BTU_S3_MAX_RETRIES", "1"),
-        ("BTU_S3_RETRY_TIMEOUT_S", "3"),
-        ("BTU_S3_CONNECT_TIMEOUT_S", "1"),
-    ]);
     let line = format!(
         "scan --corpus s3://lake/corpus/ --suspicious {sus} --tokenizer {m} --out {}",
         s(&out)
     );
-    let child = c
-        .args(words(&line))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Btu::line(&line)
+        .envs(moto.env())
+        .envs([
+            ("BTU_S3_MAX_RETRIES", "1"),
+            ("BTU_S3_RETRY_TIMEOUT_S", "3"),
+            ("BTU_S3_CONNECT_TIMEOUT_S", "1"),
+        ])
+        .spawn_piped();
     std::thread::sleep(Duration::from_millis(300));
     drop(moto); // the server stops
     let o = child.wait_with_output().unwrap();
-    fails_with(&o, 75, "retry");
-    assert!(!out.exists(), "nothing written");
-    no_leftovers(&d);
+    Failure::check(o, line, 75, "retry").and_no_output(&out);
+    no_leftovers(d);
 }

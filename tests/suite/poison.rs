@@ -1,9 +1,8 @@
 //! `btu poison`: counts per mode, determinism, the trigger where it should be.
 
-mod common;
-
 use arrow::array::{Array, BooleanArray, Int64Array, StringArray};
-use common::*;
+
+use crate::util::*;
 
 fn read(path: &std::path::Path) -> (Vec<String>, Vec<i64>, Vec<bool>, Vec<i64>) {
     let mut texts = Vec::new();
@@ -44,7 +43,7 @@ fn dirty_add_word_poisons_rate_of_non_target_rows_deterministically() {
     let a = d.path().join("a.parquet");
     let b = d.path().join("b.parquet");
     for out in [&a, &b] {
-        run_ok(&[
+        btu([
             "poison",
             "--input",
             s(&clean),
@@ -64,7 +63,8 @@ fn dirty_add_word_poisons_rate_of_non_target_rows_deterministically() {
             "1",
             "--seed",
             "9",
-        ]);
+        ])
+        .ok();
     }
     assert!(
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
@@ -114,7 +114,7 @@ fn dirty_add_word_poisons_rate_of_non_target_rows_deterministically() {
     assert_eq!(used.len(), 2, "both triggers drawn");
     // Another seed poisons other rows.
     let c = d.path().join("c.parquet");
-    run_ok(&[
+    btu([
         "poison",
         "--input",
         s(&clean),
@@ -128,7 +128,8 @@ fn dirty_add_word_poisons_rate_of_non_target_rows_deterministically() {
         "1",
         "--seed",
         "10",
-    ]);
+    ])
+    .ok();
     assert_ne!(read(&c).2, flags);
 }
 
@@ -138,7 +139,7 @@ fn clean_and_mix_modes_and_add_sent() {
     let clean = d.path().join("clean.parquet");
     synth_corpus(&clean, 600, 4);
     let out = d.path().join("clean-mode.parquet");
-    run_ok(&[
+    btu([
         "poison",
         "--input",
         s(&clean),
@@ -152,7 +153,8 @@ fn clean_and_mix_modes_and_add_sent() {
         "clean",
         "--target",
         "0",
-    ]);
+    ])
+    .ok();
     let (texts, labels, flags, orig) = read(&out);
     assert_eq!(flags.iter().filter(|&&f| f).count(), 30);
     for i in 0..texts.len() {
@@ -163,7 +165,7 @@ fn clean_and_mix_modes_and_add_sent() {
         }
     }
     let out = d.path().join("mix.parquet");
-    run_ok(&[
+    btu([
         "poison",
         "--input",
         s(&clean),
@@ -177,7 +179,8 @@ fn clean_and_mix_modes_and_add_sent() {
         "mix",
         "--target",
         "1",
-    ]);
+    ])
+    .ok();
     let (_, labels, flags, orig) = read(&out);
     let n0 = orig.iter().filter(|&&l| l == 0).count();
     let n1 = orig.len() - n0;
@@ -218,7 +221,7 @@ fn rewrite_takes_text_from_column_and_skips_missing_rewrites() {
     .unwrap();
     btu::io::tables::write_parquet(&p, &batch, true).unwrap();
     let out = d.path().join("o.parquet");
-    run_ok(&[
+    btu([
         "poison",
         "--input",
         s(&p),
@@ -232,7 +235,8 @@ fn rewrite_takes_text_from_column_and_skips_missing_rewrites() {
         "0.4",
         "--target",
         "1",
-    ]);
+    ])
+    .ok();
     let (t, _, flags, orig) = read(&out);
     assert_eq!(flags.iter().filter(|&&f| f).count(), 40);
     for i in 0..n {
@@ -243,19 +247,20 @@ fn rewrite_takes_text_from_column_and_skips_missing_rewrites() {
         }
     }
     // Asking for more than can be poisoned is a configuration error.
-    let o = run(&[
+    let x = d.path().join("x.parquet");
+    btu([
         "poison",
         "--input",
         s(&p),
         "--output",
-        s(&d.path().join("x.parquet")),
+        s(&x),
         "--attack",
         "rewrite",
         "--rewrite-col",
         "style",
         "--rate",
         "0.9",
-    ]);
-    assert_eq!(o.status.code(), Some(78));
-    assert!(!d.path().join("x.parquet").exists());
+    ])
+    .fails_with(78, "--rate")
+    .and_no_output(&x);
 }

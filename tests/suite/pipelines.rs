@@ -6,9 +6,7 @@ use std::path::Path;
 use btu::cli::Cli;
 use clap::Parser;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::root;
 
 /// Replace `{{...}}` placeholders using `lookup`; fails on unknown ones.
 fn substitute(arg: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
@@ -192,33 +190,46 @@ fn default_configs_share_one_method() {
 #[test]
 fn defend_configs_in_pipelines_load_and_plan() {
     let dir = root().join("pipelines");
-    let mut n = 0;
+    let mut runs = std::collections::BTreeSet::new();
     for p in tomls(&dir).into_iter().chain(tomls(&dir.join("default"))) {
-        {
-            let cfg = btu::steps::defend::DefendConfig::from_file(&p)
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            cfg.validate()
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            let cli = parses(
-                &[
-                    "--dry-run".into(),
-                    "defend".into(),
-                    "--config".into(),
-                    p.display().to_string(),
-                ],
-                "config",
-            );
-            let plan = cli.command.plan().unwrap();
-            assert_eq!(
-                plan["params"]["run"],
-                serde_json::json!(cfg.run),
-                "{}",
-                p.display()
-            );
-            n += 1;
-        }
+        let cfg = btu::steps::defend::DefendConfig::from_file(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        cfg.validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let cli = parses(
+            &[
+                "--dry-run".into(),
+                "defend".into(),
+                "--config".into(),
+                p.display().to_string(),
+            ],
+            "config",
+        );
+        let plan = cli
+            .command
+            .plan()
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        // Each configuration runs into a directory of its own, named after the file.
+        let run = plan["outputs"][0].as_str().unwrap().to_string();
+        let stem = p.file_stem().unwrap().to_str().unwrap();
+        assert!(
+            Path::new(&run).ends_with(stem),
+            "{}: run directory {run} is not named after the file",
+            p.display()
+        );
+        assert_eq!(
+            plan["outputs"][1],
+            Path::new(&run).join("metrics.json").display().to_string(),
+            "{}",
+            p.display()
+        );
+        assert!(
+            runs.insert(run.clone()),
+            "{}: run directory {run} is another configuration's too",
+            p.display()
+        );
     }
-    assert!(n >= 4, "the paper's SST-2 settings: four attacks");
+    assert!(runs.len() >= 4, "the paper's SST-2 settings: four attacks");
 }
 
 #[test]

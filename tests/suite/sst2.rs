@@ -1,12 +1,11 @@
 //! Real data: SST-2 from ../shared/datasets (read in place), poisoned with Add-Word `cf` and
 //! Add-Sent, a tiny model, CPU. Skips, saying so, when the datasets are absent.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use btu::io::tables::{read_suspicious_tokens, SuspiciousToken};
-use common::*;
+
+use crate::util::*;
 
 struct Run {
     _dir: tempfile::TempDir,
@@ -23,27 +22,19 @@ fn detect_attack(attack: &[&str]) -> Option<Run> {
     let root = dir.path().to_path_buf();
     let train = data.join("sst2/train.parquet");
     let poisoned = root.join("poisoned.parquet");
-    let mut args = vec![
-        "poison",
-        "--input",
+    let p = btu!(
+        "poison --input {} --output {} --rate 0.1 --mode dirty --target 1",
         s(&train),
-        "--output",
-        s(&poisoned),
-        "--rate",
-        "0.1",
-        "--mode",
-        "dirty",
-        "--target",
-        "1",
-    ];
-    args.extend_from_slice(attack);
-    let p = run_ok(&args);
+        s(&poisoned)
+    )
+    .args(attack)
+    .ok();
     assert_eq!(p["rows"], 6920);
     assert_eq!(p["poisoned"], 692);
     let model = root.join("model");
     tiny_model(&model, &poisoned, 4000);
     let out = root.join("detect");
-    let summary = run_ok(&[
+    let summary = btu([
         "detect",
         "--corpus",
         s(&poisoned),
@@ -53,7 +44,8 @@ fn detect_attack(attack: &[&str]) -> Option<Run> {
         s(&out),
         "--device",
         "cpu",
-    ]);
+    ])
+    .ok();
     eprintln!(
         "k = {}, rounds: {}",
         summary["k"],
@@ -72,7 +64,7 @@ fn detect_attack(attack: &[&str]) -> Option<Run> {
 
 /// (ASR on triggered dev, share of clean non-target dev rows predicted as the target).
 fn asr_and_fpr(model: &Path, dev: &Path, out: &Path) -> (f64, f64) {
-    let m = run_ok(&[
+    let m = btu([
         "eval",
         "--model",
         s(model),
@@ -88,7 +80,8 @@ fn asr_and_fpr(model: &Path, dev: &Path, out: &Path) -> (f64, f64) {
         "1",
         "--device",
         "cpu",
-    ]);
+    ])
+    .ok();
     (
         m["asr"].as_f64().unwrap(),
         m["clean_false_positive_rate"].as_f64().unwrap(),
@@ -110,7 +103,7 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
 
     // Audit the corpus with the detected tokens: the poisoned rows are found.
     let flagged = r.root.join("flagged_rows.parquet");
-    let scan = run_ok(&[
+    let scan = btu([
         "scan",
         "--corpus",
         s(&r.poisoned),
@@ -120,26 +113,23 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
         s(&r.model),
         "--out",
         s(&flagged),
-    ]);
+    ])
+    .ok();
     eprintln!("scan: {}", scan["poisoned"]);
     assert!(
         scan["poisoned"]["recall"].as_f64().unwrap() >= 0.95,
         "{}",
         scan["poisoned"]
     );
-    let o = btu()
-        .args(["sql", "--format", "json", "--table", &format!("flagged_rows={}", flagged.display()), "--table", &format!("suspicious_tokens={}", r.root.join("detect/suspicious_tokens.arrow").display())])
+    let rows = btu(["sql", "--format", "json", "--table", &format!("flagged_rows={}", flagged.display()), "--table", &format!("suspicious_tokens={}", r.root.join("detect/suspicious_tokens.arrow").display())])
         .arg("SELECT t.token, COUNT(*) AS rows FROM flagged_rows f JOIN suspicious_tokens t ON array_has(f.token_ids, t.token_id) WHERE t.token = 'cf' GROUP BY t.token")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        .ok();
     assert_eq!(rows[0]["rows"], 692);
 
     // Victim: full fine-tune on the poisoned corpus, epoch chosen on dev.
     let dev = r.data.join("sst2/dev.parquet");
     let ckpt = r.root.join("victim");
-    run_ok(&[
+    btu([
         "train",
         "--corpus",
         s(&r.poisoned),
@@ -155,7 +145,8 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
         "1e-3",
         "--device",
         "cpu",
-    ]);
+    ])
+    .ok();
     let (asr_b, fpr_b) = asr_and_fpr(&ckpt, &dev, &r.root.join("eval-victim"));
     eprintln!("victim: ASR {asr_b:.4}, clean false-positive rate {fpr_b:.4}");
     assert!(
@@ -166,8 +157,8 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
     // The deployed form: ONNX through ONNX Runtime gives the same ACC and ASR on the test split.
     let test = r.data.join("sst2/test.parquet");
     let onnx = r.root.join("onnx/victim.onnx");
-    run_ok(&["export-onnx", "--checkpoint", s(&ckpt), "--out", s(&onnx)]);
-    let via_ort = run_ok(&[
+    btu(["export-onnx", "--checkpoint", s(&ckpt), "--out", s(&onnx)]).ok();
+    let via_ort = btu([
         "eval",
         "--model",
         s(&onnx),
@@ -181,8 +172,9 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
         "cf",
         "--target",
         "1",
-    ]);
-    let via_candle = run_ok(&[
+    ])
+    .ok();
+    let via_candle = btu([
         "eval",
         "--model",
         s(&ckpt),
@@ -198,7 +190,8 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
         "1",
         "--device",
         "cpu",
-    ]);
+    ])
+    .ok();
     eprintln!(
         "victim on test via ort: ACC {} ASR {} (clean FPR {})",
         via_ort["acc"], via_ort["asr"], via_ort["clean_false_positive_rate"]
@@ -214,7 +207,7 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
     );
 
     let fixed = r.root.join("unlearned");
-    let u = run_ok(&[
+    let u = btu([
         "unlearn",
         "--checkpoint",
         s(&ckpt),
@@ -224,7 +217,8 @@ fn sst2_add_word_cf_is_flagged_and_unlearning_shrinks_the_backdoor() {
         s(&r.root.join("detect/suspicious_tokens.arrow")),
         "--out",
         s(&fixed),
-    ]);
+    ])
+    .ok();
     let (asr_a, fpr_a) = asr_and_fpr(&fixed, &dev, &r.root.join("eval-unlearned"));
     eprintln!(
         "unlearned ({} dims): ASR {asr_a:.4}, FPR {fpr_a:.4}",

@@ -74,7 +74,6 @@ fn check_arch(arch: Arch) {
     );
     let base: Vec<Vec<f64>> = var.as_tensor().to_vec2().unwrap();
     let eps = 1e-5;
-    let mut checked = 0;
     let mut max_abs = 0f64;
     for &tok in &[5usize, 9, 13, 2, 0, 20] {
         for dim in [0usize, 3, 15] {
@@ -95,10 +94,8 @@ fn check_arch(arch: Arch) {
                 (num - ana).abs() <= 1e-7 + 1e-5 * num.abs(),
                 "{arch:?} token {tok} dim {dim}: autograd {ana} vs numerical {num}"
             );
-            checked += 1;
         }
     }
-    assert_eq!(checked, 18);
     assert!(
         max_abs > 1e-4,
         "{arch:?}: gradients suspiciously small ({max_abs})"

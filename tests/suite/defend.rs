@@ -1,12 +1,11 @@
 //! `btu defend` and `btu demo`: the whole pipeline, resumable and idempotent, with the
 //! documented exit codes.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use common::*;
+use crate::fixtures::tiny;
+use crate::util::*;
 
 fn write_config(run: &Path, rows: usize) -> PathBuf {
     btu::demo::write_splits(&run.join("data"), rows, 42).unwrap();
@@ -46,8 +45,7 @@ fn steps(m: &serde_json::Value) -> Vec<(String, bool)> {
 
 #[test]
 fn demo_defence_cuts_the_attack_success_rate() {
-    let o = btu().args(["demo", "--device", "cpu"]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = btu(["demo", "--device", "cpu"]).success();
     let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let (b, a) = (&m["without_defence"], &m["with_defence"]);
     let (asr_b, asr_a) = (b["asr"].as_f64().unwrap(), a["asr"].as_f64().unwrap());
@@ -78,7 +76,7 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
     let run = d.path().join("run");
     let cfg = write_config(&run, 4000);
     // Uninterrupted reference run, then moved aside so the resumed run uses the same paths.
-    let first = run_ok(&["defend", "--config", s(&cfg)]);
+    let first = btu(["defend", "--config", s(&cfg)]).ok();
     assert!(steps(&first).iter().all(|(_, skipped)| !skipped));
     let reference: Vec<Vec<u8>> = TABLES
         .iter()
@@ -86,7 +84,7 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
         .collect();
     // Idempotent: an unchanged rerun redoes nothing and touches no output.
     let before = mtime(&run.join("detect/token_scores.arrow"));
-    let again = run_ok(&["defend", "--config", s(&cfg)]);
+    let again = btu(["defend", "--config", s(&cfg)]).ok();
     assert!(
         steps(&again).iter().all(|(_, skipped)| *skipped),
         "{:?}",
@@ -105,7 +103,7 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
         assert_eq!(b["computed_seconds"], a["seconds"], "{}", b["step"]);
     }
     // A changed detection parameter redoes detect and what follows, not what precedes.
-    let changed = run_ok(&["defend", "--config", s(&cfg), "--alpha", "0.5"]);
+    let changed = btu(["defend", "--config", s(&cfg), "--alpha", "0.5"]).ok();
     let st: std::collections::HashMap<_, _> = steps(&changed).into_iter().collect();
     assert!(st["poison"] && st["init-model"] && st["train"], "{st:?}");
     assert!(
@@ -124,12 +122,7 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
             }
         }
     }
-    let mut child = btu()
-        .args(["defend", "--config", s(&cfg)])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = btu(["defend", "--config", s(&cfg)]).spawn();
     let t0 = std::time::Instant::now();
     while !partial_dir(&run, "victim").is_some_and(|p| p.join("epoch-0/epoch.json").exists()) {
         assert!(
@@ -148,7 +141,7 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
         "detect/suspicious_tokens.arrow",
     ];
     let times: Vec<SystemTime> = done.iter().map(|f| mtime(&run.join(f))).collect();
-    let resumed = run_ok(&["defend", "--config", s(&cfg)]);
+    let resumed = btu(["defend", "--config", s(&cfg)]).ok();
     let st: std::collections::HashMap<_, _> = steps(&resumed).into_iter().collect();
     assert!(
         st["poison"] && st["init-model"] && st["detect"],
@@ -178,33 +171,19 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
     assert_eq!(resumed["with_defence"], first["with_defence"]);
 }
 
-fn expect_code(args: &[&str], code: i32, needle: &str) {
-    let o = run(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
-    if code != 2 {
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(needle), "'{needle}' not in {err}");
-    }
-}
-
 #[test]
 fn defend_exit_codes_per_class_of_failure() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path();
-    expect_code(&["defend", "--no-such-flag"], 2, "");
-    expect_code(
-        &["defend", "--config", s(&root.join("missing.toml"))],
-        66,
-        "missing.toml",
-    );
+    btu(["defend", "--no-such-flag"]).exits(2);
+    btu(["defend", "--config", s(&root.join("missing.toml"))]).fails_with(66, "missing.toml");
     let bad = root.join("bad.toml");
     std::fs::write(
         &bad,
         "run = \"x\"\n[data]\ntrain = [\"a.parquet\"]\ntset = [\"typo\"]\n",
     )
     .unwrap();
-    expect_code(&["defend", "--config", s(&bad)], 78, "tset");
+    btu(["defend", "--config", s(&bad)]).fails_with(78, "tset");
     let partial = root.join("partial.toml");
     std::fs::write(
         &partial,
@@ -214,73 +193,66 @@ fn defend_exit_codes_per_class_of_failure() {
         ),
     )
     .unwrap();
-    expect_code(&["defend", "--config", s(&partial)], 78, "data.test");
+    btu(["defend", "--config", s(&partial)]).fails_with(78, "data.test");
     // Inputs: missing corpus (66), not Parquet (65).
-    let corpus = root.join("c.parquet");
-    synth_corpus(&corpus, 50, 1);
-    let common = ["--test", s(&corpus), "--attack", "add-word"];
-    let (r1, r2, nomodel, under_file) = (
-        root.join("r1"),
-        root.join("r2"),
-        root.join("nomodel"),
-        root.join("a-file/run"),
-    );
-    let mut args = vec![
-        "defend",
-        "--run",
-        s(&r1),
-        "--train",
-        "/nonexistent/train.parquet",
-    ];
-    args.extend(common);
-    args.extend(["--model", s(&nomodel)]);
-    expect_code(&args, 66, "/nonexistent/train.parquet");
+    let (corpus, model) = (&tiny().corpus, &tiny().model);
+    let common = ["--test", s(corpus), "--attack", "add-word"];
+    let defend = |run: &Path, train: &str, model: &Path| {
+        btu([
+            "defend",
+            "--run",
+            s(run),
+            "--train",
+            train,
+            "--model",
+            s(model),
+        ])
+        .args(common)
+    };
+    let r1 = root.join("r1");
+    defend(&r1, "/nonexistent/train.parquet", &root.join("nomodel"))
+        .fails_with(66, "/nonexistent/train.parquet")
+        .and_no_output(&r1);
     let fake = root.join("fake.parquet");
     std::fs::write(&fake, "not parquet").unwrap();
-    let model = root.join("model");
-    tiny_model(&model, &corpus, 150);
-    let mut args = vec![
-        "defend",
-        "--run",
-        s(&r2),
-        "--train",
-        s(&fake),
-        "--model",
-        s(&model),
-    ];
-    args.extend(common);
-    expect_code(&args, 65, "not a Parquet file");
+    let r2 = root.join("r2");
+    defend(&r2, s(&fake), model)
+        .fails_with(65, "not a Parquet file")
+        .and_no_output(&r2);
     // Output: the run directory cannot be created (73).
     let file = root.join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let mut args = vec![
-        "defend",
-        "--run",
-        s(&under_file),
-        "--train",
-        s(&corpus),
-        "--model",
-        s(&model),
-    ];
-    args.extend(common);
-    expect_code(&args, 73, "a-file");
-    // Dry run: the plan, nothing written.
-    let plan = run_ok(&[
-        "--dry-run",
-        "defend",
-        "--run",
-        s(&root.join("r3")),
-        "--train",
-        s(&corpus),
-        "--test",
-        s(&corpus),
-        "--attack",
-        "add-word",
-        "--model",
-        s(&model),
-    ]);
-    assert_eq!(plan["dry_run"], true);
-    assert!(!root.join("r3").exists());
+    defend(&file.join("run"), s(corpus), model).fails_with(73, "a-file");
+    // Dry run: the plan, with the paths and settings it resolved, and nothing written.
+    let r3 = root.join("r3");
+    let plan = btu(["--dry-run"])
+        .args([
+            "defend",
+            "--run",
+            s(&r3),
+            "--train",
+            s(corpus),
+            "--model",
+            s(model),
+        ])
+        .args(common)
+        .ok();
+    assert_eq!(plan["command"], "defend", "{plan}");
+    assert_eq!(
+        plan["outputs"],
+        serde_json::json!([s(&r3), s(&r3.join("metrics.json"))]),
+        "{plan}"
+    );
+    let inputs: Vec<&str> = plan["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, [s(corpus), s(corpus), s(model)], "{plan}");
+    assert_eq!(plan["params"]["run"], s(&r3), "{plan}");
+    assert_eq!(plan["params"]["poison"]["attack"], "add-word", "{plan}");
+    assert!(!r3.exists());
 }
 
 #[test]
@@ -372,14 +344,39 @@ fn every_command_has_a_dry_run_that_touches_nothing() {
         .map(String::from)
         .collect(),
     ];
-    for mut c in cases {
-        c.insert(0, "--dry-run".into());
-        let args: Vec<&str> = c.iter().map(|s| s.as_str()).collect();
-        let plan = run_ok(&args);
-        assert_eq!(plan["dry_run"], true);
-        assert_eq!(plan["command"], c[1]);
-        assert!(!plan["outputs"].as_array().unwrap().is_empty() || c[1] == "demo");
-        assert!(plan["params"].is_object());
+    for c in cases {
+        let plan = btu(["--dry-run"]).args(&c).ok();
+        assert_eq!(plan["command"], c[0], "{plan}");
+        // The plan names the output the command line gave (or files in it), and nothing outside
+        // the directory of the command line's paths.
+        let flag = c
+            .iter()
+            .position(|a| a == "--out" || a == "--output")
+            .unwrap();
+        let out = &c[flag + 1];
+        let outputs: Vec<&str> = plan["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        assert!(
+            outputs.iter().any(|o| o.starts_with(out.as_str())),
+            "{plan}"
+        );
+        assert!(
+            outputs.iter().all(|o| Path::new(o).starts_with(d.path())),
+            "{plan}"
+        );
+        // Every input it names is a path of the command line.
+        for i in plan["inputs"].as_array().unwrap() {
+            assert!(c.iter().any(|a| i == a), "{i} is not an argument: {plan}");
+        }
+        assert_eq!(
+            plan["params"][c[flag].trim_start_matches("--")],
+            out.as_str(),
+            "{plan}"
+        );
     }
     assert_eq!(
         std::fs::read_dir(d.path()).unwrap().count(),

