@@ -126,6 +126,36 @@ fn add_sent_trigger_words_are_flagged_with_reference_code_preset_too() {
     }
 }
 
+/// `--log info` shows where the time goes: the command's span and each round's close with
+/// their wall time, on stderr (stdout stays the summary JSON).
+#[test]
+fn log_info_reports_each_rounds_wall_time() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("det");
+    let o = btu!(
+        "--log info detect --corpus {} --model {} --out {} --device cpu",
+        s(&tiny().corpus),
+        s(&tiny().model),
+        s(&out)
+    )
+    .success();
+    let err = lossy(&o.stderr);
+    for n in 1..=3 {
+        let round = err
+            .lines()
+            .find(|l| l.contains(&format!("round{{n={n}}}")) && l.contains("close"))
+            .unwrap_or_else(|| panic!("no close of round {n}: {err}"));
+        assert!(round.contains("time.busy"), "{round}");
+    }
+    assert!(
+        err.lines()
+            .any(|l| l.contains("btu{command=\"detect\"}") && l.contains("close")),
+        "{err}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    assert_eq!(summary["command"], "detect");
+}
+
 #[test]
 fn env_vars_set_flags() {
     let d = tempfile::tempdir().unwrap();

@@ -685,4 +685,6 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
     let masks = btu::io::tables::read_ipc(&p("repaired").join("dimension_masks.arrow")).unwrap();
     let rule = masks.schema().metadata()["btu:threshold_rule"].clone();
     assert_eq!(rule, "verified-escalated");
+    // The checkpoint names the same rule as its mask table.
+    assert_eq!(meta["btu:threshold_rule"], rule);
 }
