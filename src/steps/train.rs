@@ -421,6 +421,128 @@ struct TrainState<'a> {
     t0: Instant,
 }
 
+/// The completed epochs of one training run, kept beside the output (`partial_dir`) so that a
+/// killed run resumes after its last complete epoch: each epoch's checkpoint, optimizer state
+/// and the records so far; only the latest and the best epoch stay on disk.
+struct EpochStore<'a> {
+    dir: &'a Path,
+    metadata: &'a BTreeMap<String, String>,
+    records: Vec<EpochRecord>,
+}
+
+/// Where an interrupted run left off.
+struct Resumed {
+    model: BertClassifier,
+    optimizer: (i32, Vec<(candle_core::Tensor, candle_core::Tensor)>),
+    next_epoch: usize,
+}
+
+impl<'a> EpochStore<'a> {
+    /// The store in `dir` for the run `run_hash`: a state from another run (or an older btu) is
+    /// cleared (the held lock stays), as are the leftovers of an epoch being written when a run
+    /// was killed.
+    fn open(
+        dir: &'a Path,
+        state_path: &Path,
+        run_hash: &str,
+        metadata: &'a BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let same_run = std::fs::read_to_string(state_path)
+            .ok()
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            .is_some_and(|v| v["run_hash"] == run_hash);
+        let entries = || -> Result<Vec<std::fs::DirEntry>> {
+            Ok(std::fs::read_dir(dir)
+                .map_err(|e| BtuError::io(dir, e))?
+                .flatten()
+                .collect())
+        };
+        if !same_run {
+            for e in entries()?.into_iter().filter(|e| e.file_name() != "lock") {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+            std::fs::write(state_path, canonical_json(&json!({"run_hash": run_hash})))
+                .map_err(|e| BtuError::io(state_path, e))?;
+        }
+        for e in entries()? {
+            if e.file_name().to_string_lossy().contains(".tmp-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(EpochStore {
+            dir,
+            metadata,
+            records: Vec::new(),
+        })
+    }
+
+    /// The last complete epoch of this run, if any (its model with `labels` classes, optimizer
+    /// state and records).
+    fn resume(&mut self, labels: usize, seed: u64, dev: &Device) -> Result<Option<Resumed>> {
+        let Some((n, dir)) = latest_epoch(self.dir) else {
+            return Ok(None);
+        };
+        let model = load_model(&ModelDir::open(&dir)?, Some(labels), seed, dev)?;
+        let optimizer = load_optimizer(&dir.join("optimizer.safetensors"), dev)?;
+        let text =
+            std::fs::read_to_string(dir.join("epoch.json")).map_err(|e| BtuError::io(&dir, e))?;
+        self.records = serde_json::from_str(&text)
+            .map_err(|e| BtuError::bad_data(dir.display().to_string(), e.to_string()))?;
+        tracing::warn!(
+            epoch = n + 1,
+            "resuming an interrupted run after its last complete epoch"
+        );
+        Ok(Some(Resumed {
+            model,
+            optimizer,
+            next_epoch: n + 1,
+        }))
+    }
+
+    fn epoch_dir(&self, epoch: usize) -> PathBuf {
+        self.dir.join(format!("epoch-{epoch}"))
+    }
+
+    /// Record a finished epoch and write its checkpoint (atomically); drop epochs that are
+    /// neither the latest nor the best.
+    fn save(&mut self, record: EpochRecord, model: &BertClassifier, opt: &AdamW) -> Result<()> {
+        let epoch = record.epoch;
+        self.records.push(record);
+        let out = crate::io::output::OutputDir::create(&self.epoch_dir(epoch), false)?;
+        let mut meta = self.metadata.clone();
+        meta.insert("btu:epoch".into(), (epoch + 1).to_string());
+        save_model(model, &out.path(""), meta)?;
+        out.write(
+            "optimizer.safetensors",
+            &safetensors_bytes(&optimizer_file(opt)?),
+        )?;
+        let records = serde_json::to_vec(&self.records).map_err(BtuError::internal)?;
+        out.write("epoch.json", &records)?;
+        out.commit()?;
+        let keep = [epoch, self.best()];
+        for r in self.records.iter().filter(|r| !keep.contains(&r.epoch)) {
+            let _ = std::fs::remove_dir_all(self.epoch_dir(r.epoch));
+        }
+        Ok(())
+    }
+
+    /// The epoch to keep: the best by dev accuracy when every epoch has one, else the last.
+    fn best(&self) -> usize {
+        let records = &self.records;
+        let mut best = records.len() - 1;
+        if records.iter().all(|r| r.dev_acc.is_some()) {
+            best = 0;
+            for (i, r) in records.iter().enumerate() {
+                if r.dev_acc > records[best].dev_acc {
+                    best = i;
+                }
+            }
+        }
+        records[best].epoch
+    }
+}
+
 /// The epochs (resumed where an identical run stopped), then the chosen epoch as the output.
 fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<TrainReport> {
     let TrainState {
@@ -437,69 +559,16 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<T
         t0,
     } = st;
     let p = &job.params;
-    let labels = model.config.labels();
     let dev = dev.clone();
-    let same_run = std::fs::read_to_string(state_path)
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .is_some_and(|v| v["run_hash"] == run_hash);
-    let mut first_epoch = 0;
-    let mut opt_state = None;
-    let mut records: Vec<EpochRecord> = Vec::new();
-    if same_run {
-        if let Some((n, dir)) = latest_epoch(partial) {
-            let emd = ModelDir::open(&dir)?;
-            model = load_model(&emd, Some(labels), job.seed, &dev)?;
-            opt_state = Some(load_optimizer(&dir.join("optimizer.safetensors"), &dev)?);
-            let text = std::fs::read_to_string(dir.join("epoch.json"))
-                .map_err(|e| BtuError::io(&dir, e))?;
-            records = serde_json::from_str(&text)
-                .map_err(|e| BtuError::bad_data(dir.display().to_string(), e.to_string()))?;
-            first_epoch = n + 1;
-            tracing::warn!(
-                epoch = n + 1,
-                "resuming an interrupted run after its last complete epoch"
-            );
-        }
-    } else {
-        // A fresh start (or a state from an older btu): drop any epochs, keep the held lock.
-        for e in std::fs::read_dir(partial)
-            .map_err(|e| BtuError::io(partial, e))?
-            .flatten()
-        {
-            if e.file_name() != "lock" {
-                let _ =
-                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
-            }
-        }
-        std::fs::write(state_path, canonical_json(&json!({"run_hash": run_hash})))
-            .map_err(|e| BtuError::io(state_path, e))?;
+    let mut store = EpochStore::open(partial, state_path, run_hash, &metadata)?;
+    let (mut first_epoch, mut opt_state) = (0, None);
+    if let Some(r) = store.resume(model.config.labels(), job.seed, &dev)? {
+        (model, opt_state, first_epoch) = (r.model, Some(r.optimizer), r.next_epoch);
     }
-    // Leftovers of an epoch that was being written when the run was killed.
-    for e in std::fs::read_dir(partial)
-        .map_err(|e| BtuError::io(partial, e))?
-        .flatten()
-    {
-        if e.file_name().to_string_lossy().contains(".tmp-") {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-    let best_of = |records: &[EpochRecord]| -> usize {
-        let mut best = records.len() - 1;
-        if records.iter().all(|r| r.dev_acc.is_some()) {
-            best = 0;
-            for (i, r) in records.iter().enumerate() {
-                if r.dev_acc > records[best].dev_acc {
-                    best = i;
-                }
-            }
-        }
-        records[best].epoch
-    };
     let resumed_from = first_epoch;
     fit(
         &mut model,
-        &data,
+        data,
         tok.pad_id,
         p,
         job.seed,
@@ -512,36 +581,20 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<T
                 Some(d) => Some(accuracy(m, d, tok.pad_id, &dev)?),
                 None => None,
             };
-            records.push(EpochRecord {
-                epoch,
-                stats: serde_json::to_value(&stats).map_err(BtuError::internal)?,
-                dev_acc,
-            });
-            let out = crate::io::output::OutputDir::create(
-                &partial.join(format!("epoch-{epoch}")),
-                false,
-            )?;
-            let mut meta = metadata.clone();
-            meta.insert("btu:epoch".into(), (epoch + 1).to_string());
-            save_model(m, &out.path(""), meta)?;
-            let opt_bytes = safetensors_bytes(&optimizer_file(opt)?);
-            out.write("optimizer.safetensors", &opt_bytes)?;
-            out.write(
-                "epoch.json",
-                &serde_json::to_vec(&records).map_err(BtuError::internal)?,
-            )?;
-            out.commit()?;
-            // Keep only the latest epoch and the best one.
-            let keep = [epoch, best_of(&records)];
-            for r in records.iter() {
-                if !keep.contains(&r.epoch) {
-                    let _ = std::fs::remove_dir_all(partial.join(format!("epoch-{}", r.epoch)));
-                }
-            }
-            Ok(())
+            let stats = serde_json::to_value(&stats).map_err(BtuError::internal)?;
+            store.save(
+                EpochRecord {
+                    epoch,
+                    stats,
+                    dev_acc,
+                },
+                m,
+                opt,
+            )
         },
     )?;
-    let best = best_of(&records);
+    let best = store.best();
+    let records = store.records;
     let chosen = partial.join(format!("epoch-{best}"));
     let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     for f in ["config.json", "model.safetensors"] {
