@@ -265,173 +265,206 @@ pub struct PoisonReport {
     pub corpus: Option<crate::io::corpus::Fingerprint>,
 }
 
+impl PoisonParams {
+    /// What each attack needs: a trigger word, a sentence, a rewrite column (exit 78).
+    fn check_attack(&self) -> Result<()> {
+        let (flag, what) = match self.attack {
+            Attack::AddWord
+                if self.triggers.is_empty()
+                    || self.triggers.iter().any(|t| t.trim().is_empty()) =>
+            {
+                (
+                    "--trigger",
+                    "add-word needs one or more non-empty --trigger words",
+                )
+            }
+            Attack::AddSent if self.sentence.trim().is_empty() => {
+                ("--sentence", "add-sent needs a non-empty --sentence")
+            }
+            Attack::Rewrite if self.rewrite_col.is_none() => (
+                "--rewrite-col",
+                "rewrite needs --rewrite-col naming the column with rewritten texts",
+            ),
+            _ => return Ok(()),
+        };
+        Err(BtuError::config(flag, what))
+    }
+
+    /// The rewrite column of a batch, as text (rewrite attacks only).
+    fn rewrites(&self, b: &crate::io::corpus::CorpusBatch) -> Result<Option<StringArray>> {
+        let (Some(rc), Attack::Rewrite) = (&self.rewrite_col, self.attack) else {
+            return Ok(None);
+        };
+        let col = b.batch.column_by_name(rc).ok_or_else(|| {
+            BtuError::bad_data(
+                b.source.to_string(),
+                format!("missing rewrite column '{rc}'; name it with --rewrite-col"),
+            )
+        })?;
+        if !crate::io::corpus::is_text(col.data_type()) {
+            return Err(BtuError::bad_data(
+                b.source.to_string(),
+                format!(
+                    "rewrite column '{rc}' has type {}, expected a string type; name the column of rewritten texts with --rewrite-col",
+                    col.data_type()
+                ),
+            ));
+        }
+        let col = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| {
+            BtuError::bad_data(
+                b.source.to_string(),
+                format!("rewrite column '{rc}' is not text: {e}"),
+            )
+        })?;
+        Ok(Some(
+            col.as_any()
+                .downcast_ref::<StringArray>()
+                .expect("utf8")
+                .clone(),
+        ))
+    }
+}
+
+/// Pass 1: every row's label, and whether it can be poisoned (a rewrite attack needs a
+/// non-empty rewrite).
+fn read_labels(job: &PoisonJob) -> Result<(Vec<i64>, Vec<bool>)> {
+    let (mut labels, mut usable) = (Vec::new(), Vec::new());
+    read_corpus(&job.input, |b| {
+        labels.extend_from_slice(b.labels.as_ref().expect("labels requested"));
+        match job.params.rewrites(&b)? {
+            Some(col) => usable
+                .extend((0..col.len()).map(|i| col.is_valid(i) && !col.value(i).trim().is_empty())),
+            None => usable.extend(std::iter::repeat_n(true, b.texts.len())),
+        }
+        Ok(())
+    })?;
+    Ok((labels, usable))
+}
+
+/// The target must be one of the corpus's labels (exit 78).
+fn check_target(labels: &[i64], target: i64) -> Result<()> {
+    let classes: BTreeSet<i64> = labels.iter().copied().collect();
+    if classes.contains(&target) {
+        return Ok(());
+    }
+    let list = classes
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(BtuError::config(
+        "--target",
+        format!(
+            "label {target} does not occur in the corpus (its labels: {list}); give one of them"
+        ),
+    ))
+}
+
+/// One batch poisoned: the rows at `chosen` positions (counted from `first`) get the attack
+/// and, unless in clean mode, the target label. Returns texts, labels and the poisoned flags.
+fn poison_batch(
+    job: &PoisonJob,
+    b: &crate::io::corpus::CorpusBatch,
+    first: usize,
+    chosen: &BTreeSet<usize>,
+) -> Result<(Vec<String>, Vec<i64>, Vec<bool>)> {
+    let p = &job.params;
+    let orig = b.labels.as_ref().expect("labels requested");
+    let rewrites = p.rewrites(b)?;
+    let n = b.texts.len();
+    let (mut texts, mut labels, mut flags) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for i in 0..n {
+        let pos = first + i;
+        if !chosen.contains(&pos) {
+            texts.push(b.texts[i].clone());
+            labels.push(orig[i]);
+            flags.push(false);
+            continue;
+        }
+        texts.push(match (&rewrites, p.attack) {
+            (Some(r), Attack::Rewrite) => r.value(i).to_string(),
+            (_, a) => insert_trigger(
+                &b.texts[i],
+                a,
+                &p.triggers,
+                &p.sentence,
+                &mut row_rng(job.seed, pos as u64),
+            ),
+        });
+        labels.push(if p.mode == Mode::Clean {
+            orig[i]
+        } else {
+            p.target
+        });
+        flags.push(true);
+    }
+    Ok((texts, labels, flags))
+}
+
+/// The output batch: the input's columns with text and label replaced, plus `poisoned` and
+/// `original_label`.
+fn output_batch(
+    job: &PoisonJob,
+    b: &crate::io::corpus::CorpusBatch,
+    (texts, labels, flags): (Vec<String>, Vec<i64>, Vec<bool>),
+) -> Result<RecordBatch> {
+    let (text_col, label_col) = (&job.input.text_col, label_col(job)?);
+    let schema = out_schema(&b.batch.schema(), text_col, &label_col);
+    let orig = b.labels.as_ref().expect("labels requested");
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for f in schema.fields() {
+        let name = f.name();
+        cols.push(if name == text_col {
+            Arc::new(StringArray::from(texts.clone()))
+        } else if name == &label_col {
+            Arc::new(Int64Array::from(labels.clone()))
+        } else if name == "poisoned" {
+            Arc::new(BooleanArray::from(flags.clone()))
+        } else if name == "original_label" {
+            Arc::new(Int64Array::from(orig.clone()))
+        } else {
+            b.batch.column_by_name(name).expect("input column").clone()
+        });
+    }
+    RecordBatch::try_new(schema, cols).map_err(|e| BtuError::internal(format!("poison batch: {e}")))
+}
+
+fn label_col(job: &PoisonJob) -> Result<String> {
+    job.input
+        .label_col
+        .clone()
+        .ok_or_else(|| BtuError::config("--label-col", "poisoning needs labels"))
+}
+
 /// `btu poison`: two streaming passes (labels, then rewrite-and-write), output written atomically.
 pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
     let p = &job.params;
     p.validate_as("--")?;
-    match p.attack {
-        Attack::AddWord
-            if p.triggers.is_empty() || p.triggers.iter().any(|t| t.trim().is_empty()) =>
-        {
-            return Err(BtuError::config(
-                "--trigger",
-                "add-word needs one or more non-empty --trigger words",
-            ))
-        }
-        Attack::AddSent if p.sentence.trim().is_empty() => {
-            return Err(BtuError::config(
-                "--sentence",
-                "add-sent needs a non-empty --sentence",
-            ))
-        }
-        Attack::Rewrite if p.rewrite_col.is_none() => {
-            return Err(BtuError::config(
-                "--rewrite-col",
-                "rewrite needs --rewrite-col naming the column with rewritten texts",
-            ))
-        }
-        _ => {}
-    }
+    p.check_attack()?;
     crate::io::output::check_output(&job.output, job.overwrite)?;
-    let label_col = job
-        .input
-        .label_col
-        .clone()
-        .ok_or_else(|| BtuError::config("--label-col", "poisoning needs labels"))?;
-    let text_col = job.input.text_col.clone();
-
-    // Pass 1: labels and which rows have a usable rewrite.
-    let mut labels = Vec::new();
-    let mut usable = Vec::new();
-    read_corpus(&job.input, |b| {
-        labels.extend_from_slice(b.labels.as_ref().expect("labels requested"));
-        match &p.rewrite_col {
-            Some(rc) if p.attack == Attack::Rewrite => {
-                let col = b.batch.column_by_name(rc).ok_or_else(|| {
-                    BtuError::bad_data(
-                        b.source.to_string(),
-                        format!("missing rewrite column '{rc}'; name it with --rewrite-col"),
-                    )
-                })?;
-                if !crate::io::corpus::is_text(col.data_type()) {
-                    return Err(BtuError::bad_data(
-                        b.source.to_string(),
-                        format!(
-                            "rewrite column '{rc}' has type {}, expected a string type; name the column of rewritten texts with --rewrite-col",
-                            col.data_type()
-                        ),
-                    ));
-                }
-                let col = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| {
-                    BtuError::bad_data(
-                        b.source.to_string(),
-                        format!("rewrite column '{rc}' is not text: {e}"),
-                    )
-                })?;
-                let col = col.as_any().downcast_ref::<StringArray>().expect("utf8");
-                usable.extend(
-                    (0..col.len()).map(|i| col.is_valid(i) && !col.value(i).trim().is_empty()),
-                );
-            }
-            _ => usable.extend(std::iter::repeat_n(true, b.texts.len())),
-        }
-        Ok(())
-    })?;
-    let classes: BTreeSet<i64> = labels.iter().copied().collect();
-    if !classes.contains(&p.target) {
-        return Err(BtuError::config(
-            "--target",
-            format!(
-                "label {} does not occur in the corpus (its labels: {}); give one of them",
-                p.target,
-                classes
-                    .iter()
-                    .map(|l| l.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
-    }
+    label_col(job)?;
+    let (labels, usable) = read_labels(job)?;
+    check_target(&labels, p.target)?;
     let chosen = choose(&labels, &usable, p, job.seed)?;
 
     // Pass 2: apply and write.
-    let mut position = 0usize;
-    let mut counts = (0usize, 0usize); // (rows, poisoned)
-    let fingerprint = std::cell::RefCell::new(None);
+    let (mut rows, mut poisoned) = (0usize, 0usize);
+    let mut corpus = None;
     crate::io::output::write_file_atomic(&job.output, job.overwrite, |file| {
         let mut sink = crate::io::tables::ParquetSink::new(file, &job.output, None);
         let fp = read_corpus(&job.input, |b| {
-            let n = b.texts.len();
-            let orig = b.labels.as_ref().expect("labels requested");
-            let rewrites: Option<StringArray> = match (&p.rewrite_col, p.attack) {
-                (Some(rc), Attack::Rewrite) => {
-                    let c = b.batch.column_by_name(rc).expect("checked in pass 1");
-                    let c = arrow::compute::cast(c, &DataType::Utf8)
-                        .map_err(|e| BtuError::bad_data(b.source.to_string(), e.to_string()))?;
-                    Some(
-                        c.as_any()
-                            .downcast_ref::<StringArray>()
-                            .expect("utf8")
-                            .clone(),
-                    )
-                }
-                _ => None,
-            };
-            let mut texts = Vec::with_capacity(n);
-            let mut new_labels = Vec::with_capacity(n);
-            let mut flags = Vec::with_capacity(n);
-            for i in 0..n {
-                let pos = position + i;
-                if chosen.contains(&pos) {
-                    let t = match p.attack {
-                        Attack::Rewrite => rewrites
-                            .as_ref()
-                            .expect("rewrite column")
-                            .value(i)
-                            .to_string(),
-                        a => insert_trigger(
-                            &b.texts[i],
-                            a,
-                            &p.triggers,
-                            &p.sentence,
-                            &mut row_rng(job.seed, pos as u64),
-                        ),
-                    };
-                    texts.push(t);
-                    new_labels.push(if p.mode == Mode::Clean {
-                        orig[i]
-                    } else {
-                        p.target
-                    });
-                    flags.push(true);
-                } else {
-                    texts.push(b.texts[i].clone());
-                    new_labels.push(orig[i]);
-                    flags.push(false);
-                }
-            }
-            position += n;
-            counts.0 += n;
-            counts.1 += flags.iter().filter(|&&f| f).count();
-            let schema = out_schema(&b.batch.schema(), &text_col, &label_col);
-            let mut cols: Vec<ArrayRef> = Vec::new();
-            for f in schema.fields() {
-                let name = f.name();
-                if name == &text_col {
-                    cols.push(Arc::new(StringArray::from(texts.clone())));
-                } else if name == &label_col {
-                    cols.push(Arc::new(Int64Array::from(new_labels.clone())));
-                } else if name == "poisoned" {
-                    cols.push(Arc::new(BooleanArray::from(flags.clone())));
-                } else if name == "original_label" {
-                    cols.push(Arc::new(Int64Array::from(orig.clone())));
-                } else {
-                    cols.push(b.batch.column_by_name(name).expect("input column").clone());
-                }
-            }
-            let batch = RecordBatch::try_new(schema.clone(), cols)
-                .map_err(|e| BtuError::internal(format!("poison batch: {e}")))?;
-            if sink.schema().is_some_and(|s| s.fields() != schema.fields()) {
+            let columns = poison_batch(job, &b, rows, &chosen)?;
+            rows += b.texts.len();
+            poisoned += columns.2.iter().filter(|&&f| f).count();
+            let batch = output_batch(job, &b, columns)?;
+            if sink
+                .schema()
+                .is_some_and(|s| s.fields() != batch.schema().fields())
+            {
                 return Err(BtuError::bad_data(
                     b.source.to_string(),
                     "the input files have different columns; poison them separately",
@@ -442,7 +475,7 @@ pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
         if sink.schema().is_some() {
             sink.finish(|| unreachable!("a batch was written"))?;
         }
-        *fingerprint.borrow_mut() = Some(fp);
+        corpus = Some(fp);
         Ok(())
     })?;
     Ok(PoisonReport {
@@ -451,9 +484,9 @@ pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
         output: job.output.clone(),
         params: p.clone(),
         seed: job.seed,
-        rows: counts.0,
-        poisoned: counts.1,
-        corpus: fingerprint.into_inner(),
+        rows,
+        poisoned,
+        corpus,
     })
 }
 
