@@ -504,70 +504,32 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
         weights: mut trained,
         sha256: ckpt_sha,
     } = Checkpoint::read(&job.checkpoint)?;
-    let reference = ModelDir::open(&job.reference)?;
     let suspicious = crate::io::tables::read_suspicious_tokens(&job.suspicious)?;
-    let ref_file = read_safetensors(&reference.weights)?;
     let wn = word_name(&trained, &ckpt.weights)?;
     let eb = matrix(&trained.tensors[&wn], &wn, &ckpt.weights)?;
-    let rn = word_name(&ref_file, &reference.weights)?;
-    let e = matrix(&ref_file.tensors[&rn], &rn, &reference.weights)?;
-    if e.cols != eb.cols {
-        return Err(BtuError::bad_data(job.reference.display().to_string(), format!("hidden size {} differs from the checkpoint's {}; give the model the checkpoint was trained from", e.cols, eb.cols)));
-    }
-    if e.rows != eb.rows {
-        return Err(BtuError::bad_data(job.reference.display().to_string(), format!("vocabulary of {} tokens differs from the checkpoint's {}; give the model the checkpoint was trained from", e.rows, eb.rows)));
-    }
+    let (e, ref_sha) = reference_embeddings(job, &eb)?;
     let tokens: Vec<(u32, String)> = suspicious
         .iter()
         .map(|s| (s.token_id, s.token.clone()))
         .collect();
     check_tokens(&tokens, &tok, eb.rows, &job.suspicious)?;
-    let verified = match &job.effects {
-        Some(p) => Some(crate::steps::verify::verified_candidates(p)?),
-        None => None,
-    };
-    if let (Some(v), Some(src)) = (&verified, &job.effects) {
-        // token_effects holds ids only: what can be checked is that they exist.
-        if let Some(id) = v
-            .iter()
-            .flat_map(|c| &c.token_ids)
-            .find(|&&id| id as usize >= eb.rows)
-        {
-            return Err(BtuError::bad_data(
-                src.display().to_string(),
-                format!("token id {id} is outside the checkpoint's vocabulary of {}; verify with the same tokenizer", eb.rows),
-            ));
-        }
-        if v.is_empty() {
-            tracing::warn!("no candidate to repair (verification confirmed none): the checkpoint's embeddings stay as they are");
-        }
-    }
+    let verified = read_verified(job, eb.rows)?;
     let overlap_checked = check_clean_disjoint(job)?;
     let d_bar = threshold(&e, &eb, job.params.threshold);
     let pad = tok.pad_id;
     let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     copy_model_files(&out, &job.checkpoint)?;
+    let ctx = Embeddings {
+        e: &e,
+        eb: &eb,
+        name: &wn,
+        d_bar,
+    };
     let (masks, stages) = match &verified {
         Some(v) => {
-            let ctx = Embeddings {
-                e: &e,
-                eb: &eb,
-                name: &wn,
-                d_bar,
-            };
-            let (mut masks, stages) =
+            let (masks, stages) =
                 repair_verified(job, v, &suspicious, &tok, &ctx, &mut trained, &out)?;
-            if job.params.unverified == Unverified::ReferenceRow {
-                let repaired: BTreeSet<u32> = masks.iter().map(|m| m.token_id).collect();
-                let rest: Vec<(u32, String)> = tokens
-                    .iter()
-                    .filter(|(id, _)| !repaired.contains(id))
-                    .cloned()
-                    .collect();
-                masks.extend(restore_masks(&e, &eb, &rest));
-                masks.sort_by_key(|m| (m.token_id, m.dim));
-            }
-            (masks, stages)
+            (with_unverified(job, masks, &tokens, &ctx), stages)
         }
         None => (
             compute_masks(&e, &eb, &tokens, pad, d_bar, job.params.replacement),
@@ -583,7 +545,6 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
     )?;
     let raw = raw_like(&repaired, &trained.tensors[&wn])?;
     trained.tensors.insert(wn.clone(), raw);
-    let ref_sha = sha256_file(&reference.weights)?;
     trained
         .metadata
         .insert("btu:command".into(), "unlearn".into());
@@ -680,6 +641,67 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
         clean_tuning: clean_summary,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The reference model's word embeddings `e` (the same shape as the checkpoint's `eb`) and the
+/// sha256 of its weights.
+fn reference_embeddings(job: &UnlearnJob, eb: &Matrix) -> Result<(Matrix, String)> {
+    let reference = ModelDir::open(&job.reference)?;
+    let ref_file = read_safetensors(&reference.weights)?;
+    let rn = word_name(&ref_file, &reference.weights)?;
+    let e = matrix(&ref_file.tensors[&rn], &rn, &reference.weights)?;
+    let src = job.reference.display().to_string();
+    if e.cols != eb.cols {
+        return Err(BtuError::bad_data(src, format!("hidden size {} differs from the checkpoint's {}; give the model the checkpoint was trained from", e.cols, eb.cols)));
+    }
+    if e.rows != eb.rows {
+        return Err(BtuError::bad_data(src, format!("vocabulary of {} tokens differs from the checkpoint's {}; give the model the checkpoint was trained from", e.rows, eb.rows)));
+    }
+    Ok((e, sha256_file(&reference.weights)?))
+}
+
+/// The verified triggers of `--effects` (`None` without it); their ids must be below `rows`.
+fn read_verified(job: &UnlearnJob, rows: usize) -> Result<Option<Vec<Candidate>>> {
+    let Some(src) = &job.effects else {
+        return Ok(None);
+    };
+    let v = crate::steps::verify::verified_candidates(src)?;
+    // token_effects holds ids only: what can be checked is that they exist.
+    if let Some(id) = v
+        .iter()
+        .flat_map(|c| &c.token_ids)
+        .find(|&&id| id as usize >= rows)
+    {
+        return Err(BtuError::bad_data(
+            src.display().to_string(),
+            format!("token id {id} is outside the checkpoint's vocabulary of {rows}; verify with the same tokenizer"),
+        ));
+    }
+    if v.is_empty() {
+        tracing::warn!("no candidate to repair (verification confirmed none): the checkpoint's embeddings stay as they are");
+    }
+    Ok(Some(v))
+}
+
+/// With `--unverified reference-row`, the candidates the repair left alone get their reference
+/// rows back (added to the verified triggers' masks); with `keep`, the masks as they are.
+fn with_unverified(
+    job: &UnlearnJob,
+    mut masks: Vec<DimensionMask>,
+    tokens: &[(u32, String)],
+    m: &Embeddings,
+) -> Vec<DimensionMask> {
+    if job.params.unverified == Unverified::ReferenceRow {
+        let repaired: BTreeSet<u32> = masks.iter().map(|m| m.token_id).collect();
+        let rest: Vec<(u32, String)> = tokens
+            .iter()
+            .filter(|(id, _)| !repaired.contains(id))
+            .cloned()
+            .collect();
+        masks.extend(restore_masks(m.e, m.eb, &rest));
+        masks.sort_by_key(|m| (m.token_id, m.dim));
+    }
+    masks
 }
 
 /// A serde enum's kebab-case name.
