@@ -12,6 +12,7 @@ use crate::defaults;
 use crate::error::Result;
 use crate::io::corpus::CorpusSpec;
 use crate::progress::Progress;
+use crate::steps::summary;
 
 /// Backdoor Token Unlearning: find backdoor triggers in text corpora and remove them from models.
 #[derive(Debug, Parser)]
@@ -797,11 +798,6 @@ impl Command {
     }
 }
 
-/// A step's typed result as the summary JSON the CLI prints.
-fn json<T: serde::Serialize>(result: Result<T>) -> Result<Value> {
-    serde_json::to_value(result?).map_err(crate::BtuError::internal)
-}
-
 /// Run the parsed command; returns its summary JSON. Query results (`btu sql`) go to `stdout`.
 pub fn execute(
     cli: &Cli,
@@ -812,20 +808,20 @@ pub fn execute(
         return cli.command.plan();
     }
     match &cli.command {
-        Command::InitModel(a) => json(crate::steps::init_model::run(&a.job())),
-        Command::Poison(a) => json(crate::steps::poison::run(&a.job())),
-        Command::Detect(a) => json(crate::steps::detect::run(&a.job(), progress)),
-        Command::Train(a) => json(crate::steps::train::run(&a.job(), progress)),
-        Command::Unlearn(a) => json(crate::steps::unlearn::run(&a.job(), progress)),
-        Command::ApplyMasks(a) => json(crate::steps::apply_masks::run(&a.job())),
-        Command::Eval(a) => json(crate::steps::eval::run(&a.job())),
-        Command::ExportOnnx(a) => json(crate::steps::export_onnx::run(&a.job())),
-        Command::Defend(a) => json(crate::steps::defend::run(&a.config()?, progress)),
-        Command::Demo(a) => json(crate::demo::run(&a.job(), progress)),
-        Command::Verify(a) => json(crate::steps::verify::run(&a.job())),
-        Command::Scan(a) => json(crate::steps::scan::run(&a.job(), progress)),
-        Command::Sql(a) => json(crate::steps::sql::run(&a.job()?, stdout)),
-        Command::Schemas(a) => json(crate::steps::schemas::run(&a.out)),
+        Command::InitModel(a) => summary(crate::steps::init_model::run(&a.job())),
+        Command::Poison(a) => summary(crate::steps::poison::run(&a.job())),
+        Command::Detect(a) => summary(crate::steps::detect::run(&a.job(), progress)),
+        Command::Train(a) => summary(crate::steps::train::run(&a.job(), progress)),
+        Command::Unlearn(a) => summary(crate::steps::unlearn::run(&a.job(), progress)),
+        Command::ApplyMasks(a) => summary(crate::steps::apply_masks::run(&a.job())),
+        Command::Eval(a) => summary(crate::steps::eval::run(&a.job())),
+        Command::ExportOnnx(a) => summary(crate::steps::export_onnx::run(&a.job())),
+        Command::Defend(a) => summary(crate::steps::defend::run(&a.config()?, progress)),
+        Command::Demo(a) => summary(crate::demo::run(&a.job(), progress)),
+        Command::Verify(a) => summary(crate::steps::verify::run(&a.job())),
+        Command::Scan(a) => summary(crate::steps::scan::run(&a.job(), progress)),
+        Command::Sql(a) => summary(crate::steps::sql::run(&a.job()?, stdout)),
+        Command::Schemas(a) => summary(crate::steps::schemas::run(&a.out)),
     }
 }
 

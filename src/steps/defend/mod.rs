@@ -132,6 +132,10 @@ struct Pipeline<'a> {
     progress: &'a dyn Progress,
     /// Clean rows (by text hash) dropped because an evaluation split has them.
     dropped: BTreeSet<[u8; 32]>,
+    /// [`clean_key`], computed once.
+    clean_key: Value,
+    /// [`test_key`], computed once.
+    test_key: Value,
 }
 
 impl Pipeline<'_> {
@@ -157,18 +161,6 @@ impl Pipeline<'_> {
                 .cfg
                 .spec_filtered(&d.clean, true, d.clean_filter.as_ref())
         }
-    }
-
-    fn clean_key(&self) -> Result<Value> {
-        let d = &self.cfg.data;
-        if d.clean.is_empty() {
-            return Ok(Value::Null);
-        }
-        let mut k = json!([corpus_hash(&d.clean)?, d.clean_filter]);
-        if !self.dropped.is_empty() {
-            k = json!([k, {"dropped_overlap": self.dropped.len()}]);
-        }
-        Ok(k)
     }
 
     /// `[poison]`: the poisoned copy of the training corpus, or the corpus as given.
@@ -331,7 +323,7 @@ impl Pipeline<'_> {
         let dir = self.run.join("verify");
         // "test" names the verification test: bumped when it changes, so reruns recompute it
         // (2: effects the clean data explains are not triggers).
-        let key = json!({"victim": victim.hash, "detect": detect.hash, "clean": self.clean_key()?, "params": v, "max_len": cfg.train.max_len, "seed": cfg.seed, "test": crate::steps::verify::TEST_VERSION});
+        let key = json!({"victim": victim.hash, "detect": detect.hash, "clean": self.clean_key, "params": v, "max_len": cfg.train.max_len, "seed": cfg.seed, "test": crate::steps::verify::TEST_VERSION});
         let job = crate::steps::verify::VerifyJob {
             corpus: Some(self.train_spec(train, false)),
             ..self.verify_job(
@@ -362,7 +354,7 @@ impl Pipeline<'_> {
         let cfg = self.cfg;
         let (u, t) = (&cfg.unlearn, &cfg.train);
         let out = self.run.join("repaired");
-        let mut key = json!({"victim": victim.hash, "detect": detect.hash, "model": model.1, "clean": self.clean_key()?, "params": u, "max_len": t.max_len, "seed": cfg.seed});
+        let mut key = json!({"victim": victim.hash, "detect": detect.hash, "model": model.1, "clean": self.clean_key, "params": u, "max_len": t.max_len, "seed": cfg.seed});
         if let Some(e) = effects {
             key["verify"] = json!(e.hash);
         }
@@ -457,19 +449,8 @@ impl Pipeline<'_> {
         ort_lib: &Option<PathBuf>,
     ) -> Result<crate::steps::eval::Scores> {
         let cfg = self.cfg;
-        let files: Vec<String> = cfg
-            .data
-            .test
-            .iter()
-            .chain(&cfg.data.asr_test)
-            .cloned()
-            .collect();
-        let mut test_key = json!(corpus_hash(&files)?);
-        if let Some(f) = &cfg.data.asr_test_filter {
-            test_key = json!([test_key, f]);
-        }
         // "metrics" names the metric set: bumped when eval learns a metric, so reruns recompute it.
-        let key = json!({"model": model.1, "test": test_key, "attack": attack, "backend": ort_lib.is_some(), "max_len": cfg.train.max_len, "metrics": 3});
+        let key = json!({"model": model.1, "test": self.test_key, "attack": attack, "backend": ort_lib.is_some(), "max_len": cfg.train.max_len, "metrics": 3});
         let out = self.run.join(&step);
         let job = crate::steps::eval::EvalJob {
             model: model.0.to_path_buf(),
@@ -528,6 +509,37 @@ impl Pipeline<'_> {
     }
 }
 
+/// What the steps that read the clean data chain on: its content hash, filter and the rows
+/// dropped for overlapping evaluation.
+fn clean_key(cfg: &DefendConfig, dropped: usize) -> Result<Value> {
+    let d = &cfg.data;
+    if d.clean.is_empty() {
+        return Ok(Value::Null);
+    }
+    let mut k = json!([corpus_hash(&d.clean)?, d.clean_filter]);
+    if dropped > 0 {
+        k = json!([k, {"dropped_overlap": dropped}]);
+    }
+    Ok(k)
+}
+
+/// What the evaluation steps chain on: the content hash of the test and ASR splits, and the ASR
+/// split's filter.
+fn test_key(cfg: &DefendConfig) -> Result<Value> {
+    let files: Vec<String> = cfg
+        .data
+        .test
+        .iter()
+        .chain(&cfg.data.asr_test)
+        .cloned()
+        .collect();
+    let key = json!(corpus_hash(&files)?);
+    Ok(match &cfg.data.asr_test_filter {
+        Some(f) => json!([key, f]),
+        None => key,
+    })
+}
+
 /// Why the repair did nothing, or why it may not have worked.
 fn repair_note(
     verified: &Option<Vec<String>>,
@@ -559,6 +571,8 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
         run: run.clone(),
         steps: Runner::new(&run, progress)?,
         progress,
+        clean_key: clean_key(cfg, dropped.len())?,
+        test_key: test_key(cfg)?,
         dropped,
     };
     let train = p.training_data()?;
