@@ -131,8 +131,6 @@ pub struct DemoReport {
     pub defend: DefendReport,
     /// [`table`].
     pub table: String,
-    /// The run directory, when kept (`--out`); replaces the defend result's `run` in the JSON.
-    pub run: Option<PathBuf>,
 }
 
 /// Run the demo.
@@ -164,9 +162,11 @@ pub fn run(job: &DemoJob, progress: &dyn Progress) -> Result<DemoReport> {
     let cfg = config(&dir, job.seed, &job.device, job.backend);
     let mut defend = crate::steps::defend::run(&cfg, progress)?;
     defend.command = "demo".into();
+    if job.out.is_none() {
+        defend.run = None;
+    }
     Ok(DemoReport {
         table: table(&defend),
-        run: job.out.as_ref().map(|_| defend.run.clone()),
         defend,
     })
 }

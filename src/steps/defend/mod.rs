@@ -76,8 +76,8 @@ pub struct DefendReport {
     pub command: String,
     /// btu's version.
     pub version: String,
-    /// The run directory.
-    pub run: PathBuf,
+    /// The run directory (`None` for a demo's temporary one, removed afterwards).
+    pub run: Option<PathBuf>,
     /// The victim's scores.
     pub without_defence: ModelScores,
     /// The repaired model's scores.
@@ -611,7 +611,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
     let report = DefendReport {
         command: "defend".into(),
         version: crate::VERSION.into(),
-        run: run.clone(),
+        run: Some(run.clone()),
         without_defence,
         with_defence,
         acc_change,
