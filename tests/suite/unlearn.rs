@@ -20,21 +20,25 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
     let f = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
+    // The trigger's embedding repaired with the released code's threshold, into `out`.
+    let unlearn = |out: &std::path::Path| {
+        btu([
+            "unlearn",
+            "--checkpoint",
+            s(&f.ckpt),
+            "--reference",
+            s(&f.model),
+            "--suspicious",
+            s(&f.detect.join("suspicious_tokens.arrow")),
+            "--out",
+            s(out),
+            "--threshold",
+            "frobenius",
+        ])
+        .ok()
+    };
     let out = root.join("unlearned-a");
-    let sum = btu([
-        "unlearn",
-        "--checkpoint",
-        s(&f.ckpt),
-        "--reference",
-        s(&f.model),
-        "--suspicious",
-        s(&f.detect.join("suspicious_tokens.arrow")),
-        "--out",
-        s(&out),
-        "--threshold",
-        "frobenius",
-    ])
-    .ok();
+    let sum = unlearn(&out);
     assert!(sum["dimensions_replaced"].as_u64().unwrap() > 0, "{sum}");
     let before = read_safetensors(&f.ckpt.join("model.safetensors")).unwrap();
     let after = read_safetensors(&out.join("model.safetensors")).unwrap();
@@ -101,20 +105,7 @@ fn unlearn_changes_only_word_embeddings_and_apply_masks_replays_it() {
     }
     // Unlearning is deterministic: same inputs, same tensors and table bytes.
     let again = root.join("unlearned-b");
-    btu([
-        "unlearn",
-        "--checkpoint",
-        s(&f.ckpt),
-        "--reference",
-        s(&f.model),
-        "--suspicious",
-        s(&f.detect.join("suspicious_tokens.arrow")),
-        "--out",
-        s(&again),
-        "--threshold",
-        "frobenius",
-    ])
-    .ok();
+    unlearn(&again);
     assert_eq!(
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(again.join("model.safetensors")).unwrap()

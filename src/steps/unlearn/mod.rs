@@ -321,12 +321,11 @@ impl Default for UnlearnParams {
 }
 
 impl UnlearnParams {
-    /// Check every value's domain (exit 78); names spelled with `prefix` (`--` for flags,
-    /// `unlearn.` for a defend config).
+    /// Check the repair's values (exit 78); names spelled with `prefix` (`--` for flags,
+    /// `unlearn.` for a defend config). The clean tuning's epochs and learning rate are checked
+    /// with its other parameters (`TrainParams::validate_as`), when there is clean data.
     pub fn validate_as(&self, prefix: &str) -> Result<()> {
         use crate::validate::{self as v, key};
-        v::at_least(&key(prefix, "clean-epochs"), self.clean_epochs, 1)?;
-        v::learning_rate(&key(prefix, "clean-lr"), self.clean_lr)?;
         v::fraction(&key(prefix, "trigger-rows"), self.trigger_rows)?;
         v::fraction(&key(prefix, "max-residual"), self.max_residual)?;
         v::at_least(&key(prefix, "recheck-rows"), self.recheck_rows, 1)
