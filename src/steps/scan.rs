@@ -16,7 +16,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, SchemaRef};
 
 use crate::error::{BtuError, Result};
-use crate::io::corpus::{read_corpus, CorpusSpec};
+use crate::io::corpus::{read_corpus, CorpusBatch, CorpusSpec};
 use crate::model::tokenizer::BtuTokenizer;
 use crate::progress::Progress;
 
@@ -34,13 +34,6 @@ pub struct ScanJob {
     pub out: PathBuf,
     /// Replace an existing output (`--overwrite`).
     pub overwrite: bool,
-}
-
-#[derive(Default)]
-struct TokenStats {
-    occurrences: u64,
-    rows: u64,
-    labels: BTreeMap<i64, u64>,
 }
 
 /// Rows carrying one flagged token or phrase.
@@ -98,64 +91,14 @@ pub struct ScanReport {
     pub corpus: Option<crate::io::corpus::Fingerprint>,
 }
 
-/// `btu scan`.
+/// `btu scan`: check the output, load what to look for, stream the corpus writing each batch's
+/// flagged rows, then summarise.
 pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
     let t0 = Instant::now();
-    if job.out.extension().is_none_or(|e| e != "parquet") {
-        return Err(BtuError::config(
-            "--out",
-            format!("{} should end in .parquet", job.out.display()),
-        ));
-    }
-    crate::io::output::check_output(&job.out, job.overwrite)?;
+    check_out(job)?;
     let tok = BtuTokenizer::load(&job.tokenizer)?;
-    let mut suspicious = crate::io::tables::read_suspicious_tokens(&job.suspicious)?;
-    // With verification: single tokens by id, phrases by their token sequence in the row.
-    let mut phrases: Vec<(String, Vec<u32>)> = Vec::new();
-    if let Some(p) = &job.effects {
-        let verified: Vec<_> = crate::io::tables::read_token_effects(p)?
-            .into_iter()
-            .filter(|e| e.verified)
-            .collect();
-        let single: std::collections::BTreeSet<u32> = verified
-            .iter()
-            .filter(|e| !e.candidate.contains(' '))
-            .flat_map(|e| e.token_ids.iter().copied())
-            .collect();
-        suspicious.retain(|s| single.contains(&s.token_id));
-        for e in verified.iter().filter(|e| e.candidate.contains(' ')) {
-            let seq = tok.encode_untruncated(std::slice::from_ref(&e.candidate))?;
-            let seq: Vec<u32> = seq[0]
-                .iter()
-                .copied()
-                .filter(|t| !tok.special.contains(t))
-                .collect();
-            if !seq.is_empty() {
-                phrases.push((e.candidate.clone(), seq));
-            }
-        }
-        if suspicious.is_empty() && phrases.is_empty() {
-            tracing::warn!("{}: no verified trigger; no row is flagged", p.display());
-        }
-    }
-    let mut phrase_stats: BTreeMap<String, TokenStats> = phrases
-        .iter()
-        .map(|(p, _)| (p.clone(), TokenStats::default()))
-        .collect();
-    let mut wanted: HashMap<u32, String> = HashMap::new();
-    for s in &suspicious {
-        if tok.token(s.token_id) != s.token {
-            return Err(BtuError::bad_data(
-                job.suspicious.display().to_string(),
-                format!("token id {} is '{}' in the table but '{}' in the tokenizer; scan with the tokenizer detection used", s.token_id, s.token, tok.token(s.token_id)),
-            ));
-        }
-        wanted.insert(s.token_id, s.token.clone());
-    }
-    let mut stats: BTreeMap<u32, TokenStats> =
-        wanted.keys().map(|&t| (t, TokenStats::default())).collect();
-    let (mut scanned, mut flagged, mut poisoned_rows, mut tp) = (0u64, 0u64, 0u64, 0u64);
-    let mut has_poisoned = false;
+    let matcher = Matcher::load(job, &tok)?;
+    let mut tally = Tally::new(&matcher);
     let bar = progress.bar("scan", 0);
     let spec = CorpusSpec {
         label_optional: true,
@@ -167,116 +110,15 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
         // The id column's type, fixed by the first batch with a flagged row.
         let mut first_id: Option<Option<DataType>> = None;
         let fp = read_corpus(&spec, |b| {
-            let n = b.texts.len();
             let seqs = tok.encode_untruncated(&b.texts)?;
-            let poisoned = b
-                .batch
-                .column_by_name("poisoned")
-                .and_then(|c| c.as_boolean_opt().cloned());
-            has_poisoned |= poisoned.is_some();
-            let id_col = b.batch.column_by_name("id").cloned();
-            let mut keep: Vec<u32> = Vec::new();
-            let (mut tokens, mut ids) = (
-                ListBuilder::new(StringBuilder::new()),
-                ListBuilder::new(UInt32Builder::new()),
-            );
-            let mut hits = Vec::new();
-            for (i, s) in seqs.iter().enumerate() {
-                let label = b.labels.as_ref().map(|l| l[i]);
-                let mut seen: Vec<u32> = Vec::new();
-                let mut count = 0u32;
-                for t in s {
-                    if wanted.contains_key(t) {
-                        count += 1;
-                        stats.get_mut(t).expect("wanted").occurrences += 1;
-                        if !seen.contains(t) {
-                            seen.push(*t);
-                        }
-                    }
-                }
-                let mut found: Vec<&(String, Vec<u32>)> = Vec::new();
-                for ph in &phrases {
-                    let n = s
-                        .windows(ph.1.len())
-                        .filter(|w| *w == ph.1.as_slice())
-                        .count();
-                    if n > 0 {
-                        count += n as u32;
-                        found.push(ph);
-                        let st = phrase_stats.get_mut(&ph.0).expect("phrase");
-                        st.occurrences += n as u64;
-                        st.rows += 1;
-                        if let Some(l) = label {
-                            *st.labels.entry(l).or_default() += 1;
-                        }
-                    }
-                }
-                let is_poisoned = poisoned
-                    .as_ref()
-                    .is_some_and(|p| p.is_valid(i) && p.value(i));
-                poisoned_rows += is_poisoned as u64;
-                if count > 0 {
-                    flagged += 1;
-                    tp += is_poisoned as u64;
-                    for t in &seen {
-                        let st = stats.get_mut(t).expect("wanted");
-                        st.rows += 1;
-                        if let Some(l) = label {
-                            *st.labels.entry(l).or_default() += 1;
-                        }
-                        tokens.values().append_value(&wanted[t]);
-                        ids.values().append_value(*t);
-                    }
-                    for (text, seq) in &found {
-                        tokens.values().append_value(text);
-                        ids.values().append_slice(seq);
-                    }
-                    tokens.append(true);
-                    ids.append(true);
-                    hits.push(count);
-                    keep.push(i as u32);
-                }
-            }
-            scanned += n as u64;
-            bar.inc(n as u64);
-            if keep.is_empty() {
+            let flagged = tally.batch(&matcher, &b, &seqs);
+            bar.inc(b.texts.len() as u64);
+            if flagged.keep.is_empty() {
                 return Ok(());
             }
-            let take = UInt32Array::from(keep.clone());
-            let id_type = id_col.as_ref().map(|c| c.data_type().clone());
-            let first_id = first_id.get_or_insert(id_type);
-            let schema: SchemaRef =
-                Arc::new(crate::io::tables::flagged_rows_schema(first_id.clone()));
-            let mut cols: Vec<ArrayRef> = vec![
-                Arc::new(StringArray::from(vec![b.source.as_ref(); keep.len()])),
-                Arc::new(UInt64Array::from(
-                    keep.iter().map(|&i| b.rows[i as usize]).collect::<Vec<_>>(),
-                )),
-            ];
-            if let Some(t) = first_id.as_ref() {
-                let col = match &id_col {
-                    Some(c) => {
-                        let c = arrow::compute::take(c, &take, None)
-                            .map_err(|e| BtuError::internal(e.to_string()))?;
-                        arrow::compute::cast(&c, t).map_err(|e| {
-                            BtuError::bad_data(b.source.to_string(), format!("id column: {e}"))
-                        })?
-                    }
-                    None => arrow::array::new_null_array(t, keep.len()),
-                };
-                cols.push(col);
-            }
-            cols.push(Arc::new(Int64Array::from(
-                keep.iter()
-                    .map(|&i| b.labels.as_ref().map(|l| l[i as usize]))
-                    .collect::<Vec<_>>(),
-            )));
-            cols.push(Arc::new(tokens.finish()));
-            cols.push(Arc::new(ids.finish()));
-            cols.push(Arc::new(UInt32Array::from(hits)));
-            let batch = RecordBatch::try_new(schema, cols)
-                .map_err(|e| BtuError::internal(format!("flagged_rows: {e}")))?;
-            sink.write(&batch)
+            let id_type = b.batch.column_by_name("id").map(|c| c.data_type().clone());
+            let id_type = first_id.get_or_insert(id_type).clone();
+            sink.write(&flagged.into_batch(&b, id_type)?)
         })?;
         // No row flagged: an empty table with the schema.
         sink.finish(|| Arc::new(crate::io::tables::flagged_rows_schema(None)))?;
@@ -284,43 +126,331 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
         Ok(())
     })?;
     bar.finish_and_clear();
-    let seconds = t0.elapsed().as_secs_f64();
-    let shares = |s: &TokenStats| -> BTreeMap<String, f64> {
-        s.labels
-            .iter()
-            .map(|(l, n)| (l.to_string(), *n as f64 / s.rows.max(1) as f64))
-            .collect()
-    };
-    let stat = |token_id: Option<u32>, s: &TokenStats| TokenRows {
-        token_id,
-        phrase: token_id.is_none(),
-        occurrences: s.occurrences,
-        rows: s.rows,
-        label_shares: shares(s),
-    };
-    let mut tokens: BTreeMap<String, TokenRows> = stats
-        .iter()
-        .map(|(t, s)| (wanted[t].clone(), stat(Some(*t), s)))
-        .collect();
-    for (p, s) in &phrase_stats {
-        tokens.insert(p.clone(), stat(None, s));
+    Ok(tally.report(job, &matcher, t0.elapsed().as_secs_f64(), fingerprint))
+}
+
+/// The output must be a new (or, with --overwrite, replaceable) `.parquet` file.
+fn check_out(job: &ScanJob) -> Result<()> {
+    if job.out.extension().is_none_or(|e| e != "parquet") {
+        return Err(BtuError::config(
+            "--out",
+            format!("{} should end in .parquet", job.out.display()),
+        ));
     }
-    let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
-    Ok(ScanReport {
-        command: "scan".into(),
-        version: crate::VERSION.into(),
-        out: job.out.clone(),
-        rows_scanned: scanned,
-        rows_flagged: flagged,
-        tokens,
-        poisoned: has_poisoned.then(|| ScanQuality {
-            poisoned_rows,
-            flagged_and_poisoned: tp,
-            precision: ratio(tp, flagged),
-            recall: ratio(tp, poisoned_rows),
-        }),
-        seconds,
-        rows_per_s: scanned as f64 / seconds.max(1e-9),
-        corpus: fingerprint,
-    })
+    crate::io::output::check_output(&job.out, job.overwrite)
+}
+
+/// What a row is flagged for: single tokens by id, verified phrases by their token sequence.
+struct Matcher {
+    /// Token id -> its text, each checked against the tokenizer.
+    wanted: HashMap<u32, String>,
+    /// Verified phrases (with `--effects`) and their token sequences.
+    phrases: Vec<(String, Vec<u32>)>,
+}
+
+impl Matcher {
+    /// The suspicious tokens, narrowed to the verified triggers when `--effects` is given.
+    fn load(job: &ScanJob, tok: &BtuTokenizer) -> Result<Self> {
+        let mut suspicious = crate::io::tables::read_suspicious_tokens(&job.suspicious)?;
+        let mut phrases = Vec::new();
+        if let Some(p) = &job.effects {
+            let verified: Vec<_> = crate::io::tables::read_token_effects(p)?
+                .into_iter()
+                .filter(|e| e.verified)
+                .collect();
+            let single: std::collections::BTreeSet<u32> = verified
+                .iter()
+                .filter(|e| !e.candidate.contains(' '))
+                .flat_map(|e| e.token_ids.iter().copied())
+                .collect();
+            suspicious.retain(|s| single.contains(&s.token_id));
+            phrases = phrase_sequences(&verified, tok)?;
+            if suspicious.is_empty() && phrases.is_empty() {
+                tracing::warn!("{}: no verified trigger; no row is flagged", p.display());
+            }
+        }
+        let mut wanted = HashMap::new();
+        for s in &suspicious {
+            if tok.token(s.token_id) != s.token {
+                return Err(BtuError::bad_data(
+                    job.suspicious.display().to_string(),
+                    format!("token id {} is '{}' in the table but '{}' in the tokenizer; scan with the tokenizer detection used", s.token_id, s.token, tok.token(s.token_id)),
+                ));
+            }
+            wanted.insert(s.token_id, s.token.clone());
+        }
+        Ok(Matcher { wanted, phrases })
+    }
+
+    /// What one row's token sequence carries.
+    fn find<'a>(&'a self, seq: &[u32]) -> RowMatch<'a> {
+        let mut m = RowMatch::default();
+        for t in seq.iter().filter(|t| self.wanted.contains_key(t)) {
+            m.count += 1;
+            m.token_occurrences.push(*t);
+            if !m.tokens.contains(t) {
+                m.tokens.push(*t);
+            }
+        }
+        for ph in &self.phrases {
+            let n = seq
+                .windows(ph.1.len())
+                .filter(|w| *w == ph.1.as_slice())
+                .count();
+            if n > 0 {
+                m.count += n as u32;
+                m.phrases.push((ph, n as u64));
+            }
+        }
+        m
+    }
+}
+
+/// The verified phrases' token sequences (special tokens dropped; empty ones skipped).
+fn phrase_sequences(
+    verified: &[crate::io::tables::TokenEffect],
+    tok: &BtuTokenizer,
+) -> Result<Vec<(String, Vec<u32>)>> {
+    let mut phrases = Vec::new();
+    for e in verified.iter().filter(|e| e.candidate.contains(' ')) {
+        let seq = tok.encode_untruncated(std::slice::from_ref(&e.candidate))?;
+        let seq: Vec<u32> = seq[0]
+            .iter()
+            .copied()
+            .filter(|t| !tok.special.contains(t))
+            .collect();
+        if !seq.is_empty() {
+            phrases.push((e.candidate.clone(), seq));
+        }
+    }
+    Ok(phrases)
+}
+
+/// One row's matches.
+#[derive(Default)]
+struct RowMatch<'a> {
+    /// Occurrences of tokens and phrases together (the `hits` column).
+    count: u32,
+    /// Each occurrence of a wanted token, in row order.
+    token_occurrences: Vec<u32>,
+    /// The distinct wanted tokens, in order of first occurrence.
+    tokens: Vec<u32>,
+    /// The phrases found, with their occurrences.
+    phrases: Vec<(&'a (String, Vec<u32>), u64)>,
+}
+
+#[derive(Default)]
+struct TokenStats {
+    occurrences: u64,
+    rows: u64,
+    labels: BTreeMap<i64, u64>,
+}
+
+impl TokenStats {
+    /// One row carrying the token or phrase.
+    fn add_row(&mut self, label: Option<i64>) {
+        self.rows += 1;
+        if let Some(l) = label {
+            *self.labels.entry(l).or_default() += 1;
+        }
+    }
+
+    /// The summary entry.
+    fn rows(&self, token_id: Option<u32>) -> TokenRows {
+        TokenRows {
+            token_id,
+            phrase: token_id.is_none(),
+            occurrences: self.occurrences,
+            rows: self.rows,
+            label_shares: self
+                .labels
+                .iter()
+                .map(|(l, n)| (l.to_string(), *n as f64 / self.rows.max(1) as f64))
+                .collect(),
+        }
+    }
+}
+
+/// The counters that outlive a batch.
+struct Tally {
+    tokens: BTreeMap<u32, TokenStats>,
+    phrases: BTreeMap<String, TokenStats>,
+    scanned: u64,
+    flagged: u64,
+    poisoned_rows: u64,
+    flagged_and_poisoned: u64,
+    has_poisoned: bool,
+}
+
+impl Tally {
+    fn new(m: &Matcher) -> Self {
+        Tally {
+            tokens: m
+                .wanted
+                .keys()
+                .map(|&t| (t, TokenStats::default()))
+                .collect(),
+            phrases: m
+                .phrases
+                .iter()
+                .map(|(p, _)| (p.clone(), TokenStats::default()))
+                .collect(),
+            scanned: 0,
+            flagged: 0,
+            poisoned_rows: 0,
+            flagged_and_poisoned: 0,
+            has_poisoned: false,
+        }
+    }
+
+    /// Count one batch and collect its flagged rows.
+    fn batch(&mut self, m: &Matcher, b: &CorpusBatch, seqs: &[Vec<u32>]) -> Flagged {
+        let poisoned = b
+            .batch
+            .column_by_name("poisoned")
+            .and_then(|c| c.as_boolean_opt().cloned());
+        self.has_poisoned |= poisoned.is_some();
+        let mut out = Flagged::default();
+        for (i, seq) in seqs.iter().enumerate() {
+            let label = b.labels.as_ref().map(|l| l[i]);
+            let found = m.find(seq);
+            for t in &found.token_occurrences {
+                self.tokens.get_mut(t).expect("wanted").occurrences += 1;
+            }
+            for (ph, n) in &found.phrases {
+                let st = self.phrases.get_mut(&ph.0).expect("phrase");
+                st.occurrences += n;
+                st.add_row(label);
+            }
+            let is_poisoned = poisoned
+                .as_ref()
+                .is_some_and(|p| p.is_valid(i) && p.value(i));
+            self.poisoned_rows += is_poisoned as u64;
+            if found.count == 0 {
+                continue;
+            }
+            self.flagged += 1;
+            self.flagged_and_poisoned += is_poisoned as u64;
+            for t in &found.tokens {
+                self.tokens.get_mut(t).expect("wanted").add_row(label);
+            }
+            out.push(i as u32, m, &found);
+        }
+        self.scanned += seqs.len() as u64;
+        out
+    }
+
+    /// The summary.
+    fn report(
+        self,
+        job: &ScanJob,
+        m: &Matcher,
+        seconds: f64,
+        corpus: Option<crate::io::corpus::Fingerprint>,
+    ) -> ScanReport {
+        let mut tokens: BTreeMap<String, TokenRows> = self
+            .tokens
+            .iter()
+            .map(|(t, s)| (m.wanted[t].clone(), s.rows(Some(*t))))
+            .collect();
+        for (p, s) in &self.phrases {
+            tokens.insert(p.clone(), s.rows(None));
+        }
+        let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
+        ScanReport {
+            command: "scan".into(),
+            version: crate::VERSION.into(),
+            out: job.out.clone(),
+            rows_scanned: self.scanned,
+            rows_flagged: self.flagged,
+            tokens,
+            poisoned: self.has_poisoned.then(|| ScanQuality {
+                poisoned_rows: self.poisoned_rows,
+                flagged_and_poisoned: self.flagged_and_poisoned,
+                precision: ratio(self.flagged_and_poisoned, self.flagged),
+                recall: ratio(self.flagged_and_poisoned, self.poisoned_rows),
+            }),
+            seconds,
+            rows_per_s: self.scanned as f64 / seconds.max(1e-9),
+            corpus,
+        }
+    }
+}
+
+/// One batch's flagged rows, column by column.
+struct Flagged {
+    keep: Vec<u32>,
+    tokens: ListBuilder<StringBuilder>,
+    ids: ListBuilder<UInt32Builder>,
+    hits: Vec<u32>,
+}
+
+impl Default for Flagged {
+    fn default() -> Self {
+        Flagged {
+            keep: Vec::new(),
+            tokens: ListBuilder::new(StringBuilder::new()),
+            ids: ListBuilder::new(UInt32Builder::new()),
+            hits: Vec::new(),
+        }
+    }
+}
+
+impl Flagged {
+    /// Row `i` of the batch, with what it carries.
+    fn push(&mut self, i: u32, m: &Matcher, found: &RowMatch) {
+        for t in &found.tokens {
+            self.tokens.values().append_value(&m.wanted[t]);
+            self.ids.values().append_value(*t);
+        }
+        for ((text, seq), _) in &found.phrases {
+            self.tokens.values().append_value(text);
+            self.ids.values().append_slice(seq);
+        }
+        self.tokens.append(true);
+        self.ids.append(true);
+        self.hits.push(found.count);
+        self.keep.push(i);
+    }
+
+    /// The `flagged_rows` batch; the id column cast to `id_type` (the first flagged batch's).
+    fn into_batch(mut self, b: &CorpusBatch, id_type: Option<DataType>) -> Result<RecordBatch> {
+        let n = self.keep.len();
+        let schema: SchemaRef = Arc::new(crate::io::tables::flagged_rows_schema(id_type.clone()));
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![b.source.as_ref(); n])),
+            Arc::new(UInt64Array::from(
+                self.keep
+                    .iter()
+                    .map(|&i| b.rows[i as usize])
+                    .collect::<Vec<_>>(),
+            )),
+        ];
+        if let Some(t) = &id_type {
+            cols.push(self.id_column(b, t)?);
+        }
+        cols.push(Arc::new(Int64Array::from(
+            self.keep
+                .iter()
+                .map(|&i| b.labels.as_ref().map(|l| l[i as usize]))
+                .collect::<Vec<_>>(),
+        )));
+        cols.push(Arc::new(self.tokens.finish()));
+        cols.push(Arc::new(self.ids.finish()));
+        cols.push(Arc::new(UInt32Array::from(std::mem::take(&mut self.hits))));
+        RecordBatch::try_new(schema, cols)
+            .map_err(|e| BtuError::internal(format!("flagged_rows: {e}")))
+    }
+
+    /// The flagged rows' ids as `t` (nulls when this file has no id column).
+    fn id_column(&self, b: &CorpusBatch, t: &DataType) -> Result<ArrayRef> {
+        let Some(c) = b.batch.column_by_name("id") else {
+            return Ok(arrow::array::new_null_array(t, self.keep.len()));
+        };
+        let take = UInt32Array::from(self.keep.clone());
+        let c =
+            arrow::compute::take(c, &take, None).map_err(|e| BtuError::internal(e.to_string()))?;
+        arrow::compute::cast(&c, t)
+            .map_err(|e| BtuError::bad_data(b.source.to_string(), format!("id column: {e}")))
+    }
 }

@@ -489,14 +489,12 @@ pub struct UnlearnReport {
     pub seconds: f64,
 }
 
-/// `btu unlearn`.
+/// `btu unlearn`: read the checkpoint and the reference, choose the cells (verified triggers
+/// with escalation, or every suspicious token), write the repaired checkpoint with its mask
+/// table, then fine-tune on clean data where that is asked for.
 pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
     let t0 = Instant::now();
-    job.params.validate_as("--")?;
-    if job.clean_corpus.is_some() {
-        job.clean_params().validate_as("--", true)?;
-    }
-    crate::io::output::check_output(&job.out, job.overwrite)?;
+    validate(job)?;
     let Checkpoint {
         dir: ckpt,
         tokenizer: tok,
@@ -514,15 +512,13 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
     check_tokens(&tokens, &tok, eb.rows, &job.suspicious)?;
     let verified = read_verified(job, eb.rows)?;
     let overlap_checked = check_clean_disjoint(job)?;
-    let d_bar = threshold(&e, &eb, job.params.threshold);
-    let pad = tok.pad_id;
     let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
     copy_model_files(&out, &job.checkpoint)?;
     let ctx = Embeddings {
         e: &e,
         eb: &eb,
         name: &wn,
-        d_bar,
+        d_bar: threshold(&e, &eb, job.params.threshold),
     };
     let (masks, stages) = match &verified {
         Some(v) => {
@@ -531,89 +527,37 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
             (with_unverified(job, masks, &tokens, &ctx), stages)
         }
         None => (
-            compute_masks(&e, &eb, &tokens, pad, d_bar, job.params.replacement),
+            compute_masks(
+                &e,
+                &eb,
+                &tokens,
+                tok.pad_id,
+                ctx.d_bar,
+                job.params.replacement,
+            ),
             None,
         ),
     };
-    let mut repaired = eb.clone();
-    apply(&mut repaired, &masks);
-    crate::validate::finite(
-        &job.checkpoint.display().to_string(),
-        &wn,
-        repaired.data.iter().copied(),
-    )?;
-    let raw = raw_like(&repaired, &trained.tensors[&wn])?;
-    trained.tensors.insert(wn.clone(), raw);
-    trained
-        .metadata
-        .insert("btu:command".into(), "unlearn".into());
-    trained
-        .metadata
-        .insert("btu:unlearned_from_sha256".into(), ckpt_sha.clone());
-    trained
-        .metadata
-        .insert("btu:reference_sha256".into(), ref_sha.clone());
     // The rule that chose the cells, as the mask table names it.
-    let rule = if verified.is_some() {
-        "verified-escalated".to_string()
-    } else {
-        kebab(&job.params.threshold)?
+    let rule = match &verified {
+        Some(_) => "verified-escalated".to_string(),
+        None => kebab(&job.params.threshold)?,
     };
-    trained
-        .metadata
-        .insert("btu:threshold_rule".into(), rule.clone());
-    let mut params = json!({
-        "threshold": job.params.threshold, "replacement": job.params.replacement,
-        "clean": job.clean_corpus.as_ref().map(|_| job.clean_params()), "seed": job.seed,
-    });
-    if let Some(e) = &job.effects {
-        params["effects"] = json!(e);
-        params["trigger_rows"] = json!(job.params.trigger_rows);
-        params["max_residual"] = json!(job.params.max_residual);
-        params["recheck"] = json!(job.recheck_params());
-        params["unverified"] = json!(job.params.unverified);
-        params["clean_tuning"] = json!(job.params.clean_tuning);
-    }
-    let meta = TableMeta {
-        command: "unlearn".into(),
-        params: params.clone(),
-        model_sha256: ckpt_sha.clone(),
-        corpus_fingerprint: None,
-        extra: vec![
-            ("btu:threshold_rule".into(), rule),
-            ("btu:threshold".into(), format!("{d_bar}")),
-            ("btu:replacement".into(), kebab(&job.params.replacement)?),
-            ("btu:pad_token_id".into(), pad.to_string()),
-            ("btu:vocab_size".into(), eb.rows.to_string()),
-            ("btu:hidden_size".into(), eb.cols.to_string()),
-        ],
-    };
+    replace_rows(job, &ctx, &masks, &mut trained)?;
+    stamp(&mut trained, &ckpt_sha, &ref_sha, &rule);
+    let meta = mask_table_meta(job, &rule, &ctx, tok.pad_id, &ckpt_sha)?;
     let mask_batch = crate::io::tables::dimension_masks_batch(&masks, &meta)?;
     write_checkpoint(&out, &job.checkpoint, &trained, &mask_batch)?;
-    let inserts: &[Candidate] = match &verified {
-        Some(v) if job.params.trigger_rows > 0.0 => v,
-        _ => &[],
-    };
-    let persisting = stages
-        .as_ref()
-        .and_then(|s| s.last())
-        .is_some_and(|s| !s.persisting.is_empty());
-    let tune = match job.params.clean_tuning {
-        CleanTuning::Always => true,
-        CleanTuning::Auto => verified.is_none() || persisting,
-    };
-    let clean_summary = match &job.clean_corpus {
-        Some(clean) if tune => Some(CleanTuningReport {
-            disjoint_from: overlap_checked,
-            ..clean_tune(job, clean, inserts, &trained, &tok, &out, progress)?
-        }),
-        Some(_) => Some(CleanTuningReport {
-            skipped: Some("no verified trigger flips the model after the repair, so no other weight changes (--clean-tuning auto)".into()),
-            disjoint_from: overlap_checked,
-            ..Default::default()
-        }),
-        None => None,
-    };
+    let clean_tuning = tune_if_needed(
+        job,
+        verified.as_deref(),
+        stages.as_deref(),
+        overlap_checked,
+        &trained,
+        &tok,
+        &out,
+        progress,
+    )?;
     out.commit()?;
     let per_token: BTreeMap<String, usize> = masks.iter().fold(BTreeMap::new(), |mut m, x| {
         *m.entry(x.token.clone()).or_default() += 1;
@@ -626,9 +570,9 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
         checkpoint_sha256: ckpt_sha,
         reference_sha256: ref_sha,
         threshold_rule: job.params.threshold,
-        threshold: d_bar,
+        threshold: ctx.d_bar,
         replacement: job.params.replacement,
-        pad_token_id: pad,
+        pad_token_id: tok.pad_id,
         tokens: per_token.len(),
         dimensions_replaced: masks.len(),
         repaired: !masks.is_empty(),
@@ -637,9 +581,125 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
         escalation: stages,
         dimensions_per_token: per_token,
         hidden_size: eb.cols,
-        clean_tuning: clean_summary,
+        clean_tuning,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The repair's and the clean fine-tune's parameters, and the output, before any work.
+fn validate(job: &UnlearnJob) -> Result<()> {
+    job.params.validate_as("--")?;
+    if job.clean_corpus.is_some() {
+        job.clean_params().validate_as("--", true)?;
+    }
+    crate::io::output::check_output(&job.out, job.overwrite)
+}
+
+/// Apply the masks to the trained word embeddings in `file` (checked finite).
+fn replace_rows(
+    job: &UnlearnJob,
+    ctx: &Embeddings,
+    masks: &[DimensionMask],
+    file: &mut SafetensorsFile,
+) -> Result<()> {
+    let mut repaired = ctx.eb.clone();
+    apply(&mut repaired, masks);
+    crate::validate::finite(
+        &job.checkpoint.display().to_string(),
+        ctx.name,
+        repaired.data.iter().copied(),
+    )?;
+    let raw = raw_like(&repaired, &file.tensors[ctx.name])?;
+    file.tensors.insert(ctx.name.to_string(), raw);
+    Ok(())
+}
+
+/// The repaired checkpoint's provenance: the command, what it was repaired from, the rule.
+fn stamp(file: &mut SafetensorsFile, ckpt_sha: &str, ref_sha: &str, rule: &str) {
+    for (k, v) in [
+        ("btu:command", "unlearn"),
+        ("btu:unlearned_from_sha256", ckpt_sha),
+        ("btu:reference_sha256", ref_sha),
+        ("btu:threshold_rule", rule),
+    ] {
+        file.metadata.insert(k.into(), v.into());
+    }
+}
+
+/// The provenance metadata of `dimension_masks.arrow`.
+fn mask_table_meta(
+    job: &UnlearnJob,
+    rule: &str,
+    ctx: &Embeddings,
+    pad: u32,
+    ckpt_sha: &str,
+) -> Result<TableMeta> {
+    let mut params = json!({
+        "threshold": job.params.threshold, "replacement": job.params.replacement,
+        "clean": job.clean_corpus.as_ref().map(|_| job.clean_params()), "seed": job.seed,
+    });
+    if let Some(e) = &job.effects {
+        params["effects"] = json!(e);
+        params["trigger_rows"] = json!(job.params.trigger_rows);
+        params["max_residual"] = json!(job.params.max_residual);
+        params["recheck"] = json!(job.recheck_params());
+        params["unverified"] = json!(job.params.unverified);
+        params["clean_tuning"] = json!(job.params.clean_tuning);
+    }
+    Ok(TableMeta {
+        command: "unlearn".into(),
+        params,
+        model_sha256: ckpt_sha.to_string(),
+        corpus_fingerprint: None,
+        extra: vec![
+            ("btu:threshold_rule".into(), rule.to_string()),
+            ("btu:threshold".into(), format!("{}", ctx.d_bar)),
+            ("btu:replacement".into(), kebab(&job.params.replacement)?),
+            ("btu:pad_token_id".into(), pad.to_string()),
+            ("btu:vocab_size".into(), ctx.eb.rows.to_string()),
+            ("btu:hidden_size".into(), ctx.eb.cols.to_string()),
+        ],
+    })
+}
+
+/// The clean fine-tune, when there is clean data and `--clean-tuning` asks for it (`auto`:
+/// unless every verified trigger stopped flipping the model after the repair).
+#[allow(clippy::too_many_arguments)]
+fn tune_if_needed(
+    job: &UnlearnJob,
+    verified: Option<&[Candidate]>,
+    stages: Option<&[escalate::Stage]>,
+    disjoint_from: Vec<String>,
+    trained: &SafetensorsFile,
+    tok: &crate::model::tokenizer::BtuTokenizer,
+    out: &crate::io::output::OutputDir,
+    progress: &dyn Progress,
+) -> Result<Option<CleanTuningReport>> {
+    let Some(clean) = &job.clean_corpus else {
+        return Ok(None);
+    };
+    let persisting = stages
+        .and_then(|s| s.last())
+        .is_some_and(|s| !s.persisting.is_empty());
+    let tune = match job.params.clean_tuning {
+        CleanTuning::Always => true,
+        CleanTuning::Auto => verified.is_none() || persisting,
+    };
+    if !tune {
+        return Ok(Some(CleanTuningReport {
+            skipped: Some("no verified trigger flips the model after the repair, so no other weight changes (--clean-tuning auto)".into()),
+            disjoint_from,
+            ..Default::default()
+        }));
+    }
+    let inserts: &[Candidate] = match verified {
+        Some(v) if job.params.trigger_rows > 0.0 => v,
+        _ => &[],
+    };
+    Ok(Some(CleanTuningReport {
+        disjoint_from,
+        ..clean_tune(job, clean, inserts, trained, tok, out, progress)?
+    }))
 }
 
 /// The reference model's word embeddings `e` (the same shape as the checkpoint's `eb`) and the
