@@ -307,114 +307,25 @@ pub fn read_corpus(
     spec: &CorpusSpec,
     mut each: impl FnMut(CorpusBatch) -> Result<()>,
 ) -> Result<Fingerprint> {
-    if let Some(s) = spec.sample {
-        if !(s > 0.0 && s <= 1.0) {
-            return Err(BtuError::config(
-                "--sample",
-                format!("{s} is not a fraction in (0, 1]"),
-            ));
-        }
-    }
+    check_sample(spec)?;
     let files = resolve_inputs(&spec.inputs)?;
-    let mut hasher = Sha256::new();
-    let mut rows_out: u64 = 0;
-    let mut position: u64 = 0;
-    let rt = runtime();
-    rt.block_on(async {
+    let mut rows = RowSelection::new(spec);
+    runtime().block_on(async {
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-        'files: for f in &files {
-            if spec.limit.is_some_and(|l| rows_out >= l) {
+        for f in &files {
+            if rows.full() {
                 break;
             }
-            let ext = Path::new(&f.path).extension().and_then(|e| e.to_str()).unwrap_or("");
-            let ext = if ext.is_empty() { String::new() } else { format!(".{ext}") };
-            if let Some(u) = crate::io::store::S3Url::parse(&f.path) {
-                ctx.register_object_store(&u.root(), crate::io::store::s3_store(&u.bucket)?);
-            }
-            let opts = ParquetReadOptions { file_extension: &ext, ..Default::default() };
-            let df = ctx.read_parquet(f.path.clone(), opts).await.map_err(|e| df_err(&f.path, e))?;
-            let schema = df.schema().as_arrow().clone();
-            let text_field = schema.field_with_name(&spec.text_col).map_err(|_| {
-                BtuError::bad_data(
-                    &f.path,
-                    format!(
-                        "missing text column '{}' (columns: {}); name it with --text-col",
-                        spec.text_col,
-                        column_names(&schema)
-                    ),
-                )
-            })?;
-            if !is_text(text_field.data_type()) {
-                return Err(BtuError::bad_data(
-                    &f.path,
-                    format!("text column '{}' has type {}, expected a string type; pick another with --text-col", spec.text_col, text_field.data_type()),
-                ));
-            }
-            let mut eff = spec.clone();
-            if spec.label_optional && spec.label_col.as_ref().is_some_and(|lc| schema.field_with_name(lc).is_err()) {
-                eff.label_col = None;
-            }
-            if let Some(lc) = &eff.label_col {
-                let lf = schema.field_with_name(lc).map_err(|_| {
-                    BtuError::bad_data(
-                        &f.path,
-                        format!("missing label column '{lc}' (columns: {}); name it with --label-col", column_names(&schema)),
-                    )
-                })?;
-                if !is_integer(lf.data_type()) {
-                    return Err(BtuError::bad_data(
-                        &f.path,
-                        format!("label column '{lc}' has type {}, expected integers; pick another with --label-col", lf.data_type()),
-                    ));
-                }
-            }
-            let df_schema = df.schema().clone();
-            let predicate = match &spec.filter {
-                Some(sql) => {
-                    let expr = df.parse_sql_expr(sql).map_err(|e| BtuError::config("--filter", format!("'{sql}': {e}")))?;
-                    Some(
-                        ctx.create_physical_expr(expr, &df_schema)
-                            .map_err(|e| BtuError::config("--filter", format!("'{sql}': {e}")))?,
-                    )
-                }
-                None => None,
-            };
+            let (df, eff) = open_file(&ctx, f, spec).await?;
+            let predicate = filter_predicate(&ctx, &df, spec)?;
             let mut stream = df.execute_stream().await.map_err(|e| df_err(&f.path, e))?;
             let source: Arc<str> = Arc::from(f.path.as_str());
             let mut file_row: u64 = 0;
             while let Some(batch) = stream.next().await {
                 let batch = batch.map_err(|e| df_err(&f.path, e))?;
                 let n = batch.num_rows();
-                let mut keep: Vec<bool> = vec![true; n];
-                if let Some(p) = &predicate {
-                    let v = p
-                        .evaluate(&batch)
-                        .and_then(|v| v.into_array(n))
-                        .map_err(|e| BtuError::config("--filter", format!("cannot evaluate: {e}")))?;
-                    let mask = v.as_boolean_opt().ok_or_else(|| {
-                        BtuError::config("--filter", "the predicate must be a boolean expression")
-                    })?;
-                    for (i, k) in keep.iter_mut().enumerate() {
-                        *k = mask.is_valid(i) && mask.value(i);
-                    }
-                }
-                if !spec.exclude_texts.is_empty() {
-                    exclude_rows(&batch, &spec.text_col, &spec.exclude_texts, &mut keep);
-                }
-                let mut idx: Vec<u64> = Vec::new();
-                for (i, k) in keep.iter().enumerate() {
-                    if *k {
-                        let pos = position;
-                        position += 1;
-                        if spec.sample.is_some_and(|s| !sample_keep(spec.seed, pos, s)) {
-                            continue;
-                        }
-                        if spec.limit.is_some_and(|l| rows_out + idx.len() as u64 >= l) {
-                            break;
-                        }
-                        idx.push(i as u64);
-                    }
-                }
+                let keep = row_mask(&batch, predicate.as_deref(), spec)?;
+                let idx = rows.select(&keep);
                 let first = file_row;
                 file_row += n as u64;
                 if idx.is_empty() {
@@ -423,42 +334,245 @@ pub fn read_corpus(
                 let take = arrow::array::UInt64Array::from(idx.clone());
                 let batch = arrow::compute::take_record_batch(&batch, &take)
                     .map_err(|e| BtuError::internal(format!("take: {e}")))?;
-                let cb = check_batch(&eff, &f.path, source.clone(), batch, idx.iter().map(|i| first + i).collect())?;
-                for (i, t) in cb.texts.iter().enumerate() {
-                    hasher.update((t.len() as u64).to_le_bytes());
-                    hasher.update(t.as_bytes());
-                    if let Some(l) = &cb.labels {
-                        hasher.update(l[i].to_le_bytes());
-                    }
-                }
-                rows_out += cb.texts.len() as u64;
+                let rows_in_file = idx.iter().map(|i| first + i).collect();
+                let cb = check_batch(&eff, &f.path, source.clone(), batch, rows_in_file)?;
+                rows.record(&cb);
                 each(cb)?;
-                if spec.limit.is_some_and(|l| rows_out >= l) {
-                    break 'files;
+                if rows.full() {
+                    break;
                 }
             }
         }
         Ok::<(), BtuError>(())
     })?;
-    if rows_out == 0 {
-        let what = files
-            .iter()
-            .map(|f| f.path.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+    rows.fingerprint(files, spec)
+}
+
+/// `--sample` must be a fraction in (0, 1].
+fn check_sample(spec: &CorpusSpec) -> Result<()> {
+    match spec.sample {
+        Some(s) if !(s > 0.0 && s <= 1.0) => Err(BtuError::config(
+            "--sample",
+            format!("{s} is not a fraction in (0, 1]"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Open one Parquet file (registering its object store) and check its columns; returns the
+/// frame and the spec that applies to it (the label column dropped where it is optional and
+/// absent).
+async fn open_file(
+    ctx: &SessionContext,
+    f: &InputFile,
+    spec: &CorpusSpec,
+) -> Result<(datafusion::prelude::DataFrame, CorpusSpec)> {
+    let ext = Path::new(&f.path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("");
+    let ext = if ext.is_empty() {
+        String::new()
+    } else {
+        format!(".{ext}")
+    };
+    if let Some(u) = crate::io::store::S3Url::parse(&f.path) {
+        ctx.register_object_store(&u.root(), crate::io::store::s3_store(&u.bucket)?);
+    }
+    let opts = ParquetReadOptions {
+        file_extension: &ext,
+        ..Default::default()
+    };
+    let df = ctx
+        .read_parquet(f.path.clone(), opts)
+        .await
+        .map_err(|e| df_err(&f.path, e))?;
+    let eff = check_columns(df.schema().as_arrow(), spec, &f.path)?;
+    Ok((df, eff))
+}
+
+/// The text column must be a string type and the label column (unless optional and absent)
+/// an integer type.
+fn check_columns(
+    schema: &arrow::datatypes::Schema,
+    spec: &CorpusSpec,
+    path: &str,
+) -> Result<CorpusSpec> {
+    let text_field = schema.field_with_name(&spec.text_col).map_err(|_| {
+        BtuError::bad_data(
+            path,
+            format!(
+                "missing text column '{}' (columns: {}); name it with --text-col",
+                spec.text_col,
+                column_names(schema)
+            ),
+        )
+    })?;
+    if !is_text(text_field.data_type()) {
         return Err(BtuError::bad_data(
-            what,
-            "the corpus has no rows (after --filter/--sample/--limit); give a corpus with data",
+            path,
+            format!("text column '{}' has type {}, expected a string type; pick another with --text-col", spec.text_col, text_field.data_type()),
         ));
     }
-    Ok(Fingerprint {
-        files,
-        rows: rows_out,
-        content_sha256: hex::encode(hasher.finalize()),
-        filter: spec.filter.clone(),
-        limit: spec.limit,
-        sample: spec.sample,
-    })
+    let mut eff = spec.clone();
+    if spec.label_optional
+        && spec
+            .label_col
+            .as_ref()
+            .is_some_and(|lc| schema.field_with_name(lc).is_err())
+    {
+        eff.label_col = None;
+    }
+    if let Some(lc) = &eff.label_col {
+        let lf = schema.field_with_name(lc).map_err(|_| {
+            BtuError::bad_data(
+                path,
+                format!(
+                    "missing label column '{lc}' (columns: {}); name it with --label-col",
+                    column_names(schema)
+                ),
+            )
+        })?;
+        if !is_integer(lf.data_type()) {
+            return Err(BtuError::bad_data(
+                path,
+                format!("label column '{lc}' has type {}, expected integers; pick another with --label-col", lf.data_type()),
+            ));
+        }
+    }
+    Ok(eff)
+}
+
+type Predicate = Arc<dyn datafusion::physical_plan::PhysicalExpr>;
+
+/// `--filter` compiled against the file's schema.
+fn filter_predicate(
+    ctx: &SessionContext,
+    df: &datafusion::prelude::DataFrame,
+    spec: &CorpusSpec,
+) -> Result<Option<Predicate>> {
+    let Some(sql) = &spec.filter else {
+        return Ok(None);
+    };
+    let bad = |e: datafusion::error::DataFusionError| {
+        BtuError::config("--filter", format!("'{sql}': {e}"))
+    };
+    let expr = df.parse_sql_expr(sql).map_err(bad)?;
+    Ok(Some(
+        ctx.create_physical_expr(expr, df.schema()).map_err(bad)?,
+    ))
+}
+
+/// The rows of `batch` that pass `--filter` and are not excluded by text.
+fn row_mask(
+    batch: &RecordBatch,
+    predicate: Option<&dyn datafusion::physical_plan::PhysicalExpr>,
+    spec: &CorpusSpec,
+) -> Result<Vec<bool>> {
+    let n = batch.num_rows();
+    let mut keep: Vec<bool> = vec![true; n];
+    if let Some(p) = predicate {
+        let v = p
+            .evaluate(batch)
+            .and_then(|v| v.into_array(n))
+            .map_err(|e| BtuError::config("--filter", format!("cannot evaluate: {e}")))?;
+        let mask = v.as_boolean_opt().ok_or_else(|| {
+            BtuError::config("--filter", "the predicate must be a boolean expression")
+        })?;
+        for (i, k) in keep.iter_mut().enumerate() {
+            *k = mask.is_valid(i) && mask.value(i);
+        }
+    }
+    if !spec.exclude_texts.is_empty() {
+        exclude_rows(batch, &spec.text_col, &spec.exclude_texts, &mut keep);
+    }
+    Ok(keep)
+}
+
+/// `--sample` and `--limit` over the rows that pass the filter, and the content hash of the
+/// rows read.
+struct RowSelection {
+    sample: Option<f64>,
+    seed: u64,
+    limit: Option<u64>,
+    /// Rows that passed the filter so far (the sample's position).
+    position: u64,
+    /// Rows handed out so far.
+    rows_out: u64,
+    hasher: Sha256,
+}
+
+impl RowSelection {
+    fn new(spec: &CorpusSpec) -> Self {
+        RowSelection {
+            sample: spec.sample,
+            seed: spec.seed,
+            limit: spec.limit,
+            position: 0,
+            rows_out: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Whether `--limit` rows have been read.
+    fn full(&self) -> bool {
+        self.limit.is_some_and(|l| self.rows_out >= l)
+    }
+
+    /// Indices of the rows of a batch to read, given which pass the filter.
+    fn select(&mut self, keep: &[bool]) -> Vec<u64> {
+        let mut idx: Vec<u64> = Vec::new();
+        for (i, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
+            let pos = self.position;
+            self.position += 1;
+            if self.sample.is_some_and(|s| !sample_keep(self.seed, pos, s)) {
+                continue;
+            }
+            if self
+                .limit
+                .is_some_and(|l| self.rows_out + idx.len() as u64 >= l)
+            {
+                break;
+            }
+            idx.push(i as u64);
+        }
+        idx
+    }
+
+    /// Count a checked batch and hash its texts and labels.
+    fn record(&mut self, cb: &CorpusBatch) {
+        for (i, t) in cb.texts.iter().enumerate() {
+            self.hasher.update((t.len() as u64).to_le_bytes());
+            self.hasher.update(t.as_bytes());
+            if let Some(l) = &cb.labels {
+                self.hasher.update(l[i].to_le_bytes());
+            }
+        }
+        self.rows_out += cb.texts.len() as u64;
+    }
+
+    /// The fingerprint of what was read; an empty result is an error.
+    fn fingerprint(self, files: Vec<InputFile>, spec: &CorpusSpec) -> Result<Fingerprint> {
+        if self.rows_out == 0 {
+            let what = files
+                .iter()
+                .map(|f| f.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(BtuError::bad_data(
+                what,
+                "the corpus has no rows (after --filter/--sample/--limit); give a corpus with data",
+            ));
+        }
+        Ok(Fingerprint {
+            files,
+            rows: self.rows_out,
+            content_sha256: hex::encode(self.hasher.finalize()),
+            filter: spec.filter.clone(),
+            limit: spec.limit,
+            sample: spec.sample,
+        })
+    }
 }
 
 /// sha256 of a row's text as the overlap checks compare it (surrounding white space trimmed).

@@ -303,138 +303,30 @@ pub fn classifier_from(
     let mut config = md.config.clone();
     let labels = num_labels.unwrap_or_else(|| config.labels());
     config.set_labels(labels);
-    let src = &md.weights;
-    let h = config.hidden_size;
-    let get = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
-        let Some((full, raw)) = find(file, name) else {
-            return Ok(None);
-        };
-        if raw.shape != shape {
-            return Err(BtuError::bad_data(
-                src.display().to_string(),
-                format!(
-                    "tensor {full} has shape {:?}, config.json implies {:?}",
-                    raw.shape, shape
-                ),
-            ));
-        }
-        let t = to_tensor(full, raw, src, &Device::Cpu)?;
-        if !t
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .all(|v| v.is_finite())
-        {
-            return Err(BtuError::bad_data(
-                src.display().to_string(),
-                format!("tensor {full} holds NaN or infinite values"),
-            ));
-        }
-        let t = t.to_device(dev)?;
-        Ok(Some(t))
+    let w = Weights {
+        file,
+        src: &md.weights,
+        dev,
+        h: config.hidden_size,
     };
-    let need = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        get(name, shape)?.ok_or_else(|| {
-            BtuError::bad_data(
-                src.display().to_string(),
-                format!("missing tensor {name} (with or without the bert. prefix)"),
-            )
-        })
-    };
-    let lin = |p: &str, inp: usize, out: usize| -> Result<Linear> {
-        Ok(Linear {
-            w: need(&format!("{p}.weight"), &[out, inp])?,
-            b: need(&format!("{p}.bias"), &[out])?,
-        })
-    };
-    let norm = |p: &str| -> Result<Norm> {
-        Ok(Norm {
-            w: need(&format!("{p}.weight"), &[h])?,
-            b: need(&format!("{p}.bias"), &[h])?,
-        })
-    };
-    let word = need("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
-    let position = need(
+    let h = w.h;
+    let word = w.need("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
+    let position = w.need(
         "embeddings.position_embeddings.weight",
         &[config.max_position_embeddings, h],
     )?;
-    let token_type = need(
+    let token_type = w.need(
         "embeddings.token_type_embeddings.weight",
         &[config.type_vocab_size, h],
     )?;
-    let emb_norm = norm("embeddings.LayerNorm")?;
-    let mut layers = Vec::new();
-    for i in 0..config.num_hidden_layers {
-        let p = format!("encoder.layer.{i}");
-        layers.push(Layer {
-            query: lin(&format!("{p}.attention.self.query"), h, h)?,
-            key: lin(&format!("{p}.attention.self.key"), h, h)?,
-            value: lin(&format!("{p}.attention.self.value"), h, h)?,
-            attn_out: lin(&format!("{p}.attention.output.dense"), h, h)?,
-            attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
-            intermediate: lin(
-                &format!("{p}.intermediate.dense"),
-                h,
-                config.intermediate_size,
-            )?,
-            output: lin(&format!("{p}.output.dense"), config.intermediate_size, h)?,
-            out_norm: norm(&format!("{p}.output.LayerNorm"))?,
-        });
-    }
+    let emb_norm = w.norm("embeddings.LayerNorm")?;
+    let layers = (0..config.num_hidden_layers)
+        .map(|i| w.layer(i, config.intermediate_size))
+        .collect::<Result<Vec<_>>>()?;
     let mut rng = ChaCha8Rng::seed_from_u64(head_seed);
-    let pooler = match (
-        get("pooler.dense.weight", &[h, h])?,
-        get("pooler.dense.bias", &[h])?,
-    ) {
-        (Some(w), Some(b)) => Linear { w, b },
-        _ => {
-            tracing::info!(
-                "{}: no pooler weights; initialising a seeded pooler",
-                src.display()
-            );
-            init_linear(&mut rng, h, h, dev)?
-        }
-    };
-    let classifier = match (
-        file.tensors.get_key_value("classifier.weight"),
-        file.tensors.get_key_value("classifier.bias"),
-    ) {
-        (Some((_, w)), Some((_, b))) if w.shape == [labels, h] && b.shape == [labels] => Linear {
-            w: need("classifier.weight", &[labels, h])?,
-            b: need("classifier.bias", &[labels])?,
-        },
-        (None, None) => {
-            tracing::info!(
-                "{}: initialising a seeded {labels}-class head",
-                src.display()
-            );
-            init_linear(&mut rng, h, labels, dev)?
-        }
-        (Some((_, w)), _)
-            if num_labels.is_some_and(|n| n != md.config.labels()) && w.shape.len() == 2 =>
-        {
-            // The caller asked for another number of classes than the checkpoint's: a new head.
-            tracing::info!(
-                "{}: replacing the {}-class head by a seeded {labels}-class head (--num-labels)",
-                src.display(),
-                w.shape[0]
-            );
-            init_linear(&mut rng, h, labels, dev)?
-        }
-        (w, b) => {
-            let shape = |t: Option<(&String, &RawTensor)>| {
-                t.map_or("missing".to_string(), |(_, t)| format!("{:?}", t.shape))
-            };
-            return Err(BtuError::bad_data(
-                src.display().to_string(),
-                format!(
-                    "classifier head does not fit the model: classifier.weight {}, classifier.bias {}, expected [{labels}, {h}] and [{labels}] (num_labels {labels} in config.json); fix config.json or the checkpoint",
-                    shape(w),
-                    shape(b)
-                ),
-            ));
-        }
-    };
+    let pooler = w.pooler(&mut rng)?;
+    let replace_head = num_labels.is_some_and(|n| n != md.config.labels());
+    let classifier = w.head(labels, replace_head, &mut rng)?;
     Ok(BertClassifier {
         config,
         word,
@@ -445,6 +337,142 @@ pub fn classifier_from(
         pooler,
         classifier,
     })
+}
+
+/// A checkpoint's tensors, checked (shape from config.json, finite) and moved to the device.
+struct Weights<'a> {
+    file: &'a SafetensorsFile,
+    src: &'a Path,
+    dev: &'a Device,
+    /// Hidden size.
+    h: usize,
+}
+
+impl Weights<'_> {
+    fn bad(&self, why: String) -> BtuError {
+        BtuError::bad_data(self.src.display().to_string(), why)
+    }
+
+    /// The tensor `name` (with or without the `bert.` prefix), `None` when absent.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some((full, raw)) = find(self.file, name) else {
+            return Ok(None);
+        };
+        if raw.shape != shape {
+            return Err(self.bad(format!(
+                "tensor {full} has shape {:?}, config.json implies {:?}",
+                raw.shape, shape
+            )));
+        }
+        let t = to_tensor(full, raw, self.src, &Device::Cpu)?;
+        if !t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite())
+        {
+            return Err(self.bad(format!("tensor {full} holds NaN or infinite values")));
+        }
+        Ok(Some(t.to_device(self.dev)?))
+    }
+
+    /// The tensor `name`, which the model cannot do without.
+    fn need(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get(name, shape)?.ok_or_else(|| {
+            self.bad(format!(
+                "missing tensor {name} (with or without the bert. prefix)"
+            ))
+        })
+    }
+
+    fn lin(&self, p: &str, inp: usize, out: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self.need(&format!("{p}.weight"), &[out, inp])?,
+            b: self.need(&format!("{p}.bias"), &[out])?,
+        })
+    }
+
+    fn norm(&self, p: &str) -> Result<Norm> {
+        Ok(Norm {
+            w: self.need(&format!("{p}.weight"), &[self.h])?,
+            b: self.need(&format!("{p}.bias"), &[self.h])?,
+        })
+    }
+
+    /// Encoder layer `i`.
+    fn layer(&self, i: usize, intermediate: usize) -> Result<Layer> {
+        let (p, h) = (format!("encoder.layer.{i}"), self.h);
+        Ok(Layer {
+            query: self.lin(&format!("{p}.attention.self.query"), h, h)?,
+            key: self.lin(&format!("{p}.attention.self.key"), h, h)?,
+            value: self.lin(&format!("{p}.attention.self.value"), h, h)?,
+            attn_out: self.lin(&format!("{p}.attention.output.dense"), h, h)?,
+            attn_norm: self.norm(&format!("{p}.attention.output.LayerNorm"))?,
+            intermediate: self.lin(&format!("{p}.intermediate.dense"), h, intermediate)?,
+            output: self.lin(&format!("{p}.output.dense"), intermediate, h)?,
+            out_norm: self.norm(&format!("{p}.output.LayerNorm"))?,
+        })
+    }
+
+    /// The pooler, seeded from `rng` when the checkpoint has none.
+    fn pooler(&self, rng: &mut ChaCha8Rng) -> Result<Linear> {
+        let h = self.h;
+        match (
+            self.get("pooler.dense.weight", &[h, h])?,
+            self.get("pooler.dense.bias", &[h])?,
+        ) {
+            (Some(w), Some(b)) => Ok(Linear { w, b }),
+            _ => {
+                tracing::info!(
+                    "{}: no pooler weights; initialising a seeded pooler",
+                    self.src.display()
+                );
+                init_linear(rng, h, h, self.dev)
+            }
+        }
+    }
+
+    /// The `labels`-class head: the checkpoint's when it fits, seeded from `rng` when it has
+    /// none or `replace` (another class count was asked for), an error when it does not fit.
+    fn head(&self, labels: usize, replace: bool, rng: &mut ChaCha8Rng) -> Result<Linear> {
+        let h = self.h;
+        let tensors = &self.file.tensors;
+        match (
+            tensors.get("classifier.weight"),
+            tensors.get("classifier.bias"),
+        ) {
+            (Some(w), Some(b)) if w.shape == [labels, h] && b.shape == [labels] => Ok(Linear {
+                w: self.need("classifier.weight", &[labels, h])?,
+                b: self.need("classifier.bias", &[labels])?,
+            }),
+            (None, None) => {
+                tracing::info!(
+                    "{}: initialising a seeded {labels}-class head",
+                    self.src.display()
+                );
+                init_linear(rng, h, labels, self.dev)
+            }
+            (Some(w), _) if replace && w.shape.len() == 2 => {
+                // The caller asked for another number of classes than the checkpoint's: a new head.
+                tracing::info!(
+                    "{}: replacing the {}-class head by a seeded {labels}-class head (--num-labels)",
+                    self.src.display(),
+                    w.shape[0]
+                );
+                init_linear(rng, h, labels, self.dev)
+            }
+            (w, b) => {
+                let shape = |t: Option<&RawTensor>| {
+                    t.map_or("missing".to_string(), |t| format!("{:?}", t.shape))
+                };
+                Err(self.bad(format!(
+                    "classifier head does not fit the model: classifier.weight {}, classifier.bias {}, expected [{labels}, {h}] and [{labels}] (num_labels {labels} in config.json); fix config.json or the checkpoint",
+                    shape(w),
+                    shape(b)
+                )))
+            }
+        }
+    }
 }
 
 /// Write `config.json` and `model.safetensors` (HF `BertForSequenceClassification` names:
