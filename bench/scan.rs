@@ -87,8 +87,10 @@ fn main() {
     let mut spec = CorpusSpec::new(vec![corpus.join("part-00.parquet").display().to_string()]);
     spec.label_col = None;
     btu::steps::init_model::run(&btu::steps::init_model::InitModelJob {
-        out: model.clone(),
-        overwrite: false,
+        run: btu::steps::RunOpts {
+            device: "cpu".into(),
+            ..btu::steps::RunOpts::new(model.clone())
+        },
         corpus: Some(spec),
         tokenizer: None,
         size: btu::steps::init_model::ModelSize {
@@ -100,7 +102,6 @@ fn main() {
             max_position: 128,
             num_labels: 2,
         },
-        seed: 42,
     })
     .unwrap();
     let tok = btu::model::tokenizer::BtuTokenizer::load(&model).unwrap();

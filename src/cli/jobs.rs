@@ -6,15 +6,15 @@ use super::*;
 impl InitModelArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::init_model::InitModelJob {
-        let corpus = (!self.corpus.is_empty())
-            .then(|| self.corpus_args.spec(self.corpus.clone(), self.seed, false));
+        let corpus = (!self.corpus.is_empty()).then(|| {
+            self.corpus_args
+                .spec(self.corpus.clone(), self.run.seed, false)
+        });
         crate::steps::init_model::InitModelJob {
-            out: self.out.clone(),
-            overwrite: self.overwrite,
+            run: self.run.opts(&self.out, "cpu"),
             corpus,
             tokenizer: self.tokenizer.clone(),
             size: self.size.clone(),
-            seed: self.seed,
         }
     }
 }
@@ -23,10 +23,10 @@ impl PoisonArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::poison::PoisonJob {
         crate::steps::poison::PoisonJob {
-            input: self.corpus_args.spec(self.input.clone(), self.seed, true),
-            output: self.output.clone(),
-            overwrite: self.overwrite,
-            seed: self.seed,
+            run: self.run.opts(&self.output, "cpu"),
+            input: self
+                .corpus_args
+                .spec(self.input.clone(), self.run.seed, true),
             params: self.params.clone(),
         }
     }
@@ -36,12 +36,11 @@ impl DetectArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::detect::DetectJob {
         crate::steps::detect::DetectJob {
-            corpus: self.corpus_args.spec(self.corpus.clone(), self.seed, true),
+            run: self.run.opts(&self.out, &self.device),
+            corpus: self
+                .corpus_args
+                .spec(self.corpus.clone(), self.run.seed, true),
             model: self.model.clone(),
-            out: self.out.clone(),
-            overwrite: self.overwrite,
-            device: self.device.clone(),
-            seed: self.seed,
             params: self.params.clone(),
         }
     }
@@ -51,19 +50,18 @@ impl TrainArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::train::TrainJob {
         crate::steps::train::TrainJob {
-            corpus: self.corpus_args.spec(self.corpus.clone(), self.seed, true),
+            run: self.run.opts(&self.out, &self.device),
+            corpus: self
+                .corpus_args
+                .spec(self.corpus.clone(), self.run.seed, true),
             dev: (!self.dev.is_empty())
-                .then(|| self.corpus_args.spec(self.dev.clone(), self.seed, true))
+                .then(|| self.corpus_args.spec(self.dev.clone(), self.run.seed, true))
                 .map(|s| crate::io::corpus::CorpusSpec {
                     limit: None,
                     sample: None,
                     ..s
                 }),
             model: self.model.clone(),
-            out: self.out.clone(),
-            overwrite: self.overwrite,
-            device: self.device.clone(),
-            seed: self.seed,
             params: self.params.clone(),
         }
     }
@@ -73,15 +71,14 @@ impl UnlearnArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::unlearn::UnlearnJob {
         crate::steps::unlearn::UnlearnJob {
+            run: self.run.opts(&self.out, &self.device),
             checkpoint: self.checkpoint.clone(),
             reference: self.reference.clone(),
             suspicious: self.suspicious.clone(),
             effects: self.effects.clone(),
-            out: self.out.clone(),
-            overwrite: self.overwrite,
             clean_corpus: (!self.clean_corpus.is_empty()).then(|| {
                 self.corpus_args
-                    .spec(self.clean_corpus.clone(), self.seed, true)
+                    .spec(self.clean_corpus.clone(), self.run.seed, true)
             }),
             eval_split: self
                 .eval_split
@@ -95,8 +92,6 @@ impl UnlearnArgs {
             batch_size: self.batch_size,
             max_len: self.max_len,
             min_flip_rate: defaults::MIN_FLIP_RATE,
-            device: self.device.clone(),
-            seed: self.seed,
             params: self.params.clone(),
         }
     }
@@ -108,8 +103,10 @@ impl ApplyMasksArgs {
         crate::steps::apply_masks::ApplyMasksJob {
             checkpoint: self.checkpoint.clone(),
             masks: self.masks.clone(),
-            out: self.out.clone(),
-            overwrite: self.overwrite,
+            run: crate::steps::RunOpts {
+                overwrite: self.overwrite,
+                ..crate::steps::RunOpts::new(&self.out)
+            },
         }
     }
 }
@@ -118,17 +115,16 @@ impl EvalArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::eval::EvalJob {
         crate::steps::eval::EvalJob {
+            run: self.run.opts(&self.out, &self.classifier.device),
             model: self.model.clone(),
-            test: self.corpus_args.spec(self.test.clone(), self.seed, true),
-            out: self.out.clone(),
-            overwrite: self.overwrite,
-            attack: self.params.resolve(None, self.seed),
+            test: self
+                .corpus_args
+                .spec(self.test.clone(), self.run.seed, true),
+            attack: self.params.resolve(None, self.run.seed),
             target: self.params.target.unwrap_or(defaults::TARGET),
             max_len: self.classifier.max_len,
-            device: self.classifier.device.clone(),
             backend: self.classifier.backend,
             ort_lib: self.classifier.ort_lib.clone(),
-            seed: self.seed,
         }
     }
 }
@@ -137,10 +133,8 @@ impl ExportArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::export_onnx::ExportJob {
         crate::steps::export_onnx::ExportJob {
+            run: self.run.opts(&self.out, "cpu"),
             checkpoint: self.checkpoint.clone(),
-            out: self.out.clone(),
-            overwrite: self.overwrite,
-            seed: self.seed,
         }
     }
 }
@@ -150,9 +144,9 @@ impl DemoArgs {
     pub fn job(&self) -> crate::demo::DemoJob {
         crate::demo::DemoJob {
             out: self.out.clone(),
-            overwrite: self.overwrite,
+            overwrite: self.run.overwrite,
             rows: self.rows,
-            seed: self.seed,
+            seed: self.run.seed,
             device: self.device.clone(),
             backend: self.backend,
         }
@@ -163,6 +157,7 @@ impl VerifyArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::verify::VerifyJob {
         crate::steps::verify::VerifyJob {
+            run: self.run.opts(&self.out, &self.classifier.device),
             checkpoint: self.checkpoint.clone(),
             candidates: match (&self.suspicious, &self.recheck) {
                 (_, Some(r)) => crate::steps::verify::CandidateSource::Recheck(r.clone()),
@@ -171,16 +166,14 @@ impl VerifyArgs {
             },
             clean: self
                 .corpus_args
-                .spec(self.clean_corpus.clone(), self.seed, true),
-            corpus: (!self.corpus.is_empty())
-                .then(|| self.corpus_args.spec(self.corpus.clone(), self.seed, false)),
-            out: self.out.clone(),
-            overwrite: self.overwrite,
-            device: self.classifier.device.clone(),
+                .spec(self.clean_corpus.clone(), self.run.seed, true),
+            corpus: (!self.corpus.is_empty()).then(|| {
+                self.corpus_args
+                    .spec(self.corpus.clone(), self.run.seed, false)
+            }),
             backend: self.classifier.backend,
             ort_lib: self.classifier.ort_lib.clone(),
             max_len: self.classifier.max_len,
-            seed: self.seed,
             params: self.params.clone(),
         }
     }
@@ -190,12 +183,13 @@ impl ScanArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::scan::ScanJob {
         crate::steps::scan::ScanJob {
-            corpus: self.corpus_args.spec(self.corpus.clone(), self.seed, true),
+            run: self.run.opts(&self.out, "cpu"),
+            corpus: self
+                .corpus_args
+                .spec(self.corpus.clone(), self.run.seed, true),
             suspicious: self.suspicious.clone(),
             effects: self.effects.clone(),
             tokenizer: self.tokenizer.clone(),
-            out: self.out.clone(),
-            overwrite: self.overwrite,
         }
     }
 }
@@ -217,5 +211,20 @@ impl SqlArgs {
                 .transpose()?,
             memory_limit: crate::steps::sql::parse_memory_limit(&self.memory_limit)?,
         })
+    }
+}
+
+impl ReportArgs {
+    /// The library's input for these flags.
+    pub fn job(&self) -> crate::steps::report::ReportJob {
+        crate::steps::report::ReportJob {
+            dir: self.run.clone(),
+            scans: self.scan.clone(),
+            tokenizer: self.tokenizer.clone(),
+            run: crate::steps::RunOpts {
+                overwrite: self.overwrite,
+                ..crate::steps::RunOpts::new(&self.out)
+            },
+        }
     }
 }

@@ -74,6 +74,8 @@ pub enum Command {
     Sql(SqlArgs),
     /// Write the JSON schemas of every table (the files committed in schemas/).
     Schemas(SchemasArgs),
+    /// One self-contained HTML page about a run, with figures, for a person to read.
+    Report(ReportArgs),
 }
 
 /// How a corpus is read (shared by every command that reads one).
@@ -113,6 +115,30 @@ impl CorpusArgs {
     }
 }
 
+/// Flags every command that makes random choices and writes takes.
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct RunArgs {
+    /// Seed of every random choice the command makes (--sample, batch order, new weights, poisoned
+    /// rows and trigger positions), so reruns repeat.
+    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
+    pub seed: u64,
+    /// Replace an existing output.
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+}
+
+impl RunArgs {
+    /// The library's options for a step writing to `out` on `device`.
+    pub fn opts(&self, out: &std::path::Path, device: &str) -> crate::steps::RunOpts {
+        crate::steps::RunOpts {
+            out: out.to_path_buf(),
+            overwrite: self.overwrite,
+            seed: self.seed,
+            device: device.to_string(),
+        }
+    }
+}
+
 /// Flags of `btu init-model`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct InitModelArgs {
@@ -129,12 +155,10 @@ pub struct InitModelArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub size: crate::steps::init_model::ModelSize,
-    /// Seed of the random weights (and of --sample) so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
     /// How --corpus is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
@@ -153,12 +177,10 @@ pub struct PoisonArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub params: crate::steps::poison::PoisonParams,
-    /// Seed of the poisoned-row choice, trigger positions and --sample so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
     /// How --input is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
@@ -183,12 +205,10 @@ pub struct DetectArgs {
     /// auto, cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
-    /// Seed of batch order, a missing head's weights and --sample so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
     /// How --corpus is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
@@ -216,12 +236,10 @@ pub struct TrainArgs {
     /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
-    /// Seed of batch order, a missing head's weights and --sample so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
     /// How --corpus and --dev are read (--limit and --sample apply to --corpus only).
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
@@ -264,12 +282,10 @@ pub struct UnlearnArgs {
     /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
-    /// Seed of the clean fine-tune's batch order and of --sample so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
     /// How --clean-corpus is read (--text-col applies to --eval-split too).
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
@@ -312,12 +328,10 @@ pub struct EvalArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub classifier: ClassifierArgs,
-    /// Seed of the attack's insertions (and of a missing head, as export-onnx initialises it).
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
     /// How --test is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
@@ -332,12 +346,10 @@ pub struct ExportArgs {
     /// Output .onnx file (tokenizer.json is written beside it).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
-    /// Seed of a head the checkpoint lacks (a bare encoder).
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
 }
 
 /// Flags of `btu defend`.
@@ -535,12 +547,10 @@ pub struct DemoArgs {
     /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
     #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
     pub device: String,
-    /// Seed of the synthetic corpus and of every step so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing --out run directory.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
 }
 
 /// Flags of `btu scan`.
@@ -561,12 +571,10 @@ pub struct ScanArgs {
     /// Output Parquet file (flagged_rows).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
-    /// Seed of --sample's row selection.
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
     /// How --corpus is read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
@@ -619,12 +627,10 @@ pub struct VerifyArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub classifier: ClassifierArgs,
-    /// Seed of the rows tried and the insert positions, so reruns repeat.
-    #[arg(long, env = "BTU_SEED", default_value_t = defaults::SEED)]
-    pub seed: u64,
-    /// Replace an existing output.
-    #[arg(long, env = "BTU_OVERWRITE")]
-    pub overwrite: bool,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
     /// How --clean-corpus and --corpus are read.
     #[command(flatten)]
     pub corpus_args: CorpusArgs,
@@ -662,6 +668,27 @@ pub struct SqlArgs {
     pub memory_limit: String,
 }
 
+/// Flags of `btu report`.
+#[derive(Debug, Args, serde::Serialize)]
+pub struct ReportArgs {
+    /// The run directory: `btu defend`'s, or a `btu detect` output directory.
+    #[arg(long, env = "BTU_RUN")]
+    pub run: PathBuf,
+    /// The HTML file to write (must end in .html).
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    /// flagged_rows Parquet files from `btu scan` to include (flagged rows per token and label).
+    #[arg(long, env = "BTU_SCAN", num_args = 1..)]
+    pub scan: Vec<PathBuf>,
+    /// Tokenizer (model directory or tokenizer.json) for document frequencies when the run
+    /// directory has no model in it.
+    #[arg(long, env = "BTU_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+    /// Replace an existing output.
+    #[arg(long, env = "BTU_OVERWRITE")]
+    pub overwrite: bool,
+}
+
 /// Flags of `btu schemas`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct SchemasArgs {
@@ -688,6 +715,7 @@ impl Command {
             Command::Verify(_) => "verify",
             Command::Sql(_) => "sql",
             Command::Schemas(_) => "schemas",
+            Command::Report(_) => "report",
         }
     }
 
@@ -763,7 +791,11 @@ impl Command {
                     i.extend(v.iter().cloned());
                 }
                 i.extend(c.model.path.iter().map(p));
-                (i, vec![p(&run), p(&run.join("metrics.json"))], json!(c))
+                let mut o = vec![p(&run), p(&run.join("metrics.json"))];
+                if c.report.enabled {
+                    o.push(p(&run.join("report.html")));
+                }
+                (i, o, json!(c))
             }
             Command::Demo(a) => (vec![], a.out.iter().map(p).collect(), json!(a)),
             Command::Verify(a) => {
@@ -791,6 +823,11 @@ impl Command {
                 (i, a.output.iter().map(p).collect(), json!(a))
             }
             Command::Schemas(a) => (vec![], vec![p(&a.out)], json!(a)),
+            Command::Report(a) => {
+                let mut i = vec![p(&a.run)];
+                i.extend(a.scan.iter().chain(&a.tokenizer).map(p));
+                (i, vec![p(&a.out)], json!(a))
+            }
         };
         Ok(
             json!({"command": self.name(), "dry_run": true, "version": crate::VERSION, "inputs": inputs, "outputs": outputs, "params": params}),
@@ -822,6 +859,7 @@ pub fn execute(
         Command::Scan(a) => summary(crate::steps::scan::run(&a.job(), progress)),
         Command::Sql(a) => summary(crate::steps::sql::run(&a.job()?, stdout)),
         Command::Schemas(a) => summary(crate::steps::schemas::run(&a.out)),
+        Command::Report(a) => summary(crate::steps::report::run(&a.job())),
     }
 }
 
@@ -883,7 +921,7 @@ mod tests {
         let attack = crate::steps::poison::Attack::AddSent;
         assert_eq!(p.params, crate::steps::poison::PoisonParams::new(attack));
         assert_eq!(p.params, from_toml("attack = \"add-sent\""));
-        assert_eq!(p.seed, crate::defaults::SEED);
+        assert_eq!(p.run.seed, crate::defaults::SEED);
     }
 
     /// Every flag of every command says what it does in `--help`.

@@ -316,6 +316,32 @@ pub struct TokenScore {
     pub selected: bool,
 }
 
+/// Rows of a `token_scores.arrow` file, and its provenance metadata.
+pub fn read_token_scores(
+    path: &Path,
+) -> Result<(Vec<TokenScore>, std::collections::HashMap<String, String>)> {
+    let b = read_ipc(path)?;
+    let round = column::<UInt8Array>(&b, "round", path)?;
+    let ids = column::<UInt32Array>(&b, "token_id", path)?;
+    let toks = column::<StringArray>(&b, "token", path)?;
+    let special = column::<BooleanArray>(&b, "special", path)?;
+    let dist = column::<Float32Array>(&b, "distance", path)?;
+    let rank = column::<UInt32Array>(&b, "rank", path)?;
+    let selected = column::<BooleanArray>(&b, "selected", path)?;
+    let rows = (0..b.num_rows())
+        .map(|i| TokenScore {
+            round: round.value(i),
+            token_id: ids.value(i),
+            token: toks.value(i).to_string(),
+            special: special.value(i),
+            distance: dist.value(i),
+            rank: rank.is_valid(i).then(|| rank.value(i)),
+            selected: selected.value(i),
+        })
+        .collect();
+    Ok((rows, b.schema().metadata().clone()))
+}
+
 /// Build the `token_scores` batch.
 pub fn token_scores_batch(rows: &[TokenScore], meta: &TableMeta) -> Result<RecordBatch> {
     let cols: Vec<ArrayRef> = vec![

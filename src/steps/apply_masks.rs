@@ -77,10 +77,8 @@ pub struct ApplyMasksJob {
     pub checkpoint: PathBuf,
     /// `dimension_masks.arrow` from `btu unlearn` (`--masks`).
     pub masks: PathBuf,
-    /// Output checkpoint directory (`--out`).
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
 }
 
 /// `btu apply-masks`' result.
@@ -102,7 +100,7 @@ pub struct ApplyMasksReport {
 
 /// `btu apply-masks`: replay a `dimension_masks` table onto another checkpoint.
 pub fn run(job: &ApplyMasksJob) -> Result<ApplyMasksReport> {
-    crate::io::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
     let Checkpoint {
         dir: ckpt,
         tokenizer: tok,
@@ -126,13 +124,13 @@ pub fn run(job: &ApplyMasksJob) -> Result<ApplyMasksReport> {
         .insert("btu:command".into(), "apply-masks".into());
     file.metadata
         .insert("btu:unlearned_from_sha256".into(), sha.clone());
-    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
     write_checkpoint(&out, &job.checkpoint, &file, &batch)?;
     out.commit()?;
     Ok(ApplyMasksReport {
         command: "apply-masks".into(),
         version: crate::VERSION.into(),
-        out: job.out.clone(),
+        out: job.run.out.clone(),
         checkpoint_sha256: sha,
         dimensions_replaced: masks.len(),
         tokens: masks

@@ -485,14 +485,8 @@ pub struct DetectJob {
     pub corpus: CorpusSpec,
     /// Model directory every round starts from (`--model`).
     pub model: PathBuf,
-    /// Output directory (`--out`).
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
-    /// Device spec (`--device`: `auto`, `cpu` or `cuda:N`).
-    pub device: String,
-    /// Seed of the batch order (per round and epoch) and of a missing head (`--seed`).
-    pub seed: u64,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
     /// Detection parameters.
     pub params: DetectParams,
 }
@@ -586,13 +580,13 @@ pub struct DetectReport {
 pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
     let t0 = Instant::now();
     job.params.validate()?;
-    crate::io::output::check_output(&job.out, job.overwrite)?;
-    let dev = crate::device::parse_device(&job.device)?;
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
+    let dev = crate::device::parse_device(&job.run.device)?;
     let ckpt = Checkpoint::read(&job.model)?;
     ckpt.check_max_len("--max-len", job.params.max_len)?;
     let tok = &ckpt.tokenizer;
     let model_sha = ckpt.sha256.clone();
-    let base = ckpt.classifier(job.params.num_labels, job.seed, &dev)?;
+    let base = ckpt.classifier(job.params.num_labels, job.run.seed, &dev)?;
     let corpus = load_corpus(&job.corpus, &tok, job.params.max_len, base.config.labels())?;
     if corpus
         .seqs
@@ -608,11 +602,19 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
         ));
     }
     tracing::info!(rows = corpus.seqs.len(), "corpus tokenized");
-    let det = detect(&base, &tok, &corpus, &job.params, job.seed, &dev, progress)?;
+    let det = detect(
+        &base,
+        &tok,
+        &corpus,
+        &job.params,
+        job.run.seed,
+        &dev,
+        progress,
+    )?;
 
     let params = json!({
         "params": job.params,
-        "seed": job.seed,
+        "seed": job.run.seed,
         "rounds": plan(&job.params),
         "text_col": job.corpus.text_col,
         "label_col": job.corpus.label_col,
@@ -625,7 +627,7 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
         corpus_fingerprint: Some(corpus.fingerprint.to_json()),
         extra: vec![],
     };
-    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
     let scores = crate::io::tables::token_scores_batch(&det.scores, &meta)?;
     crate::io::tables::write_ipc(&out.path("token_scores.arrow"), &scores, false)?;
     let sus = crate::io::tables::suspicious_tokens_batch(&det.suspicious, &meta)?;
@@ -633,7 +635,7 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
     let summary = DetectReport {
         command: "detect".into(),
         version: crate::VERSION.into(),
-        out: job.out.clone(),
+        out: job.run.out.clone(),
         preset: job.params.preset,
         alpha: job.params.alpha,
         k: det.k,

@@ -649,10 +649,8 @@ pub struct EvalJob {
     pub model: PathBuf,
     /// Labelled test split (`--test`).
     pub test: CorpusSpec,
-    /// Output directory: `metrics.json`, `predictions.parquet` (`--out`).
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
     /// Attack for ASR; `None` measures ACC only.
     pub attack: Option<EvalAttack>,
     /// Target label (`--target`): the class of `target_prob` and of the clean false-positive and
@@ -660,14 +658,10 @@ pub struct EvalJob {
     pub target: i64,
     /// Tokens per sequence including `[CLS]`/`[SEP]` (`--max-len`).
     pub max_len: usize,
-    /// Device of the candle backend (`--device`: `auto`, `cpu` or `cuda:N`).
-    pub device: String,
     /// Runtime (`--backend`); `None` picks ort for `.onnx` files, candle otherwise.
     pub backend: Option<Backend>,
     /// `libonnxruntime.so` to load (`--ort-lib`); see [`find_ort_library`].
     pub ort_lib: Option<PathBuf>,
-    /// Seed of a missing head (`--seed`); the insertions use [`EvalAttack::seed`].
-    pub seed: u64,
 }
 
 /// Whether each clean (not attacked) row of a `predictions.parquet` is classified correctly, in
@@ -733,14 +727,14 @@ pub fn run(job: &EvalJob) -> Result<EvalReport> {
             _ => {}
         }
     }
-    crate::io::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
     let mut clf = open_classifier(
         &job.model,
         job.backend,
         job.ort_lib.as_deref(),
         job.max_len,
-        &job.device,
-        job.seed,
+        &job.run.device,
+        job.run.seed,
     )?;
     let weights = if job.model.is_dir() {
         job.model.join("model.safetensors")
@@ -754,7 +748,7 @@ pub fn run(job: &EvalJob) -> Result<EvalReport> {
         job.attack.as_ref().and_then(|a| a.rewrite_col.as_deref()),
     )?;
     let (scores, batch) = evaluate(clf.as_mut(), &split, job.attack.as_ref(), job.target)?;
-    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
     crate::io::tables::write_parquet(&out.path("predictions.parquet"), &batch, false)?;
     let report = EvalReport {
         command: "eval".into(),

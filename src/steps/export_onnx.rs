@@ -298,12 +298,8 @@ pub fn own_tokenizer_path(onnx: &Path) -> PathBuf {
 pub struct ExportJob {
     /// Model directory to export (`--checkpoint`: `config.json`, `model.safetensors`, tokenizer).
     pub checkpoint: PathBuf,
-    /// Output `.onnx` file (`--out`); `<stem>.tokenizer.json` is written beside it.
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
-    /// Seed of a pooler or classification head the checkpoint lacks (`--seed`).
-    pub seed: u64,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
 }
 
 /// `btu export-onnx`'s result.
@@ -333,19 +329,19 @@ pub struct ExportReport {
 
 /// `btu export-onnx`.
 pub fn run(job: &ExportJob) -> Result<ExportReport> {
-    if job.out.extension().is_none_or(|e| e != "onnx") {
+    if job.run.out.extension().is_none_or(|e| e != "onnx") {
         return Err(BtuError::config(
             "--out",
-            format!("{} should end in .onnx", job.out.display()),
+            format!("{} should end in .onnx", job.run.out.display()),
         ));
     }
-    let tok_out = own_tokenizer_path(&job.out);
-    let shared_tok = job.out.with_file_name("tokenizer.json");
-    crate::io::output::check_output(&job.out, job.overwrite)?;
-    crate::io::output::check_output(&tok_out, job.overwrite)?;
+    let tok_out = own_tokenizer_path(&job.run.out);
+    let shared_tok = job.run.out.with_file_name("tokenizer.json");
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
+    crate::io::output::check_output(&tok_out, job.run.overwrite)?;
     let ckpt = Checkpoint::read(&job.checkpoint)?;
     let tok = &ckpt.tokenizer;
-    let model = ckpt.classifier(None, job.seed, &Device::Cpu)?;
+    let model = ckpt.classifier(None, job.run.seed, &Device::Cpu)?;
     let sha = ckpt.sha256.clone();
     let st = &ckpt.weights;
     let mut meta = vec![
@@ -373,9 +369,10 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
     }
     let proto = build(&model, meta)?;
     let bytes = proto.encode_to_vec();
-    crate::io::output::write_file_atomic(&job.out, job.overwrite, |f| {
+    crate::io::output::write_file_atomic(&job.run.out, job.run.overwrite, |f| {
         use std::io::Write;
-        f.write_all(&bytes).map_err(|e| BtuError::io(&job.out, e))
+        f.write_all(&bytes)
+            .map_err(|e| BtuError::io(&job.run.out, e))
     })?;
     let tok_bytes = tok
         .inner()
@@ -388,7 +385,7 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
                 .map_err(|e| BtuError::io(path, e))
         })
     };
-    write_tok(&tok_out, job.overwrite)?;
+    write_tok(&tok_out, job.run.overwrite)?;
     // `tokenizer.json` beside the model is shared by every export in the folder: written when
     // absent, never replaced by another model's tokenizer (each export has its own copy).
     match std::fs::read(&shared_tok) {
@@ -406,7 +403,7 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
     Ok(ExportReport {
         command: "export-onnx".into(),
         version: crate::VERSION.into(),
-        out: job.out.clone(),
+        out: job.run.out.clone(),
         tokenizer: tok_out,
         opset: OPSET,
         bytes: bytes.len(),

@@ -65,10 +65,8 @@ impl Default for ModelSize {
 
 /// Inputs of `btu init-model`.
 pub struct InitModelJob {
-    /// Output model directory (`--out`).
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
     /// Corpus to train the WordPiece vocabulary on (`--corpus`); ignored when `tokenizer` is given.
     pub corpus: Option<CorpusSpec>,
     /// A tokenizer to use instead of training one (`--tokenizer`: `tokenizer.json`, `vocab.txt`
@@ -76,8 +74,6 @@ pub struct InitModelJob {
     pub tokenizer: Option<PathBuf>,
     /// Model sizes (and the vocabulary size trained on `corpus`).
     pub size: ModelSize,
-    /// Seed of the random weights (`--seed`).
-    pub seed: u64,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> BtuError {
@@ -233,7 +229,7 @@ pub struct InitModelReport {
 /// `btu init-model`.
 pub fn run(job: &InitModelJob) -> Result<InitModelReport> {
     job.size.validate_as("--")?;
-    crate::io::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
     let tokenizer = match (&job.tokenizer, &job.corpus) {
         (Some(path), _) => BtuTokenizer::load(path)?.inner().clone(),
         (None, Some(spec)) => {
@@ -255,12 +251,12 @@ pub fn run(job: &InitModelJob) -> Result<InitModelReport> {
     let tok = BtuTokenizer::from_tokenizer(tokenizer, PathBuf::from("tokenizer.json"))?;
     let config = config_for(tok.vocab_size(), &job.size, tok.pad_id);
     config.validate("--hidden/--heads")?;
-    let model = BertClassifier::random(config, job.seed, &Device::Cpu)?;
-    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    let model = BertClassifier::random(config, job.run.seed, &Device::Cpu)?;
+    let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
     let meta = [
         ("btu:command".to_string(), "init-model".to_string()),
         ("btu:version".to_string(), crate::VERSION.to_string()),
-        ("btu:seed".to_string(), job.seed.to_string()),
+        ("btu:seed".to_string(), job.run.seed.to_string()),
     ]
     .into_iter()
     .collect();
@@ -277,9 +273,9 @@ pub fn run(job: &InitModelJob) -> Result<InitModelReport> {
     Ok(InitModelReport {
         command: "init-model".into(),
         version: crate::VERSION.into(),
-        out: job.out.clone(),
+        out: job.run.out.clone(),
         vocab_size: tok.vocab_size(),
         size: job.size.clone(),
-        seed: job.seed,
+        seed: job.run.seed,
     })
 }

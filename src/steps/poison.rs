@@ -214,12 +214,8 @@ pub fn choose(
 pub struct PoisonJob {
     /// Labelled corpus to poison (`--input`); read twice, in the same order.
     pub input: CorpusSpec,
-    /// Output Parquet file (`--output`).
-    pub output: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
-    /// Seed of the row choice and of the insert positions (`--seed`).
-    pub seed: u64,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
     /// The attack.
     pub params: PoisonParams,
 }
@@ -392,7 +388,7 @@ fn poison_batch(
                 a,
                 &p.triggers,
                 &p.sentence,
-                &mut row_rng(job.seed, pos as u64),
+                &mut row_rng(job.run.seed, pos as u64),
             ),
         });
         labels.push(if p.mode == Mode::Clean {
@@ -445,17 +441,17 @@ pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
     let p = &job.params;
     p.validate_as("--")?;
     p.check_attack()?;
-    crate::io::output::check_output(&job.output, job.overwrite)?;
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
     label_col(job)?;
     let (labels, usable) = read_labels(job)?;
     check_target(&labels, p.target)?;
-    let chosen = choose(&labels, &usable, p, job.seed)?;
+    let chosen = choose(&labels, &usable, p, job.run.seed)?;
 
     // Pass 2: apply and write.
     let (mut rows, mut poisoned) = (0usize, 0usize);
     let mut corpus = None;
-    crate::io::output::write_file_atomic(&job.output, job.overwrite, |file| {
-        let mut sink = crate::io::tables::ParquetSink::new(file, &job.output, None);
+    crate::io::output::write_file_atomic(&job.run.out, job.run.overwrite, |file| {
+        let mut sink = crate::io::tables::ParquetSink::new(file, &job.run.out, None);
         let fp = read_corpus(&job.input, |b| {
             let columns = poison_batch(job, &b, rows, &chosen)?;
             rows += b.texts.len();
@@ -481,9 +477,9 @@ pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
     Ok(PoisonReport {
         command: "poison".into(),
         version: crate::VERSION.into(),
-        output: job.output.clone(),
+        output: job.run.out.clone(),
         params: p.clone(),
-        seed: job.seed,
+        seed: job.run.seed,
         rows,
         poisoned,
         corpus,

@@ -30,10 +30,8 @@ pub struct ScanJob {
     pub effects: Option<PathBuf>,
     /// Model directory or `tokenizer.json` of the tokenizer detection used (`--tokenizer`).
     pub tokenizer: PathBuf,
-    /// Output Parquet file of `flagged_rows` (`--out`, must end in `.parquet`).
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
 }
 
 /// Rows carrying one flagged token or phrase.
@@ -105,8 +103,8 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
         ..job.corpus.clone()
     };
     let mut fingerprint = None;
-    crate::io::output::write_file_atomic(&job.out, job.overwrite, |file| {
-        let mut sink = crate::io::tables::ParquetSink::new(file, &job.out, Some(65_536));
+    crate::io::output::write_file_atomic(&job.run.out, job.run.overwrite, |file| {
+        let mut sink = crate::io::tables::ParquetSink::new(file, &job.run.out, Some(65_536));
         // The id column's type, fixed by the first batch with a flagged row.
         let mut first_id: Option<Option<DataType>> = None;
         let fp = read_corpus(&spec, |b| {
@@ -131,13 +129,13 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
 
 /// The output must be a new (or, with --overwrite, replaceable) `.parquet` file.
 fn check_out(job: &ScanJob) -> Result<()> {
-    if job.out.extension().is_none_or(|e| e != "parquet") {
+    if job.run.out.extension().is_none_or(|e| e != "parquet") {
         return Err(BtuError::config(
             "--out",
-            format!("{} should end in .parquet", job.out.display()),
+            format!("{} should end in .parquet", job.run.out.display()),
         ));
     }
-    crate::io::output::check_output(&job.out, job.overwrite)
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)
 }
 
 /// What a row is flagged for: single tokens by id, verified phrases by their token sequence.
@@ -360,7 +358,7 @@ impl Tally {
         ScanReport {
             command: "scan".into(),
             version: crate::VERSION.into(),
-            out: job.out.clone(),
+            out: job.run.out.clone(),
             rows_scanned: self.scanned,
             rows_flagged: self.flagged,
             tokens,

@@ -193,14 +193,8 @@ pub struct TrainJob {
     pub dev: Option<CorpusSpec>,
     /// Model directory to start from (`--model`).
     pub model: PathBuf,
-    /// Output checkpoint directory (`--out`).
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
-    /// Device spec (`--device`: `auto`, `cpu` or `cuda:N`).
-    pub device: String,
-    /// Seed of the batch order (`seed + epoch` per epoch) and of a missing head (`--seed`).
-    pub seed: u64,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
     /// Hyper-parameters.
     pub params: TrainParams,
 }
@@ -345,20 +339,20 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<TrainReport> {
     let t0 = Instant::now();
     let p = &job.params;
     p.validate()?;
-    crate::io::output::check_output(&job.out, job.overwrite)?;
-    let dev = crate::device::parse_device(&job.device)?;
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
+    let dev = crate::device::parse_device(&job.run.device)?;
     let ckpt = Checkpoint::read(&job.model)?;
     ckpt.check_max_len("--max-len", p.max_len)?;
     let tok = &ckpt.tokenizer;
     let base_sha = ckpt.sha256.clone();
-    let model = ckpt.classifier(p.num_labels, job.seed, &dev)?;
+    let model = ckpt.classifier(p.num_labels, job.run.seed, &dev)?;
     let labels = model.config.labels();
     let data = load_corpus(&job.corpus, &tok, p.max_len, labels)?;
     let dev_data = match &job.dev {
         Some(spec) => Some(load_corpus(spec, &tok, p.max_len, labels)?),
         None => None,
     };
-    let params_json = json!({"params": p, "seed": job.seed, "text_col": job.corpus.text_col, "label_col": job.corpus.label_col});
+    let params_json = json!({"params": p, "seed": job.run.seed, "text_col": job.corpus.text_col, "label_col": job.corpus.label_col});
     let run_hash = hex::encode(Sha256::digest(canonical_json(&json!({
         "base_model_sha256": base_sha,
         "corpus": data.fingerprint.to_json(),
@@ -377,8 +371,8 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<TrainReport> {
     metadata.insert("btu:params".into(), canonical_json(&params_json));
 
     // Resume from the last complete epoch of an interrupted identical run.
-    let partial = partial_dir(&job.out, &run_hash);
-    let _lock = lock_partial(&partial, &job.out)?;
+    let partial = partial_dir(&job.run.out, &run_hash);
+    let _lock = lock_partial(&partial, &job.run.out)?;
     let state_path = partial.join("state.json");
     let result = train_in(
         job,
@@ -562,7 +556,7 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<T
     let dev = dev.clone();
     let mut store = EpochStore::open(partial, state_path, run_hash, &metadata)?;
     let (mut first_epoch, mut opt_state) = (0, None);
-    if let Some(r) = store.resume(model.config.labels(), job.seed, &dev)? {
+    if let Some(r) = store.resume(model.config.labels(), job.run.seed, &dev)? {
         (model, opt_state, first_epoch) = (r.model, Some(r.optimizer), r.next_epoch);
     }
     let resumed_from = first_epoch;
@@ -571,7 +565,7 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<T
         data,
         tok.pad_id,
         p,
-        job.seed,
+        job.run.seed,
         first_epoch,
         opt_state,
         &dev,
@@ -596,7 +590,7 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<T
     let best = store.best();
     let records = store.records;
     let chosen = partial.join(format!("epoch-{best}"));
-    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(chosen.join(f), out.path(f)).map_err(|e| BtuError::io(chosen.join(f), e))?;
     }
@@ -604,12 +598,12 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<T
     let summary = TrainReport {
         command: "train".into(),
         version: crate::VERSION.into(),
-        out: job.out.clone(),
+        out: job.run.out.clone(),
         model: job.model.clone(),
         base_model_sha256: base_sha.to_string(),
         device: crate::device::device_name(&dev),
         params: p.clone(),
-        seed: job.seed,
+        seed: job.run.seed,
         rows: data.seqs.len(),
         dev_rows: dev_data.as_ref().map(|d| d.seqs.len()),
         epochs: records,

@@ -89,20 +89,14 @@ pub struct VerifyJob {
     pub clean: CorpusSpec,
     /// The corpus detection ran on, to build phrase candidates from (none without it).
     pub corpus: Option<CorpusSpec>,
-    /// Output directory: `token_effects.arrow`, `summary.json` (`--out`).
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
-    /// Device of the candle backend (`--device`: `auto`, `cpu` or `cuda:N`).
-    pub device: String,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
     /// Runtime (`--backend`); `None` picks ort for `.onnx` files, candle otherwise.
     pub backend: Option<Backend>,
     /// `libonnxruntime.so` to load (`--ort-lib`); see [`crate::steps::eval::find_ort_library`].
     pub ort_lib: Option<PathBuf>,
     /// Tokens per sequence (`--max-len`).
     pub max_len: usize,
-    /// Seed of the rows tried and the insert positions (`--seed`).
-    pub seed: u64,
     /// The verification test's parameters.
     pub params: VerifyParams,
 }
@@ -405,15 +399,15 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
     let p = &job.params;
     p.validate_as("--")?;
     crate::validate::max_len("--max-len", job.max_len, None)?;
-    crate::io::output::check_output(&job.out, job.overwrite)?;
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
     let tried = candidates_of(&job.candidates, job.corpus.as_ref())?;
     let mut clf = open_classifier(
         &job.checkpoint,
         job.backend,
         job.ort_lib.as_deref(),
         job.max_len,
-        &job.device,
-        job.seed,
+        &job.run.device,
+        job.run.seed,
     )?;
     let split = read_split(&job.clean, None)?;
     let (effects, correct) = measure(
@@ -422,7 +416,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
         &job.clean.inputs.join(", "),
         &tried,
         p,
-        job.seed,
+        job.run.seed,
     )?;
     let weights = if job.checkpoint.is_dir() {
         job.checkpoint.join("model.safetensors")
@@ -431,7 +425,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
     };
     let meta = TableMeta {
         command: "verify".into(),
-        params: json!({"params": p, "max_len": job.max_len, "seed": job.seed, "text_col": job.clean.text_col, "label_col": job.clean.label_col}),
+        params: json!({"params": p, "max_len": job.max_len, "seed": job.run.seed, "text_col": job.clean.text_col, "label_col": job.clean.label_col}),
         model_sha256: crate::model::checkpoint::sha256_file(&weights)?,
         corpus_fingerprint: None,
         extra: vec![
@@ -461,7 +455,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
     let summary = VerifyReport {
         command: "verify".into(),
         version: crate::VERSION.into(),
-        out: job.out.clone(),
+        out: job.run.out.clone(),
         checkpoint: job.checkpoint.clone(),
         backend: clf.backend().into(),
         params: p.clone(),
@@ -491,7 +485,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
             .collect(),
         seconds: t0.elapsed().as_secs_f64(),
     };
-    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
     crate::io::tables::write_ipc(&out.path("token_effects.arrow"), &batch, false)?;
     out.write_json("summary.json", &summary)?;
     out.commit()?;

@@ -240,7 +240,11 @@ fn defend_exit_codes_per_class_of_failure() {
     assert_eq!(plan["command"], "defend", "{plan}");
     assert_eq!(
         plan["outputs"],
-        serde_json::json!([s(&r3), s(&r3.join("metrics.json"))]),
+        serde_json::json!([
+            s(&r3),
+            s(&r3.join("metrics.json")),
+            s(&r3.join("report.html"))
+        ]),
         "{plan}"
     );
     let inputs: Vec<&str> = plan["inputs"]

@@ -18,6 +18,7 @@ mod lake;
 mod onnx;
 mod pipelines;
 mod poison;
+mod report;
 mod schemas;
 mod sql_limits;
 mod sst2;

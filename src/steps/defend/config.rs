@@ -126,6 +126,8 @@ pub struct DefendConfig {
     pub verify: VerifyParams,
     /// `[eval]`: the attack measured (defaults to `[poison]`'s) and the backend.
     pub eval: EvalParams,
+    /// `[report]`: the page written as `report.html` at the end (on by default).
+    pub report: crate::steps::report::ReportParams,
 }
 
 impl Default for DefendConfig {
@@ -143,6 +145,7 @@ impl Default for DefendConfig {
             unlearn: UnlearnParams::default(),
             verify: VerifyParams::default(),
             eval: EvalParams::default(),
+            report: Default::default(),
         }
     }
 }

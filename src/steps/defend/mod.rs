@@ -147,6 +147,17 @@ impl Pipeline<'_> {
         self.cfg.device.clone()
     }
 
+    /// A step's run options: writing to `out` (replacing a half-done earlier attempt), the
+    /// run's seed and device.
+    fn opts(&self, out: &Path) -> crate::steps::RunOpts {
+        crate::steps::RunOpts {
+            out: out.to_path_buf(),
+            overwrite: true,
+            seed: self.seed(),
+            device: self.device(),
+        }
+    }
+
     fn train_spec(&self, train: &TrainData, labels: bool) -> CorpusSpec {
         self.cfg
             .spec_filtered(&train.files, labels, train.filter.as_ref())
@@ -177,6 +188,7 @@ impl Pipeline<'_> {
         let out = self.run.join("poison/train.parquet");
         let seed = self.seed();
         let step_key = json!({"input": key, "poison": p, "seed": seed, "cols": [cfg.data.text_col, cfg.data.label_col]});
+        let run = self.opts(&out);
         let (h, _) = self.steps.step::<Value>(
             "poison",
             step_key,
@@ -189,9 +201,7 @@ impl Pipeline<'_> {
                             true,
                             cfg.data.train_filter.as_ref(),
                         ),
-                        output: out.clone(),
-                        overwrite: true,
-                        seed,
+                        run: run.clone(),
                         params: p.clone(),
                     },
                 ))
@@ -216,17 +226,16 @@ impl Pipeline<'_> {
         let seed = self.seed();
         let key = json!({"train": train.key, "init": init, "seed": seed});
         let corpus = self.train_spec(train, false);
+        let run = self.opts(&out);
         let (h, _) =
             self.steps
                 .step::<Value>("init-model", key, std::slice::from_ref(&out), &mut || {
                     summary(crate::steps::init_model::run(
                         &crate::steps::init_model::InitModelJob {
-                            out: out.clone(),
-                            overwrite: true,
+                            run: run.clone(),
                             corpus: Some(corpus.clone()),
                             tokenizer: None,
                             size: init.clone(),
-                            seed,
                         },
                     ))
                 })?;
@@ -240,10 +249,7 @@ impl Pipeline<'_> {
         let job = crate::steps::detect::DetectJob {
             corpus: self.train_spec(train, true),
             model: model.to_path_buf(),
-            out: out.clone(),
-            overwrite: true,
-            device: self.device(),
-            seed: self.seed(),
+            run: self.opts(&out),
             params: cfg.detect.clone(),
         };
         let key =
@@ -270,10 +276,7 @@ impl Pipeline<'_> {
             corpus: self.train_spec(train, true),
             dev: (!cfg.data.dev.is_empty()).then(|| cfg.spec(&cfg.data.dev, true)),
             model: model.to_path_buf(),
-            out: out.clone(),
-            overwrite: true,
-            device: self.device(),
-            seed: self.seed(),
+            run: self.opts(&out),
             params: cfg.train.clone(),
         };
         let key = json!({"train": train.key, "model": model_key, "dev": dev_key, "params": cfg.train, "seed": cfg.seed});
@@ -298,13 +301,10 @@ impl Pipeline<'_> {
             candidates,
             clean: self.clean_spec(),
             corpus: None,
-            out: out.to_path_buf(),
-            overwrite: true,
-            device: self.device(),
+            run: self.opts(out),
             backend: Some(crate::steps::eval::Backend::Candle),
             ort_lib: None,
             max_len: self.cfg.train.max_len,
-            seed: self.seed(),
             params: self.cfg.verify.clone(),
         }
     }
@@ -363,15 +363,12 @@ impl Pipeline<'_> {
             reference: model.0.to_path_buf(),
             suspicious: detect.path.join("suspicious_tokens.arrow"),
             effects: effects.map(|e| e.path.clone()),
-            out: out.clone(),
-            overwrite: true,
+            run: self.opts(&out),
             clean_corpus: (!cfg.data.clean.is_empty()).then(|| self.clean_spec()),
             eval_split: cfg.eval_specs(false),
             batch_size: t.batch_size,
             max_len: t.max_len,
             min_flip_rate: cfg.verify.min_flip_rate,
-            device: self.device(),
-            seed: cfg.seed,
             params: u.clone(),
         };
         let progress = self.progress;
@@ -423,9 +420,7 @@ impl Pipeline<'_> {
         let onnx = self.run.join(format!("export-{name}/model.onnx"));
         let job = crate::steps::export_onnx::ExportJob {
             checkpoint: ckpt.path.clone(),
-            out: onnx.clone(),
-            overwrite: true,
-            seed: self.seed(),
+            run: self.opts(&onnx),
         };
         self.steps.step::<Value>(
             &format!("export-{name}"),
@@ -455,19 +450,16 @@ impl Pipeline<'_> {
         let job = crate::steps::eval::EvalJob {
             model: model.0.to_path_buf(),
             test,
-            out: out.clone(),
-            overwrite: true,
+            run: self.opts(&out),
             target: attack.as_ref().map_or(defaults::TARGET, |a| a.target),
             attack,
             max_len: cfg.train.max_len,
-            device: self.device(),
             backend: Some(if ort_lib.is_some() {
                 crate::steps::eval::Backend::Ort
             } else {
                 crate::steps::eval::Backend::Candle
             }),
             ort_lib: ort_lib.clone(),
-            seed: cfg.seed,
         };
         let (_, report) = self
             .steps
@@ -642,7 +634,25 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
         config: cfg.clone(),
     };
     crate::io::output::write_json_atomic(&run.join("metrics.json"), &report)?;
+    if cfg.report.enabled {
+        write_report(&run)?;
+    }
     Ok(report)
+}
+
+/// `[report]`: the run's page, `report.html`, from what the run directory now holds.
+fn write_report(run: &Path) -> Result<()> {
+    let _span = tracing::info_span!("step", name = "report").entered();
+    crate::steps::report::run(&crate::steps::report::ReportJob {
+        dir: run.to_path_buf(),
+        scans: Vec::new(),
+        tokenizer: None,
+        run: crate::steps::RunOpts {
+            overwrite: true,
+            ..crate::steps::RunOpts::new(run.join("report.html"))
+        },
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

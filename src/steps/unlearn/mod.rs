@@ -343,10 +343,8 @@ pub struct UnlearnJob {
     pub suspicious: PathBuf,
     /// `token_effects.arrow` from `btu verify`: repair only the verified triggers.
     pub effects: Option<PathBuf>,
-    /// Output checkpoint directory, with `dimension_masks.arrow` (`--out`).
-    pub out: PathBuf,
-    /// Replace an existing output (`--overwrite`).
-    pub overwrite: bool,
+    /// Output, whether to replace it, seed and device (`--out`, `--overwrite`, `--seed`, `--device`).
+    pub run: crate::steps::RunOpts,
     /// Labelled clean data (`--clean-corpus`) for the fine-tune after the repair and, with
     /// `effects`, for the rechecks of the escalation.
     pub clean_corpus: Option<CorpusSpec>,
@@ -358,10 +356,6 @@ pub struct UnlearnJob {
     pub max_len: usize,
     /// The flip-rate bound of the rechecks' verification test (`btu defend`: `verify.min_flip_rate`).
     pub min_flip_rate: f64,
-    /// Device of the clean fine-tune and the rechecks (`--device`: `auto`, `cpu` or `cuda:N`).
-    pub device: String,
-    /// Seed of the clean fine-tune, its trigger rows and the rechecks (`--seed`).
-    pub seed: u64,
     /// The repair's parameters.
     pub params: UnlearnParams,
 }
@@ -512,7 +506,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
     check_tokens(&tokens, &tok, eb.rows, &job.suspicious)?;
     let verified = read_verified(job, eb.rows)?;
     let overlap_checked = check_clean_disjoint(job)?;
-    let out = crate::io::output::OutputDir::create(&job.out, job.overwrite)?;
+    let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
     copy_model_files(&out, &job.checkpoint)?;
     let ctx = Embeddings {
         e: &e,
@@ -566,7 +560,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
     Ok(UnlearnReport {
         command: "unlearn".into(),
         version: crate::VERSION.into(),
-        out: job.out.clone(),
+        out: job.run.out.clone(),
         checkpoint_sha256: ckpt_sha,
         reference_sha256: ref_sha,
         threshold_rule: job.params.threshold,
@@ -592,7 +586,7 @@ fn validate(job: &UnlearnJob) -> Result<()> {
     if job.clean_corpus.is_some() {
         job.clean_params().validate_as("--", true)?;
     }
-    crate::io::output::check_output(&job.out, job.overwrite)
+    crate::io::output::check_output(&job.run.out, job.run.overwrite)
 }
 
 /// Apply the masks to the trained word embeddings in `file` (checked finite).
@@ -636,7 +630,7 @@ fn mask_table_meta(
 ) -> Result<TableMeta> {
     let mut params = json!({
         "threshold": job.params.threshold, "replacement": job.params.replacement,
-        "clean": job.clean_corpus.as_ref().map(|_| job.clean_params()), "seed": job.seed,
+        "clean": job.clean_corpus.as_ref().map(|_| job.clean_params()), "seed": job.run.seed,
     });
     if let Some(e) = &job.effects {
         params["effects"] = json!(e);
@@ -864,8 +858,9 @@ fn repair_verified(
         let raw = raw_like(&repaired, &trained.tensors[m.name])?;
         trained.tensors.insert(m.name.to_string(), raw);
         out.write("model.safetensors", &safetensors_bytes(trained))?;
-        let mut clf = CandleClassifier::load(&out.path(""), job.max_len, &job.device, job.seed)?;
-        crate::steps::verify::effects_on(&mut clf, &split, &source, cs, &recheck, job.seed)
+        let mut clf =
+            CandleClassifier::load(&out.path(""), job.max_len, &job.run.device, job.run.seed)?;
+        crate::steps::verify::effects_on(&mut clf, &split, &source, cs, &recheck, job.run.seed)
     };
     let (masks, stages) = escalate(&mut triggers, job.params.max_residual, &build, &mut check)?;
     if let Some(s) = stages.last().filter(|s| !s.persisting.is_empty()) {
@@ -886,15 +881,15 @@ fn clean_tune(
     progress: &dyn Progress,
 ) -> Result<CleanTuningReport> {
     use rand::Rng;
-    let dev = crate::device::parse_device(&job.device)?;
+    let dev = crate::device::parse_device(&job.run.device)?;
     let md = ModelDir::open(&out.path(""))?;
-    let mut model = crate::model::checkpoint::load_model(&md, None, job.seed, &dev)?;
+    let mut model = crate::model::checkpoint::load_model(&md, None, job.run.seed, &dev)?;
     let mut edited = 0usize;
     let mut edit = |pos: usize, text: &str| -> Option<String> {
         if inserts.is_empty() {
             return None;
         }
-        let mut rng = crate::steps::poison::row_rng(job.seed ^ 0xC0DE_7E57, pos as u64);
+        let mut rng = crate::steps::poison::row_rng(job.run.seed ^ 0xC0DE_7E57, pos as u64);
         if rng.random::<f64>() >= job.params.trigger_rows {
             return None;
         }
@@ -926,7 +921,7 @@ fn clean_tune(
         &data,
         tok.pad_id,
         &job.clean_params(),
-        job.seed,
+        job.run.seed,
         0,
         None,
         &dev,
@@ -943,7 +938,7 @@ fn clean_tune(
     );
     meta.insert(
         "btu:clean_params".into(),
-        canonical_json(&json!({"params": job.clean_params(), "seed": job.seed})),
+        canonical_json(&json!({"params": job.clean_params(), "seed": job.run.seed})),
     );
     meta.insert("btu:clean_trigger_rows".into(), edited.to_string());
     meta.remove("format");
