@@ -6,7 +6,7 @@ MINILM := models/all-MiniLM-L6-v2
 # The release binary, wherever cargo puts it (CARGO_TARGET_DIR is honoured).
 BTU := $(or $(CARGO_TARGET_DIR),target)/release/btu
 
-.PHONY: all build setup minilm chromium test demo schemas bench fmt report-shot
+.PHONY: all build setup minilm chromium test cuda-check demo schemas bench fmt report-shot
 
 all: build
 
@@ -62,6 +62,11 @@ test: setup
 	echo "skipped tests: $$n"; \
 	if [ "$$n" -gt 0 ]; then cat $(SKIPS); fi; \
 	exit $$status
+
+# The GPU path cannot rot: `cargo check --features cuda` with the CUDA 13.0 toolchain wheels from
+# PyPI, on a machine without a GPU (scripts/cuda_check.sh says how). CI runs it after the tests.
+cuda-check:
+	scripts/cuda_check.sh
 
 # The main job on the embedded default (synthetic corpus generated in code).
 demo: build
