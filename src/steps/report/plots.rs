@@ -132,6 +132,48 @@ pub fn round_scatter(
     })
 }
 
+/// A chart with `x` numeric and `n` named rows on y (row `i` labelled `label(i)`), its mesh
+/// drawn.
+type RowChart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<
+        plotters::coord::types::RangedCoordf64,
+        plotters::coord::ranged1d::SegmentedCoord<plotters::coord::types::RangedCoordi32>,
+    >,
+>;
+
+fn row_chart<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    x_desc: &str,
+    n: i32,
+    label: impl Fn(i32) -> String,
+) -> Result<RowChart<'a, 'b>> {
+    let mut c = ChartBuilder::on(root)
+        .caption(title, (FONT, 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(170)
+        .build_cartesian_2d(x, (0..n).into_segmented())
+        .map_err(err)?;
+    c.configure_mesh()
+        .disable_y_mesh()
+        .light_line_style(WHITE.mix(0.0))
+        .label_style((FONT, 12))
+        .axis_desc_style((FONT, 13))
+        .x_desc(x_desc)
+        .y_labels(n as usize + 1)
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => label(*i),
+            _ => String::new(),
+        })
+        .draw()
+        .map_err(err)?;
+    Ok(c)
+}
+
 /// One horizontal bar.
 struct Bar {
     label: String,
@@ -148,29 +190,12 @@ fn hbars(title: &str, x_desc: &str, bars: &[Bar], x_max: f64, line: Option<f64>)
     let n = bars.len().max(1) as i32;
     let h = 130 + 24 * n as u32;
     svg(760, h, |root| {
-        let mut c = ChartBuilder::on(root)
-            .caption(title, (FONT, 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(170)
-            .build_cartesian_2d(0f64..x_max, (0..n).into_segmented())
-            .map_err(err)?;
-        c.configure_mesh()
-            .disable_y_mesh()
-            .light_line_style(WHITE.mix(0.0))
-            .label_style((FONT, 12))
-            .axis_desc_style((FONT, 13))
-            .x_desc(x_desc)
-            .y_labels(n as usize + 1)
-            .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => bars
-                    .get((n - 1 - *i) as usize)
-                    .map(|b| b.label.clone())
-                    .unwrap_or_default(),
-                _ => String::new(),
-            })
-            .draw()
-            .map_err(err)?;
+        let label = |i: i32| {
+            bars.get((n - 1 - i) as usize)
+                .map(|b| b.label.clone())
+                .unwrap_or_default()
+        };
+        let mut c = row_chart(root, title, 0f64..x_max, x_desc, n, label)?;
         c.draw_series(bars.iter().enumerate().map(|(k, b)| {
             let i = n - 1 - k as i32;
             let colour = if b.marked { RED } else { BLUE };
@@ -273,32 +298,19 @@ pub fn mask_strips(masks: &[DimensionMask]) -> Result<String> {
         .fold(1e-9, f64::max)
         * 1.1;
     svg(760, 130 + 28 * n as u32, |root| {
-        let mut c = ChartBuilder::on(root)
-            .caption(
-                "Repair: the replaced dimensions' deltas per token",
-                (FONT, 18),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(170)
-            .build_cartesian_2d(-lim..lim, (0..n).into_segmented())
-            .map_err(err)?;
-        c.configure_mesh()
-            .disable_y_mesh()
-            .light_line_style(WHITE.mix(0.0))
-            .label_style((FONT, 12))
-            .axis_desc_style((FONT, 13))
-            .x_desc("trained - reference, one point per replaced dimension")
-            .y_labels(n as usize + 1)
-            .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => rows
-                    .get(*i as usize)
-                    .map(|(t, d)| format!("{t} ({})", d.len()))
-                    .unwrap_or_default(),
-                _ => String::new(),
-            })
-            .draw()
-            .map_err(err)?;
+        let label = |i: i32| {
+            rows.get(i as usize)
+                .map(|(t, d)| format!("{t} ({})", d.len()))
+                .unwrap_or_default()
+        };
+        let mut c = row_chart(
+            root,
+            "Repair: the replaced dimensions' deltas per token",
+            -lim..lim,
+            "trained - reference, one point per replaced dimension",
+            n,
+            label,
+        )?;
         for (i, (_, deltas)) in rows.iter().enumerate() {
             c.draw_series(deltas.iter().map(|d| {
                 Circle::new(
