@@ -4,7 +4,8 @@
 # the demo (poison -> init-model -> detect -> train -> verify -> unlearn with escalation ->
 # export -> eval), three plain unlearns of its victim (no clean data; clean data; --effects with
 # clean tuning) and two scans (suspicious tokens; verified effects). Then compares every file
-# byte for byte; JSON files with their timing fields (seconds, samples_per_s, ...) blanked.
+# byte for byte; JSON files with their timing fields (seconds, samples_per_s, ...) blanked, the
+# report without its time section.
 # usage: scripts/same_outputs.sh OLD_BTU NEW_BTU [WORKDIR]     exit 0: identical
 set -euo pipefail
 old=$(realpath "$1"); new=$(realpath "$2"); work=${3:-$(mktemp -d)}
@@ -23,12 +24,15 @@ run() { # BIN TAG
   mkdir "$t" && mv run u1 u2 u3 scans ./*.json "$t"/
 }
 blank() { sed -E 's/"(seconds|computed_seconds|samples_per_s|wall_s|rows_per_s)": [0-9.e+-]+/"\1": 0/g; s/("(detect|eval-repaired|eval-victim|export-repaired|export-victim|init-model|poison|train|unlearn|verify|verify-repaired)": )[0-9.e+-]+/\10/g' "$1"; }
+untimed() { awk '/^<section id=/ { skip = ($0 ~ /^<section id="time">/) } !skip' "$1"; }
 run "$old" old >&2
 run "$new" new >&2
 differ=0; n=0
 while IFS= read -r f; do
   n=$((n + 1))
   if [[ $f == *.json ]]; then cmp -s <(blank "old/$f") <(blank "new/$f") || { echo "differs: $f"; differ=1; }
+  elif [[ $f == *.html ]]; then # the report's time section (one line) differs from run to run
+    cmp -s <(untimed "old/$f") <(untimed "new/$f") || { echo "differs: $f"; differ=1; }
   else cmp -s "old/$f" "new/$f" || { echo "differs: $f"; differ=1; }; fi
 done < <(cd old && find . -type f | sort)
 [ "$(cd old && find . -type f | sort)" = "$(cd new && find . -type f | sort)" ] || { echo "the file lists differ"; differ=1; }

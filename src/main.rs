@@ -50,6 +50,7 @@ fn catch_panics() -> &'static std::sync::Mutex<Option<String>> {
 }
 
 fn main() -> ExitCode {
+    btu::device::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
