@@ -47,8 +47,9 @@ pub fn device_name(d: &Device) -> String {
 /// MB of activations and gradients; by default glibc serves each large block with fresh zeroed
 /// pages from the kernel and trims the heap after it, so page faults and page clearing took a
 /// large share of a step. With blocks up to 32 MB served from the heap and no trimming, MiniLM
-/// detection round 1 ran ~2.2x and training ~1.35x as fast on 2 cores at the same peak RSS
-/// (README, "Against PyTorch on the same CPU"). Called once by the binary before any work.
+/// detection round 1 ran 1.9x, rounds 2-3 3.5x and training 1.25x as fast on 2 cores at the same
+/// peak RSS (320 SST-2 rows, against the binary before, interleaved, two repeats; README,
+/// "Against PyTorch on the same CPU"). Called once by the binary before any work.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -563,26 +563,30 @@ pub fn token_effects_batch(rows: &[TokenEffect], meta: &TableMeta) -> Result<Rec
 
 /// Read a `token_effects.arrow` file back into rows.
 pub fn read_token_effects(path: &Path) -> Result<Vec<TokenEffect>> {
-    let b = read_ipc(path)?;
-    let cand = column::<StringArray>(&b, "candidate", path)?;
-    let ids = column::<ListArray>(&b, "token_ids", path)?;
-    let rows = column::<UInt32Array>(&b, "rows", path)?;
-    let flips = column::<UInt32Array>(&b, "flips", path)?;
-    let rate = column::<Float32Array>(&b, "flip_rate", path)?;
-    let to = column::<Int64Array>(&b, "to_label", path)?;
-    let lo = column::<Float32Array>(&b, "ci_low", path)?;
-    let hi = column::<Float32Array>(&b, "ci_high", path)?;
-    let ok = column::<BooleanArray>(&b, "verified", path)?;
+    token_effects_of(&read_ipc(path)?, path)
+}
+
+/// Rows of a `token_effects` batch read from `path`.
+pub fn token_effects_of(b: &RecordBatch, path: &Path) -> Result<Vec<TokenEffect>> {
+    let cand = column::<StringArray>(b, "candidate", path)?;
+    let ids = column::<ListArray>(b, "token_ids", path)?;
+    let rows = column::<UInt32Array>(b, "rows", path)?;
+    let flips = column::<UInt32Array>(b, "flips", path)?;
+    let rate = column::<Float32Array>(b, "flip_rate", path)?;
+    let to = column::<Int64Array>(b, "to_label", path)?;
+    let lo = column::<Float32Array>(b, "ci_low", path)?;
+    let hi = column::<Float32Array>(b, "ci_high", path)?;
+    let ok = column::<BooleanArray>(b, "verified", path)?;
     // Tables written before the clean-association columns existed read as "no clean rows".
     let with = b.column_by_name("clean_rows_with").is_some();
     let n_with = with
-        .then(|| column::<UInt32Array>(&b, "clean_rows_with", path))
+        .then(|| column::<UInt32Array>(b, "clean_rows_with", path))
         .transpose()?;
     let share = with
-        .then(|| column::<Float32Array>(&b, "clean_share", path))
+        .then(|| column::<Float32Array>(b, "clean_share", path))
         .transpose()?;
     let explained = with
-        .then(|| column::<BooleanArray>(&b, "explained", path))
+        .then(|| column::<BooleanArray>(b, "explained", path))
         .transpose()?;
     (0..b.num_rows())
         .map(|i| {
@@ -609,6 +613,18 @@ pub fn read_token_effects(path: &Path) -> Result<Vec<TokenEffect>> {
             })
         })
         .collect()
+}
+
+/// Every batch of a Parquet file (a small table read whole: predictions, flagged rows).
+pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
+    let f = File::open(path).map_err(|e| BtuError::io(path, e))?;
+    let bad =
+        |e: &dyn std::fmt::Display| BtuError::bad_data(path.display().to_string(), e.to_string());
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .and_then(|b| b.build())
+        .map_err(|e| bad(&e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))
 }
 
 /// Write one record batch as a zstd Parquet file, atomically.

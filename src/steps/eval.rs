@@ -669,16 +669,11 @@ pub struct EvalJob {
 pub fn clean_correct(predictions: &std::path::Path) -> Result<Vec<bool>> {
     use arrow::array::{AsArray, BooleanArray};
     use arrow::datatypes::Int64Type;
-    let file = std::fs::File::open(predictions).map_err(|e| BtuError::io(predictions, e))?;
     let bad = |e: &dyn std::fmt::Display| {
         BtuError::bad_data(predictions.display().to_string(), e.to_string())
     };
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| bad(&e))?;
     let mut out = Vec::new();
-    for batch in reader {
-        let b = batch.map_err(|e| bad(&e))?;
+    for b in crate::io::tables::read_parquet(predictions)? {
         let col = |n: &str| {
             b.column_by_name(n)
                 .cloned()

@@ -91,10 +91,14 @@ impl RunData {
         });
         let documents = document_counts(&detect_meta, dir, tok_dir.as_deref());
         let effects = match existing(dir.join("verify/token_effects.arrow")) {
-            Some(p) => Some((
-                crate::io::tables::read_token_effects(&p)?,
-                min_flip_rate(&p)?,
-            )),
+            Some(p) => {
+                // One read: the rows and the bound recorded in the table's parameters.
+                let b = crate::io::tables::read_ipc(&p)?;
+                Some((
+                    crate::io::tables::token_effects_of(&b, &p)?,
+                    min_flip_rate(&b),
+                ))
+            }
             None => None,
         };
         let recheck = existing(dir.join("verify-repaired/token_effects.arrow"))
@@ -157,17 +161,11 @@ fn read_json(p: &Path) -> Result<Value> {
 }
 
 /// The verification bound recorded in a `token_effects` table's parameters.
-fn min_flip_rate(p: &Path) -> Result<Option<f64>> {
-    let b = crate::io::tables::read_ipc(p)?;
-    let params: Value = b
-        .schema()
-        .metadata()
-        .get("btu:params")
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or(Value::Null);
-    Ok(params
+fn min_flip_rate(b: &arrow::array::RecordBatch) -> Option<f64> {
+    let params: Value = serde_json::from_str(b.schema().metadata().get("btu:params")?).ok()?;
+    params
         .pointer("/params/min_flip_rate")
-        .and_then(Value::as_f64))
+        .and_then(Value::as_f64)
 }
 
 /// Documents per token in the corpus detection read: the files, filter, limit and sample of its
@@ -256,7 +254,7 @@ fn eval_counts(dir: &Path, target: i64) -> Result<Option<EvalCounts>> {
     // id -> (label, prediction) without the trigger; (id, prediction) with it.
     let mut clean: HashMap<i64, (i64, i64)> = HashMap::new();
     let mut attacked: Vec<(i64, i64)> = Vec::new();
-    for b in read_parquet(&p)? {
+    for b in crate::io::tables::read_parquet(&p)? {
         let col = |n: &str| {
             b.column_by_name(n)
                 .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>().cloned())
@@ -301,22 +299,10 @@ fn eval_counts(dir: &Path, target: i64) -> Result<Option<EvalCounts>> {
     }))
 }
 
-fn read_parquet(p: &Path) -> Result<Vec<arrow::array::RecordBatch>> {
-    let f = std::fs::File::open(p).map_err(|e| BtuError::io(p, e))?;
-    let bad =
-        |e: &dyn std::fmt::Display| BtuError::bad_data(p.display().to_string(), e.to_string());
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-        .map_err(|e| bad(&e))?
-        .build()
-        .map_err(|e| bad(&e))?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| bad(&e))
-}
-
 /// Rows of a `flagged_rows` file per (token or phrase, label).
 fn scan_counts(p: &Path) -> Result<ScanCounts> {
     let mut out = BTreeMap::new();
-    for b in read_parquet(p)? {
+    for b in crate::io::tables::read_parquet(p)? {
         let bad = || {
             BtuError::bad_data(
                 p.display().to_string(),

@@ -151,47 +151,28 @@ fn outcome(d: &RunData) -> Option<String> {
     let (b, a) = (&m["without_defence"], &m["with_defence"]);
     let f = |v: &Value, k: &str| v[k].as_f64();
     let mut s = String::from("<h2>Outcome</h2><table><tr><th></th><th class=\"num\">without defence</th><th class=\"num\">with defence</th></tr>");
-    s += &metric_row(
-        "clean accuracy (ACC)",
-        "acc",
-        f(b, "acc"),
-        f(a, "acc"),
-        |c| Some(c.acc),
-        &d.evals,
-    );
-    s += &metric_row(
-        "attack success (ASR)",
-        "asr",
-        f(b, "asr"),
-        f(a, "asr"),
-        |c| Some(c.asr),
-        &d.evals,
-    );
-    s += &metric_row(
-        "flip rate",
-        "flip",
-        f(b, "flip_rate"),
-        f(a, "flip_rate"),
-        |c| c.flip,
-        &d.evals,
-    );
-    let none = (None, None);
-    s += &metric_row(
-        "clean false-positive rate",
-        "fpr",
-        f(b, "clean_false_positive_rate"),
-        f(a, "clean_false_positive_rate"),
-        |_| None,
-        &none,
-    );
-    s += &metric_row(
-        "clean false-negative rate",
-        "fnr",
-        f(b, "clean_false_negative_rate"),
-        f(a, "clean_false_negative_rate"),
-        |_| None,
-        &none,
-    );
+    // name, the cells' data-metric id, the summary's key, the counts behind an interval.
+    type Counts = fn(&EvalCounts) -> Option<(u64, u64)>;
+    let rows: [(&str, &str, &str, Counts); 5] = [
+        ("clean accuracy (ACC)", "acc", "acc", |c| Some(c.acc)),
+        ("attack success (ASR)", "asr", "asr", |c| Some(c.asr)),
+        ("flip rate", "flip", "flip_rate", |c| c.flip),
+        (
+            "clean false-positive rate",
+            "fpr",
+            "clean_false_positive_rate",
+            |_| None,
+        ),
+        (
+            "clean false-negative rate",
+            "fnr",
+            "clean_false_negative_rate",
+            |_| None,
+        ),
+    ];
+    for (name, id, key, counts) in rows {
+        s += &metric_row(name, id, f(b, key), f(a, key), counts, &d.evals);
+    }
     s += "</table><p class=\"muted\">Brackets: 95 % Wilson intervals, in percent, from the evaluation's predictions.</p>";
     let c = &m["acc_change"];
     if let (Some(delta), Some(lo), Some(hi)) = (
