@@ -139,11 +139,20 @@ fn demo_report_renders_in_chromium_with_the_runs_tokens_and_numbers() {
         .next()
         .unwrap();
     for (token, t) in flagged["tokens"].as_object().unwrap() {
-        assert!(
-            scans.contains(&format!("<td>{token}</td>")),
-            "{token} not in the scans table"
-        );
-        assert!(t["rows"].as_u64().unwrap() > 0);
+        let row = scans
+            .split(&format!("<tr><td>{token}</td>"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("{token} not in the scans table"))
+            .split("</tr>")
+            .next()
+            .unwrap();
+        // Its rows per label add up to the rows scan flagged for it.
+        let per_label: u64 = row
+            .split("<td class=\"num\">")
+            .skip(1)
+            .map(|c| c.split("</td>").next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(per_label, t["rows"].as_u64().unwrap(), "{token}: {row}");
     }
 }
 
