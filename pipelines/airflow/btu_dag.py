@@ -11,10 +11,7 @@ The command lines live in STEPS (a plain literal, so tests can check every one a
 argument parser without Airflow installed).
 """
 
-from datetime import datetime, timedelta
-
 IMAGE = "btu:0.1.0"
-TEMPORARY_FAILURE = 75
 
 PARAMS = {
     "corpus": "s3://lake/sst2/poisoned-train.parquet",
@@ -64,52 +61,24 @@ EDGES = [
 
 try:  # Airflow is only needed to schedule the DAG, not to read STEPS.
     from airflow import DAG
-    from airflow.exceptions import AirflowException, AirflowFailException
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from kubernetes.client import models as k8s
 except ImportError:  # pragma: no cover - tests read STEPS without Airflow
     DAG = None
 
 
 if DAG is not None:
+    import os
+    import sys
 
-    class BtuPodOperator(KubernetesPodOperator):
-        """Retries only btu's temporary failures (exit code 75)."""
+    from kubernetes.client import models as k8s
 
-        def execute(self, context):
-            try:
-                return super().execute(context)
-            except AirflowException as err:
-                code = self._btu_exit_code()
-                if code is not None and code != TEMPORARY_FAILURE:
-                    raise AirflowFailException(f"btu exited with {code} (not retryable): {err}") from err
-                raise
-
-        def _btu_exit_code(self):
-            pod = getattr(self, "pod", None)
-            if pod is None:
-                return None
-            try:
-                remote = self.pod_manager.read_pod(pod)
-                for status in remote.status.container_statuses or []:
-                    if status.name == "base" and status.state and status.state.terminated:
-                        return status.state.terminated.exit_code
-            except Exception:  # noqa: BLE001 - unknown state: let Airflow's retry decide
-                return None
-            return None
+    # The operator that retries only exit code 75 lives in btu_operator.py, beside this file.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from btu_operator import DAG_DEFAULTS, BtuPodOperator
 
     work = k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name="btu-work"))
     work_mount = k8s.V1VolumeMount(name="work", mount_path="/work")
 
-    with DAG(
-        dag_id="btu_defend",
-        start_date=datetime(2026, 1, 1),
-        schedule=None,
-        catchup=False,
-        params=PARAMS,
-        default_args={"retries": 3, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
-        tags=["btu", "backdoor"],
-    ) as dag:
+    with DAG(dag_id="btu_defend", params=PARAMS, tags=["btu", "backdoor"], **DAG_DEFAULTS) as dag:
         tasks = {
             name: BtuPodOperator(
                 task_id=name,

@@ -1,6 +1,8 @@
 //! From parsed flags to each step's library input (`Job`): corpus flags become corpus specs,
 //! the step's parameter type passes through unchanged.
 
+use std::path::Path;
+
 use super::*;
 
 impl InitModelArgs {
@@ -182,14 +184,20 @@ impl VerifyArgs {
 impl ScanArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::scan::ScanJob {
+        // --suspicious, --tokenizer and --out are required unless --plan (which scans nothing).
         crate::steps::scan::ScanJob {
-            run: self.run.opts(&self.out, "cpu"),
-            corpus: self
-                .corpus_args
-                .spec(self.corpus.clone(), self.run.seed, true),
-            suspicious: self.suspicious.clone(),
+            run: self
+                .run
+                .opts(self.out.as_deref().unwrap_or(Path::new("")), "cpu"),
+            corpus: crate::io::corpus::CorpusSpec {
+                shard: self.shard,
+                ..self
+                    .corpus_args
+                    .spec(self.corpus.clone(), self.run.seed, true)
+            },
+            suspicious: self.suspicious.clone().unwrap_or_default(),
             effects: self.effects.clone(),
-            tokenizer: self.tokenizer.clone(),
+            tokenizer: self.tokenizer.clone().unwrap_or_default(),
         }
     }
 }

@@ -110,6 +110,7 @@ impl CorpusArgs {
             sample: self.sample,
             seed,
             label_optional: false,
+            shard: None,
             exclude_texts: Default::default(),
         }
     }
@@ -560,17 +561,30 @@ pub struct ScanArgs {
     #[arg(long, env = "BTU_CORPUS", num_args = 1.., required = true)]
     pub corpus: Vec<String>,
     /// suspicious_tokens.arrow from btu detect.
-    #[arg(long, env = "BTU_SUSPICIOUS")]
-    pub suspicious: PathBuf,
+    #[arg(long, env = "BTU_SUSPICIOUS", required_unless_present = "plan")]
+    pub suspicious: Option<PathBuf>,
     /// token_effects.arrow from btu verify: flag rows by the verified triggers only.
     #[arg(long, env = "BTU_EFFECTS")]
     pub effects: Option<PathBuf>,
     /// Model directory or tokenizer.json of the tokenizer detection used.
-    #[arg(long, env = "BTU_TOKENIZER")]
-    pub tokenizer: PathBuf,
-    /// Output Parquet file (flagged_rows).
-    #[arg(long, env = "BTU_OUT")]
-    pub out: PathBuf,
+    #[arg(long, env = "BTU_TOKENIZER", required_unless_present = "plan")]
+    pub tokenizer: Option<PathBuf>,
+    /// Output Parquet file (flagged_rows), local or s3://bucket/key.parquet.
+    #[arg(long, env = "BTU_OUT", required_unless_present = "plan")]
+    pub out: Option<PathBuf>,
+    /// Scan only shard I of N (0-based, e.g. 2/8): the corpus's row groups, in reading order,
+    /// cut into N contiguous runs of about equal rows; the N shards' flagged rows together are
+    /// the whole scan's. Not with --limit or --sample.
+    #[arg(long, env = "BTU_SHARD", conflicts_with = "plan")]
+    pub shard: Option<crate::io::shard::Shard>,
+    /// Print the shard list (a JSON array, one item per shard: its `shard` for --shard, rows,
+    /// files and row groups) for a workflow engine's fan-out, and scan nothing.
+    #[arg(long)]
+    pub plan: bool,
+    /// How many shards --plan cuts the corpus into (default: one per million rows, at most one
+    /// per row group).
+    #[arg(long, env = "BTU_SHARDS", requires = "plan")]
+    pub shards: Option<usize>,
     /// --seed and --overwrite.
     #[command(flatten)]
     #[serde(flatten)]
@@ -719,6 +733,36 @@ impl Command {
         }
     }
 
+    /// Only scan, detect, verify and sql write to object stores (`s3://` outputs); the other
+    /// commands write local files, which their later steps read back.
+    fn check_remote_outputs(&self) -> Result<()> {
+        let outputs: Vec<PathBuf> = match self {
+            Command::InitModel(a) => vec![a.out.clone()],
+            Command::Poison(a) => vec![a.output.clone()],
+            Command::Train(a) => vec![a.out.clone()],
+            Command::Unlearn(a) => vec![a.out.clone()],
+            Command::ApplyMasks(a) => vec![a.out.clone()],
+            Command::ExportOnnx(a) => vec![a.out.clone()],
+            Command::Eval(a) => vec![a.out.clone()],
+            Command::Defend(a) => a.config()?.run.into_iter().collect(),
+            Command::Demo(a) => a.out.clone().into_iter().collect(),
+            Command::Schemas(a) => vec![a.out.clone()],
+            Command::Report(a) => vec![a.out.clone()],
+            Command::Scan(_) | Command::Detect(_) | Command::Verify(_) | Command::Sql(_) => vec![],
+        };
+        match outputs.into_iter().find(|p| crate::io::output::remote(p).is_some()) {
+            Some(p) => Err(crate::BtuError::config(
+                if matches!(self, Command::Poison(_)) { "--output" } else { "--out" },
+                format!(
+                    "{}: {} writes local files only (s3:// outputs are for scan, detect, verify and sql); write locally, then copy",
+                    p.display(),
+                    self.name()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// What the command would read and write, and with which parameters (`--dry-run`).
     pub fn plan(&self) -> Result<Value> {
         use serde_json::json;
@@ -808,10 +852,14 @@ impl Command {
             }
             Command::Scan(a) => {
                 let mut i = a.corpus.clone();
-                i.push(p(&a.suspicious));
-                i.extend(a.effects.iter().map(p));
-                i.push(p(&a.tokenizer));
-                (i, vec![p(&a.out)], json!(a))
+                i.extend(
+                    a.suspicious
+                        .iter()
+                        .chain(&a.effects)
+                        .chain(&a.tokenizer)
+                        .map(p),
+                );
+                (i, a.out.iter().map(p).collect(), json!(a))
             }
             Command::Sql(a) => {
                 let mut i: Vec<String> = a
@@ -841,6 +889,7 @@ pub fn execute(
     progress: &dyn Progress,
     stdout: &mut dyn std::io::Write,
 ) -> Result<Value> {
+    cli.command.check_remote_outputs()?;
     if cli.global.dry_run {
         return cli.command.plan();
     }
@@ -856,6 +905,7 @@ pub fn execute(
         Command::Defend(a) => summary(crate::steps::defend::run(&a.config()?, progress)),
         Command::Demo(a) => summary(crate::demo::run(&a.job(), progress)),
         Command::Verify(a) => summary(crate::steps::verify::run(&a.job())),
+        Command::Scan(a) if a.plan => summary(crate::steps::scan::plan(&a.job().corpus, a.shards)),
         Command::Scan(a) => summary(crate::steps::scan::run(&a.job(), progress)),
         Command::Sql(a) => summary(crate::steps::sql::run(&a.job()?, stdout)),
         Command::Schemas(a) => summary(crate::steps::schemas::run(&a.out)),

@@ -47,6 +47,9 @@ pub struct CorpusSpec {
     /// Read files without the label column too (their labels are then unknown).
     #[serde(default)]
     pub label_optional: bool,
+    /// Read only this shard's row groups (`btu scan --shard I/N`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::io::shard::Shard>,
     /// Skip rows whose trimmed text has one of these sha256 hashes (`btu defend --drop-overlap`).
     #[serde(skip)]
     pub exclude_texts: std::collections::BTreeSet<[u8; 32]>,
@@ -64,6 +67,7 @@ impl CorpusSpec {
             sample: None,
             seed: 0,
             label_optional: false,
+            shard: None,
             exclude_texts: Default::default(),
         }
     }
@@ -76,6 +80,12 @@ pub struct InputFile {
     pub path: String,
     /// Size in bytes.
     pub bytes: u64,
+    /// Rows of each row group (from the footer).
+    #[serde(skip)]
+    pub row_groups: Vec<u64>,
+    /// The file's columns as Arrow reads them (from the footer).
+    #[serde(skip)]
+    pub schema: Option<arrow::datatypes::SchemaRef>,
 }
 
 /// Provenance of a corpus read: which files, how many rows, and a hash of their content.
@@ -93,6 +103,9 @@ pub struct Fingerprint {
     pub limit: Option<u64>,
     /// The `--sample` fraction applied, if any.
     pub sample: Option<f64>,
+    /// The shard read (`I/N`), if any: `files` are the shard's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
 }
 
 impl Fingerprint {
@@ -131,7 +144,12 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
             remote.extend(
                 crate::io::store::resolve(input)?
                     .into_iter()
-                    .map(|(path, bytes)| InputFile { path, bytes }),
+                    .map(|(path, bytes)| InputFile {
+                        path,
+                        bytes,
+                        row_groups: Vec::new(),
+                        schema: None,
+                    }),
             );
             continue;
         }
@@ -183,12 +201,24 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
             Ok(InputFile {
                 path: p.display().to_string(),
                 bytes,
+                row_groups: Vec::new(),
+                schema: None,
             })
         })
         .collect::<Result<_>>()?;
     local.extend(remote);
-    for f in &local {
-        check_parquet_file(f)?;
+    for f in &mut local {
+        let meta = check_parquet_file(f)?;
+        f.row_groups = meta
+            .row_groups()
+            .iter()
+            .map(|rg| rg.num_rows().max(0) as u64)
+            .collect();
+        let fm = meta.file_metadata();
+        f.schema =
+            parquet::arrow::parquet_to_arrow_schema(fm.schema_descr(), fm.key_value_metadata())
+                .ok()
+                .map(Arc::new);
     }
     Ok(local)
 }
@@ -210,8 +240,9 @@ fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 /// Check a file is Parquet before any reader touches it: `PAR1` at both ends and a footer
-/// length that fits in the file (a corrupt length made the Parquet readers panic).
-pub fn check_parquet_file(f: &InputFile) -> Result<()> {
+/// length that fits in the file (a corrupt length made the Parquet readers panic). Returns the
+/// decoded footer.
+pub fn check_parquet_file(f: &InputFile) -> Result<parquet::file::metadata::ParquetMetaData> {
     use std::io::{Read, Seek, SeekFrom};
     let bad = |what: String| BtuError::bad_data(&f.path, what);
     let not_parquet = || bad("not a Parquet file (no PAR1 magic); pass Parquet files only".into());
@@ -265,7 +296,7 @@ pub fn check_parquet_file(f: &InputFile) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    Ok(meta)
 }
 
 fn df_err(src: &str, e: impl std::fmt::Display) -> BtuError {
@@ -308,19 +339,21 @@ pub fn read_corpus(
     mut each: impl FnMut(CorpusBatch) -> Result<()>,
 ) -> Result<Fingerprint> {
     check_sample(spec)?;
-    let files = resolve_inputs(&spec.inputs)?;
+    crate::io::shard::check_compatible(spec.shard, spec.limit, spec.sample)?;
+    let all = resolve_inputs(&spec.inputs)?;
+    let (files, reads) = file_reads(all, spec.shard);
     let mut rows = RowSelection::new(spec);
     runtime().block_on(async {
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-        for f in &files {
+        for (f, read) in files.iter().zip(&reads) {
             if rows.full() {
                 break;
             }
             let (df, eff) = open_file(&ctx, f, spec).await?;
             let predicate = filter_predicate(&ctx, &df, spec)?;
-            let mut stream = df.execute_stream().await.map_err(|e| df_err(&f.path, e))?;
+            let mut stream = stream_row_groups(&ctx, df, f, read.row_groups).await?;
             let source: Arc<str> = Arc::from(f.path.as_str());
-            let mut file_row: u64 = 0;
+            let mut file_row: u64 = read.first_row;
             while let Some(batch) = stream.next().await {
                 let batch = batch.map_err(|e| df_err(&f.path, e))?;
                 let n = batch.num_rows();
@@ -346,6 +379,97 @@ pub fn read_corpus(
         Ok::<(), BtuError>(())
     })?;
     rows.fingerprint(files, spec)
+}
+
+/// The files to read and, per file, which row groups: all of every file, or a shard's.
+fn file_reads(
+    files: Vec<InputFile>,
+    shard: Option<crate::io::shard::Shard>,
+) -> (Vec<InputFile>, Vec<crate::io::shard::ShardFile>) {
+    let Some(shard) = shard else {
+        let reads = files
+            .iter()
+            .map(|f| crate::io::shard::ShardFile {
+                path: f.path.clone(),
+                row_groups: [0, f.row_groups.len()],
+                first_row: 0,
+                rows: f.row_groups.iter().sum(),
+            })
+            .collect();
+        return (files, reads);
+    };
+    let item = crate::io::shard::plan(&files, shard.count).swap_remove(shard.index);
+    let files = item
+        .files
+        .iter()
+        .map(|r| {
+            files
+                .iter()
+                .find(|f| f.path == r.path)
+                .expect("planned from these files")
+                .clone()
+        })
+        .collect();
+    (files, item.files)
+}
+
+/// Stream a file's row groups `[start, end)`: the whole frame, or (for a shard) the frame's scan
+/// given a Parquet access plan naming those row groups.
+async fn stream_row_groups(
+    ctx: &SessionContext,
+    df: datafusion::prelude::DataFrame,
+    f: &InputFile,
+    [start, end]: [usize; 2],
+) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::datasource::physical_plan::parquet::ParquetAccessPlan;
+    use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig};
+    use datafusion::datasource::source::DataSourceExec;
+    let groups = f.row_groups.len();
+    if start == 0 && end == groups {
+        return df.execute_stream().await.map_err(|e| df_err(&f.path, e));
+    }
+    let mut access = ParquetAccessPlan::new_none(groups);
+    (start..end).for_each(|rg| access.scan(rg));
+    let plan = df
+        .create_physical_plan()
+        .await
+        .map_err(|e| df_err(&f.path, e))?;
+    let mut scans = 0;
+    let plan = plan
+        .transform_up(|node| {
+            let any: &dyn std::any::Any = node.as_ref();
+            let Some(config) = any.downcast_ref::<DataSourceExec>().and_then(|exec| {
+                let source: &dyn std::any::Any = exec.data_source().as_ref();
+                source.downcast_ref::<FileScanConfig>()
+            }) else {
+                return Ok(Transformed::no(node));
+            };
+            let mut config = config.clone();
+            config.file_groups = std::mem::take(&mut config.file_groups)
+                .into_iter()
+                .map(|g| {
+                    FileGroup::new(
+                        g.into_inner()
+                            .into_iter()
+                            .map(|file| file.with_extension(access.clone()))
+                            .collect(),
+                    )
+                })
+                .collect();
+            scans += 1;
+            Ok(Transformed::yes(DataSourceExec::from_data_source(config)
+                as Arc<dyn datafusion::physical_plan::ExecutionPlan>))
+        })
+        .map_err(|e| df_err(&f.path, e))?
+        .data;
+    if scans != 1 {
+        return Err(BtuError::internal(format!(
+            "{}: expected one Parquet scan to restrict to row groups {start}..{end}, found {scans}",
+            f.path
+        )));
+    }
+    datafusion::physical_plan::execute_stream(plan, ctx.task_ctx()).map_err(|e| df_err(&f.path, e))
 }
 
 /// `--sample` must be a fraction in (0, 1].
@@ -553,7 +677,8 @@ impl RowSelection {
 
     /// The fingerprint of what was read; an empty result is an error.
     fn fingerprint(self, files: Vec<InputFile>, spec: &CorpusSpec) -> Result<Fingerprint> {
-        if self.rows_out == 0 {
+        // A shard may be empty (coarse row groups, or a filter); a whole corpus may not.
+        if self.rows_out == 0 && spec.shard.is_none() {
             let what = files
                 .iter()
                 .map(|f| f.path.as_str())
@@ -571,6 +696,7 @@ impl RowSelection {
             filter: spec.filter.clone(),
             limit: spec.limit,
             sample: spec.sample,
+            shard: spec.shard.map(|s| s.to_string()),
         })
     }
 }

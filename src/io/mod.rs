@@ -3,5 +3,6 @@
 
 pub mod corpus;
 pub mod output;
+pub mod shard;
 pub mod store;
 pub mod tables;

@@ -1,17 +1,25 @@
 //! Outputs as transactions (design.md "Outputs are transactions"): every file or directory is
 //! written under a temporary name and renamed into place only when complete, so a failed or
 //! killed command leaves nothing that looks like a finished output.
+//!
+//! An output named `s3://bucket/key` (scan, detect, verify, sql) is staged in the local temporary
+//! directory and uploaded when complete: a file as one object (a multipart upload, invisible until
+//! it completes), a directory as one object per file with a `_SUCCESS` marker written last.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{BtuError, Result};
+use crate::io::store::S3Url;
 
 /// Refuse an existing output unless `overwrite`; make sure a place to stage it exists and is
 /// writable (checked before any work, so a bad `--out` fails in seconds, not after hours of
 /// training); remove temporary files that killed runs left for this output.
 pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
+    if let Some(url) = remote(path) {
+        return check_remote(path, &url, overwrite);
+    }
     if path.exists() && !overwrite {
         return Err(BtuError::OutputExists {
             path: path.to_path_buf(),
@@ -23,6 +31,40 @@ pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
         .prefix(&format!("{}probe-", temp_prefix(path)))
         .tempfile_in(&parent)
         .map_err(|e| unwritable(path, e))?;
+    Ok(())
+}
+
+/// The object-store location of an output named `s3://bucket/key`.
+pub fn remote(path: &Path) -> Option<S3Url> {
+    path.to_str().and_then(S3Url::parse)
+}
+
+/// The marker object written last into a directory output on an object store.
+pub const SUCCESS_MARKER: &str = "_SUCCESS";
+
+/// An object-store output: a valid bucket, an object key, reachable, and (unless `overwrite`)
+/// neither an object nor a finished directory (its `_SUCCESS` marker) at the URL.
+fn check_remote(path: &Path, url: &S3Url, overwrite: bool) -> Result<()> {
+    crate::io::store::s3_store(&url.bucket)?;
+    clean_stale(&std::env::temp_dir(), path);
+    let key = url.key.trim_end_matches('/');
+    if key.is_empty() {
+        return Err(BtuError::config(
+            "--out",
+            format!(
+                "{}: name an object key under the bucket, e.g. s3://{}/audit/out",
+                path.display(),
+                url.bucket
+            ),
+        ));
+    }
+    let taken = crate::io::store::exists(url, key)?
+        || crate::io::store::exists(url, &format!("{key}/{SUCCESS_MARKER}"))?;
+    if taken && !overwrite {
+        return Err(BtuError::OutputExists {
+            path: path.to_path_buf(),
+        });
+    }
     Ok(())
 }
 
@@ -172,13 +214,19 @@ pub struct OutputDir {
     target: PathBuf,
     staging: Option<tempfile::TempDir>,
     overwrite: bool,
+    /// Where the directory goes when it is an object-store prefix.
+    remote: Option<S3Url>,
 }
 
 impl OutputDir {
     /// Start writing the directory `target`.
     pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
         check_output(target, overwrite)?;
-        let parent = staging_parent(target)?;
+        let remote = remote(target);
+        let parent = match remote {
+            Some(_) => std::env::temp_dir(),
+            None => staging_parent(target)?,
+        };
         let staging = tempfile::Builder::new()
             .prefix(&temp_prefix(target))
             .tempdir_in(&parent)
@@ -187,6 +235,7 @@ impl OutputDir {
             target: target.to_path_buf(),
             staging: Some(staging),
             overwrite,
+            remote,
         })
     }
 
@@ -221,6 +270,10 @@ impl OutputDir {
     /// the staging directory is removed and an existing output is left as it was.
     pub fn commit(mut self) -> Result<PathBuf> {
         let staging = self.staging.take().expect("commit once");
+        if let Some(url) = &self.remote {
+            upload_dir(staging.path(), url, self.overwrite)?;
+            return Ok(self.target.clone());
+        }
         ordinary_permissions(staging.path())?;
         if let Some(parent) = self.target.parent() {
             if !parent.as_os_str().is_empty() {
@@ -249,6 +302,50 @@ impl OutputDir {
     }
 }
 
+/// Upload a staged directory under `url`'s key: every file (sorted by name), then objects there
+/// that are not part of it removed (an older output replaced with --overwrite, or what a killed
+/// upload left), then the `_SUCCESS` marker (conditionally unless `overwrite`: of two writers
+/// finishing the same new output, the second gets exit 73).
+fn upload_dir(staging: &Path, url: &S3Url, overwrite: bool) -> Result<()> {
+    let prefix = format!("{}/", url.key.trim_end_matches('/'));
+    let mut files = Vec::new();
+    collect_files(staging, staging, &mut files)?;
+    files.sort();
+    let marker = format!("{prefix}{SUCCESS_MARKER}");
+    if !overwrite && crate::io::store::exists(url, &marker)? {
+        return Err(BtuError::OutputExists {
+            path: url.object(&marker).into(),
+        });
+    }
+    for rel in &files {
+        let key = format!("{prefix}{rel}");
+        crate::io::store::upload(&staging.join(rel), url, &key, true)?;
+    }
+    for key in crate::io::store::keys_under(url, &prefix)? {
+        let rel = &key[prefix.len()..];
+        if rel != SUCCESS_MARKER && !files.iter().any(|f| f == rel) {
+            tracing::info!("removing {} (not part of this output)", url.object(&key));
+            crate::io::store::delete(url, &key)?;
+        }
+    }
+    let empty = tempfile::NamedTempFile::new().map_err(|e| unwritable(Path::new(&marker), e))?;
+    crate::io::store::upload(empty.path(), url, &marker, overwrite)
+}
+
+/// Paths (relative to `root`, `/`-separated) of the files under `dir`.
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(|e| BtuError::io(dir, e))? {
+        let p = e.map_err(|e| BtuError::io(dir, e))?.path();
+        if p.is_dir() {
+            collect_files(root, &p, out)?;
+        } else {
+            let rel = p.strip_prefix(root).map_err(BtuError::internal)?;
+            out.push(rel.to_string_lossy().replace('\\', "/"));
+        }
+    }
+    Ok(())
+}
+
 /// `value` as pretty JSON with a final newline, keys sorted (it goes through
 /// [`serde_json::Value`], so a typed result and JSON built by hand read the same).
 pub fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
@@ -273,6 +370,9 @@ pub fn write_file_atomic(
     fill: impl FnOnce(&mut fs::File) -> Result<()>,
 ) -> Result<()> {
     check_output(target, overwrite)?;
+    if let Some(url) = remote(target) {
+        return write_remote_file(target, &url, overwrite, fill);
+    }
     let parent = staging_parent(target)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(target))
@@ -300,6 +400,24 @@ pub fn write_file_atomic(
         let _ = tmp.into_temp_path().keep();
     }
     Ok(())
+}
+
+/// [`write_file_atomic`] for an object-store target: fill a local temporary file, then upload it.
+fn write_remote_file(
+    target: &Path,
+    url: &S3Url,
+    overwrite: bool,
+    fill: impl FnOnce(&mut fs::File) -> Result<()>,
+) -> Result<()> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&temp_prefix(target))
+        .tempfile()
+        .map_err(|e| unwritable(target, e))?;
+    fill(tmp.as_file_mut())?;
+    tmp.as_file_mut()
+        .flush()
+        .map_err(|e| BtuError::io(target, e))?;
+    crate::io::store::upload(tmp.path(), url, url.key.trim_end_matches('/'), overwrite)
 }
 
 #[cfg(test)]

@@ -253,6 +253,123 @@ pub fn read_range(input: &str, start: u64, end: u64) -> Result<Vec<u8>> {
     Ok(bytes.to_vec())
 }
 
+/// Parts of a multipart upload (8 MiB; S3 wants at least 5 MiB except for the last part).
+const PART_BYTES: usize = 8 << 20;
+
+/// Whether the object `key` exists in `url`'s bucket.
+pub fn exists(url: &S3Url, key: &str) -> Result<bool> {
+    let store = s3_store(&url.bucket)?;
+    match crate::io::corpus::runtime().block_on(store.head(&ObjectPath::from(key))) {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(store_err(&url.object(key), e)),
+    }
+}
+
+/// The keys under `prefix` (a key ending in `/`), sorted.
+pub fn keys_under(url: &S3Url, prefix: &str) -> Result<Vec<String>> {
+    let store = s3_store(&url.bucket)?;
+    let listed: Vec<object_store::ObjectMeta> = crate::io::corpus::runtime()
+        .block_on(store.list(Some(&ObjectPath::from(prefix))).try_collect())
+        .map_err(|e| store_err(&url.object(prefix), e))?;
+    let mut keys: Vec<String> = listed.into_iter().map(|m| m.location.to_string()).collect();
+    keys.sort();
+    Ok(keys)
+}
+
+/// Delete the object `key`.
+pub fn delete(url: &S3Url, key: &str) -> Result<()> {
+    let store = s3_store(&url.bucket)?;
+    crate::io::corpus::runtime()
+        .block_on(store.delete(&ObjectPath::from(key)))
+        .map_err(|e| store_err(&url.object(key), e))
+}
+
+/// Upload the local file `local` as the object `key`, visible only once complete: a file of one
+/// part goes up in one conditional PUT (`If-None-Match: *` unless `overwrite`, so of two writers
+/// racing for a new object one wins); a larger one as a multipart upload, completed only after
+/// every part arrived (and, unless `overwrite`, after checking that no object appeared
+/// meanwhile), aborted on any failure.
+pub fn upload(local: &std::path::Path, url: &S3Url, key: &str, overwrite: bool) -> Result<()> {
+    let store = s3_store(&url.bucket)?;
+    let target = url.object(key);
+    let size = std::fs::metadata(local)
+        .map_err(|e| BtuError::io(local, e))?
+        .len();
+    let rt = crate::io::corpus::runtime();
+    let path = ObjectPath::from(key);
+    if size <= PART_BYTES as u64 {
+        let bytes = std::fs::read(local).map_err(|e| BtuError::io(local, e))?;
+        let mode = if overwrite {
+            object_store::PutMode::Overwrite
+        } else {
+            object_store::PutMode::Create
+        };
+        let opts = object_store::PutOptions {
+            mode,
+            ..Default::default()
+        };
+        return match rt.block_on(store.put_opts(&path, bytes.into(), opts)) {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(BtuError::OutputExists {
+                path: target.into(),
+            }),
+            Err(e) => Err(store_err(&target, e)),
+        };
+    }
+    rt.block_on(upload_parts(store, local, &path, &target, overwrite))
+}
+
+/// The multipart half of [`upload`].
+async fn upload_parts(
+    store: Arc<dyn ObjectStore>,
+    local: &std::path::Path,
+    path: &ObjectPath,
+    target: &str,
+    overwrite: bool,
+) -> Result<()> {
+    use std::io::Read;
+    let upload = store
+        .put_multipart(path)
+        .await
+        .map_err(|e| store_err(target, e))?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+    let filled = async {
+        let mut file = std::fs::File::open(local).map_err(|e| BtuError::io(local, e))?;
+        let mut buf = vec![0u8; PART_BYTES];
+        loop {
+            let n = file.read(&mut buf).map_err(|e| BtuError::io(local, e))?;
+            if n == 0 {
+                break;
+            }
+            // At most 4 parts in flight: memory stays bounded whatever the file's size.
+            writer
+                .wait_for_capacity(4)
+                .await
+                .map_err(|e| store_err(target, e))?;
+            writer.write(&buf[..n]);
+        }
+        if !overwrite && store.head(path).await.is_ok() {
+            return Err(BtuError::OutputExists {
+                path: target.into(),
+            });
+        }
+        Ok(())
+    }
+    .await;
+    match filled {
+        Ok(()) => writer
+            .finish()
+            .await
+            .map(|_| ())
+            .map_err(|e| store_err(target, e)),
+        Err(e) => {
+            let _ = writer.abort().await;
+            Err(e)
+        }
+    }
+}
+
 /// Upload bytes to an `s3://` URL (used by tests and benchmarks to stage data).
 pub fn put(url_str: &str, bytes: Vec<u8>) -> Result<()> {
     let url = S3Url::parse(url_str)

@@ -102,11 +102,10 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
         label_optional: true,
         ..job.corpus.clone()
     };
+    let id_type = id_type(&spec)?;
     let mut fingerprint = None;
     crate::io::output::write_file_atomic(&job.run.out, job.run.overwrite, |file| {
         let mut sink = crate::io::tables::ParquetSink::new(file, &job.run.out, Some(65_536));
-        // The id column's type, fixed by the first batch with a flagged row.
-        let mut first_id: Option<Option<DataType>> = None;
         let fp = read_corpus(&spec, |b| {
             let seqs = tok.encode_untruncated(&b.texts)?;
             let flagged = tally.batch(&matcher, &b, &seqs);
@@ -114,17 +113,43 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
             if flagged.keep.is_empty() {
                 return Ok(());
             }
-            let id_type = b.batch.column_by_name("id").map(|c| c.data_type().clone());
-            let id_type = first_id.get_or_insert(id_type).clone();
-            sink.write(&flagged.into_batch(&b, id_type)?)
+            sink.write(&flagged.into_batch(&b, id_type.clone())?)
         })?;
         // No row flagged: an empty table with the schema.
-        sink.finish(|| Arc::new(crate::io::tables::flagged_rows_schema(None)))?;
+        sink.finish(|| Arc::new(crate::io::tables::flagged_rows_schema(id_type.clone())))?;
         fingerprint = Some(fp);
         Ok(())
     })?;
     bar.finish_and_clear();
     Ok(tally.report(job, &matcher, t0.elapsed().as_secs_f64(), fingerprint))
+}
+
+/// `btu scan --plan`: the shards of the corpus (`shards` of them, default
+/// [`crate::io::shard::default_count`]) for a fan-out.
+pub fn plan(
+    corpus: &CorpusSpec,
+    shards: Option<usize>,
+) -> Result<Vec<crate::io::shard::ShardItem>> {
+    if shards == Some(0) {
+        return Err(BtuError::config(
+            "--shards",
+            "0 is not a shard count; give 1 or more",
+        ));
+    }
+    let files = crate::io::corpus::resolve_inputs(&corpus.inputs)?;
+    let count = shards.unwrap_or_else(|| crate::io::shard::default_count(&files));
+    Ok(crate::io::shard::plan(&files, count))
+}
+
+/// The type of the `id` column of flagged_rows: the `id` column's type in the corpus's first
+/// file that has one (the whole corpus's, so that every shard of a scan writes one schema);
+/// `None` (no `id` column) when no file has one.
+fn id_type(spec: &CorpusSpec) -> Result<Option<DataType>> {
+    let files = crate::io::corpus::resolve_inputs(&spec.inputs)?;
+    Ok(files.iter().find_map(|f| {
+        let schema = f.schema.as_ref()?;
+        Some(schema.field_with_name("id").ok()?.data_type().clone())
+    }))
 }
 
 /// The output must be a new (or, with --overwrite, replaceable) `.parquet` file.
@@ -411,7 +436,7 @@ impl Flagged {
         self.keep.push(i);
     }
 
-    /// The `flagged_rows` batch; the id column cast to `id_type` (the first flagged batch's).
+    /// The `flagged_rows` batch; the id column cast to `id_type` (see [`id_type`]).
     fn into_batch(mut self, b: &CorpusBatch, id_type: Option<DataType>) -> Result<RecordBatch> {
         let n = self.keep.len();
         let schema: SchemaRef = Arc::new(crate::io::tables::flagged_rows_schema(id_type.clone()));

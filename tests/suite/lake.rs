@@ -211,18 +211,24 @@ fn unreachable_object_store_is_a_temporary_failure() {
     let f = fixture();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("t.parquet");
+    let scan = |corpus: &str, out: &str| {
+        btu(["scan", "--corpus", corpus, "--suspicious", s(&f.suspicious)])
+            .args(["--tokenizer", s(&f.model), "--out", out])
+            .dead_store()
+    };
+    scan("s3://lake/corpus/", s(&out))
+        .fails_with(75, "temporary failure")
+        .and_no_output(&out);
+    // An output on an unreachable store: 75 before any work, nothing written.
+    scan(s(&f.corpus_dir), "s3://lake/audit/t.parquet").fails_with(75, "temporary failure");
     btu([
-        "scan",
-        "--corpus",
-        "s3://lake/corpus/",
-        "--suspicious",
-        s(&f.suspicious),
-        "--tokenizer",
-        s(&f.model),
-        "--out",
-        s(&out),
+        "sql",
+        "SELECT 1 AS a",
+        "--format",
+        "csv",
+        "--output",
+        "s3://lake/q.csv",
     ])
     .dead_store()
-    .fails_with(75, "temporary failure")
-    .and_no_output(&out);
+    .fails_with(75, "temporary failure");
 }

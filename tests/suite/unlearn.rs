@@ -452,6 +452,26 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
     let (v1, v2) = (d.join("v1"), d.join("v2"));
     let sum = verify(&v1);
     verify(&v2);
+    // To an object store: the same table, uploaded once complete.
+    if let Some(moto) = Moto::start("lake") {
+        moto.btu([
+            "verify",
+            "--checkpoint",
+            s(&f.ckpt),
+            "--suspicious",
+            s(&sus),
+        ])
+        .args(["--clean-corpus", s(&held_out), "--rows", "150"])
+        .args(["--out", "s3://lake/verify"])
+        .success();
+        assert_eq!(
+            moto.get("verify/token_effects.arrow"),
+            std::fs::read(v1.join("token_effects.arrow")).unwrap()
+        );
+        assert!(moto
+            .keys("verify/")
+            .contains(&"verify/_SUCCESS".to_string()));
+    }
     assert_eq!(sum["verified"], serde_json::json!(["cf"]), "{sum}");
     let effects = btu::io::tables::read_token_effects(&v1.join("token_effects.arrow")).unwrap();
     let (cf, the) = (&effects[0], &effects[1]);

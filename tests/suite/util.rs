@@ -446,17 +446,43 @@ impl Moto {
     /// Run `code` in python with `c` a boto3 client of this server and `bucket` its bucket;
     /// `args` are `sys.argv[1:]`.
     fn boto3(&self, code: &str, args: &[&str]) {
+        self.boto3_out(code, args);
+    }
+
+    /// [`Moto::boto3`], returning what the code printed.
+    fn boto3_out(&self, code: &str, args: &[&str]) -> Vec<u8> {
         let script = format!(
             "import boto3, sys\nc = boto3.client('s3', endpoint_url='{}', aws_access_key_id='testing', \
              aws_secret_access_key='secret-never-logged', region_name='us-east-1')\nbucket = '{}'\n{code}\n",
             self.endpoint, self.bucket
         );
-        let ok = Command::new(venv_python())
+        let o = Command::new(venv_python())
             .args(["-c", &script])
             .args(args)
-            .status()
+            .stderr(Stdio::inherit())
+            .output()
             .expect("run the venv's python");
-        assert!(ok.success(), "boto3: {code}");
+        assert!(o.status.success(), "boto3: {code}");
+        o.stdout
+    }
+
+    /// The keys under `prefix` in this server's bucket, sorted.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = self.boto3_out(
+            "r = c.list_objects_v2(Bucket=bucket, Prefix=sys.argv[1])\nfor o in r.get('Contents', []):\n    print(o['Key'])",
+            &[prefix],
+        );
+        let mut keys: Vec<String> = lossy(&out).lines().map(String::from).collect();
+        keys.sort();
+        keys
+    }
+
+    /// The bytes of object `key`.
+    pub fn get(&self, key: &str) -> Vec<u8> {
+        self.boto3_out(
+            "sys.stdout.buffer.write(c.get_object(Bucket=bucket, Key=sys.argv[1])['Body'].read())",
+            &[key],
+        )
     }
 
     /// Upload local files: `(key, path)` pairs, into this server's bucket.
@@ -498,4 +524,18 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A workflow file's `{{...}}` placeholders filled from `lookup` (panics on an unknown one).
+pub fn fill_placeholders(arg: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let j = rest[i..].find("}}").expect("closed placeholder") + i;
+        let key = rest[i + 2..j].trim();
+        out.push_str(&lookup(key).unwrap_or_else(|| panic!("unknown placeholder {key} in {arg}")));
+        rest = &rest[j + 2..];
+    }
+    out + rest
 }

@@ -349,6 +349,7 @@ impl DefendConfig {
             sample: None,
             seed: self.seed,
             label_optional: false,
+            shard: None,
             exclude_texts: Default::default(),
         }
     }

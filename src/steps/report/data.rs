@@ -221,6 +221,7 @@ fn document_counts(
             .or(params.pointer("/params/seed").and_then(Value::as_u64))
             .unwrap_or(crate::defaults::SEED),
         label_optional: false,
+        shard: None,
         exclude_texts: Default::default(),
     };
     let tok = crate::model::tokenizer::BtuTokenizer::load(tok_dir).map_err(|e| e.to_string())?;
