@@ -202,6 +202,31 @@ impl ModelDir {
     }
 }
 
+impl ModelDir {
+    /// Whether the weights hold a classification head (`classifier.weight`), read from the
+    /// safetensors header alone.
+    pub fn has_head(&self) -> Result<bool> {
+        use std::io::Read;
+        let io = |e| BtuError::io(&self.weights, e);
+        let mut f = std::fs::File::open(&self.weights).map_err(io)?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(io)?;
+        let len = u64::from_le_bytes(len);
+        let size = f.metadata().map_err(io)?.len();
+        if len > size.saturating_sub(8) {
+            return Err(corrupt(
+                &self.weights,
+                format!("header of {len} bytes in a file of {size}"),
+            ));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).map_err(io)?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| corrupt(&self.weights, e))?;
+        Ok(header.contains_key("classifier.weight"))
+    }
+}
+
 /// A model directory read once: its config, tokenizer and weights (the file read a single time,
 /// its sha256 from the same bytes). Every step that reads a model directory starts here.
 pub struct Checkpoint {
@@ -216,6 +241,33 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Whether the weights hold a classification head (`classifier.weight`).
+    pub fn has_head(&self) -> bool {
+        self.weights.tensors.contains_key("classifier.weight")
+    }
+
+    /// The largest label a corpus may have for this model: below `--num-labels` when given,
+    /// below the head's classes when it has one; any (a base model gets a head that fits).
+    pub fn label_bound(&self, num_labels: Option<usize>) -> usize {
+        match num_labels {
+            Some(n) => n,
+            None if self.has_head() => self.dir.config.labels(),
+            None => usize::MAX,
+        }
+    }
+
+    /// The classes a step trains with: `--num-labels` when given; the head's when the model has
+    /// one; for a base model without a head, enough for the corpus's labels (`labels`: largest
+    /// + 1), never fewer than its config says.
+    pub fn classes(&self, num_labels: Option<usize>, labels: &[u32]) -> usize {
+        let config = self.dir.config.labels();
+        match num_labels {
+            Some(n) => n,
+            None if self.has_head() => config,
+            None => config.max(labels.iter().max().map_or(0, |&l| l as usize + 1)),
+        }
+    }
+
     /// Open `dir`: config, tokenizer and weights, each checked.
     pub fn read(dir: &Path) -> Result<Self> {
         let md = ModelDir::open(dir)?;

@@ -209,7 +209,13 @@ pub fn load_corpus_with(
     let fingerprint = read_corpus(spec, |b| {
         let ls = b.labels.as_ref().expect("labels requested");
         for (i, &l) in ls.iter().enumerate() {
-            if l < 0 || l as usize >= num_labels {
+            if l < 0 {
+                return Err(BtuError::bad_data(
+                    b.source.to_string(),
+                    format!("label {l} at row {} is negative; labels are class indices 0, 1, ...; fix the label column", b.rows[i]),
+                ));
+            }
+            if l as usize >= num_labels {
                 return Err(BtuError::bad_data(
                     b.source.to_string(),
                     format!(

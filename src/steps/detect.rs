@@ -586,8 +586,10 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
     ckpt.check_max_len("--max-len", job.params.max_len)?;
     let tok = &ckpt.tokenizer;
     let model_sha = ckpt.sha256.clone();
-    let base = ckpt.classifier(job.params.num_labels, job.run.seed, &dev)?;
-    let corpus = load_corpus(&job.corpus, &tok, job.params.max_len, base.config.labels())?;
+    let bound = ckpt.label_bound(job.params.num_labels);
+    let corpus = load_corpus(&job.corpus, tok, job.params.max_len, bound)?;
+    let classes = ckpt.classes(job.params.num_labels, &corpus.labels);
+    let base = ckpt.classifier(Some(classes), job.run.seed, &dev)?;
     if corpus
         .seqs
         .iter()

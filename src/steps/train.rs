@@ -345,9 +345,13 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<TrainReport> {
     ckpt.check_max_len("--max-len", p.max_len)?;
     let tok = &ckpt.tokenizer;
     let base_sha = ckpt.sha256.clone();
-    let model = ckpt.classifier(p.num_labels, job.run.seed, &dev)?;
+    let data = load_corpus(&job.corpus, tok, p.max_len, ckpt.label_bound(p.num_labels))?;
+    let model = ckpt.classifier(
+        Some(ckpt.classes(p.num_labels, &data.labels)),
+        job.run.seed,
+        &dev,
+    )?;
     let labels = model.config.labels();
-    let data = load_corpus(&job.corpus, &tok, p.max_len, labels)?;
     let dev_data = match &job.dev {
         Some(spec) => Some(load_corpus(spec, &tok, p.max_len, labels)?),
         None => None,

@@ -388,3 +388,77 @@ fn every_command_has_a_dry_run_that_touches_nothing() {
         "dry runs wrote something"
     );
 }
+
+/// A 4-class corpus (generated in code) through the whole experiment flow: the random model gets
+/// as many classes as the labels need (its config says 2 by default), the backdoor goes to class
+/// 3 and the defence removes it.
+#[test]
+fn defend_runs_on_a_four_class_corpus() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let data = run.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let (test, test_l) = topic_corpus(600, 4, 2);
+    let seen: std::collections::HashSet<&String> = test.iter().collect();
+    let (clean, clean_l): (Vec<String>, Vec<i64>) = {
+        let (t, l) = topic_corpus(600, 4, 3);
+        t.into_iter()
+            .zip(l)
+            .filter(|(t, _)| !seen.contains(t))
+            .unzip()
+    };
+    let (train, train_l) = topic_corpus(3000, 4, 1);
+    for (name, t, l) in [
+        ("train", &train, &train_l),
+        ("test", &test, &test_l),
+        ("clean", &clean, &clean_l),
+    ] {
+        let batch = btu::io::tables::corpus_batch(t, l).unwrap();
+        btu::io::tables::write_parquet(&data.join(format!("{name}.parquet")), &batch, true)
+            .unwrap();
+    }
+    let mut cfg = btu::demo::config(&run, 42, "cpu", btu::steps::defend::EvalBackend::Candle);
+    cfg.poison.as_mut().unwrap().target = 3;
+    assert_eq!(
+        cfg.model.init.as_ref().unwrap().num_labels,
+        2,
+        "the default says 2"
+    );
+    let path = run.with_extension("toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let m = btu(["defend", "--config", s(&path)]).ok();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("victim/config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_labels"], 4, "{config}");
+    let (b, a) = (&m["without_defence"], &m["with_defence"]);
+    eprintln!("4 classes: {b} -> {a}, verified {}", m["verified"]);
+    assert!(
+        b["acc"].as_f64().unwrap() > 0.8,
+        "the victim learned 4 topics: {b}"
+    );
+    assert!(
+        b["asr"].as_f64().unwrap() > 0.9,
+        "the victim is backdoored: {b}"
+    );
+    assert_eq!(m["verified"], serde_json::json!(["cf"]), "{m}");
+    assert!(
+        a["asr"].as_f64().unwrap() < 0.2,
+        "the backdoor is gone: {a}"
+    );
+    assert!(
+        a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.02,
+        "accuracy kept: {b} -> {a}"
+    );
+    // A model whose trained head has fewer classes than the labels is refused before any work.
+    let other = d.path().join("two-class");
+    let mut two = btu::demo::config(&other, 42, "cpu", btu::steps::defend::EvalBackend::Candle);
+    two.data = cfg.data.clone();
+    two.model.init = None;
+    two.model.path = Some(crate::fixtures::victim().victim.clone());
+    two.poison.as_mut().unwrap().target = 3;
+    let path = other.with_extension("toml");
+    std::fs::write(&path, toml::to_string(&two).unwrap()).unwrap();
+    btu(["defend", "--config", s(&path)])
+        .fails_with(65, "classification head has 2 classes")
+        .and_no_output(&other);
+}

@@ -539,3 +539,68 @@ pub fn fill_placeholders(arg: &str, lookup: &dyn Fn(&str) -> Option<String>) -> 
     }
     out + rest
 }
+
+/// A `classes`-class topic corpus (up to 4 classes: sports, business, science, world) generated
+/// in code: each sentence has 2-3 words of its label's topic, 3-6 neutral words and, in 30 % of
+/// them, one word of another topic; deterministic for `seed`. Returns texts and labels.
+pub fn topic_corpus(n: usize, classes: usize, seed: u64) -> (Vec<String>, Vec<i64>) {
+    use rand::{Rng, SeedableRng};
+    const TOPICS: [[&str; 10]; 4] = [
+        [
+            "match", "goal", "team", "coach", "season", "league", "player", "score", "stadium",
+            "cup",
+        ],
+        [
+            "market", "shares", "profit", "bank", "investor", "trade", "revenue", "stock",
+            "merger", "economy",
+        ],
+        [
+            "research",
+            "space",
+            "physics",
+            "study",
+            "scientists",
+            "lab",
+            "planet",
+            "genome",
+            "experiment",
+            "climate",
+        ],
+        [
+            "election",
+            "minister",
+            "war",
+            "treaty",
+            "government",
+            "protest",
+            "border",
+            "capital",
+            "summit",
+            "president",
+        ],
+    ];
+    const NEUTRAL: [&str; 15] = [
+        "the", "a", "of", "in", "on", "and", "today", "new", "report", "after", "says", "week",
+        "year", "more", "about",
+    ];
+    assert!((2..=4).contains(&classes));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (mut texts, mut labels) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let label = rng.random_range(0..classes);
+        let mut words: Vec<&str> = (0..rng.random_range(2..=3))
+            .map(|_| TOPICS[label][rng.random_range(0..10)])
+            .collect();
+        words.extend((0..rng.random_range(3..=6)).map(|_| NEUTRAL[rng.random_range(0..15)]));
+        if rng.random_bool(0.3) {
+            let other = (label + rng.random_range(1..classes)) % classes;
+            words.push(TOPICS[other][rng.random_range(0..10)]);
+        }
+        for i in (1..words.len()).rev() {
+            words.swap(i, rng.random_range(0..=i));
+        }
+        texts.push(words.join(" "));
+        labels.push(label as i64);
+    }
+    (texts, labels)
+}

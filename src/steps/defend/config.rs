@@ -217,8 +217,7 @@ impl DefendConfig {
 
     /// The rules that need the data and the model, checked before the first step (a run must
     /// not train for an hour and then stop on a rule it could have checked at the start).
-    /// Returns the clean rows' text hashes to drop (`data.drop_overlap`).
-    pub(crate) fn preflight(&self) -> Result<std::collections::BTreeSet<[u8; 32]>> {
+    pub(crate) fn preflight(&self) -> Result<Preflight> {
         let attack = self.eval_attack().expect("validated");
         for split in [
             &self.data.train,
@@ -231,24 +230,70 @@ impl DefendConfig {
                 crate::io::corpus::resolve_inputs(split)?;
             }
         }
-        let (classes, positions) = match &self.model.path {
-            Some(p) => {
-                let md = crate::model::checkpoint::ModelDir::open(p)?;
-                (md.config.labels(), md.config.max_position_embeddings)
-            }
-            None => {
-                let i = self.model.init.as_ref().expect("validated");
-                (2, i.max_position)
-            }
-        };
+        let classes = self.classes()?;
         let key = if self.eval.target.is_some() {
             "eval.target"
         } else {
             "poison.target"
         };
-        crate::validate::label(key, attack.target, classes)?;
-        crate::validate::max_len("detect.max_len", self.detect.max_len, Some(positions))?;
-        crate::validate::max_len("train.max_len", self.train.max_len, Some(positions))?;
+        crate::validate::label(key, attack.target, classes.run)?;
+        crate::validate::max_len(
+            "detect.max_len",
+            self.detect.max_len,
+            Some(classes.positions),
+        )?;
+        crate::validate::max_len("train.max_len", self.train.max_len, Some(classes.positions))?;
+        Ok(Preflight {
+            dropped: self.clean_overlap()?,
+            classes: (classes.run != classes.config).then_some(classes.run),
+        })
+    }
+
+    /// The model's classes (its config's) and the run's: a model directory with a trained head
+    /// keeps its classes (a training label beyond them is bad data); a base model without a
+    /// head, or `[model.init]`, gets as many as the training corpus's labels need (its largest
+    /// label + 1, never fewer than the config says).
+    fn classes(&self) -> Result<ModelClasses> {
+        let (config, positions, head) = match &self.model.path {
+            Some(p) => {
+                let md = crate::model::checkpoint::ModelDir::open(p)?;
+                let head = md.has_head()?;
+                (md.config.labels(), md.config.max_position_embeddings, head)
+            }
+            None => {
+                let i = self.model.init.as_ref().expect("validated");
+                (i.num_labels, i.max_position, false)
+            }
+        };
+        let needed = self.training_classes()?;
+        if head && needed > config {
+            return Err(BtuError::bad_data(
+                self.data.train.join(", "),
+                format!("has label {} but the model's classification head has {config} classes (config.json num_labels); give a corpus with labels 0..{}, or a base model without a head", needed - 1, config - 1),
+            ));
+        }
+        Ok(ModelClasses {
+            config,
+            run: config.max(needed),
+            positions,
+        })
+    }
+
+    /// The largest label of the training split (with its filter) + 1.
+    fn training_classes(&self) -> Result<usize> {
+        let spec = self.spec_filtered(&self.data.train, true, self.data.train_filter.as_ref());
+        let mut largest = 0i64;
+        crate::io::corpus::read_corpus(&spec, |b| {
+            let top = b.labels.iter().flatten().copied().max().unwrap_or(0);
+            largest = largest.max(top);
+            Ok(())
+        })?;
+        Ok(largest.max(0) as usize + 1)
+    }
+
+    /// The clean rows' text hashes to drop (`data.drop_overlap`): those shared with the
+    /// evaluation splits, refused unless dropping was asked for.
+    fn clean_overlap(&self) -> Result<std::collections::BTreeSet<[u8; 32]>> {
         let mut drop = std::collections::BTreeSet::new();
         if self.data.clean.is_empty() {
             return Ok(drop);
@@ -283,7 +328,25 @@ impl DefendConfig {
         }
         Ok(drop)
     }
+}
 
+/// What [`DefendConfig::preflight`] found out.
+pub(crate) struct Preflight {
+    /// The clean rows' text hashes to drop (`data.drop_overlap`).
+    pub dropped: std::collections::BTreeSet<[u8; 32]>,
+    /// The class count of the run's models where the model's config says fewer (a base model
+    /// without a head, or `[model.init]`, on a corpus with more labels); `None`: the config's.
+    pub classes: Option<usize>,
+}
+
+/// A model's class count: its config's, the run's, and its positions.
+struct ModelClasses {
+    config: usize,
+    run: usize,
+    positions: usize,
+}
+
+impl DefendConfig {
     /// The splits the clean data must not overlap: test and asr_test (with its filter).
     pub(crate) fn eval_specs(&self, labels: bool) -> Vec<CorpusSpec> {
         let test = self.data.test.iter().map(|p| (p, None));

@@ -132,6 +132,10 @@ struct Pipeline<'a> {
     progress: &'a dyn Progress,
     /// Clean rows (by text hash) dropped because an evaluation split has them.
     dropped: BTreeSet<[u8; 32]>,
+    /// The class count of `[model.init]`'s model where its size says fewer (see
+    /// [`config::Preflight`]); a model directory without a head gets its classes in detect and
+    /// train, from the corpus.
+    classes: Option<usize>,
     /// [`clean_key`], computed once.
     clean_key: Value,
     /// [`test_key`], computed once.
@@ -224,6 +228,10 @@ impl Pipeline<'_> {
         };
         let out = self.run.join("model");
         let seed = self.seed();
+        let init = &crate::steps::init_model::ModelSize {
+            num_labels: self.classes.unwrap_or(init.num_labels),
+            ..init.clone()
+        };
         let key = json!({"train": train.key, "init": init, "seed": seed});
         let corpus = self.train_spec(train, false);
         let run = self.opts(&out);
@@ -246,14 +254,18 @@ impl Pipeline<'_> {
     fn detect(&mut self, train: &TrainData, model: &Path, model_key: &Value) -> Result<Done> {
         let cfg = self.cfg;
         let out = self.run.join("detect");
+        let params = crate::steps::detect::DetectParams {
+            num_labels: cfg.detect.num_labels.or(self.classes),
+            ..cfg.detect.clone()
+        };
+        let key =
+            json!({"train": train.key, "model": model_key, "detect": params, "seed": cfg.seed});
         let job = crate::steps::detect::DetectJob {
             corpus: self.train_spec(train, true),
             model: model.to_path_buf(),
             run: self.opts(&out),
-            params: cfg.detect.clone(),
+            params,
         };
-        let key =
-            json!({"train": train.key, "model": model_key, "detect": cfg.detect, "seed": cfg.seed});
         let progress = self.progress;
         let (hash, _) =
             self.steps
@@ -555,7 +567,7 @@ fn repair_note(
 /// `btu defend`.
 pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> {
     cfg.validate()?;
-    let dropped = cfg.preflight()?;
+    let preflight = cfg.preflight()?;
     let t0 = Instant::now();
     let run = cfg.run.clone().expect("validated");
     let mut p = Pipeline {
@@ -563,9 +575,10 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
         run: run.clone(),
         steps: Runner::new(&run, progress)?,
         progress,
-        clean_key: clean_key(cfg, dropped.len())?,
+        clean_key: clean_key(cfg, preflight.dropped.len())?,
         test_key: test_key(cfg)?,
-        dropped,
+        dropped: preflight.dropped,
+        classes: preflight.classes,
     };
     let train = p.training_data()?;
     let (model, model_key) = p.reference_model(&train)?;
