@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""btu against PyTorch eager on the same CPU, the same rows and the same model, side by side.
+"""btu against PyTorch eager on the same device (CPU, or a GPU with --device cuda), the same rows
+and the same model, side by side.
 
 Measures, in one run, samples/s of
   - detection round 1 (only the word embeddings trainable, AdamW, lr 2e-5, batch 32, one epoch),
@@ -14,12 +15,15 @@ out, as btu's summaries count). Peak RSS of each side is reported too.
 Not part of CI: torch and transformers come from PyPI into a venv of your choosing:
     python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch transformers pyarrow tokenizers
     /tmp/tv/bin/python scripts/bench_cpu_vs_torch.py --btu target/release/btu [--rows 2000]
+On a GPU machine (scripts/gpu_bench.sh runs it): --device cuda --btu ".gpu/run.sh btu"; the torch
+side then synchronizes before reading the clock, and btu runs with --device cuda:0.
 Prints one JSON object (ratios are btu / torch; > 1 means btu is faster).
 """
 import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -56,9 +60,15 @@ def batches(model_dir, texts, labels, bs, max_len, seed):
     return out
 
 
-def torch_epoch(model_dir, data, embeddings_only, warmup=0):
-    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def torch_epoch(model_dir, data, embeddings_only, device="cpu", warmup=0):
+    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(device)
     model.train()
+    data = [tuple(x.to(device) for x in b) for b in data]
     if embeddings_only:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -77,11 +87,13 @@ def torch_epoch(model_dir, data, embeddings_only, warmup=0):
 
     for b in data[:warmup]:
         step(*b)
+    sync(device)
     t = time.perf_counter()
     n = 0
     for b in data[warmup:]:
         step(*b)
         n += b[0].shape[0]
+    sync(device)
     s = time.perf_counter() - t
     return {"samples": n, "seconds": s, "samples_per_s": n / s}
 
@@ -90,6 +102,8 @@ def btu_json(cmd):
     """Run btu under /usr/bin/time: its summary and its peak RSS in MB. (getrusage's children
     figure would count this process's memory at fork time.)"""
     r = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True)
+    if r.returncode != 0 and "No such file" in r.stderr and "time" in r.stderr:
+        sys.exit("/usr/bin/time is missing (apt install time)")
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
     return json.loads(r.stdout), int(r.stderr.strip().splitlines()[-1]) / 1024
@@ -97,7 +111,8 @@ def btu_json(cmd):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--btu", default="target/release/btu")
+    ap.add_argument("--btu", default="target/release/btu", help="the btu command (split like a shell)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model", default="models/all-MiniLM-L6-v2")
     ap.add_argument("--corpus", default="../shared/datasets/sst2/train.parquet")
     ap.add_argument("--rows", type=int, default=2000)
@@ -106,19 +121,25 @@ def main():
     torch.set_num_threads(args.threads)
     texts, labels = rows(args.corpus, args.rows)
     data = batches(args.model, texts, labels, 32, 128, 42)
-    out = {"bench": "cpu_vs_torch", "rows": len(texts), "threads": args.threads,
+    out = {"bench": "vs_torch", "device": args.device, "rows": len(texts), "threads": args.threads,
            "torch": torch.__version__, "model": args.model, "corpus": args.corpus}
-    out["torch_round1"] = torch_epoch(args.model, data, embeddings_only=True)
-    out["torch_train"] = torch_epoch(args.model, data, embeddings_only=False)
+    if args.device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(0)
+    out["torch_round1"] = torch_epoch(args.model, data, embeddings_only=True, device=args.device)
+    out["torch_train"] = torch_epoch(args.model, data, embeddings_only=False, device=args.device)
     # Both epochs in one process: the larger of the two (training, every weight with moments).
     out["torch_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        out["torch_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    btu = shlex.split(args.btu)
     with tempfile.TemporaryDirectory() as d:
-        common = ["--limit", str(args.rows), "--device", "cpu", "--quiet"]
-        det, rss_detect = btu_json([args.btu, "detect", "--corpus", args.corpus, "--model", args.model,
+        device = "cuda:0" if args.device == "cuda" else "cpu"
+        common = ["--limit", str(args.rows), "--device", device, "--quiet"]
+        det, rss_detect = btu_json(btu + ["detect", "--corpus", args.corpus, "--model", args.model,
                         "--out", os.path.join(d, "detect")] + common)
         r1 = next(r for r in det["rounds"] if r["round"] == 1)
         out["btu_round1"] = {"seconds": r1["seconds"], "samples_per_s": r1["samples_per_s"]}
-        tr, rss_train = btu_json([args.btu, "train", "--corpus", args.corpus, "--model", args.model,
+        tr, rss_train = btu_json(btu + ["train", "--corpus", args.corpus, "--model", args.model,
                        "--epochs", "1", "--out", os.path.join(d, "train")] + common)
         e = tr["epochs"][0]["stats"]
         out["btu_train"] = {"seconds": e["seconds"], "samples_per_s": e["samples_per_s"]}
