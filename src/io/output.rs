@@ -3,8 +3,9 @@
 //! killed command leaves nothing that looks like a finished output.
 //!
 //! An output named `s3://bucket/key` (scan, detect, verify, sql) is staged in the local temporary
-//! directory and uploaded when complete: a file as one object (a multipart upload, invisible until
-//! it completes), a directory as one object per file with a `_SUCCESS` marker written last.
+//! directory and uploaded when complete: a file as one object (a conditional PUT, or a multipart
+//! upload for more than one part; invisible until complete), a directory as one object per file
+//! with a `_SUCCESS` marker written last (and removed first when an output is replaced).
 
 use std::fs;
 use std::io::Write;
@@ -302,20 +303,24 @@ impl OutputDir {
     }
 }
 
-/// Upload a staged directory under `url`'s key: every file (sorted by name), then objects there
-/// that are not part of it removed (an older output replaced with --overwrite, or what a killed
-/// upload left), then the `_SUCCESS` marker (conditionally unless `overwrite`: of two writers
-/// finishing the same new output, the second gets exit 73).
+/// Upload a staged directory under `url`'s key: the old `_SUCCESS` marker removed (an output
+/// being replaced is not complete until its new marker is there), every file (sorted by name),
+/// then objects there that are not part of it removed (an older output replaced with
+/// --overwrite, or what a killed upload left), then the `_SUCCESS` marker (conditionally unless
+/// `overwrite`: of two writers finishing the same new output, the second gets exit 73).
 fn upload_dir(staging: &Path, url: &S3Url, overwrite: bool) -> Result<()> {
     let prefix = format!("{}/", url.key.trim_end_matches('/'));
     let mut files = Vec::new();
     collect_files(staging, staging, &mut files)?;
     files.sort();
     let marker = format!("{prefix}{SUCCESS_MARKER}");
-    if !overwrite && crate::io::store::exists(url, &marker)? {
-        return Err(BtuError::OutputExists {
-            path: url.object(&marker).into(),
-        });
+    if crate::io::store::exists(url, &marker)? {
+        if !overwrite {
+            return Err(BtuError::OutputExists {
+                path: url.object(&marker).into(),
+            });
+        }
+        crate::io::store::delete(url, &marker)?;
     }
     for rel in &files {
         let key = format!("{prefix}{rel}");
