@@ -2,8 +2,8 @@
 # Issue 13's GPU benchmark: btu against PyTorch eager on the same GPU, everything in one device
 # call (the device time is scarce: 15 minutes per task, start-up included).
 #
-#   here:   scripts/gpu_bench.sh prepare    # .gpu/: the CUDA binary (../shared/gpu/build-cuda.sh,
-#                                           # ~11 min cold), MiniLM as fp16, SST-2, the baseline
+#   here:   scripts/gpu_bench.sh prepare    # .gpu/: the CUDA binary (scripts/cuda_check.sh build,
+#                                           # build-cuda.sh's recipe), MiniLM as int8, SST-2, baseline
 #   there:  run(command: "scripts/gpu_bench.sh run", carry: [".gpu"], timeout_s: 540)
 #
 # `run` writes to $OUT (the device tool's folder; /tmp/gpu-bench elsewhere):
@@ -13,8 +13,8 @@
 #   defend.json     the whole defence (btu defend, pipelines/default/sst2-addword.toml: detect,
 #                   victim 2 epochs, verify, unlearn, eval) on the GPU, with its wall time
 #   gpu.txt         nvidia-smi
-# The carry limit is 64 MiB: the binary goes xz-compressed and MiniLM as fp16 (converted back to
-# fp32 there; the speed does not depend on the values' last bits). On a machine without a GPU,
+# The carry limit is 64 MiB: the binary goes xz-compressed (30 MB) and MiniLM as int8 with per-row
+# scales (23 MB; converted back to fp32 there: the speed does not depend on the values' last bits). On a machine without a GPU,
 # `BENCH_DEVICE=cpu scripts/gpu_bench.sh run` runs the same steps on the CPU with the CPU binary
 # (BTU=path; ROWS=... and DEFEND=0 to keep it short), which checks the script itself.
 set -euo pipefail
@@ -23,8 +23,11 @@ GPU=.gpu
 BENCH=$GPU/bench
 PY=${PYTHON:-python3}
 
-# fp32 <-> fp16 safetensors with numpy alone (no torch or safetensors package needed).
-convert() { # SRC DST DTYPE(F16|F32)
+# Pack / unpack a safetensors file with numpy alone (no torch or safetensors package needed):
+# Q8 stores each 2-D fp32 tensor as int8 with one fp32 scale per row (`NAME.q8scale`) and every
+# other fp32 tensor as fp16 (MiniLM: 90.9 -> 23 MB); F32 restores fp32. The values change in their
+# last bits, the speed does not.
+convert() { # SRC DST Q8|F32
   "$PY" - "$1" "$2" "$3" <<'PYEOF'
 import json, struct, sys
 import numpy as np
@@ -33,19 +36,34 @@ raw = open(src, "rb").read()
 n = struct.unpack("<Q", raw[:8])[0]
 header = json.loads(raw[8:8 + n])
 body = raw[8 + n:]
-names = {"F32": np.float32, "F16": np.float16}
-out, parts, off = {}, [], 0
-for k in sorted(header):
-    if k == "__metadata__":
-        out[k] = header[k]
+kinds = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "I64": np.int64}
+def get(v):
+    a = np.frombuffer(body[v["data_offsets"][0]:v["data_offsets"][1]], dtype=kinds[v["dtype"]])
+    return a.reshape(v["shape"])
+tensors, meta = {}, header.pop("__metadata__", None)
+for k, v in header.items():
+    if k.endswith(".q8scale"):
         continue
-    v = header[k]
-    a = np.frombuffer(body[v["data_offsets"][0]:v["data_offsets"][1]], dtype=names.get(v["dtype"], np.uint8))
-    if v["dtype"] in names and v["dtype"] != to:
-        a = a.astype(names[to])
-        v = dict(v, dtype=to)
-    b = a.tobytes()
-    out[k] = dict(v, data_offsets=[off, off + len(b)])
+    a = get(v)
+    if to == "Q8" and a.dtype == np.float32 and a.ndim == 2:
+        scale = np.maximum(np.abs(a).max(axis=1, keepdims=True), 1e-12) / 127.0
+        tensors[k] = np.round(a / scale).astype(np.int8)
+        tensors[k + ".q8scale"] = scale.astype(np.float32)
+    elif to == "Q8" and a.dtype == np.float32:
+        tensors[k] = a.astype(np.float16)
+    elif to == "F32" and a.dtype == np.int8:
+        tensors[k] = (a.astype(np.float32) * get(header[k + ".q8scale"])).astype(np.float32)
+    elif to == "F32" and a.dtype == np.float16:
+        tensors[k] = a.astype(np.float32)
+    else:
+        tensors[k] = a
+out, parts, off = {}, [], 0
+if meta:
+    out["__metadata__"] = meta
+names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int8): "I8", np.dtype(np.int64): "I64"}
+for k in sorted(tensors):
+    b = np.ascontiguousarray(tensors[k]).tobytes()
+    out[k] = {"dtype": names[tensors[k].dtype], "shape": list(tensors[k].shape), "data_offsets": [off, off + len(b)]}
     parts.append(b)
     off += len(b)
 h = json.dumps(out, separators=(",", ":")).encode()
@@ -56,16 +74,16 @@ PYEOF
 }
 
 prepare() {
-  bash ../shared/gpu/build-cuda.sh .
+  bash scripts/cuda_check.sh build
   mkdir -p "$BENCH/minilm"
   cp ../shared/datasets/sst2/{train,dev,test}.parquet "$BENCH/"
   cp ../shared/gpu/baseline/btu_round1_torch.py "$BENCH/"
   for f in config.json tokenizer.json vocab.txt tokenizer_config.json special_tokens_map.json; do
     cp "models/all-MiniLM-L6-v2/$f" "$BENCH/minilm/"
   done
-  PY=.venv/bin/python convert models/all-MiniLM-L6-v2/model.safetensors "$BENCH/minilm/model.f16.safetensors" F16
+  rm -f "$BENCH/minilm/model.f16.safetensors"
+  PY=.venv/bin/python convert models/all-MiniLM-L6-v2/model.safetensors "$BENCH/minilm/model.q8.safetensors" Q8
   # Only btu travels among the binaries; compressed (python's lzma unpacks it there).
-  find "$GPU" -maxdepth 1 -type f -perm -u+x ! -name btu ! -name run.sh -delete
   xz -T0 -6 -f "$GPU/btu"
   du -sh "$GPU"; du -sb "$GPU" | awk '{ if ($1 > 64 * 1048576) { print "over the 64 MiB carry limit"; exit 1 } }'
 }
@@ -81,8 +99,8 @@ run() {
     btu="$GPU/run.sh btu"
   fi
   cp -r "$BENCH/minilm" "$work/minilm"
-  convert "$BENCH/minilm/model.f16.safetensors" "$work/minilm/model.safetensors" F32
-  rm "$work/minilm/model.f16.safetensors"
+  convert "$BENCH/minilm/model.q8.safetensors" "$work/minilm/model.safetensors" F32
+  rm "$work/minilm/model.q8.safetensors"
   if [ "$device" = cuda ]; then nvidia-smi > "$out/gpu.txt" 2>&1 || true; fi
   local t0=$SECONDS
   "$PY" scripts/bench_cpu_vs_torch.py --device "$device" --btu "$btu" --model "$work/minilm" \
