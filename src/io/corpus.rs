@@ -336,11 +336,26 @@ fn sample_keep(seed: u64, position: u64, fraction: f64) -> bool {
 /// fingerprint of what was read. Fails on an empty result.
 pub fn read_corpus(
     spec: &CorpusSpec,
+    each: impl FnMut(CorpusBatch) -> Result<()>,
+) -> Result<Fingerprint> {
+    check_spec(spec)?;
+    read_files(spec, resolve_inputs(&spec.inputs)?, each)
+}
+
+/// The checks of a spec that need no I/O (`--sample`'s range; `--shard` with `--limit` or
+/// `--sample`), for callers that resolve the inputs themselves before [`read_files`].
+pub fn check_spec(spec: &CorpusSpec) -> Result<()> {
+    check_sample(spec)?;
+    crate::io::shard::check_compatible(spec.shard, spec.limit, spec.sample)
+}
+
+/// [`read_corpus`] over inputs already resolved by [`resolve_inputs`] (for a caller that needs
+/// the files' footers first, without reading them twice); `spec` checked by [`check_spec`].
+pub fn read_files(
+    spec: &CorpusSpec,
+    all: Vec<InputFile>,
     mut each: impl FnMut(CorpusBatch) -> Result<()>,
 ) -> Result<Fingerprint> {
-    check_sample(spec)?;
-    crate::io::shard::check_compatible(spec.shard, spec.limit, spec.sample)?;
-    let all = resolve_inputs(&spec.inputs)?;
     let (files, reads) = file_reads(all, spec.shard);
     let mut rows = RowSelection::new(spec);
     runtime().block_on(async {
@@ -678,6 +693,11 @@ impl RowSelection {
     /// The fingerprint of what was read; an empty result is an error.
     fn fingerprint(self, files: Vec<InputFile>, spec: &CorpusSpec) -> Result<Fingerprint> {
         // A shard may be empty (coarse row groups, or a filter); a whole corpus may not.
+        if let (0, Some(shard)) = (self.rows_out, spec.shard) {
+            tracing::warn!(
+                "shard {shard} read no row (more shards than row groups, or --filter left none)"
+            );
+        }
         if self.rows_out == 0 && spec.shard.is_none() {
             let what = files
                 .iter()

@@ -69,6 +69,15 @@ fn check_remote(path: &Path, url: &S3Url, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
+/// Where an output is staged: beside a local target (so that the final rename stays on one file
+/// system), the local temporary directory for an object-store one (uploaded from there).
+fn staging_dir(target: &Path) -> Result<PathBuf> {
+    match remote(target) {
+        Some(_) => Ok(std::env::temp_dir()),
+        None => staging_parent(target),
+    }
+}
+
 /// The nearest existing ancestor directory of `path`, where temporary outputs are staged.
 fn staging_parent(path: &Path) -> Result<PathBuf> {
     let mut cur = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -223,20 +232,15 @@ impl OutputDir {
     /// Start writing the directory `target`.
     pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
         check_output(target, overwrite)?;
-        let remote = remote(target);
-        let parent = match remote {
-            Some(_) => std::env::temp_dir(),
-            None => staging_parent(target)?,
-        };
         let staging = tempfile::Builder::new()
             .prefix(&temp_prefix(target))
-            .tempdir_in(&parent)
+            .tempdir_in(staging_dir(target)?)
             .map_err(|e| unwritable(target, e))?;
         Ok(OutputDir {
             target: target.to_path_buf(),
             staging: Some(staging),
             overwrite,
-            remote,
+            remote: remote(target),
         })
     }
 
@@ -375,18 +379,22 @@ pub fn write_file_atomic(
     fill: impl FnOnce(&mut fs::File) -> Result<()>,
 ) -> Result<()> {
     check_output(target, overwrite)?;
-    if let Some(url) = remote(target) {
-        return write_remote_file(target, &url, overwrite, fill);
-    }
-    let parent = staging_parent(target)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(target))
-        .tempfile_in(&parent)
+        .tempfile_in(staging_dir(target)?)
         .map_err(|e| unwritable(target, e))?;
     fill(tmp.as_file_mut())?;
     tmp.as_file_mut()
         .flush()
         .map_err(|e| BtuError::io(target, e))?;
+    if let Some(url) = remote(target) {
+        return crate::io::store::upload(
+            tmp.path(),
+            &url,
+            url.key.trim_end_matches('/'),
+            overwrite,
+        );
+    }
     tmp.as_file()
         .sync_all()
         .map_err(|e| BtuError::io(target, e))?;
@@ -405,24 +413,6 @@ pub fn write_file_atomic(
         let _ = tmp.into_temp_path().keep();
     }
     Ok(())
-}
-
-/// [`write_file_atomic`] for an object-store target: fill a local temporary file, then upload it.
-fn write_remote_file(
-    target: &Path,
-    url: &S3Url,
-    overwrite: bool,
-    fill: impl FnOnce(&mut fs::File) -> Result<()>,
-) -> Result<()> {
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(target))
-        .tempfile()
-        .map_err(|e| unwritable(target, e))?;
-    fill(tmp.as_file_mut())?;
-    tmp.as_file_mut()
-        .flush()
-        .map_err(|e| BtuError::io(target, e))?;
-    crate::io::store::upload(tmp.path(), url, url.key.trim_end_matches('/'), overwrite)
 }
 
 #[cfg(test)]

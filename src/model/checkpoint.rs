@@ -200,9 +200,7 @@ impl ModelDir {
             weights,
         })
     }
-}
 
-impl ModelDir {
     /// Whether the weights hold a classification head (`classifier.weight`), read from the
     /// safetensors header alone.
     pub fn has_head(&self) -> Result<bool> {
@@ -224,6 +222,17 @@ impl ModelDir {
         let header: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&header).map_err(|e| corrupt(&self.weights, e))?;
         Ok(header.contains_key("classifier.weight"))
+    }
+}
+
+/// The classes a model trains with: `num_labels` when given; a trained head's (`config`, what
+/// its config says); for a base model without a head, enough for `needed` labels (the corpus's
+/// largest + 1), never fewer than its config says.
+pub fn classes(num_labels: Option<usize>, config: usize, head: bool, needed: usize) -> usize {
+    match num_labels {
+        Some(n) => n,
+        None if head => config,
+        None => config.max(needed),
     }
 }
 
@@ -260,12 +269,13 @@ impl Checkpoint {
     /// one; for a base model without a head, enough for the corpus's labels (`labels`: largest
     /// + 1), never fewer than its config says.
     pub fn classes(&self, num_labels: Option<usize>, labels: &[u32]) -> usize {
-        let config = self.dir.config.labels();
-        match num_labels {
-            Some(n) => n,
-            None if self.has_head() => config,
-            None => config.max(labels.iter().max().map_or(0, |&l| l as usize + 1)),
-        }
+        let needed = labels.iter().max().map_or(0, |&l| l as usize + 1);
+        classes(
+            num_labels,
+            self.dir.config.labels(),
+            self.has_head(),
+            needed,
+        )
     }
 
     /// Open `dir`: config, tokenizer and weights, each checked.

@@ -16,7 +16,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, SchemaRef};
 
 use crate::error::{BtuError, Result};
-use crate::io::corpus::{read_corpus, CorpusBatch, CorpusSpec};
+use crate::io::corpus::{read_files, CorpusBatch, CorpusSpec};
 use crate::model::tokenizer::BtuTokenizer;
 use crate::progress::Progress;
 
@@ -102,11 +102,13 @@ pub fn run(job: &ScanJob, progress: &dyn Progress) -> Result<ScanReport> {
         label_optional: true,
         ..job.corpus.clone()
     };
-    let id_type = id_type(&spec)?;
+    crate::io::corpus::check_spec(&spec)?;
+    let files = crate::io::corpus::resolve_inputs(&spec.inputs)?;
+    let id_type = id_type(&files);
     let mut fingerprint = None;
     crate::io::output::write_file_atomic(&job.run.out, job.run.overwrite, |file| {
         let mut sink = crate::io::tables::ParquetSink::new(file, &job.run.out, Some(65_536));
-        let fp = read_corpus(&spec, |b| {
+        let fp = read_files(&spec, files, |b| {
             let seqs = tok.encode_untruncated(&b.texts)?;
             let flagged = tally.batch(&matcher, &b, &seqs);
             bar.inc(b.texts.len() as u64);
@@ -144,12 +146,11 @@ pub fn plan(
 /// The type of the `id` column of flagged_rows: the `id` column's type in the corpus's first
 /// file that has one (the whole corpus's, so that every shard of a scan writes one schema);
 /// `None` (no `id` column) when no file has one.
-fn id_type(spec: &CorpusSpec) -> Result<Option<DataType>> {
-    let files = crate::io::corpus::resolve_inputs(&spec.inputs)?;
-    Ok(files.iter().find_map(|f| {
+fn id_type(files: &[crate::io::corpus::InputFile]) -> Option<DataType> {
+    files.iter().find_map(|f| {
         let schema = f.schema.as_ref()?;
         Some(schema.field_with_name("id").ok()?.data_type().clone())
-    }))
+    })
 }
 
 /// The output must be a new (or, with --overwrite, replaceable) `.parquet` file.

@@ -274,7 +274,7 @@ impl DefendConfig {
         }
         Ok(ModelClasses {
             config,
-            run: config.max(needed),
+            run: crate::model::checkpoint::classes(None, config, head, needed),
             positions,
         })
     }

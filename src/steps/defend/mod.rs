@@ -254,18 +254,14 @@ impl Pipeline<'_> {
     fn detect(&mut self, train: &TrainData, model: &Path, model_key: &Value) -> Result<Done> {
         let cfg = self.cfg;
         let out = self.run.join("detect");
-        let params = crate::steps::detect::DetectParams {
-            num_labels: cfg.detect.num_labels.or(self.classes),
-            ..cfg.detect.clone()
-        };
-        let key =
-            json!({"train": train.key, "model": model_key, "detect": params, "seed": cfg.seed});
         let job = crate::steps::detect::DetectJob {
             corpus: self.train_spec(train, true),
             model: model.to_path_buf(),
             run: self.opts(&out),
-            params,
+            params: cfg.detect.clone(),
         };
+        let key =
+            json!({"train": train.key, "model": model_key, "detect": cfg.detect, "seed": cfg.seed});
         let progress = self.progress;
         let (hash, _) =
             self.steps
