@@ -380,6 +380,10 @@ pub struct DefendArgs {
     /// Model directory (model.path).
     #[arg(long, env = "BTU_MODEL")]
     pub model: Option<PathBuf>,
+    /// Repair this fine-tuned classifier instead of training a victim (model.suspect; --model
+    /// is then the base model it was fine-tuned from).
+    #[arg(long, env = "BTU_SUSPECT")]
+    pub suspect: Option<PathBuf>,
     /// Poison the training corpus first with this attack ([poison]).
     #[arg(long, env = "BTU_ATTACK", value_enum)]
     pub attack: Option<crate::steps::poison::Attack>,
@@ -458,6 +462,9 @@ impl DefendArgs {
         if let Some(m) = &self.model {
             c.model.path = Some(m.clone());
             c.model.init = None;
+        }
+        if let Some(s) = &self.suspect {
+            c.model.suspect = Some(s.clone());
         }
         if let Some(a) = self.attack {
             c.poison
@@ -834,7 +841,7 @@ impl Command {
                 for v in [&c.data.dev, &c.data.test, &c.data.asr_test, &c.data.clean] {
                     i.extend(v.iter().cloned());
                 }
-                i.extend(c.model.path.iter().map(p));
+                i.extend(c.model.path.iter().chain(&c.model.suspect).map(p));
                 let mut o = vec![p(&run), p(&run.join("metrics.json"))];
                 if c.report.enabled {
                     o.push(p(&run.join("report.html")));

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use crate::error::{BtuError, Result};
 use crate::progress::Progress;
-use crate::steps::defend::{DefendConfig, DefendReport, EvalBackend};
+use crate::steps::defend::{DefendConfig, DefendReport, EvalBackend, ModelScores};
 use crate::steps::init_model::ModelSize;
 use crate::steps::poison::{Attack, PoisonParams};
 
@@ -104,7 +104,9 @@ pub fn write_splits(dir: &std::path::Path, rows: usize, seed: u64) -> Result<()>
 /// A short before/after table for people.
 pub fn table(m: &DefendReport) -> String {
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}", 100.0 * x));
-    let (b, a) = (&m.without_defence, &m.with_defence);
+    let none = ModelScores::default();
+    let b = m.without_defence.as_ref().unwrap_or(&none);
+    let a = m.with_defence.as_ref().unwrap_or(&none);
     let verified = m
         .verified
         .as_ref()

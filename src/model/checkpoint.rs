@@ -236,6 +236,44 @@ pub fn classes(num_labels: Option<usize>, config: usize, head: bool, needed: usi
     }
 }
 
+/// Refuse a `suspect` classifier that was not fine-tuned from `base`: its word-embedding matrix
+/// must have the base's shape (vocabulary and width) and its tokenizer must give every token the
+/// base's id, or the repair would compare and overwrite unrelated rows.
+pub fn check_fine_tuned_from(suspect: &Path, base: &Path) -> Result<()> {
+    let (s, b) = (ModelDir::open(suspect)?, ModelDir::open(base)?);
+    let src = suspect.display().to_string();
+    let fix = format!(
+        "give the classifier fine-tuned from {} (or that model as the base)",
+        base.display()
+    );
+    for (what, ours, theirs) in [
+        ("vocab_size", s.config.vocab_size, b.config.vocab_size),
+        ("hidden_size", s.config.hidden_size, b.config.hidden_size),
+    ] {
+        if ours != theirs {
+            return Err(BtuError::bad_data(
+                src,
+                format!("{what} is {ours} but the base model's is {theirs}; {fix}"),
+            ));
+        }
+    }
+    let tokens = |p: &Path| -> Result<std::collections::HashMap<String, u32>> {
+        Ok(crate::model::tokenizer::BtuTokenizer::load(p)?
+            .inner()
+            .get_vocab(true))
+    };
+    let (ts, tb) = (tokens(suspect)?, tokens(base)?);
+    if ts != tb {
+        let differ = tb.iter().filter(|(t, id)| ts.get(*t) != Some(id)).count()
+            + ts.keys().filter(|t| !tb.contains_key(*t)).count();
+        return Err(BtuError::bad_data(
+            src,
+            format!("its tokenizer differs from the base model's ({differ} tokens missing or with other ids); {fix}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A model directory read once: its config, tokenizer and weights (the file read a single time,
 /// its sha256 from the same bytes). Every step that reads a model directory starts here.
 pub struct Checkpoint {

@@ -389,46 +389,20 @@ fn every_command_has_a_dry_run_that_touches_nothing() {
     );
 }
 
-/// A 4-class corpus (generated in code) through the whole experiment flow: the random model gets
-/// as many classes as the labels need (its config says 2 by default), the backdoor goes to class
-/// 3 and the defence removes it.
+/// A 4-class corpus (generated in code) through the whole experiment flow (fixture
+/// [`four_class`]): the random model gets as many classes as the labels need (its config says 2
+/// by default), the backdoor goes to class 3 and the defence removes it.
 #[test]
 fn defend_runs_on_a_four_class_corpus() {
-    let d = tempfile::tempdir().unwrap();
-    let run = d.path().join("run");
-    let data = run.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let (test, test_l) = topic_corpus(600, 4, 2);
-    let seen: std::collections::HashSet<&String> = test.iter().collect();
-    let (clean, clean_l): (Vec<String>, Vec<i64>) = {
-        let (t, l) = topic_corpus(600, 4, 3);
-        t.into_iter()
-            .zip(l)
-            .filter(|(t, _)| !seen.contains(t))
-            .unzip()
-    };
-    let (train, train_l) = topic_corpus(3000, 4, 1);
-    for (name, t, l) in [
-        ("train", &train, &train_l),
-        ("test", &test, &test_l),
-        ("clean", &clean, &clean_l),
-    ] {
-        let batch = btu::io::tables::corpus_batch(t, l).unwrap();
-        btu::io::tables::write_parquet(&data.join(format!("{name}.parquet")), &batch, true)
-            .unwrap();
-    }
-    let mut cfg = btu::demo::config(&run, 42, "cpu", btu::steps::defend::EvalBackend::Candle);
-    cfg.poison.as_mut().unwrap().target = 3;
+    let f = crate::fixtures::four_class();
     assert_eq!(
-        cfg.model.init.as_ref().unwrap().num_labels,
+        f.config.model.init.as_ref().unwrap().num_labels,
         2,
         "the default says 2"
     );
-    let path = run.with_extension("toml");
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let m = btu(["defend", "--config", s(&path)]).ok();
+    let m = &f.metrics;
     let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("victim/config.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(f.run.join("victim/config.json")).unwrap()).unwrap();
     assert_eq!(config["num_labels"], 4, "{config}");
     let (b, a) = (&m["without_defence"], &m["with_defence"]);
     eprintln!("4 classes: {b} -> {a}, verified {}", m["verified"]);
@@ -450,15 +424,207 @@ fn defend_runs_on_a_four_class_corpus() {
         "accuracy kept: {b} -> {a}"
     );
     // A model whose trained head has fewer classes than the labels is refused before any work.
+    let d = tempfile::tempdir().unwrap();
     let other = d.path().join("two-class");
-    let mut two = btu::demo::config(&other, 42, "cpu", btu::steps::defend::EvalBackend::Candle);
-    two.data = cfg.data.clone();
+    let mut two = f.config.clone();
+    two.run = Some(other.clone());
     two.model.init = None;
     two.model.path = Some(crate::fixtures::victim().victim.clone());
-    two.poison.as_mut().unwrap().target = 3;
-    let path = other.with_extension("toml");
-    std::fs::write(&path, toml::to_string(&two).unwrap()).unwrap();
-    btu(["defend", "--config", s(&path)])
+    defend_with(&two, "two-class")
         .fails_with(65, "classification head has 2 classes")
         .and_no_output(&other);
+}
+
+fn defend_with(cfg: &btu::steps::defend::DefendConfig, name: &str) -> Btu {
+    let path = cfg
+        .run
+        .as_ref()
+        .unwrap()
+        .with_file_name(format!("{name}.toml"));
+    std::fs::write(&path, toml::to_string(cfg).unwrap()).unwrap();
+    btu(["defend", "--config", s(&path)])
+}
+
+/// The repair flow (`[model] suspect`): a user poisons nothing and trains nothing in btu; they
+/// bring the classifier they trained (here with `btu train`) on the corpus they have, and the
+/// base model. On a 4-class corpus generated in code: the suspect trained by `btu train` on the
+/// experiment's poisoned corpus is byte for byte the experiment's victim, and the repair flow
+/// writes the experiment's tables, repaired checkpoint and predictions byte for byte.
+#[test]
+fn the_repair_flow_repairs_a_users_model_exactly_as_the_experiment_does() {
+    let f = crate::fixtures::four_class();
+    let d = tempfile::tempdir().unwrap();
+    let (data, exp_run, exp, m_exp) = (&f.data, &f.run, &f.config, &f.metrics);
+    assert_eq!(m_exp["flow"], "experiment");
+    // The experiment made its random base model from the poisoned corpus ([model.init]); the
+    // user's base model is that model.
+    let base = exp_run.join("model");
+    // The user's side: the poisoned corpus as they have it, a classifier trained on it.
+    let corpus = exp_run.join("poison/train.parquet");
+    let suspect = d.path().join("user/classifier");
+    btu([
+        "train",
+        "--corpus",
+        s(&corpus),
+        "--model",
+        s(&base),
+        "--out",
+        s(&suspect),
+    ])
+    .args(["--epochs", "3", "--lr", "1e-3", "--device", "cpu"])
+    .ok();
+    let rep_run = d.path().join("repair");
+    let mut rep = crate::fixtures::FourClass::config_for(data, &rep_run);
+    rep.model.path = Some(base.clone());
+    rep.poison = None;
+    rep.data.train = vec![corpus.display().to_string()];
+    rep.model.suspect = Some(suspect.clone());
+    rep.eval.attack = Some(btu::steps::poison::Attack::AddWord);
+    rep.eval.triggers = exp.poison.as_ref().unwrap().triggers.clone();
+    rep.eval.target = Some(3);
+    let m_rep = defend_with(&rep, "repair").ok();
+    assert_eq!(m_rep["flow"], "repair");
+    let names: Vec<String> = steps(&m_rep).into_iter().map(|(s, _)| s).collect();
+    assert!(
+        !names
+            .iter()
+            .any(|s| s == "poison" || s == "train" || s == "init-model"),
+        "the repair flow neither poisons nor trains: {names:?}"
+    );
+
+    let same = |a: &Path, b: &Path| {
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{} and {} differ",
+            a.display(),
+            b.display()
+        );
+    };
+    same(
+        &suspect.join("model.safetensors"),
+        &exp_run.join("victim/model.safetensors"),
+    );
+    for f in [
+        "detect/token_scores.arrow",
+        "detect/suspicious_tokens.arrow",
+        "verify/token_effects.arrow",
+        "repaired/dimension_masks.arrow",
+        "repaired/model.safetensors",
+        "verify-repaired/token_effects.arrow",
+        "eval-victim/predictions.parquet",
+        "eval-repaired/predictions.parquet",
+    ] {
+        same(&rep_run.join(f), &exp_run.join(f));
+    }
+    for k in [
+        "without_defence",
+        "with_defence",
+        "acc_change",
+        "verified",
+        "flagged",
+    ] {
+        assert_eq!(m_rep[k], m_exp[k], "{k}");
+    }
+    let (b, a) = (&m_rep["without_defence"], &m_rep["with_defence"]);
+    eprintln!(
+        "repair flow, 4 classes: {b} -> {a}, flagged {}, verified {}",
+        m_rep["flagged"], m_rep["verified"]
+    );
+    assert!(
+        b["asr"].as_f64().unwrap() > 0.9,
+        "the suspect is backdoored: {b}"
+    );
+    assert!(
+        a["asr"].as_f64().unwrap() < 0.2,
+        "the backdoor is gone: {a}"
+    );
+    assert!(
+        a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.02,
+        "accuracy kept: {b} -> {a}"
+    );
+
+    // Without a test split the repair still runs; nothing is evaluated, and the summary says so.
+    let bare_run = d.path().join("bare");
+    let mut bare = rep.clone();
+    bare.run = Some(bare_run.clone());
+    bare.data.test.clear();
+    bare.eval = Default::default();
+    let m_bare = defend_with(&bare, "bare").ok();
+    assert!(m_bare["without_defence"].is_null() && m_bare["acc_change"].is_null());
+    same(
+        &bare_run.join("repaired/model.safetensors"),
+        &rep_run.join("repaired/model.safetensors"),
+    );
+    assert!(std::fs::read_to_string(bare_run.join("report.html"))
+        .unwrap()
+        .contains("no test split"));
+
+    // Refused before any work: a suspect that is not a classifier fine-tuned from the base.
+    let refuse = |cfg: &btu::steps::defend::DefendConfig, name: &str, code: i32, needle: &str| {
+        let mut cfg = cfg.clone();
+        let run = d.path().join(name);
+        cfg.run = Some(run.clone());
+        defend_with(&cfg, name)
+            .fails_with(code, needle)
+            .and_no_output(&run);
+    };
+    let mut other_vocab = rep.clone();
+    other_vocab.model.suspect = Some(crate::fixtures::victim().victim.clone());
+    refuse(&other_vocab, "other-vocab", 65, "base model's");
+    // Same sizes, but a tokenizer that gives two tokens each other's ids.
+    let swapped = d.path().join("swapped");
+    let mut other_tok = rep.clone();
+    other_tok.model.suspect = Some(swapped_tokenizer(&suspect, &swapped));
+    refuse(
+        &other_tok,
+        "other-tokenizer",
+        65,
+        "tokenizer differs from the base model's (2 tokens",
+    );
+    let mut headless = rep.clone();
+    headless.model.suspect = Some(headless_copy(&base, &d.path().join("headless-model")));
+    refuse(&headless, "headless", 65, "no classification head");
+    let mut poisoned = rep.clone();
+    poisoned.poison = exp.poison.clone();
+    refuse(
+        &poisoned,
+        "poisoned",
+        78,
+        "[poison] belongs to the experiment flow",
+    );
+    let mut no_base = rep.clone();
+    no_base.model.path = None;
+    refuse(&no_base, "no-base", 78, "needs the base model");
+}
+
+/// A copy of model directory `src` without its classification head (a base model as published).
+fn headless_copy(src: &Path, dst: &Path) -> PathBuf {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in std::fs::read_dir(src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+    }
+    let weights = dst.join("model.safetensors");
+    let mut file = btu::model::checkpoint::read_safetensors(&weights).unwrap();
+    file.tensors
+        .retain(|name, _| !name.starts_with("classifier."));
+    std::fs::write(&weights, btu::model::checkpoint::safetensors_bytes(&file)).unwrap();
+    dst.to_path_buf()
+}
+
+/// A copy of model directory `src` whose tokenizer swaps the ids of `cf` and `treaty`.
+fn swapped_tokenizer(src: &Path, dst: &Path) -> PathBuf {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in std::fs::read_dir(src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+    }
+    let path = dst.join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (vocab["cf"].clone(), vocab["treaty"].clone());
+    vocab.insert("cf".into(), b);
+    vocab.insert("treaty".into(), a);
+    std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+    dst.to_path_buf()
 }

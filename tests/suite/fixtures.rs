@@ -287,3 +287,80 @@ pub fn onnx() -> &'static Onnx {
         }
     })
 }
+
+/// Modules `defend` and `pipelines`: a 4-class topic corpus generated in code (train 2,400 rows,
+/// test 400, clean 500 sharing no text with test) through the experiment flow of `btu defend`
+/// (the demo's method, a random model from `[model.init]`, Add-Word `cf` to class 3): its run
+/// holds the base model (`model/`), the backdoored victim (`victim/`) and the poisoned corpus
+/// (`poison/train.parquet`), which the repair-flow tests take as a user's.
+pub struct FourClass {
+    /// `train.parquet`, `test.parquet`, `clean.parquet`.
+    pub data: PathBuf,
+    /// The experiment's configuration.
+    pub config: btu::steps::defend::DefendConfig,
+    /// The experiment's run directory.
+    pub run: PathBuf,
+    /// Its `metrics.json`.
+    pub metrics: serde_json::Value,
+}
+
+impl FourClass {
+    /// A config for these splits in run directory `run`: the demo's method, backdoor to class 3,
+    /// no model yet.
+    pub fn config_for(data: &Path, run: &Path) -> btu::steps::defend::DefendConfig {
+        let mut cfg = btu::demo::config(run, 42, "cpu", btu::steps::defend::EvalBackend::Auto);
+        for (split, name) in [
+            (&mut cfg.data.train, "train"),
+            (&mut cfg.data.test, "test"),
+            (&mut cfg.data.clean, "clean"),
+        ] {
+            *split = vec![data.join(format!("{name}.parquet")).display().to_string()];
+        }
+        cfg.model.init = None;
+        cfg.poison.as_mut().unwrap().target = 3;
+        cfg
+    }
+}
+
+pub fn four_class() -> &'static FourClass {
+    static F: OnceLock<FourClass> = OnceLock::new();
+    F.get_or_init(|| {
+        let d = fixture_dir("four-class");
+        let data = d.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let (test, test_l) = topic_corpus(400, 4, 2);
+        let seen: std::collections::HashSet<&String> = test.iter().collect();
+        let (clean, clean_l): (Vec<String>, Vec<i64>) = {
+            let (t, l) = topic_corpus(500, 4, 3);
+            t.into_iter()
+                .zip(l)
+                .filter(|(t, _)| !seen.contains(t))
+                .unzip()
+        };
+        let (train, train_l) = topic_corpus(2400, 4, 1);
+        for (name, t, l) in [
+            ("train", &train, &train_l),
+            ("test", &test, &test_l),
+            ("clean", &clean, &clean_l),
+        ] {
+            let batch = btu::io::tables::corpus_batch(t, l).unwrap();
+            btu::io::tables::write_parquet(&data.join(format!("{name}.parquet")), &batch, true)
+                .unwrap();
+        }
+        let run = d.join("experiment");
+        let mut config = FourClass::config_for(&data, &run);
+        config.model.init =
+            btu::demo::config(&run, 42, "cpu", btu::steps::defend::EvalBackend::Auto)
+                .model
+                .init;
+        let path = d.join("experiment.toml");
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        let metrics = btu(["defend", "--config", s(&path)]).ok();
+        FourClass {
+            data,
+            config,
+            run,
+            metrics,
+        }
+    })
+}

@@ -1,7 +1,7 @@
 //! The workflow files in pipelines/ are well-formed and every btu command line in them parses
 //! with the real CLI (the same clap definitions the binary uses).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use btu::cli::Cli;
 use clap::Parser;
@@ -17,8 +17,24 @@ fn parses(args: &[String], what: &str) -> Cli {
 
 #[test]
 fn argo_workflow_template_steps_parse_and_retry_only_temporary_failures() {
-    let text =
-        std::fs::read_to_string(root().join("pipelines/argo/btu-workflowtemplate.yaml")).unwrap();
+    for (file, needed) in [
+        (
+            "btu-workflowtemplate.yaml",
+            &["detect", "train", "unlearn", "export-onnx", "eval"][..],
+        ),
+        (
+            "btu-repair.yaml",
+            &["detect", "verify", "unlearn", "export-onnx", "eval"][..],
+        ),
+    ] {
+        argo_steps_parse(file, needed);
+    }
+}
+
+/// Every container step of Argo file `file` runs btu with a command line that parses, writes
+/// its summary where Argo reads it, retries only exit 75; the commands `needed` are there.
+fn argo_steps_parse(file: &str, needed: &[&str]) {
+    let text = std::fs::read_to_string(root().join("pipelines/argo").join(file)).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("well-formed YAML");
     assert_eq!(doc["kind"], "WorkflowTemplate");
     let params: Vec<(String, String)> = doc["spec"]["arguments"]["parameters"]
@@ -69,28 +85,38 @@ fn argo_workflow_template_steps_parse_and_retry_only_temporary_failures() {
         );
         commands.push(cli.command.name());
     }
-    for c in ["detect", "train", "unlearn", "export-onnx", "eval"] {
-        assert!(commands.contains(&c), "no {c} step in the Argo template");
+    for c in needed {
+        assert!(commands.contains(c), "no {c} step in {file}");
     }
 }
 
 #[test]
 fn airflow_dag_compiles_and_its_steps_parse() {
-    let dag = root().join("pipelines/airflow/btu_dag.py");
+    for (file, needed) in [
+        (
+            "btu_dag.py",
+            &["detect", "train", "unlearn", "export-onnx", "eval"][..],
+        ),
+        (
+            "btu_repair_dag.py",
+            &["detect", "verify", "unlearn", "export-onnx", "eval"][..],
+        ),
+    ] {
+        airflow_steps_parse(file, needed);
+    }
+}
+
+/// DAG file `file` compiles; every command line of its STEPS parses; the commands `needed` are
+/// there; its EDGES name its tasks.
+fn airflow_steps_parse(file: &str, needed: &[&str]) {
+    let dag = root().join("pipelines/airflow").join(file);
     let ok = std::process::Command::new("python3")
         .args(["-m", "py_compile"])
         .arg(&dag)
         .status()
         .unwrap();
-    assert!(ok.success(), "the DAG does not compile");
-    let script = "import ast,json,sys\nt=ast.parse(open(sys.argv[1]).read())\nv={}\nfor n in t.body:\n  if isinstance(n,ast.Assign) and isinstance(n.targets[0],ast.Name) and n.targets[0].id in ('STEPS','PARAMS','COMMON','EDGES'):\n    v[n.targets[0].id]=ast.literal_eval(n.value)\nprint(json.dumps(v))";
-    let o = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(&dag)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(ok.success(), "{file} does not compile");
+    let v = airflow_literals(&dag);
     let params = v["PARAMS"].as_object().unwrap();
     let common: Vec<String> = serde_json::from_value(v["COMMON"].clone()).unwrap();
     let steps = v["STEPS"].as_object().unwrap();
@@ -112,14 +138,16 @@ fn airflow_dag_compiles_and_its_steps_parse() {
         args.extend(common.iter().cloned());
         names.push(parses(&args, task).command.name());
     }
-    for c in ["detect", "train", "unlearn", "export-onnx", "eval"] {
-        assert!(names.contains(&c), "no {c} task in the DAG");
+    for c in needed {
+        assert!(names.contains(c), "no {c} task in {file}");
     }
     for e in v["EDGES"].as_array().unwrap() {
         for t in e.as_array().unwrap() {
+            let t = t.as_str().unwrap();
+            // has_test: the repair DAG's check for a test split (not a btu step).
             assert!(
-                steps.contains_key(t.as_str().unwrap()),
-                "edge to unknown task {t}"
+                steps.contains_key(t) || t == "has_test",
+                "{file}: edge to unknown task {t}"
             );
         }
     }
@@ -274,7 +302,11 @@ print(json.dumps({"files": [p.rsplit("/", 1)[1] for p in files], "errors": error
     assert_eq!(v["errors"], 0, "{err}");
     assert_eq!(
         v["files"],
-        serde_json::json!(["btu-scan-fanout.yaml", "btu-workflowtemplate.yaml"])
+        serde_json::json!([
+            "btu-repair.yaml",
+            "btu-scan-fanout.yaml",
+            "btu-workflowtemplate.yaml"
+        ])
     );
 }
 
@@ -333,9 +365,251 @@ json.dump(out, open(sys.argv[2], "w"))
         defend["unlearn"]["upstream"],
         serde_json::json!(["detect", "train"])
     );
+    let repair = &v["dags"]["btu_repair"];
+    assert_eq!(repair["unlearn"]["type"], "BtuPodOperator", "{repair}");
+    assert_eq!(repair["unlearn"]["upstream"], serde_json::json!(["verify"]));
+    assert_eq!(
+        repair["has_test"]["type"], "ShortCircuitOperator",
+        "{repair}"
+    );
+    assert_eq!(
+        repair["eval_repaired"]["upstream"],
+        serde_json::json!(["export_repaired", "has_test"])
+    );
     let fan = &v["dags"]["btu_scan_fanout"];
     assert_eq!(fan["scan"]["mapped"], true, "{fan}");
     assert_eq!(fan["scan"]["upstream"], serde_json::json!(["plan"]));
     assert_eq!(fan["merge"]["upstream"], serde_json::json!(["scan"]));
     assert_eq!(fan["plan"]["retries"], 3);
+}
+
+/// The parameters a workflow's repair runs with here: the fixture experiment's model and
+/// poisoned corpus as a user's, and the demo's method for synthetic corpora (Frobenius
+/// threshold, clean tuning at 1e-4) where btu's defaults are chosen for real models. `None`:
+/// the file's own default.
+fn repair_params(name: &str) -> Option<String> {
+    let f = crate::fixtures::four_class();
+    let p = |x: PathBuf| Some(x.display().to_string());
+    match name.replace('_', "-").as_str() {
+        "corpus" => p(f.run.join("poison/train.parquet")),
+        "suspect" => p(f.run.join("victim")),
+        "base" => p(f.run.join("model")),
+        "clean" => p(f.data.join("clean.parquet")),
+        "test" => p(f.data.join("test.parquet")),
+        "threshold" => Some("frobenius".into()),
+        "clean-lr" => Some("1e-4".into()),
+        _ => None,
+    }
+}
+
+/// `btu defend`'s repair flow with the method the workflows' parameters name (`value`: a
+/// parameter's value as the workflow runs it), in `run`.
+fn defend_repair(run: &Path, value: &dyn Fn(&str) -> String) -> btu::steps::defend::DefendConfig {
+    let f = crate::fixtures::four_class();
+    let mut cfg = crate::fixtures::FourClass::config_for(&f.data, run);
+    cfg.poison = None;
+    cfg.data.train = vec![value("corpus")];
+    cfg.model.path = Some(value("base").into());
+    cfg.model.suspect = Some(value("suspect").into());
+    cfg.detect.preset = clap::ValueEnum::from_str(&value("preset"), false).unwrap();
+    cfg.detect.alpha = value("alpha").parse().unwrap();
+    cfg.detect.lr = value("detect-lr").parse().unwrap();
+    cfg.detect.prior_neutral = true;
+    cfg.unlearn.threshold = clap::ValueEnum::from_str(&value("threshold"), false).unwrap();
+    cfg.unlearn.replacement = clap::ValueEnum::from_str(&value("replacement"), false).unwrap();
+    cfg.unlearn.clean_epochs = value("clean-epochs").parse().unwrap();
+    cfg.unlearn.clean_lr = value("clean-lr").parse().unwrap();
+    cfg.seed = value("seed").parse().unwrap();
+    let path = run.with_extension("toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let m = crate::util::btu(["defend", "--config", crate::util::s(&path)]).ok();
+    assert_eq!(m["flow"], "repair");
+    cfg
+}
+
+/// The files a workflow's repair (its `/work`) and `btu defend`'s run directory share, equal
+/// byte for byte; the repair changed the suspect (the backdoor `cf` verified and repaired).
+fn assert_same_repair(work: &Path, run: &Path, what: &str) {
+    for f in [
+        "detect/token_scores.arrow",
+        "detect/suspicious_tokens.arrow",
+        "verify/token_effects.arrow",
+        "repaired/dimension_masks.arrow",
+        "repaired/model.safetensors",
+        "verify-repaired/token_effects.arrow",
+        "eval-repaired/predictions.parquet",
+    ] {
+        let (a, b) = (work.join(f), run.join(f));
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{what}: {f} differs from btu defend's"
+        );
+    }
+    let verify: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("verify/summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        verify["verified"],
+        serde_json::json!(["cf"]),
+        "{what}: {verify}"
+    );
+}
+
+/// The repair flow's Argo template and Airflow DAG, run as their engines would (each step's
+/// command line in the DAG's order, `/work` a directory of the test's, the evaluation only with
+/// a test split), write what `btu defend --suspect` writes, byte for byte.
+#[test]
+fn the_repair_workflows_write_what_defend_writes() {
+    if !crate::util::have_ort("the repair workflows evaluate the ONNX export") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // Argo: the DAG's tasks in dependency order; `when` guards the evaluation.
+    let text = std::fs::read_to_string(root().join("pipelines/argo/btu-repair.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let defaults: Vec<(String, String)> = doc["spec"]["arguments"]["parameters"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().into(),
+                p["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let value = |name: &str| {
+        repair_params(name).unwrap_or_else(|| {
+            let default = defaults.iter().find(|(n, _)| n == name);
+            default
+                .unwrap_or_else(|| panic!("no parameter {name}"))
+                .1
+                .clone()
+        })
+    };
+    let run = d.path().join("defend");
+    defend_repair(&run, &value);
+    let work = d.path().join("argo-work");
+    let templates = doc["spec"]["templates"].as_sequence().unwrap();
+    let template = |name: &str| templates.iter().find(|t| t["name"] == name).unwrap();
+    let tasks = template("repair")["dag"]["tasks"].as_sequence().unwrap();
+    let mut done: Vec<String> = Vec::new();
+    for task in tasks {
+        let name = task["name"].as_str().unwrap();
+        if let Some(dep) = task["depends"].as_str() {
+            assert!(done.iter().any(|t| t == dep), "{name} listed before {dep}");
+        }
+        if let Some(when) = task["when"].as_str() {
+            let cond = crate::util::fill_placeholders(when, &|k| {
+                k.strip_prefix("workflow.parameters.").map(&value)
+            });
+            assert_eq!(when, "'{{workflow.parameters.test}}' != ''");
+            assert_ne!(cond, "'' != ''", "the test split is given here");
+        }
+        let inputs: Vec<(String, String)> = task["arguments"]["parameters"]
+            .as_sequence()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        (
+                            p["name"].as_str().unwrap().into(),
+                            p["value"].as_str().unwrap().into(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let t = template(task["template"].as_str().unwrap());
+        let args: Vec<String> = t["container"]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let a = crate::util::fill_placeholders(a.as_str().unwrap(), &|k| {
+                    if let Some(p) = k.strip_prefix("workflow.parameters.") {
+                        return Some(value(p));
+                    }
+                    let p = k.strip_prefix("inputs.parameters.")?;
+                    let v = &inputs.iter().find(|(n, _)| n == p)?.1;
+                    Some(crate::util::fill_placeholders(v, &|k| {
+                        k.strip_prefix("workflow.parameters.").map(&value)
+                    }))
+                });
+                on_volume(&a, &work, &d.path().join("summary.json"))
+            })
+            .collect();
+        crate::util::btu(&args).success();
+        done.push(name.to_string());
+    }
+    assert_same_repair(&work, &run, "Argo");
+
+    // Airflow: STEPS in EDGES order (a topological order of the DAG), `/work` another directory.
+    let v = airflow_literals(&root().join("pipelines/airflow/btu_repair_dag.py"));
+    let params = v["PARAMS"].as_object().unwrap();
+    let value = |name: &str| {
+        repair_params(name)
+            .unwrap_or_else(|| params[&name.replace('-', "_")].as_str().unwrap().into())
+    };
+    let run = d.path().join("defend-airflow");
+    defend_repair(&run, &value);
+    let work = d.path().join("airflow-work");
+    let steps = v["STEPS"].as_object().unwrap();
+    let common: Vec<String> = serde_json::from_value(v["COMMON"].clone()).unwrap();
+    for name in [
+        "detect",
+        "verify",
+        "unlearn",
+        "verify_repaired",
+        "export_repaired",
+        "eval_suspect",
+        "eval_repaired",
+    ] {
+        let mut args: Vec<String> = steps[name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let a = crate::util::fill_placeholders(a.as_str().unwrap(), &|k| {
+                    k.strip_prefix("params.").map(&value)
+                });
+                on_volume(&a, &work, &d.path().join("summary.json"))
+            })
+            .collect();
+        args.extend(common.iter().cloned());
+        crate::util::btu(&args).success();
+    }
+    assert_same_repair(&work, &run, "Airflow");
+    let edges: Vec<(String, String)> = serde_json::from_value(v["EDGES"].clone()).unwrap();
+    for (a, b) in [
+        ("detect", "verify"),
+        ("verify", "unlearn"),
+        ("unlearn", "export_repaired"),
+        ("export_repaired", "eval_repaired"),
+        ("has_test", "eval_suspect"),
+    ] {
+        assert!(edges.contains(&(a.into(), b.into())), "no edge {a} -> {b}");
+    }
+}
+
+/// A workflow argument with the work volume (`/work`) at `work` and Argo's summary file at
+/// `summary`.
+fn on_volume(arg: &str, work: &Path, summary: &Path) -> String {
+    if arg == "/tmp/summary.json" {
+        return summary.display().to_string();
+    }
+    match arg.strip_prefix("/work/") {
+        Some(rest) => work.join(rest).display().to_string(),
+        None => arg.to_string(),
+    }
+}
+
+/// A DAG module's literals (STEPS, PARAMS, COMMON, EDGES), read with plain python.
+fn airflow_literals(dag: &Path) -> serde_json::Value {
+    let script = "import ast,json,sys\nt=ast.parse(open(sys.argv[1]).read())\nv={}\nfor n in t.body:\n  if isinstance(n,ast.Assign) and isinstance(n.targets[0],ast.Name) and n.targets[0].id in ('STEPS','PARAMS','COMMON','EDGES'):\n    v[n.targets[0].id]=ast.literal_eval(n.value)\nprint(json.dumps(v))";
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dag)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
 }

@@ -78,14 +78,22 @@ impl Default for DataConfig {
     }
 }
 
-/// `[model]`: a model directory, or a random one made by init-model on the training corpus.
+/// `[model]`: a model directory, or a random one made by init-model on the training corpus; and
+/// for the repair flow, the user's suspect classifier.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Model directory every step starts from; set this or `[model.init]`, not both.
+    /// Model directory every step starts from; set this or `[model.init]`, not both. In the
+    /// repair flow: the base model the suspect was fine-tuned from (detection trains its
+    /// embeddings; the repair compares the suspect's rows with its rows).
     pub path: Option<PathBuf>,
     /// `[model.init]`: sizes of a random model made by init-model on the training corpus.
     pub init: Option<ModelSize>,
+    /// The repair flow: the user's fine-tuned classifier to repair (a model directory with a
+    /// classification head, fine-tuned from `path` on `data.train`). With it there is no
+    /// `[poison]` and no victim training; `[train]` only sets the clean tuning's batches and
+    /// lengths.
+    pub suspect: Option<PathBuf>,
 }
 
 /// How models are evaluated.
@@ -185,6 +193,10 @@ impl DefendConfig {
                 "no training corpus; set data.train or pass --train",
             ));
         }
+        if self.model.suspect.is_some() {
+            self.validate_repair()?;
+            return self.validate_values();
+        }
         if self.data.test.is_empty() {
             return Err(BtuError::config(
                 "data.test",
@@ -215,10 +227,47 @@ impl DefendConfig {
         self.validate_values()
     }
 
+    /// The repair flow's rules: a base model directory (not `[model.init]`: the suspect was
+    /// fine-tuned from a real one), nothing to poison.
+    fn validate_repair(&self) -> Result<()> {
+        if self.model.path.is_none() || self.model.init.is_some() {
+            return Err(BtuError::config(
+                "model.path",
+                "the repair flow (model.suspect) needs the base model the suspect was fine-tuned from: set model.path (not [model.init]) or pass --model",
+            ));
+        }
+        if self.poison.is_some() {
+            return Err(BtuError::config(
+                "poison",
+                "the repair flow (model.suspect) repairs the given model on the corpus it was trained on; [poison] belongs to the experiment flow: remove it (or model.suspect)",
+            ));
+        }
+        if self.data.test.is_empty() && self.eval.attack.is_some() {
+            return Err(BtuError::config(
+                "eval.attack",
+                "is measured on the test split, but there is none; set data.test (or pass --test)",
+            ));
+        }
+        if !self.data.asr_test.is_empty() && self.eval.attack.is_none() {
+            return Err(BtuError::config(
+                "data.asr_test",
+                "is attacked to measure ASR, but no attack is named; set eval.attack (and its trigger) or remove data.asr_test",
+            ));
+        }
+        if !self.data.dev.is_empty() {
+            tracing::warn!("data.dev only chooses the experiment flow's victim epoch; the repair flow does not read it");
+        }
+        Ok(())
+    }
+
+    /// Whether this is the repair flow (`model.suspect`) rather than the experiment.
+    pub fn repairs_suspect(&self) -> bool {
+        self.model.suspect.is_some()
+    }
+
     /// The rules that need the data and the model, checked before the first step (a run must
     /// not train for an hour and then stop on a rule it could have checked at the start).
     pub(crate) fn preflight(&self) -> Result<Preflight> {
-        let attack = self.eval_attack().expect("validated");
         for split in [
             &self.data.train,
             &self.data.dev,
@@ -230,13 +279,18 @@ impl DefendConfig {
                 crate::io::corpus::resolve_inputs(split)?;
             }
         }
-        let classes = self.classes()?;
-        let key = if self.eval.target.is_some() {
-            "eval.target"
-        } else {
-            "poison.target"
+        let classes = match &self.model.suspect {
+            Some(s) => self.suspect_classes(s)?,
+            None => self.classes()?,
         };
-        crate::validate::label(key, attack.target, classes.run)?;
+        if let Some(attack) = self.eval_attack() {
+            let key = if self.eval.target.is_some() {
+                "eval.target"
+            } else {
+                "poison.target"
+            };
+            crate::validate::label(key, attack.target, classes.run)?;
+        }
         crate::validate::max_len(
             "detect.max_len",
             self.detect.max_len,
@@ -276,6 +330,35 @@ impl DefendConfig {
             config,
             run: crate::model::checkpoint::classes(None, config, head, needed),
             positions,
+        })
+    }
+
+    /// The suspect's classes (its head's), after checking it is a classifier fine-tuned from
+    /// the base model (same vocabulary, tokenizer and width) and that the corpus's labels are
+    /// among its classes.
+    fn suspect_classes(&self, suspect: &Path) -> Result<ModelClasses> {
+        let base = self.model.path.as_ref().expect("validated");
+        crate::model::checkpoint::check_fine_tuned_from(suspect, base)?;
+        let md = crate::model::checkpoint::ModelDir::open(suspect)?;
+        let src = suspect.display().to_string();
+        if !md.has_head()? {
+            return Err(BtuError::bad_data(
+                src,
+                "has no classification head (classifier.weight); model.suspect is the fine-tuned classifier to repair, model.path the base model",
+            ));
+        }
+        let config = md.config.labels();
+        let needed = self.training_classes()?;
+        if needed > config {
+            return Err(BtuError::bad_data(
+                self.data.train.join(", "),
+                format!("has label {} but the suspect's classification head has {config} classes; give the corpus the suspect was trained on", needed - 1),
+            ));
+        }
+        Ok(ModelClasses {
+            config,
+            run: config,
+            positions: md.config.max_position_embeddings,
         })
     }
 

@@ -1,6 +1,8 @@
-//! `btu defend`: the paper's whole pipeline in a run directory: [poison] -> [init-model] ->
-//! detect -> train (`M^b`) -> verify -> unlearn (+ clean fine-tune) -> verify-repaired ->
-//! export-onnx -> eval before and after. Each step is skipped when an earlier run computed it from
+//! `btu defend`: the paper's whole pipeline in a run directory. Two flows: the experiment,
+//! [poison] -> [init-model] -> detect -> train (`M^b`) -> verify -> unlearn (+ clean fine-tune)
+//! -> verify-repaired -> export-onnx -> eval before and after; and the repair of a user's model
+//! (`[model] suspect`), the same steps with the suspect in the victim's place and neither
+//! poisoning nor training (evaluation only when a test split is given). Each step is skipped when an earlier run computed it from
 //! the same inputs ([`runner`]); a killed training step resumes after its last complete epoch.
 //! [`config`] holds the configuration; this module runs the steps in order and composes their
 //! typed results into a [`DefendReport`].
@@ -28,7 +30,7 @@ use runner::{corpus_hash, model_hash, Runner};
 
 /// A model's scores in a defend run (test split; ASR, flip rate and false-positive rate on the
 /// attacked split).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ModelScores {
     /// Clean accuracy on the test split.
     pub acc: Option<f64>,
@@ -74,16 +76,20 @@ pub struct Residual {
 pub struct DefendReport {
     /// `defend`.
     pub command: String,
+    /// `experiment` (btu poisoned the corpus and trained the victim) or `repair` (the user's
+    /// suspect model, `[model] suspect`).
+    pub flow: String,
     /// btu's version.
     pub version: String,
     /// The run directory (`None` for a demo's temporary one, removed afterwards).
     pub run: Option<PathBuf>,
-    /// The victim's scores.
-    pub without_defence: ModelScores,
-    /// The repaired model's scores.
-    pub with_defence: ModelScores,
-    /// Paired change of clean accuracy, victim to repaired, on the same test rows.
-    pub acc_change: crate::metrics::PairedChange,
+    /// The victim's (or suspect's) scores (`None`: no test split, repair flow only).
+    pub without_defence: Option<ModelScores>,
+    /// The repaired model's scores (`None`: no test split).
+    pub with_defence: Option<ModelScores>,
+    /// Paired change of clean accuracy, victim to repaired, on the same test rows (`None`: no
+    /// test split).
+    pub acc_change: Option<crate::metrics::PairedChange>,
     /// The tokens detection flagged.
     pub flagged: Vec<String>,
     /// Clean rows dropped because they also occur in an evaluation split.
@@ -271,9 +277,15 @@ impl Pipeline<'_> {
         Ok(Done { path: out, hash })
     }
 
-    /// The victim `M^b`.
+    /// The victim `M^b`: the user's suspect (repair flow), or trained here.
     fn victim(&mut self, train: &TrainData, model: &Path, model_key: &Value) -> Result<Done> {
         let cfg = self.cfg;
+        if let Some(suspect) = &cfg.model.suspect {
+            return Ok(Done {
+                path: suspect.clone(),
+                hash: model_hash(suspect)?,
+            });
+        }
         let out = self.run.join("victim");
         let dev_key = if cfg.data.dev.is_empty() {
             Value::Null
@@ -477,6 +489,24 @@ impl Pipeline<'_> {
         Ok(report.scores)
     }
 
+    /// The victim's and the repaired model's scores, and the paired ACC change between them.
+    fn evaluate_both(
+        &mut self,
+        victim: &Done,
+        repaired: &Done,
+    ) -> Result<(ModelScores, ModelScores, crate::metrics::PairedChange)> {
+        let ort_lib = self.ort_library()?;
+        let before = self.evaluate("victim", victim, &ort_lib)?;
+        let after = self.evaluate("repaired", repaired, &ort_lib)?;
+        let correct = |name: &str| {
+            crate::steps::eval::clean_correct(
+                &self.run.join(format!("eval-{name}/predictions.parquet")),
+            )
+        };
+        let change = crate::metrics::paired_change(&correct("victim")?, &correct("repaired")?);
+        Ok((before, after, change))
+    }
+
     /// Export (with ONNX Runtime) and evaluate one model: ACC on the test split; ASR and the
     /// flip rate on it too, or on `data.asr_test` when given.
     fn evaluate(
@@ -488,13 +518,15 @@ impl Pipeline<'_> {
         let cfg = self.cfg;
         let model = self.exported(name, ckpt, ort_lib.is_some())?;
         let model = (model.as_path(), ckpt.hash.as_str());
-        let attack = cfg.eval_attack().expect("validated");
+        let attack = cfg.eval_attack();
         let test = cfg.spec(&cfg.data.test, true);
         let step = format!("eval-{name}");
-        if cfg.data.asr_test.is_empty() {
-            let m = self.eval_once(step, model, test, Some(attack), ort_lib)?;
+        let (Some(attack), false) = (&attack, cfg.data.asr_test.is_empty()) else {
+            // ACC and ASR on the test split (ACC only without an attack: repair flow).
+            let m = self.eval_once(step, model, test, attack, ort_lib)?;
             return Ok(ModelScores::of(&m, &m));
-        }
+        };
+        let attack = attack.clone();
         let acc = self.eval_once(step.clone(), model, test, None, ort_lib)?;
         let asr_test =
             cfg.spec_filtered(&cfg.data.asr_test, true, cfg.data.asr_test_filter.as_ref());
@@ -533,6 +565,9 @@ fn test_key(cfg: &DefendConfig) -> Result<Value> {
         .chain(&cfg.data.asr_test)
         .cloned()
         .collect();
+    if files.is_empty() {
+        return Ok(Value::Null);
+    }
     let key = json!(corpus_hash(&files)?);
     Ok(match &cfg.data.asr_test_filter {
         Some(f) => json!([key, f]),
@@ -586,14 +621,15 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
         Some(e) => Some(p.recheck(&repaired, e)?),
         None => None,
     };
-    let ort_lib = p.ort_library()?;
-    let without_defence = p.evaluate("victim", &victim, &ort_lib)?;
-    let with_defence = p.evaluate("repaired", &repaired, &ort_lib)?;
-
-    let correct = |name: &str| {
-        crate::steps::eval::clean_correct(&run.join(format!("eval-{name}/predictions.parquet")))
+    let scores = if cfg.data.test.is_empty() {
+        None
+    } else {
+        Some(p.evaluate_both(&victim, &repaired)?)
     };
-    let acc_change = crate::metrics::paired_change(&correct("victim")?, &correct("repaired")?);
+    let (without_defence, with_defence, acc_change) = match scores {
+        Some((b, a, c)) => (Some(b), Some(a), Some(c)),
+        None => (None, None, None),
+    };
     let flagged =
         crate::io::tables::read_suspicious_tokens(&detect.path.join("suspicious_tokens.arrow"))?;
     let verified: Option<Vec<String>> = match &effects {
@@ -611,6 +647,12 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
     let records = p.steps.records;
     let report = DefendReport {
         command: "defend".into(),
+        flow: if cfg.repairs_suspect() {
+            "repair"
+        } else {
+            "experiment"
+        }
+        .into(),
         version: crate::VERSION.into(),
         run: Some(run.clone()),
         without_defence,

@@ -150,6 +150,12 @@ fn outcome(d: &RunData) -> Option<String> {
     let m = d.summary.as_ref()?;
     let (b, a) = (&m["without_defence"], &m["with_defence"]);
     let f = |v: &Value, k: &str| v[k].as_f64();
+    if b.is_null() {
+        return Some(format!(
+            "<h2>Outcome</h2><p>Not evaluated: the run had no test split.</p>{}",
+            residual(m)
+        ));
+    }
     let mut s = String::from("<h2>Outcome</h2><table><tr><th></th><th class=\"num\">without defence</th><th class=\"num\">with defence</th></tr>");
     // name, the cells' data-metric id, the summary's key, the counts behind an interval.
     type Counts = fn(&EvalCounts) -> Option<(u64, u64)>;
@@ -186,6 +192,13 @@ fn outcome(d: &RunData) -> Option<String> {
             c["rows"], 100.0 * delta, 100.0 * lo, 100.0 * hi
         );
     }
+    s += &residual(m);
+    Some(s)
+}
+
+/// The verified triggers rechecked on the repaired model, as a table ("" without verification).
+fn residual(m: &Value) -> String {
+    let mut s = String::new();
     if let Some(r) = m["residual"].as_object() {
         s += "<p>Verified triggers on the repaired model:</p><table><tr><th>trigger</th><th class=\"num\">flip rate</th><th class=\"num\">rows</th><th>still a trigger</th></tr>";
         for (t, v) in r {
@@ -202,7 +215,7 @@ fn outcome(d: &RunData) -> Option<String> {
         }
         s += "</table>";
     }
-    Some(s)
+    s
 }
 
 /// Per round: the scatter (or why not), the top bars; then the flagged tokens' table.

@@ -633,7 +633,9 @@ fn mask_table_meta(
         "clean": job.clean_corpus.as_ref().map(|_| job.clean_params()), "seed": job.run.seed,
     });
     if let Some(e) = &job.effects {
-        params["effects"] = json!(e);
+        // The effects' content, not their path: the same repair from another directory writes
+        // the same table.
+        params["effects_sha256"] = json!(sha256_file(e)?);
         params["trigger_rows"] = json!(job.params.trigger_rows);
         params["max_residual"] = json!(job.params.max_residual);
         params["recheck"] = json!(job.recheck_params());
