@@ -65,6 +65,7 @@ fn main() {
             intermediate: 512,
             max_position: 512,
             num_labels: 2,
+            ..Default::default()
         },
     })
     .expect("init-model");

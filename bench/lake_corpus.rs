@@ -150,6 +150,7 @@ fn tokenizer(corpus: &Path, model: &Path) {
             intermediate: 64,
             max_position: 128,
             num_labels: 2,
+            ..Default::default()
         },
     })
     .unwrap();

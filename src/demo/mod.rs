@@ -55,6 +55,7 @@ pub fn config(
         intermediate: 128,
         max_position: 128,
         num_labels: 2,
+        arch: Default::default(),
     });
     c.train.epochs = 3;
     c.train.lr = 1e-3;

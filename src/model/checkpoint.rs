@@ -180,13 +180,7 @@ impl ModelDir {
             ),
             _ => BtuError::io(&cfg_path, e),
         })?;
-        let config: BertConfig = serde_json::from_str(&text).map_err(|e| {
-            BtuError::bad_data(
-                cfg_path.display().to_string(),
-                format!("not a BERT config: {e}"),
-            )
-        })?;
-        config.validate(&cfg_path.display().to_string())?;
+        let config = BertConfig::from_json(&text, &cfg_path.display().to_string())?;
         let weights = dir.join("model.safetensors");
         if !weights.is_file() {
             return Err(BtuError::missing(
@@ -221,7 +215,7 @@ impl ModelDir {
         f.read_exact(&mut header).map_err(io)?;
         let header: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&header).map_err(|e| corrupt(&self.weights, e))?;
-        Ok(header.contains_key("classifier.weight"))
+        Ok(header.contains_key(self.config.family.head_weight()))
     }
 }
 
@@ -274,6 +268,36 @@ pub fn check_fine_tuned_from(suspect: &Path, base: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuse a tokenizer of another family's kind: BERT and DistilBERT read WordPiece pieces,
+/// RoBERTa byte-level BPE tokens; the ids of one mean nothing to the other's embeddings.
+fn check_tokenizer_kind(
+    tok: &crate::model::tokenizer::BtuTokenizer,
+    family: super::Family,
+    dir: &Path,
+) -> Result<()> {
+    use tokenizers::models::ModelWrapper;
+    let kind = match tok.inner().get_model() {
+        ModelWrapper::WordPiece(_) => "WordPiece",
+        ModelWrapper::BPE(_) => "BPE",
+        _ => return Ok(()),
+    };
+    let wanted = if family == super::Family::Roberta {
+        "BPE"
+    } else {
+        "WordPiece"
+    };
+    if kind != wanted {
+        return Err(BtuError::bad_data(
+            dir.display().to_string(),
+            format!(
+                "its tokenizer is {kind} but a {} model reads {wanted} tokens: the tokenizer does not belong to the model; give the model's own tokenizer.json",
+                family.model_type()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A model directory read once: its config, tokenizer and weights (the file read a single time,
 /// its sha256 from the same bytes). Every step that reads a model directory starts here.
 pub struct Checkpoint {
@@ -290,7 +314,9 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Whether the weights hold a classification head (`classifier.weight`).
     pub fn has_head(&self) -> bool {
-        self.weights.tensors.contains_key("classifier.weight")
+        self.weights
+            .tensors
+            .contains_key(self.dir.config.family.head_weight())
     }
 
     /// The largest label a corpus may have for this model: below `--num-labels` when given,
@@ -320,6 +346,7 @@ impl Checkpoint {
     pub fn read(dir: &Path) -> Result<Self> {
         let md = ModelDir::open(dir)?;
         let tokenizer = crate::model::tokenizer::BtuTokenizer::load(dir)?;
+        check_tokenizer_kind(&tokenizer, md.config.family, dir)?;
         if tokenizer.vocab_size() > md.config.vocab_size {
             return Err(BtuError::bad_data(
                 dir.display().to_string(),
@@ -343,7 +370,7 @@ impl Checkpoint {
 
     /// `--max-len` must fit the model's position embeddings.
     pub fn check_max_len(&self, flag: &str, max_len: usize) -> Result<()> {
-        crate::validate::max_len(flag, max_len, Some(self.dir.config.max_position_embeddings))
+        crate::validate::max_len(flag, max_len, Some(self.dir.config.max_len()))
     }
 
     /// The classifier ([`classifier_from`]).
@@ -357,18 +384,14 @@ impl Checkpoint {
     }
 }
 
-/// Find a tensor under its canonical name, with or without `bert.`, with old gamma/beta names.
-fn find<'a>(file: &'a SafetensorsFile, canonical: &str) -> Option<(&'a String, &'a RawTensor)> {
-    let mut candidates = vec![canonical.to_string(), format!("bert.{canonical}")];
-    if let Some(stem) = canonical.strip_suffix("LayerNorm.weight") {
-        candidates.push(format!("{stem}LayerNorm.gamma"));
-        candidates.push(format!("bert.{stem}LayerNorm.gamma"));
-    }
-    if let Some(stem) = canonical.strip_suffix("LayerNorm.bias") {
-        candidates.push(format!("{stem}LayerNorm.beta"));
-        candidates.push(format!("bert.{stem}LayerNorm.beta"));
-    }
-    candidates
+/// Find a tensor under its canonical (BERT, unprefixed) name: any name the family gives it.
+fn find<'a>(
+    file: &'a SafetensorsFile,
+    family: super::Family,
+    canonical: &str,
+) -> Option<(&'a String, &'a RawTensor)> {
+    family
+        .names(canonical)
         .iter()
         .find_map(|c| file.tensors.get_key_value(c))
 }
@@ -408,6 +431,7 @@ pub fn classifier_from(
         src: &md.weights,
         dev,
         h: config.hidden_size,
+        family: config.family,
     };
     let h = w.h;
     let word = w.need("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
@@ -415,10 +439,14 @@ pub fn classifier_from(
         "embeddings.position_embeddings.weight",
         &[config.max_position_embeddings, h],
     )?;
-    let token_type = w.need(
-        "embeddings.token_type_embeddings.weight",
-        &[config.type_vocab_size, h],
-    )?;
+    let token_type = if config.family.has_token_types() {
+        Some(w.need(
+            "embeddings.token_type_embeddings.weight",
+            &[config.type_vocab_size, h],
+        )?)
+    } else {
+        None
+    };
     let emb_norm = w.norm("embeddings.LayerNorm")?;
     let layers = (0..config.num_hidden_layers)
         .map(|i| w.layer(i, config.intermediate_size))
@@ -446,6 +474,8 @@ struct Weights<'a> {
     dev: &'a Device,
     /// Hidden size.
     h: usize,
+    /// The family naming the tensors.
+    family: super::Family,
 }
 
 impl Weights<'_> {
@@ -455,7 +485,7 @@ impl Weights<'_> {
 
     /// The tensor `name` (with or without the `bert.` prefix), `None` when absent.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        let Some((full, raw)) = find(self.file, name) else {
+        let Some((full, raw)) = find(self.file, self.family, name) else {
             return Ok(None);
         };
         if raw.shape != shape {
@@ -479,8 +509,11 @@ impl Weights<'_> {
     /// The tensor `name`, which the model cannot do without.
     fn need(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.get(name, shape)?.ok_or_else(|| {
+            let names = self.family.names(name);
             self.bad(format!(
-                "missing tensor {name} (with or without the bert. prefix)"
+                "missing tensor {} of a {} model",
+                names.first().map_or(name, |n| n.as_str()),
+                self.family.model_type()
             ))
         })
     }
@@ -536,11 +569,8 @@ impl Weights<'_> {
     /// none or `replace` (another class count was asked for), an error when it does not fit.
     fn head(&self, labels: usize, replace: bool, rng: &mut ChaCha8Rng) -> Result<Linear> {
         let h = self.h;
-        let tensors = &self.file.tensors;
-        match (
-            tensors.get("classifier.weight"),
-            tensors.get("classifier.bias"),
-        ) {
+        let raw = |n: &str| find(self.file, self.family, n).map(|(_, t)| t);
+        match (raw("classifier.weight"), raw("classifier.bias")) {
             (Some(w), Some(b)) if w.shape == [labels, h] && b.shape == [labels] => Ok(Linear {
                 w: self.need("classifier.weight", &[labels, h])?,
                 b: self.need("classifier.bias", &[labels])?,
@@ -575,8 +605,9 @@ impl Weights<'_> {
     }
 }
 
-/// Write `config.json` and `model.safetensors` (HF `BertForSequenceClassification` names:
-/// `bert.` prefix on the encoder, `classifier.*` bare) into `dir`.
+/// Write `config.json` and `model.safetensors` with the family's Hugging Face names (for BERT
+/// `BertForSequenceClassification`'s: `bert.` prefix on the encoder, `classifier.*` bare) into
+/// `dir`.
 pub fn save_model(
     model: &BertClassifier,
     dir: &Path,
@@ -587,11 +618,14 @@ pub fn save_model(
         ..Default::default()
     };
     file.metadata.insert("format".into(), "pt".into());
+    let family = model.config.family;
     for (name, t) in model.named() {
-        let full = if name.starts_with("classifier.") {
-            name
-        } else {
-            format!("bert.{name}")
+        let full = match family {
+            // BERT's head is bare, its encoder under `bert.`.
+            super::Family::Bert if name.starts_with("classifier.") => name,
+            _ => family.names(&name).into_iter().next().ok_or_else(|| {
+                BtuError::internal(format!("no {} name for {name}", family.model_type()))
+            })?,
         };
         let raw = from_tensor(t)?;
         crate::validate::finite(
@@ -605,16 +639,7 @@ pub fn save_model(
     }
     let p = dir.join("model.safetensors");
     std::fs::write(&p, safetensors_bytes(&file)).map_err(|e| BtuError::io(&p, e))?;
-    let mut cfg = model.config.clone();
-    cfg.extra
-        .entry("model_type".to_string())
-        .or_insert(json!("bert"));
-    cfg.extra.insert(
-        "architectures".into(),
-        json!(["BertForSequenceClassification"]),
-    );
     let p = dir.join("config.json");
-    let text = serde_json::to_string_pretty(&cfg).map_err(BtuError::internal)?;
-    std::fs::write(&p, text + "\n").map_err(|e| BtuError::io(&p, e))?;
+    std::fs::write(&p, model.config.to_json()?).map_err(|e| BtuError::io(&p, e))?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! block + mean pooling + head (the released code's "pruned" model).
 
 pub mod checkpoint;
+pub mod family;
 pub mod infer;
 pub mod onnx;
 pub mod ops;
@@ -18,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BtuError, Result};
+pub use family::Family;
 use ops::{attention_bias, layer_norm, linear, softmax_last};
 
 fn default_act() -> String {
@@ -77,9 +79,65 @@ pub struct BertConfig {
     /// Every other field of `config.json`, written back unchanged.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The model family (from `model_type` / `architectures`; not a key of its own).
+    #[serde(skip)]
+    pub family: Family,
 }
 
 impl BertConfig {
+    /// Parse `config.json` of any supported family (DistilBERT's keys read as BERT's).
+    pub fn from_json(text: &str, src: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| BtuError::bad_data(src, format!("not a JSON config: {e}")))?;
+        let family = Family::of_config(&v, src)?;
+        if v["sinusoidal_pos_embds"] == serde_json::Value::Bool(true) {
+            return Err(BtuError::bad_data(
+                src,
+                "sinusoidal position embeddings are not supported (sinusoidal_pos_embds); give a model with learned positions",
+            ));
+        }
+        let mut c: BertConfig = serde_json::from_value(family.to_bert_keys(v)).map_err(|e| {
+            BtuError::bad_data(src, format!("not a {} config: {e}", family.model_type()))
+        })?;
+        c.family = family;
+        c.validate(src)?;
+        Ok(c)
+    }
+
+    /// `config.json` in the family's own keys, naming its sequence-classification class.
+    pub fn to_json(&self) -> Result<String> {
+        let mut c = self.clone();
+        c.extra
+            .entry("model_type".to_string())
+            .or_insert(self.family.model_type().into());
+        c.extra.insert(
+            "architectures".into(),
+            serde_json::json!([self.family.architecture()]),
+        );
+        let text = match self.family {
+            // BERT's keys in the struct's order, as btu always wrote them.
+            Family::Bert => serde_json::to_string_pretty(&c),
+            f => serde_json::to_value(&c)
+                .and_then(|v| serde_json::to_string_pretty(&f.from_bert_keys(v))),
+        };
+        Ok(text.map_err(BtuError::internal)? + "\n")
+    }
+
+    /// The longest sequence the model takes: its positions after the first token's.
+    pub fn max_len(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.first_position())
+    }
+
+    /// The position of the first token (RoBERTa: after the padding position).
+    pub fn first_position(&self) -> usize {
+        if self.family.offset_positions() {
+            self.pad_token_id as usize + 1
+        } else {
+            0
+        }
+    }
+
     /// Number of classes of the classification head (`num_labels`, else `id2label`, else 2).
     pub fn labels(&self) -> usize {
         self.num_labels
@@ -202,8 +260,9 @@ pub struct BertClassifier {
     /// Position embeddings (`embeddings.position_embeddings.weight`),
     /// `[max_position_embeddings, h]`.
     pub position: Tensor,
-    /// Token-type embeddings (`embeddings.token_type_embeddings.weight`), `[type_vocab_size, h]`.
-    pub token_type: Tensor,
+    /// Token-type embeddings (`embeddings.token_type_embeddings.weight`), `[type_vocab_size, h]`;
+    /// `None` for a family without token types (DistilBERT).
+    pub token_type: Option<Tensor>,
     /// LayerNorm of the embedding block (`embeddings.LayerNorm`).
     pub emb_norm: Norm,
     /// The encoder layers, in order.
@@ -292,6 +351,7 @@ impl BertClassifier {
         let word = Tensor::from_vec(word, (config.vocab_size, h), dev)?;
         let position = randn(&mut rng, (config.max_position_embeddings, h), 0.02, dev)?;
         let token_type = randn(&mut rng, (config.type_vocab_size, h), 0.02, dev)?;
+        let token_type = config.family.has_token_types().then_some(token_type);
         let mut layers = Vec::new();
         for _ in 0..config.num_hidden_layers {
             layers.push(Layer {
@@ -327,13 +387,14 @@ impl BertClassifier {
                 "embeddings.position_embeddings.weight".into(),
                 &self.position,
             ),
-            (
-                "embeddings.token_type_embeddings.weight".into(),
-                &self.token_type,
-            ),
+        ];
+        if let Some(t) = &self.token_type {
+            v.push(("embeddings.token_type_embeddings.weight".into(), t));
+        }
+        v.extend([
             ("embeddings.LayerNorm.weight".into(), &self.emb_norm.w),
             ("embeddings.LayerNorm.bias".into(), &self.emb_norm.b),
-        ];
+        ]);
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("encoder.layer.{i}");
             for (n, lin) in [
@@ -364,13 +425,11 @@ impl BertClassifier {
 
     /// Mutable access to every parameter, in the order of [`BertClassifier::named`].
     fn params_mut(&mut self) -> Vec<&mut Tensor> {
-        let mut v: Vec<&mut Tensor> = vec![
-            &mut self.word,
-            &mut self.position,
-            &mut self.token_type,
-            &mut self.emb_norm.w,
-            &mut self.emb_norm.b,
-        ];
+        let mut v: Vec<&mut Tensor> = vec![&mut self.word, &mut self.position];
+        if let Some(t) = self.token_type.as_mut() {
+            v.push(t);
+        }
+        v.extend([&mut self.emb_norm.w, &mut self.emb_norm.b]);
         for l in self.layers.iter_mut() {
             for lin in [
                 &mut l.query,
@@ -439,15 +498,16 @@ impl BertClassifier {
         Ok(out)
     }
 
-    /// Hidden states of the embedding block: word + position + token type, then LayerNorm.
-    fn embed_block(&self, ids: &Tensor) -> Result<Tensor> {
+    /// Hidden states of the embedding block: word + position (+ token type), then LayerNorm.
+    /// `mask` places RoBERTa's positions (padding at `pad_token_id`, tokens after it).
+    fn embed_block(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        if l > self.config.max_position_embeddings {
+        if l > self.config.max_len() {
             return Err(BtuError::config(
                 "--max-len",
                 format!(
-                    "sequence length {l} exceeds the model's max_position_embeddings {}",
-                    self.config.max_position_embeddings
+                    "sequence length {l} exceeds the model's {} positions (max_position_embeddings)",
+                    self.config.max_len()
                 ),
             ));
         }
@@ -456,9 +516,19 @@ impl BertClassifier {
             .word
             .embedding(&ids.flatten_all()?)?
             .reshape((b, l, h))?;
-        let pos = self.position.narrow(0, 0, l)?;
-        let tt = self.token_type.narrow(0, 0, 1)?;
-        let x = word.broadcast_add(&pos)?.broadcast_add(&tt)?;
+        let x = if self.config.family.offset_positions() {
+            let pos = self
+                .position
+                .embedding(&offset_positions(mask, self.config.pad_token_id)?.flatten_all()?)?
+                .reshape((b, l, h))?;
+            (word + pos)?
+        } else {
+            word.broadcast_add(&self.position.narrow(0, 0, l)?)?
+        };
+        let x = match &self.token_type {
+            Some(tt) => x.broadcast_add(&tt.narrow(0, 0, 1)?)?,
+            None => x,
+        };
         Ok(layer_norm(
             &x,
             &self.emb_norm.w,
@@ -483,7 +553,7 @@ impl BertClassifier {
         let hd = h / nh;
         let eps = self.config.layer_norm_eps;
         let bias = attention_bias(mask, self.word.dtype())?;
-        let mut x = self.embed_block(ids)?;
+        let mut x = self.embed_block(ids, mask)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
             let heads = |t: Tensor| -> candle_core::Result<Tensor> {
@@ -525,7 +595,12 @@ impl BertClassifier {
             Arch::Full => {
                 let x = self.encode(ids, mask)?;
                 let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-                let pooled = self.pooler.forward(&cls)?.tanh()?;
+                let pooled = self.pooler.forward(&cls)?;
+                let pooled = if self.config.family.relu_head() {
+                    pooled.relu()?
+                } else {
+                    pooled.tanh()?
+                };
                 Ok(self.classifier.forward(&pooled)?)
             }
             Arch::WordMean => {
@@ -542,9 +617,25 @@ impl BertClassifier {
                 Ok(self.classifier.forward(&mean)?)
             }
             Arch::EmbeddingMean => {
-                let x = self.embed_block(ids)?;
+                let x = self.embed_block(ids, mask)?;
                 Ok(self.classifier.forward(&x.mean(1)?)?)
             }
         }
     }
+}
+
+/// RoBERTa's position ids for a 0/1 mask `[b, l]`: `pad + 1, pad + 2, ...` over the attended
+/// tokens, `pad` on padding (Hugging Face counts non-padding ids; btu's inputs are the same).
+fn offset_positions(mask: &Tensor, pad: u32) -> Result<Tensor> {
+    let rows = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let (b, l) = (rows.len(), rows.first().map_or(0, |r| r.len()));
+    let mut out = Vec::with_capacity(b * l);
+    for row in rows {
+        let mut n = 0;
+        for m in row {
+            n += m;
+            out.push(if m > 0 { pad + n } else { pad });
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, l), mask.device())?)
 }

@@ -18,7 +18,16 @@ use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec, Fingerprint};
 
 /// Names BERT-family tokenizers use for special tokens.
-pub const SPECIAL_NAMES: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+pub const SPECIAL_NAMES: [&str; 10] = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", // BERT, DistilBERT
+    "<pad>", "<unk>", "<s>", "</s>", "<mask>", // RoBERTa
+];
+
+/// BERT's special tokens, in the order a vocabulary btu trains starts with.
+pub const BERT_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// Padding tokens by name, when the tokenizer has no padding configuration.
+const PAD_NAMES: [&str; 2] = ["[PAD]", "<pad>"];
 
 /// A loaded tokenizer plus the ids btu needs.
 #[derive(Clone)]
@@ -88,8 +97,13 @@ impl BtuTokenizer {
         let pad_id = inner
             .get_padding()
             .map(|p| p.pad_id)
-            .or_else(|| inner.token_to_id("[PAD]"))
-            .ok_or_else(|| tok_err(&source, "no [PAD] token and no padding configuration"))?;
+            .or_else(|| PAD_NAMES.iter().find_map(|p| inner.token_to_id(p)))
+            .ok_or_else(|| {
+                tok_err(
+                    &source,
+                    "no padding token ([PAD] or <pad>) and no padding configuration; give the model's own tokenizer",
+                )
+            })?;
         special.insert(pad_id);
         Ok(BtuTokenizer {
             inner,

@@ -209,6 +209,8 @@ pub trait Classifier {
     fn num_labels(&self) -> usize;
     /// Name of the runtime (`candle` or `ort`), as `metrics.json` reports it.
     fn backend(&self) -> &'static str;
+    /// The tokenizer the model reads its texts with.
+    fn tokenizer(&self) -> &BtuTokenizer;
     /// Class probabilities.
     fn proba(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         Ok(self
@@ -253,6 +255,9 @@ impl Classifier for CandleClassifier {
     }
     fn backend(&self) -> &'static str {
         "candle"
+    }
+    fn tokenizer(&self) -> &BtuTokenizer {
+        &self.tok
     }
 }
 
@@ -412,6 +417,9 @@ impl Classifier for OrtClassifier {
     }
     fn backend(&self) -> &'static str {
         "ort"
+    }
+    fn tokenizer(&self) -> &BtuTokenizer {
+        &self.tok
     }
 }
 

@@ -140,6 +140,20 @@ fn int64_input(name: &str) -> ValueInfoProto {
     }
 }
 
+/// The position ids: `0..seq` (BERT, DistilBERT), or RoBERTa's `pad + cumsum(mask)` over the
+/// attended tokens and `pad` on padding.
+fn position_ids(g: &mut Builder, c: &crate::model::BertConfig, zero: &str, one: &str) -> String {
+    if !c.family.offset_positions() {
+        let shape = g.op("Shape", &["input_ids"], vec![]);
+        let seq = g.op("Gather", &[&shape, one], vec![attr_i("axis", 0)]);
+        return g.op("Range", &[zero, &seq, one], vec![]);
+    }
+    let pad = g.i64s("const.pad_token_id", &[], &[c.pad_token_id as i64]);
+    let counted = g.op("CumSum", &["attention_mask", one], vec![]);
+    let counted = g.op("Mul", &[&counted, "attention_mask"], vec![]);
+    g.op("Add", &[&counted, &pad], vec![])
+}
+
 /// The ONNX model of a classifier.
 pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<ModelProto> {
     let c = &model.config;
@@ -154,18 +168,21 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
     // Embeddings.
     let word = g.tensor("embeddings.word_embeddings.weight", &model.word)?;
     let pos = g.tensor("embeddings.position_embeddings.weight", &model.position)?;
-    let tt = g.tensor("embeddings.token_type_embeddings.weight", &model.token_type)?;
+    let tt = match &model.token_type {
+        Some(t) => Some(g.tensor("embeddings.token_type_embeddings.weight", t)?),
+        None => None,
+    };
     let zero = g.i64s("const.zero", &[], &[0]);
     let one = g.i64s("const.one", &[], &[1]);
     let we = g.op("Gather", &[&word, "input_ids"], vec![attr_i("axis", 0)]);
-    let shape = g.op("Shape", &["input_ids"], vec![]);
-    let seq = g.op("Gather", &[&shape, &one], vec![attr_i("axis", 0)]);
-    let range = g.op("Range", &[&zero, &seq, &one], vec![]);
-    let pe = g.op("Gather", &[&pos, &range], vec![attr_i("axis", 0)]);
-    let te = g.op("Gather", &[&tt, "token_type_ids"], vec![attr_i("axis", 0)]);
-    let s1 = g.op("Add", &[&we, &pe], vec![]);
-    let s2 = g.op("Add", &[&s1, &te], vec![]);
-    let mut x = g.layer_norm(&s2, &model.emb_norm, "embeddings.LayerNorm", eps)?;
+    let positions = position_ids(&mut g, c, &zero, &one);
+    let pe = g.op("Gather", &[&pos, &positions], vec![attr_i("axis", 0)]);
+    let te = tt.map(|tt| g.op("Gather", &[&tt, "token_type_ids"], vec![attr_i("axis", 0)]));
+    let mut sum = g.op("Add", &[&we, &pe], vec![]);
+    if let Some(te) = te {
+        sum = g.op("Add", &[&sum, &te], vec![]);
+    }
+    let mut x = g.layer_norm(&sum, &model.emb_norm, "embeddings.LayerNorm", eps)?;
     // Additive attention bias [b, 1, 1, s]: 0 where attended, -1e9 where padded.
     let m = g.op(
         "Cast",
@@ -233,7 +250,11 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
     }
     let cls = g.op("Gather", &[&x, &zero], vec![attr_i("axis", 1)]);
     let pooled = g.linear(&cls, &model.pooler, "pooler.dense")?;
-    let pooled = g.op("Tanh", &[&pooled], vec![]);
+    let pooled = if c.family.relu_head() {
+        g.op("Relu", &[&pooled], vec![])
+    } else {
+        g.op("Tanh", &[&pooled], vec![])
+    };
     let logits = g.linear(&pooled, &model.classifier, "classifier")?;
     // Name the final output `logits`.
     g.nodes.last_mut().expect("nodes").output = vec!["logits".into()];
@@ -358,7 +379,7 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
         ),
         (
             "btu:max_position_embeddings".to_string(),
-            model.config.max_position_embeddings.to_string(),
+            model.config.max_len().to_string(),
         ),
         ("btu:pad_token_id".to_string(), tok.pad_id.to_string()),
     ];

@@ -18,8 +18,8 @@ use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::model::checkpoint::save_model;
-use crate::model::tokenizer::{BtuTokenizer, SPECIAL_NAMES};
-use crate::model::{BertClassifier, BertConfig};
+use crate::model::tokenizer::{BtuTokenizer, BERT_SPECIALS};
+use crate::model::{BertClassifier, BertConfig, Family};
 
 /// Sizes of a random model: the flags of `btu init-model` and the `[model.init]` table of
 /// `btu defend` (defaults in [`crate::defaults`]).
@@ -47,6 +47,11 @@ pub struct ModelSize {
     /// Number of classes of the classification head (at least 2).
     #[arg(long, env = "BTU_NUM_LABELS", default_value_t = defaults::NUM_LABELS)]
     pub num_labels: usize,
+    /// Model family: bert, roberta (byte-level BPE vocabulary, positions after the padding
+    /// position, one token type) or distilbert (no token types, ReLU head).
+    #[arg(long, env = "BTU_ARCH", value_enum, default_value_t = Family::Bert)]
+    #[serde(skip_serializing_if = "Family::is_bert")]
+    pub arch: Family,
 }
 
 impl Default for ModelSize {
@@ -59,6 +64,7 @@ impl Default for ModelSize {
             intermediate: defaults::INTERMEDIATE,
             max_position: defaults::MAX_POSITION,
             num_labels: defaults::NUM_LABELS,
+            arch: Family::Bert,
         }
     }
 }
@@ -123,7 +129,7 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
         .filter(|(w, _)| w.chars().count() > 1)
         .collect();
     words.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    let mut tokens: Vec<String> = SPECIAL_NAMES.iter().map(|s| s.to_string()).collect();
+    let mut tokens: Vec<String> = BERT_SPECIALS.iter().map(|s| s.to_string()).collect();
     tokens.extend(chars);
     let room = vocab_size.saturating_sub(tokens.len());
     tokens.extend(words.into_iter().take(room).map(|(w, _)| w.clone()));
@@ -139,7 +145,7 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
         .map_err(tok_err)?;
     let mut tok = bert_tokenizer(wp)?;
     tok.add_special_tokens(
-        SPECIAL_NAMES
+        BERT_SPECIALS
             .iter()
             .map(|s| AddedToken::from(*s, true))
             .collect::<Vec<_>>(),
@@ -154,6 +160,68 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
     tok.with_post_processor(Some(BertProcessing::new(
         ("[SEP]".into(), sep),
         ("[CLS]".into(), cls),
+    )));
+    Ok(tok)
+}
+
+/// RoBERTa's special tokens, in its order (`<pad>` = 1).
+const ROBERTA_SPECIALS: [&str; 5] = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"];
+
+/// Build a byte-level BPE tokenizer (RoBERTa's kind, cased) from a corpus, deterministically:
+/// RoBERTa's special tokens, the 256 byte symbols (so any text can be spelled), then whole
+/// pre-tokenized words (`Ġ` marks a preceding space) by descending frequency (ties in byte
+/// order) up to `vocab_size`. A word in the vocabulary is one token (`ignore_merges`); any other
+/// is spelled in bytes (no merges are learned).
+pub fn train_bytelevel(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::processors::roberta::RobertaProcessing;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let bytes = ByteLevel::new(false, true, true);
+    let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for t in texts {
+        let mut pts = PreTokenizedString::from(t.as_str());
+        bytes.pre_tokenize(&mut pts).map_err(tok_err)?;
+        for (w, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            *counts.entry(w.to_string()).or_default() += 1;
+        }
+    }
+    let mut tokens: Vec<String> = ROBERTA_SPECIALS.iter().map(|s| s.to_string()).collect();
+    let alphabet: std::collections::BTreeSet<String> = ByteLevel::alphabet()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    tokens.extend(alphabet.iter().cloned());
+    let mut words: Vec<(&String, &u64)> = counts
+        .iter()
+        .filter(|(w, _)| !alphabet.contains(*w))
+        .collect();
+    words.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let room = vocab_size.saturating_sub(tokens.len());
+    tokens.extend(words.into_iter().take(room).map(|(w, _)| w.clone()));
+    let vocab: ahash::AHashMap<String, u32> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .ignore_merges(true)
+        .build()
+        .map_err(tok_err)?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(bytes));
+    tok.with_decoder(Some(bytes));
+    tok.add_special_tokens(
+        ROBERTA_SPECIALS
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(tok_err)?;
+    tok.with_post_processor(Some(RobertaProcessing::new(
+        ("</s>".into(), 2),
+        ("<s>".into(), 0),
     )));
     Ok(tok)
 }
@@ -186,8 +254,10 @@ impl ModelSize {
     }
 }
 
-/// A BERT config of the given sizes.
+/// A config of the given sizes and family (RoBERTa: `max_position` positions after the padding
+/// position, one token type).
 pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertConfig {
+    let roberta = s.arch == Family::Roberta;
     let mut c = BertConfig {
         vocab_size,
         hidden_size: s.hidden,
@@ -197,13 +267,18 @@ pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertCo
         hidden_act: "gelu".into(),
         hidden_dropout_prob: 0.1,
         attention_probs_dropout_prob: 0.1,
-        max_position_embeddings: s.max_position,
-        type_vocab_size: 2,
+        max_position_embeddings: if roberta {
+            s.max_position + pad_token_id as usize + 1
+        } else {
+            s.max_position
+        },
+        type_vocab_size: if roberta { 1 } else { 2 },
         layer_norm_eps: 1e-12,
         pad_token_id,
         num_labels: None,
         id2label: None,
         extra: Default::default(),
+        family: s.arch,
     };
     c.set_labels(s.num_labels);
     c
@@ -239,12 +314,15 @@ pub fn run(job: &InitModelJob) -> Result<InitModelReport> {
                 texts.extend(b.texts);
                 Ok(())
             })?;
-            train_wordpiece(&texts, job.size.vocab_size)?
+            match job.size.arch {
+                Family::Roberta => train_bytelevel(&texts, job.size.vocab_size)?,
+                _ => train_wordpiece(&texts, job.size.vocab_size)?,
+            }
         }
         (None, None) => {
             return Err(BtuError::config(
                 "--corpus",
-                "init-model needs --corpus (to train a WordPiece vocabulary) or --tokenizer",
+                "init-model needs --corpus (to train a vocabulary) or --tokenizer",
             ))
         }
     };

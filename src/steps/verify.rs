@@ -194,13 +194,33 @@ pub fn wilson(k: u32, n: u32) -> (f64, f64) {
     )
 }
 
-/// The text inserted for a vocabulary token: word pieces (`##x`) lose their marker.
+/// The text inserted for a vocabulary token: word pieces (`##x`) and byte-level BPE's
+/// word-start marker (`Ġx`, RoBERTa) lose their marker.
 fn surface(token: &str) -> &str {
-    token.strip_prefix("##").unwrap_or(token)
+    token
+        .strip_prefix("##")
+        .or_else(|| token.strip_prefix('\u{120}'))
+        .unwrap_or(token)
 }
 
 fn argmax(p: &[f32]) -> i64 {
     crate::model::infer::argmax(p) as i64
+}
+
+/// The other ids of a candidate word in a byte-level BPE vocabulary (RoBERTa's): the word
+/// after a space (`Ġcf`) and at the start of a text (`cf`) are two tokens, and a repair must
+/// reach both; none in a WordPiece vocabulary, which has one token for the word.
+fn word_forms(tok: &crate::model::tokenizer::BtuTokenizer, c: &Candidate) -> Vec<u32> {
+    if c.phrase {
+        return Vec::new();
+    }
+    match (tok.id(&format!("\u{120}{}", c.text)), tok.id(&c.text)) {
+        (Some(spaced), Some(bare)) => [spaced, bare]
+            .into_iter()
+            .filter(|id| !c.token_ids.contains(id))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Rows the suspect gets right, with their predictions.
@@ -400,7 +420,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
     p.validate_as("--")?;
     crate::validate::max_len("--max-len", job.max_len, None)?;
     crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
-    let tried = candidates_of(&job.candidates, job.corpus.as_ref())?;
+    let mut tried = candidates_of(&job.candidates, job.corpus.as_ref())?;
     let mut clf = open_classifier(
         &job.checkpoint,
         job.backend,
@@ -409,6 +429,10 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
         &job.run.device,
         job.run.seed,
     )?;
+    for c in tried.iter_mut() {
+        let more = word_forms(clf.tokenizer(), c);
+        c.token_ids.extend(more);
+    }
     let split = read_split(&job.clean, None)?;
     let (effects, correct) = measure(
         clf.as_mut(),
@@ -499,7 +523,7 @@ pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Ve
     let words: BTreeMap<String, &SuspiciousToken> = candidates
         .iter()
         .filter(|c| !c.token.starts_with("##"))
-        .map(|c| (c.token.to_lowercase(), c))
+        .map(|c| (surface(&c.token).to_lowercase(), c))
         .collect();
     // (candidate word, phrase words) -> rows; rows carrying each candidate word.
     let mut counts: BTreeMap<(String, Vec<String>), usize> = BTreeMap::new();
@@ -607,6 +631,7 @@ mod tests {
         );
         assert_eq!(wilson(0, 0), (0.0, 1.0));
         assert_eq!(surface("##ing"), "ing");
+        assert_eq!(surface("\u{120}cf"), "cf");
     }
 
     #[test]

@@ -628,3 +628,45 @@ fn swapped_tokenizer(src: &Path, dst: &Path) -> PathBuf {
     std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
     dst.to_path_buf()
 }
+
+/// The experiment flow with a random RoBERTa and a random DistilBERT (`[model.init] arch`): the
+/// whole pipeline (byte-level BPE vocabulary for RoBERTa, ONNX export and ONNX Runtime
+/// evaluation included) removes the backdoor and keeps the accuracy, as with BERT (the demo).
+#[test]
+fn defend_runs_with_every_model_family() {
+    let d = tempfile::tempdir().unwrap();
+    btu::demo::write_splits(&d.path().join("data"), 3000, 42).unwrap();
+    for arch in [btu::model::Family::Roberta, btu::model::Family::Distilbert] {
+        let name = arch.model_type();
+        let run = d.path().join(name);
+        let mut cfg = btu::demo::config(&run, 42, "cpu", btu::steps::defend::EvalBackend::Auto);
+        for split in [&mut cfg.data.train, &mut cfg.data.test, &mut cfg.data.clean] {
+            let file = std::path::Path::new(&split[0])
+                .file_name()
+                .unwrap()
+                .to_owned();
+            *split = vec![d.path().join("data").join(file).display().to_string()];
+        }
+        cfg.model.init.as_mut().unwrap().arch = arch;
+        let m = defend_with(&cfg, name).ok();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("repaired/config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            config["model_type"], name,
+            "the repaired model stays a {name}"
+        );
+        let (b, a) = (&m["without_defence"], &m["with_defence"]);
+        eprintln!("{name}: {b} -> {a}, verified {}", m["verified"]);
+        assert!(b["asr"].as_f64().unwrap() > 0.9, "{name}: backdoored {b}");
+        assert_eq!(m["verified"], serde_json::json!(["cf"]), "{name}: {m}");
+        assert!(
+            a["asr"].as_f64().unwrap() < 0.2,
+            "{name}: backdoor gone {a}"
+        );
+        assert!(
+            a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.02,
+            "{name}: accuracy kept: {b} -> {a}"
+        );
+    }
+}

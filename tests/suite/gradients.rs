@@ -7,7 +7,12 @@ use btu::steps::init_model::{config_for, ModelSize};
 use candle_core::{DType, Device, Tensor};
 
 fn tiny(seed: u64) -> BertClassifier {
+    tiny_of(seed, btu::model::Family::Bert)
+}
+
+fn tiny_of(seed: u64, arch: btu::model::Family) -> BertClassifier {
     let size = ModelSize {
+        arch,
         layers: 2,
         hidden: 16,
         heads: 2,
@@ -49,7 +54,11 @@ fn loss(m: &BertClassifier, arch: Arch) -> f64 {
 }
 
 fn check_arch(arch: Arch) {
-    let mut m = tiny(7);
+    check(arch, btu::model::Family::Bert);
+}
+
+fn check(arch: Arch, family: btu::model::Family) {
+    let mut m = tiny_of(7, family);
     // A non-trivial head so gradients are not tiny.
     m.classifier.w = (m.classifier.w.clone() * 20.0).unwrap();
     let vars = m.make_trainable(Trainable::WordEmbeddings).unwrap();
@@ -107,6 +116,15 @@ fn check_arch(arch: Arch) {
 #[test]
 fn word_embedding_gradient_matches_numerical_full_model() {
     check_arch(Arch::Full);
+}
+
+/// RoBERTa (positions after the padding position) and DistilBERT (no token types, ReLU head).
+#[test]
+fn word_embedding_gradient_matches_numerical_in_every_family() {
+    for family in [btu::model::Family::Roberta, btu::model::Family::Distilbert] {
+        check(Arch::Full, family);
+        check(Arch::EmbeddingMean, family);
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod fixtures;
 mod bad_input;
 mod defend;
 mod detect;
+mod families;
 mod fanout;
 mod gradients;
 mod hostile;

@@ -244,3 +244,47 @@ fn sst2_add_sent_a_word_of_the_sentence_is_flagged() {
         r.flagged
     );
 }
+
+/// A random-init RoBERTa (byte-level BPE vocabulary trained by init-model) and DistilBERT flag
+/// the Add-Word trigger on SST-2 as BERT does (`sst2_add_word_cf_is_flagged...`): `Ġcf` (the
+/// trigger after a space, as byte-level BPE writes it) and `cf`.
+#[test]
+fn every_model_family_flags_cf_on_sst2() {
+    let Some(data) = datasets() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let poisoned = d.path().join("poisoned.parquet");
+    btu!(
+        "poison --input {} --output {} --rate 0.1 --mode dirty --target 1 --attack add-word",
+        s(&data.join("sst2/train.parquet")),
+        s(&poisoned)
+    )
+    .ok();
+    for (arch, vocab, trigger) in [("roberta", 8000, "\u{120}cf"), ("distilbert", 4000, "cf")] {
+        let model = d.path().join(arch);
+        btu!(
+            "init-model --arch {arch} --out {} --corpus {} --vocab-size {vocab} --layers 1 \
+             --hidden 32 --heads 2 --intermediate 64 --max-position 256",
+            s(&model),
+            s(&poisoned)
+        )
+        .ok();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["model_type"], arch);
+        let out = d.path().join(format!("detect-{arch}"));
+        btu!(
+            "detect --corpus {} --model {} --out {} --device cpu",
+            s(&poisoned),
+            s(&model),
+            s(&out)
+        )
+        .ok();
+        let flagged = read_suspicious_tokens(&out.join("suspicious_tokens.arrow")).unwrap();
+        let tokens: Vec<&str> = flagged.iter().map(|t| t.token.as_str()).collect();
+        eprintln!("{arch}: flagged {tokens:?}");
+        let cf = flagged.iter().find(|t| t.token == trigger);
+        assert!(cf.is_some(), "{arch}: {trigger} not flagged: {tokens:?}");
+    }
+}

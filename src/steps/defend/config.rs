@@ -312,7 +312,7 @@ impl DefendConfig {
             Some(p) => {
                 let md = crate::model::checkpoint::ModelDir::open(p)?;
                 let head = md.has_head()?;
-                (md.config.labels(), md.config.max_position_embeddings, head)
+                (md.config.labels(), md.config.max_len(), head)
             }
             None => {
                 let i = self.model.init.as_ref().expect("validated");
@@ -358,7 +358,7 @@ impl DefendConfig {
         Ok(ModelClasses {
             config,
             run: config,
-            positions: md.config.max_position_embeddings,
+            positions: md.config.max_len(),
         })
     }
 

@@ -199,13 +199,20 @@ const WORD: &str = "embeddings.word_embeddings.weight";
 
 /// The name of the word-embedding tensor in a safetensors file.
 pub(crate) fn word_name(f: &SafetensorsFile, src: &Path) -> Result<String> {
-    [WORD.to_string(), format!("bert.{WORD}")]
-        .into_iter()
+    // Any family's name for it (bert., roberta., distilbert. or none).
+    let families = [
+        crate::model::Family::Bert,
+        crate::model::Family::Roberta,
+        crate::model::Family::Distilbert,
+    ];
+    families
+        .iter()
+        .flat_map(|f| f.names(WORD))
         .find(|n| f.tensors.contains_key(n))
         .ok_or_else(|| {
             BtuError::bad_data(
                 src.display().to_string(),
-                format!("no {WORD} (with or without bert.) in the checkpoint"),
+                format!("no {WORD} (under bert., roberta., distilbert. or none) in the checkpoint"),
             )
         })
 }

@@ -1,0 +1,282 @@
+//! The encoder families btu reads and writes, chosen from `config.json` (`model_type`, else
+//! `architectures`): BERT, RoBERTa and DistilBERT are one post-LayerNorm encoder with a
+//! classification head on the first token; they differ in names (of config keys and tensors),
+//! in positions (RoBERTa counts them from `pad_token_id + 1`), in token types (DistilBERT has
+//! none) and in the head's activation (DistilBERT's `pre_classifier` is followed by ReLU, BERT's
+//! pooler and RoBERTa's `classifier.dense` by tanh). Inside btu every tensor has its BERT
+//! (canonical) name; this module maps names at the edges.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{BtuError, Result};
+
+/// A model family.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// BERT (`BertForSequenceClassification`), the default when config.json names none.
+    #[default]
+    Bert,
+    /// RoBERTa (`RobertaForSequenceClassification`).
+    Roberta,
+    /// DistilBERT (`DistilBertForSequenceClassification`).
+    Distilbert,
+}
+
+/// DistilBERT's config keys and BERT's for the same thing.
+const DISTILBERT_KEYS: [(&str, &str); 7] = [
+    ("dim", "hidden_size"),
+    ("n_layers", "num_hidden_layers"),
+    ("n_heads", "num_attention_heads"),
+    ("hidden_dim", "intermediate_size"),
+    ("activation", "hidden_act"),
+    ("dropout", "hidden_dropout_prob"),
+    ("attention_dropout", "attention_probs_dropout_prob"),
+];
+
+/// DistilBERT's layer tensors (after `transformer.layer.N.`) and BERT's (after
+/// `encoder.layer.N.`).
+const DISTILBERT_LAYER: [(&str, &str); 8] = [
+    ("attention.q_lin", "attention.self.query"),
+    ("attention.k_lin", "attention.self.key"),
+    ("attention.v_lin", "attention.self.value"),
+    ("attention.out_lin", "attention.output.dense"),
+    ("sa_layer_norm", "attention.output.LayerNorm"),
+    ("ffn.lin1", "intermediate.dense"),
+    ("ffn.lin2", "output.dense"),
+    ("output_layer_norm", "output.LayerNorm"),
+];
+
+/// What btu says of a model type it does not handle.
+pub const SUPPORTED: &str = "btu handles bert, roberta and distilbert models";
+
+impl Family {
+    /// Whether this is BERT (the default, left out of `[model.init]`'s serialized form).
+    pub fn is_bert(&self) -> bool {
+        *self == Family::Bert
+    }
+
+    /// The family `config.json` names (`model_type`, else its first `architectures` entry); BERT
+    /// when it names none; an error for any other.
+    pub fn of_config(v: &Value, src: &str) -> Result<Self> {
+        let named = v["model_type"].as_str().map(str::to_lowercase).or_else(|| {
+            v["architectures"][0]
+                .as_str()
+                .map(|a| a.to_lowercase().replace("for", " "))
+        });
+        let Some(name) = named else {
+            return Ok(Family::Bert);
+        };
+        let first = name.split_whitespace().next().unwrap_or("");
+        match first {
+            "bert" | "bertmodel" => Ok(Family::Bert),
+            "roberta" | "robertamodel" => Ok(Family::Roberta),
+            "distilbert" | "distilbertmodel" => Ok(Family::Distilbert),
+            _ => Err(BtuError::bad_data(
+                src,
+                format!(
+                    "model type '{name}' is not supported; {SUPPORTED} (config.json model_type)"
+                ),
+            )),
+        }
+    }
+
+    /// `model_type` as Hugging Face writes it.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Bert => "bert",
+            Family::Roberta => "roberta",
+            Family::Distilbert => "distilbert",
+        }
+    }
+
+    /// The sequence-classification class Hugging Face loads the checkpoint as.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Bert => "BertForSequenceClassification",
+            Family::Roberta => "RobertaForSequenceClassification",
+            Family::Distilbert => "DistilBertForSequenceClassification",
+        }
+    }
+
+    /// The prefix of the encoder's tensors in a classification checkpoint.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Family::Bert => "bert.",
+            Family::Roberta => "roberta.",
+            Family::Distilbert => "distilbert.",
+        }
+    }
+
+    /// Whether the model has token-type embeddings.
+    pub fn has_token_types(self) -> bool {
+        self != Family::Distilbert
+    }
+
+    /// Whether positions start at `pad_token_id + 1` and padding takes position `pad_token_id`
+    /// (RoBERTa) rather than at 0.
+    pub fn offset_positions(self) -> bool {
+        self == Family::Roberta
+    }
+
+    /// Whether the head's first layer is followed by ReLU (DistilBERT) rather than tanh.
+    pub fn relu_head(self) -> bool {
+        self == Family::Distilbert
+    }
+
+    /// Config keys in BERT's names (a DistilBERT config's renamed; others unchanged), with
+    /// the keys DistilBERT does not have filled in (it has no token types, LayerNorm eps 1e-12).
+    pub fn to_bert_keys(self, v: Value) -> Value {
+        let Value::Object(mut m) = v else {
+            return v;
+        };
+        if self == Family::Distilbert {
+            for (theirs, ours) in DISTILBERT_KEYS {
+                if let Some(x) = m.remove(theirs) {
+                    m.insert(ours.into(), x);
+                }
+            }
+            m.insert("type_vocab_size".into(), Value::from(1));
+        }
+        Value::Object(m)
+    }
+
+    /// Config keys in the family's own names: the inverse of [`Family::to_bert_keys`].
+    pub fn from_bert_keys(self, v: Value) -> Value {
+        let Value::Object(mut m) = v else {
+            return v;
+        };
+        if self == Family::Distilbert {
+            for (theirs, ours) in DISTILBERT_KEYS {
+                if let Some(x) = m.remove(ours) {
+                    m.insert(theirs.into(), x);
+                }
+            }
+            for k in ["type_vocab_size", "layer_norm_eps"] {
+                m.remove(k);
+            }
+        }
+        Value::Object(m)
+    }
+
+    /// The checkpoint's names for canonical (BERT, unprefixed) tensor `canonical`, the one to
+    /// write first; empty when the family has no such tensor.
+    pub fn names(self, canonical: &str) -> Vec<String> {
+        match self {
+            Family::Bert => {
+                let mut v = vec![format!("bert.{canonical}"), canonical.to_string()];
+                // Old TF-converted checkpoints name LayerNorm's parameters gamma and beta.
+                for (new, old) in [(".weight", ".gamma"), (".bias", ".beta")] {
+                    if let Some(stem) = canonical.strip_suffix(new) {
+                        if stem.ends_with("LayerNorm") {
+                            v.push(format!("bert.{stem}{old}"));
+                            v.push(format!("{stem}{old}"));
+                        }
+                    }
+                }
+                v
+            }
+            Family::Roberta => match canonical.strip_prefix("pooler.dense.") {
+                Some(p) => vec![format!("classifier.dense.{p}")],
+                None => match canonical.strip_prefix("classifier.") {
+                    Some(p) => vec![format!("classifier.out_proj.{p}")],
+                    None => vec![format!("roberta.{canonical}"), canonical.to_string()],
+                },
+            },
+            Family::Distilbert => distilbert_names(canonical),
+        }
+    }
+
+    /// The head's weight as the checkpoint names it (its presence means a trained head).
+    pub fn head_weight(self) -> &'static str {
+        match self {
+            Family::Roberta => "classifier.out_proj.weight",
+            _ => "classifier.weight",
+        }
+    }
+}
+
+fn distilbert_names(canonical: &str) -> Vec<String> {
+    if let Some(p) = canonical.strip_prefix("pooler.dense.") {
+        return vec![format!("pre_classifier.{p}")];
+    }
+    if canonical.starts_with("classifier.") {
+        return vec![canonical.to_string()];
+    }
+    if canonical.starts_with("embeddings.token_type_embeddings") {
+        return vec![];
+    }
+    let inner = match canonical.strip_prefix("encoder.layer.") {
+        Some(rest) => {
+            let (n, tail) = rest.split_once('.').unwrap_or((rest, ""));
+            let mapped = DISTILBERT_LAYER.iter().find_map(|(theirs, ours)| {
+                tail.strip_prefix(ours)
+                    .map(|param| format!("{theirs}{param}"))
+            });
+            match mapped {
+                Some(t) => format!("transformer.layer.{n}.{t}"),
+                None => return vec![],
+            }
+        }
+        None => canonical.to_string(),
+    };
+    vec![format!("distilbert.{inner}"), inner]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn families_from_config() {
+        let f = |v: Value| Family::of_config(&v, "config.json");
+        assert_eq!(f(json!({})).unwrap(), Family::Bert);
+        assert_eq!(
+            f(json!({"model_type": "roberta"})).unwrap(),
+            Family::Roberta
+        );
+        assert_eq!(
+            f(json!({"architectures": ["DistilBertForSequenceClassification"]})).unwrap(),
+            Family::Distilbert
+        );
+        let e = f(json!({"model_type": "gpt2"})).unwrap_err().to_string();
+        assert!(e.contains("'gpt2' is not supported"), "{e}");
+    }
+
+    #[test]
+    fn tensor_names_per_family() {
+        let d = Family::Distilbert;
+        assert_eq!(
+            d.names("encoder.layer.3.attention.output.LayerNorm.weight")[0],
+            "distilbert.transformer.layer.3.sa_layer_norm.weight"
+        );
+        assert_eq!(
+            d.names("encoder.layer.0.intermediate.dense.bias")[0],
+            "distilbert.transformer.layer.0.ffn.lin1.bias"
+        );
+        assert_eq!(d.names("pooler.dense.weight"), ["pre_classifier.weight"]);
+        assert!(d
+            .names("embeddings.token_type_embeddings.weight")
+            .is_empty());
+        let r = Family::Roberta;
+        assert_eq!(r.names("pooler.dense.bias"), ["classifier.dense.bias"]);
+        assert_eq!(r.names("classifier.weight"), ["classifier.out_proj.weight"]);
+        assert_eq!(
+            r.names("embeddings.word_embeddings.weight")[0],
+            "roberta.embeddings.word_embeddings.weight"
+        );
+    }
+
+    #[test]
+    fn distilbert_config_keys_round_trip() {
+        let v = json!({"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "activation": "gelu", "vocab_size": 100});
+        let bert = Family::Distilbert.to_bert_keys(v.clone());
+        assert_eq!(bert["hidden_size"], 32);
+        assert_eq!(bert["type_vocab_size"], 1);
+        assert_eq!(Family::Distilbert.from_bert_keys(bert), v);
+    }
+}
