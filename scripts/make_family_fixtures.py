@@ -1,7 +1,8 @@
 """Make the model-family parity fixtures in tests/fixtures/families/ with Hugging Face transformers.
 
-For each family (bert, roberta, distilbert): a tokenizer trained on a small corpus written here
-(WordPiece for BERT and DistilBERT, byte-level BPE for RoBERTa), a tiny randomly initialised
+For each family (bert, roberta, distilbert, gpt2): a tokenizer trained on a small corpus written
+here (WordPiece for BERT and DistilBERT, byte-level BPE for RoBERTa and GPT-2, GPT-2's without a
+padding token, as GPT-2's own; its config pads with end-of-text), a tiny randomly initialised
 `<Family>ForSequenceClassification` (3 classes) saved as a model directory, and
 `expected.safetensors`: a fixed padded batch (`input_ids`, `attention_mask`, `labels`), the model's
 `logits` on it (eval mode: no dropout), and `word_grad`, the gradient of the mean cross-entropy
@@ -27,6 +28,8 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
     PreTrainedTokenizerFast,
     RobertaConfig,
     RobertaForSequenceClassification,
@@ -81,7 +84,22 @@ def bytelevel(d):
     return fast
 
 
+def gpt2_tokenizer(d):
+    """Byte-level BPE with <|endoftext|> only, no post-processing, no padding token (GPT-2's)."""
+    t = ByteLevelBPETokenizer()
+    t.train_from_iterator(corpus(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=t._tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.save_pretrained(d)
+    fast.pad_token = fast.eos_token  # for the batch below only: what transformers users do
+    return fast
+
+
 def model_for(family, vocab, pad):
+    if family == "gpt2":
+        c = GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=POSITIONS,
+                       num_labels=CLASSES, pad_token_id=pad, bos_token_id=pad, eos_token_id=pad)
+        return GPT2ForSequenceClassification(c)
     if family == "bert":
         c = BertConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                        intermediate_size=INTER, max_position_embeddings=POSITIONS, num_labels=CLASSES,
@@ -100,16 +118,16 @@ def model_for(family, vocab, pad):
 def make(family, root):
     d = os.path.join(root, family)
     os.makedirs(d, exist_ok=True)
-    tok = bytelevel(d) if family == "roberta" else wordpiece(d)
+    tok = {"roberta": bytelevel, "gpt2": gpt2_tokenizer}.get(family, wordpiece)(d)
     torch.manual_seed(0)
     model = model_for(family, len(tok), tok.pad_token_id)
     # Random LayerNorm and bias values too, so that a mixed-up tensor cannot go unnoticed.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-        emb = model.base_model.embeddings.word_embeddings.weight
-        emb[tok.pad_token_id] = 0.0
+        if family != "gpt2":  # GPT-2's padding is end-of-text, a real token
+            model.base_model.embeddings.word_embeddings.weight[tok.pad_token_id] = 0.0
     model.save_pretrained(d, safe_serialization=True)
     model.eval()
     enc = tok(BATCH, padding=True, return_tensors="pt")
@@ -118,7 +136,7 @@ def make(family, root):
     out = model(input_ids=ids, attention_mask=mask)
     loss = torch.nn.functional.cross_entropy(out.logits, labels)
     loss.backward()
-    grad = model.base_model.embeddings.word_embeddings.weight.grad
+    grad = model.base_model.get_input_embeddings().weight.grad
     save_file({
         "input_ids": ids.contiguous(),
         "attention_mask": mask.contiguous(),
@@ -132,7 +150,7 @@ def make(family, root):
 def main():
     root = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/families"
     torch.use_deterministic_algorithms(True)
-    for family in ["bert", "roberta", "distilbert"]:
+    for family in ["bert", "roberta", "distilbert", "gpt2"]:
         make(family, root)
     with open(os.path.join(root, "VERSIONS.json"), "w") as f:
         json.dump({"torch": torch.__version__, "transformers": transformers.__version__,

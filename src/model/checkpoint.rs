@@ -281,7 +281,7 @@ fn check_tokenizer_kind(
         ModelWrapper::BPE(_) => "BPE",
         _ => return Ok(()),
     };
-    let wanted = if family == super::Family::Roberta {
+    let wanted = if matches!(family, super::Family::Roberta | super::Family::Gpt2) {
         "BPE"
     } else {
         "WordPiece"
@@ -447,12 +447,21 @@ pub fn classifier_from(
     } else {
         None
     };
-    let emb_norm = w.norm("embeddings.LayerNorm")?;
+    let decoder = config.family.is_decoder();
+    let emb_norm = (!decoder)
+        .then(|| w.norm("embeddings.LayerNorm"))
+        .transpose()?;
     let layers = (0..config.num_hidden_layers)
-        .map(|i| w.layer(i, config.intermediate_size))
+        .map(|i| match decoder {
+            true => w.decoder_layer(i, config.intermediate_size),
+            false => w.layer(i, config.intermediate_size),
+        })
         .collect::<Result<Vec<_>>>()?;
+    let final_norm = decoder
+        .then(|| w.norm(super::family::FINAL_NORM))
+        .transpose()?;
     let mut rng = ChaCha8Rng::seed_from_u64(head_seed);
-    let pooler = w.pooler(&mut rng)?;
+    let pooler = (!decoder).then(|| w.pooler(&mut rng)).transpose()?;
     let replace_head = num_labels.is_some_and(|n| n != md.config.labels());
     let classifier = w.head(labels, replace_head, &mut rng)?;
     Ok(BertClassifier {
@@ -461,6 +470,7 @@ pub fn classifier_from(
         position,
         token_type,
         emb_norm,
+        final_norm,
         layers,
         pooler,
         classifier,
@@ -483,9 +493,18 @@ impl Weights<'_> {
         BtuError::bad_data(self.src.display().to_string(), why)
     }
 
-    /// The tensor `name` (with or without the `bert.` prefix), `None` when absent.
+    /// The tensor of canonical name `name` (under any of the family's names), `None` when
+    /// absent.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        let Some((full, raw)) = find(self.file, self.family, name) else {
+        self.get_named(&self.family.names(name), shape)
+    }
+
+    /// The first of the tensors `names` the checkpoint has, `None` when it has none.
+    fn get_named(&self, names: &[String], shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some((full, raw)) = names
+            .iter()
+            .find_map(|c| self.file.tensors.get_key_value(c))
+        else {
             return Ok(None);
         };
         if raw.shape != shape {
@@ -547,6 +566,48 @@ impl Weights<'_> {
         })
     }
 
+    /// A decoder's block `i` (GPT-2): its Conv1D weights (`[in, out]`) as linear layers, its
+    /// fused query/key/value projection split in three.
+    fn decoder_layer(&self, i: usize, intermediate: usize) -> Result<Layer> {
+        let (p, h) = (format!("encoder.layer.{i}"), self.h);
+        let fused = |param: &str, shape: &[usize]| -> Result<Tensor> {
+            let names: Vec<String> = ["transformer.", ""]
+                .iter()
+                .map(|x| format!("{x}h.{i}.attn.c_attn.{param}"))
+                .collect();
+            self.get_named(&names, shape)?
+                .ok_or_else(|| self.bad(format!("missing tensor {} of a gpt2 model", names[0])))
+        };
+        let (w, b) = (fused("weight", &[h, 3 * h])?.t()?, fused("bias", &[3 * h])?);
+        let part = |k: usize| -> Result<Linear> {
+            Ok(Linear {
+                w: w.narrow(0, k * h, h)?.contiguous()?,
+                b: b.narrow(0, k * h, h)?.contiguous()?,
+            })
+        };
+        Ok(Layer {
+            query: part(0)?,
+            key: part(1)?,
+            value: part(2)?,
+            attn_out: self.conv1d(&format!("{p}.attention.output.dense"), h, h)?,
+            attn_norm: self.norm(&format!("{p}.attention.output.LayerNorm"))?,
+            intermediate: self.conv1d(&format!("{p}.intermediate.dense"), h, intermediate)?,
+            output: self.conv1d(&format!("{p}.output.dense"), intermediate, h)?,
+            out_norm: self.norm(&format!("{p}.output.LayerNorm"))?,
+        })
+    }
+
+    /// A Conv1D (`weight` `[in, out]`, GPT-2) as a linear layer (`[out, in]`).
+    fn conv1d(&self, p: &str, inp: usize, out: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self
+                .need(&format!("{p}.weight"), &[inp, out])?
+                .t()?
+                .contiguous()?,
+            b: self.need(&format!("{p}.bias"), &[out])?,
+        })
+    }
+
     /// The pooler, seeded from `rng` when the checkpoint has none.
     fn pooler(&self, rng: &mut ChaCha8Rng) -> Result<Linear> {
         let h = self.h;
@@ -570,6 +631,9 @@ impl Weights<'_> {
     fn head(&self, labels: usize, replace: bool, rng: &mut ChaCha8Rng) -> Result<Linear> {
         let h = self.h;
         let raw = |n: &str| find(self.file, self.family, n).map(|(_, t)| t);
+        if self.family.is_decoder() {
+            return self.decoder_head(labels, replace, rng);
+        }
         match (raw("classifier.weight"), raw("classifier.bias")) {
             (Some(w), Some(b)) if w.shape == [labels, h] && b.shape == [labels] => Ok(Linear {
                 w: self.need("classifier.weight", &[labels, h])?,
@@ -605,6 +669,35 @@ impl Weights<'_> {
     }
 }
 
+impl Weights<'_> {
+    /// A decoder's head (GPT-2's `score`, no bias): the checkpoint's when it fits, seeded from
+    /// `rng` when it has none or `replace`; its bias is zeros, not a parameter.
+    fn decoder_head(&self, labels: usize, replace: bool, rng: &mut ChaCha8Rng) -> Result<Linear> {
+        let h = self.h;
+        let zeros = Tensor::zeros(labels, candle_core::DType::F32, self.dev)?;
+        match find(self.file, self.family, "classifier.weight").map(|(_, t)| t) {
+            Some(w) if w.shape == [labels, h] => Ok(Linear {
+                w: self.need("classifier.weight", &[labels, h])?,
+                b: zeros,
+            }),
+            Some(w) if !(replace && w.shape.len() == 2) => Err(self.bad(format!(
+                "classifier head does not fit the model: score.weight {:?}, expected [{labels}, {h}] (num_labels {labels} in config.json); fix config.json or the checkpoint",
+                w.shape
+            ))),
+            _ => {
+                tracing::info!(
+                    "{}: initialising a seeded {labels}-class head",
+                    self.src.display()
+                );
+                Ok(Linear {
+                    b: zeros,
+                    ..init_linear(rng, h, labels, self.dev)?
+                })
+            }
+        }
+    }
+}
+
 /// Write `config.json` and `model.safetensors` with the family's Hugging Face names (for BERT
 /// `BertForSequenceClassification`'s: `bert.` prefix on the encoder, `classifier.*` bare) into
 /// `dir`.
@@ -619,6 +712,9 @@ pub fn save_model(
     };
     file.metadata.insert("format".into(), "pt".into());
     let family = model.config.family;
+    if family.is_decoder() {
+        return save_decoder(model, dir, file);
+    }
     for (name, t) in model.named() {
         let full = match family {
             // BERT's head is bare, its encoder under `bert.`.
@@ -627,15 +723,60 @@ pub fn save_model(
                 BtuError::internal(format!("no {} name for {name}", family.model_type()))
             })?,
         };
-        let raw = from_tensor(t)?;
-        crate::validate::finite(
-            &dir.display().to_string(),
-            &full,
-            raw.data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
-        )?;
+        let raw = raw_finite(dir, &full, t)?;
         file.tensors.insert(full, raw);
+    }
+    let p = dir.join("model.safetensors");
+    std::fs::write(&p, safetensors_bytes(&file)).map_err(|e| BtuError::io(&p, e))?;
+    let p = dir.join("config.json");
+    std::fs::write(&p, model.config.to_json()?).map_err(|e| BtuError::io(&p, e))?;
+    Ok(())
+}
+
+/// A tensor as raw bytes, refusing non-finite values.
+fn raw_finite(dir: &Path, name: &str, t: &Tensor) -> Result<RawTensor> {
+    let raw = from_tensor(t)?;
+    crate::validate::finite(
+        &dir.display().to_string(),
+        name,
+        raw.data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+    )?;
+    Ok(raw)
+}
+
+/// [`save_model`] for a decoder (GPT-2): `transformer.`-prefixed names, Conv1D weights as
+/// `[in, out]`, query/key/value joined into `attn.c_attn`, the head as `score.weight`.
+fn save_decoder(model: &BertClassifier, dir: &Path, mut file: SafetensorsFile) -> Result<()> {
+    let family = model.config.family;
+    let mut put = |name: String, t: &Tensor| -> Result<()> {
+        let raw = raw_finite(dir, &name, t)?;
+        file.tensors.insert(name, raw);
+        Ok(())
+    };
+    for (name, t) in model.named() {
+        if name.contains(".attention.self.") {
+            continue; // joined into c_attn below
+        }
+        let full = family
+            .names(&name)
+            .into_iter()
+            .next()
+            .ok_or_else(|| BtuError::internal(format!("no gpt2 name for {name}")))?;
+        // GPT-2's Conv1D layers store their weights as [in, out].
+        if name.starts_with("encoder.layer.") && name.ends_with("dense.weight") {
+            put(full, &t.t()?.contiguous()?)?;
+        } else {
+            put(full, t)?;
+        }
+    }
+    for (i, l) in model.layers.iter().enumerate() {
+        let p = format!("transformer.h.{i}.attn.c_attn");
+        let w = Tensor::cat(&[&l.query.w, &l.key.w, &l.value.w], 0)?;
+        put(format!("{p}.weight"), &w.t()?.contiguous()?)?;
+        let b = Tensor::cat(&[&l.query.b, &l.key.b, &l.value.b], 0)?;
+        put(format!("{p}.bias"), &b)?;
     }
     let p = dir.join("model.safetensors");
     std::fs::write(&p, safetensors_bytes(&file)).map_err(|e| BtuError::io(&p, e))?;

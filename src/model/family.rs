@@ -24,6 +24,9 @@ pub enum Family {
     Roberta,
     /// DistilBERT (`DistilBertForSequenceClassification`).
     Distilbert,
+    /// GPT-2 (`GPT2ForSequenceClassification`): a decoder, classifying from each text's last
+    /// token.
+    Gpt2,
 }
 
 /// DistilBERT's config keys and BERT's for the same thing.
@@ -50,8 +53,34 @@ const DISTILBERT_LAYER: [(&str, &str); 8] = [
     ("output_layer_norm", "output.LayerNorm"),
 ];
 
+/// GPT-2's config keys and BERT's for the same thing.
+const GPT2_KEYS: [(&str, &str); 9] = [
+    ("n_embd", "hidden_size"),
+    ("n_layer", "num_hidden_layers"),
+    ("n_head", "num_attention_heads"),
+    ("n_inner", "intermediate_size"),
+    ("n_positions", "max_position_embeddings"),
+    ("activation_function", "hidden_act"),
+    ("layer_norm_epsilon", "layer_norm_eps"),
+    ("resid_pdrop", "hidden_dropout_prob"),
+    ("attn_pdrop", "attention_probs_dropout_prob"),
+];
+
+/// GPT-2's block tensors (after `h.N.`) and BERT's (after `encoder.layer.N.`); the fused
+/// query/key/value projection (`attn.c_attn`) is split and joined by the checkpoint code.
+const GPT2_LAYER: [(&str, &str); 5] = [
+    ("ln_1", "attention.output.LayerNorm"),
+    ("attn.c_proj", "attention.output.dense"),
+    ("ln_2", "output.LayerNorm"),
+    ("mlp.c_fc", "intermediate.dense"),
+    ("mlp.c_proj", "output.dense"),
+];
+
+/// The canonical name of the final LayerNorm, which only decoders have (GPT-2's `ln_f`).
+pub const FINAL_NORM: &str = "encoder.final_norm";
+
 /// What btu says of a model type it does not handle.
-pub const SUPPORTED: &str = "btu handles bert, roberta and distilbert models";
+pub const SUPPORTED: &str = "btu handles bert, roberta, distilbert and gpt2 models";
 
 impl Family {
     /// Whether this is BERT (the default, left out of `[model.init]`'s serialized form).
@@ -75,6 +104,7 @@ impl Family {
             "bert" | "bertmodel" => Ok(Family::Bert),
             "roberta" | "robertamodel" => Ok(Family::Roberta),
             "distilbert" | "distilbertmodel" => Ok(Family::Distilbert),
+            "gpt2" | "gpt2model" | "gpt2lmheadmodel" => Ok(Family::Gpt2),
             _ => Err(BtuError::bad_data(
                 src,
                 format!(
@@ -90,6 +120,7 @@ impl Family {
             Family::Bert => "bert",
             Family::Roberta => "roberta",
             Family::Distilbert => "distilbert",
+            Family::Gpt2 => "gpt2",
         }
     }
 
@@ -99,6 +130,7 @@ impl Family {
             Family::Bert => "BertForSequenceClassification",
             Family::Roberta => "RobertaForSequenceClassification",
             Family::Distilbert => "DistilBertForSequenceClassification",
+            Family::Gpt2 => "GPT2ForSequenceClassification",
         }
     }
 
@@ -108,12 +140,19 @@ impl Family {
             Family::Bert => "bert.",
             Family::Roberta => "roberta.",
             Family::Distilbert => "distilbert.",
+            Family::Gpt2 => "transformer.",
         }
     }
 
     /// Whether the model has token-type embeddings.
     pub fn has_token_types(self) -> bool {
-        self != Family::Distilbert
+        matches!(self, Family::Bert | Family::Roberta)
+    }
+
+    /// A decoder: pre-LayerNorm blocks, causal attention, a final LayerNorm, no LayerNorm on the
+    /// embeddings, no pooler, a head without bias on each text's last token (GPT-2).
+    pub fn is_decoder(self) -> bool {
+        self == Family::Gpt2
     }
 
     /// Whether positions start at `pad_token_id + 1` and padding takes position `pad_token_id`
@@ -133,10 +172,26 @@ impl Family {
         let Value::Object(mut m) = v else {
             return v;
         };
-        if self == Family::Distilbert {
-            for (theirs, ours) in DISTILBERT_KEYS {
-                if let Some(x) = m.remove(theirs) {
-                    m.insert(ours.into(), x);
+        if self == Family::Gpt2 && m.get("pad_token_id").is_none_or(Value::is_null) {
+            // GPT-2 has no padding token: pad with end-of-text, as transformers users do.
+            if let Some(eos) = m.get("eos_token_id").filter(|v| v.is_u64()).cloned() {
+                m.insert("pad_token_id".into(), eos);
+            } else {
+                m.remove("pad_token_id");
+            }
+        }
+        if self == Family::Gpt2 {
+            // n_inner null means 4 x n_embd.
+            if m.get("n_inner").is_none_or(Value::is_null) {
+                let h = m.get("n_embd").and_then(Value::as_u64).unwrap_or(0);
+                m.insert("n_inner".into(), Value::from(4 * h));
+                m.insert("btu_n_inner_default".into(), Value::Bool(true));
+            }
+        }
+        if let Some(keys) = self.renamed_keys() {
+            for (theirs, ours) in keys {
+                if let Some(x) = m.remove(*theirs) {
+                    m.insert(ours.to_string(), x);
                 }
             }
             m.insert("type_vocab_size".into(), Value::from(1));
@@ -144,20 +199,33 @@ impl Family {
         Value::Object(m)
     }
 
+    /// The family's config keys that BERT names otherwise.
+    fn renamed_keys(self) -> Option<&'static [(&'static str, &'static str)]> {
+        match self {
+            Family::Distilbert => Some(&DISTILBERT_KEYS),
+            Family::Gpt2 => Some(&GPT2_KEYS),
+            _ => None,
+        }
+    }
+
     /// Config keys in the family's own names: the inverse of [`Family::to_bert_keys`].
     pub fn from_bert_keys(self, v: Value) -> Value {
         let Value::Object(mut m) = v else {
             return v;
         };
-        if self == Family::Distilbert {
-            for (theirs, ours) in DISTILBERT_KEYS {
-                if let Some(x) = m.remove(ours) {
-                    m.insert(theirs.into(), x);
+        if let Some(keys) = self.renamed_keys() {
+            for (theirs, ours) in keys {
+                if let Some(x) = m.remove(*ours) {
+                    m.insert(theirs.to_string(), x);
                 }
             }
-            for k in ["type_vocab_size", "layer_norm_eps"] {
-                m.remove(k);
-            }
+            m.remove("type_vocab_size");
+        }
+        if self == Family::Distilbert {
+            m.remove("layer_norm_eps");
+        }
+        if m.remove("btu_n_inner_default").is_some() {
+            m.insert("n_inner".into(), Value::Null);
         }
         Value::Object(m)
     }
@@ -187,6 +255,7 @@ impl Family {
                 },
             },
             Family::Distilbert => distilbert_names(canonical),
+            Family::Gpt2 => gpt2_names(canonical),
         }
     }
 
@@ -194,9 +263,36 @@ impl Family {
     pub fn head_weight(self) -> &'static str {
         match self {
             Family::Roberta => "classifier.out_proj.weight",
+            Family::Gpt2 => "score.weight",
             _ => "classifier.weight",
         }
     }
+}
+
+fn gpt2_names(canonical: &str) -> Vec<String> {
+    let inner = match canonical {
+        "classifier.weight" => return vec!["score.weight".into()],
+        "embeddings.word_embeddings.weight" => "wte.weight".to_string(),
+        "embeddings.position_embeddings.weight" => "wpe.weight".to_string(),
+        c => {
+            if let Some(p) = c.strip_prefix(FINAL_NORM) {
+                format!("ln_f{p}")
+            } else if let Some(rest) = c.strip_prefix("encoder.layer.") {
+                let (n, tail) = rest.split_once('.').unwrap_or((rest, ""));
+                let mapped = GPT2_LAYER.iter().find_map(|(theirs, ours)| {
+                    tail.strip_prefix(ours)
+                        .map(|param| format!("{theirs}{param}"))
+                });
+                match mapped {
+                    Some(t) => format!("h.{n}.{t}"),
+                    None => return vec![],
+                }
+            } else {
+                return vec![];
+            }
+        }
+    };
+    vec![format!("transformer.{inner}"), inner]
 }
 
 fn distilbert_names(canonical: &str) -> Vec<String> {

@@ -96,7 +96,14 @@ impl BertConfig {
                 "sinusoidal position embeddings are not supported (sinusoidal_pos_embds); give a model with learned positions",
             ));
         }
-        let mut c: BertConfig = serde_json::from_value(family.to_bert_keys(v)).map_err(|e| {
+        let v = family.to_bert_keys(v);
+        if family.is_decoder() && v.get("pad_token_id").is_none() {
+            return Err(BtuError::bad_data(
+                src,
+                "has neither pad_token_id nor eos_token_id: a decoder classifier reads each text's last token and needs a padding id; set pad_token_id (transformers: model.config.pad_token_id = tokenizer.eos_token_id)",
+            ));
+        }
+        let mut c: BertConfig = serde_json::from_value(v).map_err(|e| {
             BtuError::bad_data(src, format!("not a {} config: {e}", family.model_type()))
         })?;
         c.family = family;
@@ -263,13 +270,17 @@ pub struct BertClassifier {
     /// Token-type embeddings (`embeddings.token_type_embeddings.weight`), `[type_vocab_size, h]`;
     /// `None` for a family without token types (DistilBERT).
     pub token_type: Option<Tensor>,
-    /// LayerNorm of the embedding block (`embeddings.LayerNorm`).
-    pub emb_norm: Norm,
+    /// LayerNorm of the embedding block (`embeddings.LayerNorm`); `None` for a decoder.
+    pub emb_norm: Option<Norm>,
     /// The encoder layers, in order.
     pub layers: Vec<Layer>,
-    /// Pooler on the `[CLS]` state (`pooler.dense`), `h -> h`, followed by tanh.
-    pub pooler: Linear,
-    /// Classification head (`classifier`), `h -> num_labels`.
+    /// Pooler on the `[CLS]` state (`pooler.dense`), `h -> h`, followed by tanh (ReLU for
+    /// DistilBERT); `None` for a decoder.
+    pub pooler: Option<Linear>,
+    /// A decoder's final LayerNorm (GPT-2's `ln_f`).
+    pub final_norm: Option<Norm>,
+    /// Classification head (`classifier`), `h -> num_labels`; a decoder's has no bias (its
+    /// `b` is zeros and not a parameter).
     pub classifier: Linear,
 }
 
@@ -365,10 +376,16 @@ impl BertClassifier {
                 out_norm: init_norm(h, dev)?,
             });
         }
-        let pooler = init_linear(&mut rng, h, h, dev)?;
+        let decoder = config.family.is_decoder();
+        let pooler = if decoder {
+            None
+        } else {
+            Some(init_linear(&mut rng, h, h, dev)?)
+        };
         let classifier = init_linear(&mut rng, h, config.labels(), dev)?;
         Ok(BertClassifier {
-            emb_norm: init_norm(h, dev)?,
+            emb_norm: (!decoder).then(|| init_norm(h, dev)).transpose()?,
+            final_norm: decoder.then(|| init_norm(h, dev)).transpose()?,
             config,
             word,
             position,
@@ -391,10 +408,12 @@ impl BertClassifier {
         if let Some(t) = &self.token_type {
             v.push(("embeddings.token_type_embeddings.weight".into(), t));
         }
-        v.extend([
-            ("embeddings.LayerNorm.weight".into(), &self.emb_norm.w),
-            ("embeddings.LayerNorm.bias".into(), &self.emb_norm.b),
-        ]);
+        if let Some(n) = &self.emb_norm {
+            v.extend([
+                ("embeddings.LayerNorm.weight".into(), &n.w),
+                ("embeddings.LayerNorm.bias".into(), &n.b),
+            ]);
+        }
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("encoder.layer.{i}");
             for (n, lin) in [
@@ -416,10 +435,19 @@ impl BertClassifier {
                 v.push((format!("{p}.{n}.bias"), &norm.b));
             }
         }
-        v.push(("pooler.dense.weight".into(), &self.pooler.w));
-        v.push(("pooler.dense.bias".into(), &self.pooler.b));
+        if let Some(n) = &self.final_norm {
+            let p = family::FINAL_NORM;
+            v.push((format!("{p}.weight"), &n.w));
+            v.push((format!("{p}.bias"), &n.b));
+        }
+        if let Some(p) = &self.pooler {
+            v.push(("pooler.dense.weight".into(), &p.w));
+            v.push(("pooler.dense.bias".into(), &p.b));
+        }
         v.push(("classifier.weight".into(), &self.classifier.w));
-        v.push(("classifier.bias".into(), &self.classifier.b));
+        if !self.config.family.is_decoder() {
+            v.push(("classifier.bias".into(), &self.classifier.b));
+        }
         v
     }
 
@@ -429,7 +457,9 @@ impl BertClassifier {
         if let Some(t) = self.token_type.as_mut() {
             v.push(t);
         }
-        v.extend([&mut self.emb_norm.w, &mut self.emb_norm.b]);
+        if let Some(n) = self.emb_norm.as_mut() {
+            v.extend([&mut n.w, &mut n.b]);
+        }
         for l in self.layers.iter_mut() {
             for lin in [
                 &mut l.query,
@@ -447,12 +477,16 @@ impl BertClassifier {
                 v.push(&mut norm.b);
             }
         }
-        v.extend([
-            &mut self.pooler.w,
-            &mut self.pooler.b,
-            &mut self.classifier.w,
-            &mut self.classifier.b,
-        ]);
+        if let Some(n) = self.final_norm.as_mut() {
+            v.extend([&mut n.w, &mut n.b]);
+        }
+        if let Some(p) = self.pooler.as_mut() {
+            v.extend([&mut p.w, &mut p.b]);
+        }
+        v.push(&mut self.classifier.w);
+        if !self.config.family.is_decoder() {
+            v.push(&mut self.classifier.b);
+        }
         v
     }
 
@@ -462,6 +496,8 @@ impl BertClassifier {
         for t in m.params_mut() {
             *t = t.to_dtype(dtype)?;
         }
+        // A decoder's head bias is zeros, not a parameter; it follows the rest.
+        m.classifier.b = m.classifier.b.to_dtype(dtype)?;
         Ok(m)
     }
 
@@ -471,6 +507,7 @@ impl BertClassifier {
         for t in m.params_mut() {
             *t = t.to_device(dev)?;
         }
+        m.classifier.b = m.classifier.b.to_device(dev)?;
         Ok(m)
     }
 
@@ -529,12 +566,10 @@ impl BertClassifier {
             Some(tt) => x.broadcast_add(&tt.narrow(0, 0, 1)?)?,
             None => x,
         };
-        Ok(layer_norm(
-            &x,
-            &self.emb_norm.w,
-            &self.emb_norm.b,
-            self.config.layer_norm_eps,
-        )?)
+        Ok(match &self.emb_norm {
+            Some(n) => layer_norm(&x, &n.w, &n.b, self.config.layer_norm_eps)?,
+            None => x,
+        })
     }
 
     fn act(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -545,33 +580,16 @@ impl BertClassifier {
         }
     }
 
-    /// Final hidden states of the encoder, `[b, l, h]`.
+    /// Final hidden states of the encoder, `[b, l, h]` (a decoder's after its final LayerNorm).
     pub fn encode(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, l) = ids.dims2()?;
-        let h = self.config.hidden_size;
-        let nh = self.config.num_attention_heads;
-        let hd = h / nh;
+        if self.config.family.is_decoder() {
+            return self.decode(ids, mask);
+        }
         let eps = self.config.layer_norm_eps;
         let bias = attention_bias(mask, self.word.dtype())?;
         let mut x = self.embed_block(ids, mask)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
-            let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-                t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()
-            };
-            let q = heads(layer.query.forward(&x)?)?;
-            let k = heads(layer.key.forward(&x)?)?;
-            let v = heads(layer.value.forward(&x)?)?;
-            let scores = q
-                .matmul(&k.t()?)?
-                .affine(scale, 0.0)?
-                .broadcast_add(&bias)?;
-            let probs = softmax_last(&scores)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, l, h))?;
+            let ctx = self.attention(layer, &x, &bias)?;
             let a = layer_norm(
                 &(layer.attn_out.forward(&ctx)? + &x)?,
                 &layer.attn_norm.w,
@@ -589,19 +607,85 @@ impl BertClassifier {
         Ok(x)
     }
 
+    /// Multi-head attention of `layer` over `x` `[b, l, h]` with an additive `bias`
+    /// (broadcast to `[b, heads, l, l]`), before the output projection.
+    fn attention(&self, layer: &Layer, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let nh = self.config.num_attention_heads;
+        let hd = h / nh;
+        let heads = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(layer.query.forward(x)?)?;
+        let k = heads(layer.key.forward(x)?)?;
+        let v = heads(layer.value.forward(x)?)?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .affine(1.0 / (hd as f64).sqrt(), 0.0)?
+            .broadcast_add(bias)?;
+        let probs = softmax_last(&scores)?;
+        Ok(probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, l, h))?)
+    }
+
+    /// A decoder's hidden states (GPT-2): pre-LayerNorm blocks with causal attention, then the
+    /// final LayerNorm.
+    fn decode(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let eps = self.config.layer_norm_eps;
+        let l = ids.dim(1)?;
+        let dtype = self.word.dtype();
+        let bias =
+            attention_bias(mask, dtype)?.broadcast_add(&causal_bias(l, dtype, ids.device())?)?;
+        let mut x = self.embed_block(ids, mask)?;
+        for layer in &self.layers {
+            let n = &layer.attn_norm;
+            let a = self.attention(layer, &layer_norm(&x, &n.w, &n.b, eps)?, &bias)?;
+            let a = (layer.attn_out.forward(&a)? + &x)?;
+            let n = &layer.out_norm;
+            let i = self.act(
+                &layer
+                    .intermediate
+                    .forward(&layer_norm(&a, &n.w, &n.b, eps)?)?,
+            )?;
+            x = (layer.output.forward(&i)? + &a)?;
+        }
+        let n = self
+            .final_norm
+            .as_ref()
+            .expect("a decoder has a final LayerNorm");
+        Ok(layer_norm(&x, &n.w, &n.b, eps)?)
+    }
+
+    /// The head's input: the pooled first token (encoders), or a decoder's last attended token.
+    fn pooled(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let Some(pooler) = &self.pooler else {
+            let last = mask.sum(1)?.affine(1.0, -1.0)?.clamp(0.0, f64::MAX)?;
+            let last = last.to_dtype(DType::U32)?;
+            let (b, _, h) = x.dims3()?;
+            let idx = last
+                .reshape((b, 1, 1))?
+                .broadcast_as((b, 1, h))?
+                .contiguous()?;
+            return Ok(x.gather(&idx, 1)?.squeeze(1)?);
+        };
+        let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+        let pooled = pooler.forward(&cls)?;
+        Ok(if self.config.family.relu_head() {
+            pooled.relu()?
+        } else {
+            pooled.tanh()?
+        })
+    }
+
     /// Class logits `[b, num_labels]` for token ids `[b, l]` (u32) and a 0/1 mask `[b, l]`.
     pub fn forward(&self, arch: Arch, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         match arch {
             Arch::Full => {
                 let x = self.encode(ids, mask)?;
-                let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-                let pooled = self.pooler.forward(&cls)?;
-                let pooled = if self.config.family.relu_head() {
-                    pooled.relu()?
-                } else {
-                    pooled.tanh()?
-                };
-                Ok(self.classifier.forward(&pooled)?)
+                Ok(self.classifier.forward(&self.pooled(&x, mask)?)?)
             }
             Arch::WordMean => {
                 let (b, l) = ids.dims2()?;
@@ -638,4 +722,13 @@ fn offset_positions(mask: &Tensor, pad: u32) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(out, (b, l), mask.device())?)
+}
+
+/// Causal attention bias `[l, l]`: 0 on and below the diagonal, -1e9 above (a token attends to
+/// itself and the tokens before it).
+fn causal_bias(l: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..l)
+        .flat_map(|i| (0..l).map(move |j| if j > i { -1e9 } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(v, (l, l), dev)?.to_dtype(dtype)?)
 }

@@ -27,7 +27,7 @@ pub const SPECIAL_NAMES: [&str; 10] = [
 pub const BERT_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 
 /// Padding tokens by name, when the tokenizer has no padding configuration.
-const PAD_NAMES: [&str; 2] = ["[PAD]", "<pad>"];
+pub const PAD_NAMES: [&str; 2] = ["[PAD]", "<pad>"];
 
 /// A loaded tokenizer plus the ids btu needs.
 #[derive(Clone)]
@@ -73,11 +73,14 @@ impl BtuTokenizer {
                 "give a model directory or a tokenizer.json",
             ));
         };
-        let inner = if is_vocab {
+        let mut inner = if is_vocab {
             from_vocab_txt(&file)?
         } else {
             Tokenizer::from_file(&file).map_err(|e| tok_err(&file, e))?
         };
+        if path.is_dir() {
+            pad_from_config(&mut inner, path);
+        }
         Self::from_tokenizer(inner, file)
     }
 
@@ -101,7 +104,7 @@ impl BtuTokenizer {
             .ok_or_else(|| {
                 tok_err(
                     &source,
-                    "no padding token ([PAD] or <pad>) and no padding configuration; give the model's own tokenizer",
+                    "no padding token ([PAD] or <pad>), no padding configuration and no pad_token_id or eos_token_id in the model's config.json; set pad_token_id (a decoder such as GPT-2 pads with its end-of-text token)",
                 )
             })?;
         special.insert(pad_id);
@@ -111,6 +114,13 @@ impl BtuTokenizer {
             pad_id,
             special,
         })
+    }
+
+    /// The padding token's text when the vocabulary has no padding token of its own and
+    /// another stands in (GPT-2's end-of-text); `None` for a real padding token.
+    pub fn borrowed_pad(&self) -> Option<String> {
+        let t = self.token(self.pad_id);
+        (!PAD_NAMES.contains(&t.as_str())).then_some(t)
     }
 
     /// The wrapped tokenizer.
@@ -160,6 +170,30 @@ impl BtuTokenizer {
             .encode_batch(texts.iter().map(|s| s.as_str()).collect::<Vec<_>>(), true)
             .map_err(|e| tok_err(&self.source, e))?;
         Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+}
+
+/// A tokenizer without a padding token (GPT-2's) pads with the model's `pad_token_id`, else its
+/// `eos_token_id` (what transformers users set), from `config.json` in `dir`: recorded as the
+/// tokenizer's padding, so an export carries it.
+fn pad_from_config(inner: &mut Tokenizer, dir: &Path) {
+    if inner.get_padding().is_some() || PAD_NAMES.iter().any(|p| inner.token_to_id(p).is_some()) {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+        return;
+    };
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let id = ["pad_token_id", "eos_token_id"]
+        .iter()
+        .find_map(|k| config[k].as_u64())
+        .map(|id| id as u32);
+    if let Some(pad_token) = id.and_then(|id| inner.id_to_token(id)) {
+        inner.with_padding(Some(tokenizers::PaddingParams {
+            pad_id: id.expect("found"),
+            pad_token,
+            ..Default::default()
+        }));
     }
 }
 

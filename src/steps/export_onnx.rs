@@ -154,6 +154,112 @@ fn position_ids(g: &mut Builder, c: &crate::model::BertConfig, zero: &str, one: 
     g.op("Add", &[&counted, &pad], vec![])
 }
 
+/// The per-model constants of the attention nodes.
+struct Heads {
+    split: String,
+    merge: String,
+    scale: String,
+    bias: String,
+}
+
+/// The constants of the erf GELU.
+struct GeluConsts {
+    half: String,
+    onef: String,
+    rsqrt2: String,
+}
+
+/// Multi-head attention of layer `l` (named `p`) over `x`, before its output projection.
+fn attention(
+    g: &mut Builder,
+    x: &str,
+    l: &crate::model::Layer,
+    p: &str,
+    h: &Heads,
+) -> Result<String> {
+    let q = g.linear(x, &l.query, &format!("{p}.attention.self.query"))?;
+    let k = g.linear(x, &l.key, &format!("{p}.attention.self.key"))?;
+    let v = g.linear(x, &l.value, &format!("{p}.attention.self.value"))?;
+    let q = g.op("Reshape", &[&q, &h.split], vec![]);
+    let q = g.op("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+    let k = g.op("Reshape", &[&k, &h.split], vec![]);
+    let k = g.op("Transpose", &[&k], vec![attr_ints("perm", &[0, 2, 3, 1])]);
+    let v = g.op("Reshape", &[&v, &h.split], vec![]);
+    let v = g.op("Transpose", &[&v], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+    let s = g.op("MatMul", &[&q, &k], vec![]);
+    let s = g.op("Mul", &[&s, &h.scale], vec![]);
+    let s = g.op("Add", &[&s, &h.bias], vec![]);
+    let pr = g.op("Softmax", &[&s], vec![attr_i("axis", -1)]);
+    let ctx = g.op("MatMul", &[&pr, &v], vec![]);
+    let ctx = g.op("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+    Ok(g.op("Reshape", &[&ctx, &h.merge], vec![]))
+}
+
+/// The feed-forward activation `act` of `x`: relu, gelu (erf) or gelu_new (tanh).
+fn activation(g: &mut Builder, act: &str, x: &str, k: &GeluConsts) -> Result<String> {
+    Ok(match act {
+        "relu" => g.op("Relu", &[x], vec![]),
+        "gelu" => {
+            // 0.5 * x * (1 + erf(x / sqrt(2)))
+            let sx = g.op("Mul", &[x, &k.rsqrt2], vec![]);
+            let e = g.op("Erf", &[&sx], vec![]);
+            let e1 = g.op("Add", &[&e, &k.onef], vec![]);
+            let xe = g.op("Mul", &[x, &e1], vec![]);
+            g.op("Mul", &[&xe, &k.half], vec![])
+        }
+        "gelu_new" => {
+            // 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))
+            let c = g.f32(
+                "const.gelu_c",
+                &[],
+                &[(2.0f32 / std::f32::consts::PI).sqrt()],
+            );
+            let a = g.f32("const.gelu_a", &[], &[0.044715]);
+            let x2 = g.op("Mul", &[x, x], vec![]);
+            let x3 = g.op("Mul", &[&x2, x], vec![]);
+            let ax3 = g.op("Mul", &[&x3, &a], vec![]);
+            let inner = g.op("Add", &[x, &ax3], vec![]);
+            let inner = g.op("Mul", &[&inner, &c], vec![]);
+            let t = g.op("Tanh", &[&inner], vec![]);
+            let t1 = g.op("Add", &[&t, &k.onef], vec![]);
+            let xt = g.op("Mul", &[x, &t1], vec![]);
+            g.op("Mul", &[&xt, &k.half], vec![])
+        }
+        other => {
+            return Err(BtuError::config(
+                "--checkpoint",
+                format!("hidden_act '{other}' cannot be exported yet; use gelu, gelu_new or relu"),
+            ))
+        }
+    })
+}
+
+/// The causal bias `[s, s]`: 0 on and below the diagonal, -`big` above.
+fn causal_bias(g: &mut Builder, big: &str) -> String {
+    let shape = g.op("Shape", &["input_ids"], vec![]);
+    let idx = g.i64s("const.seq_axis", &[1], &[1]);
+    let seq = g.op("Gather", &[&shape, &idx], vec![attr_i("axis", 0)]);
+    let square = g.op("Concat", &[&seq, &seq], vec![attr_i("axis", 0)]);
+    let onef = g.f32("const.causal_one", &[1], &[1.0]);
+    let ones = g.op("Expand", &[&onef, &square], vec![]);
+    let lower = g.op("Trilu", &[&ones], vec![attr_i("upper", 0)]);
+    let upper = g.op("Sub", &[&onef, &lower], vec![]);
+    let neg = g.op("Mul", &[&upper, big], vec![]);
+    g.op("Neg", &[&neg], vec![])
+}
+
+/// Each row's last attended token of `x` `[b, s, h]` (right padding): `[b, h]`.
+fn last_token(g: &mut Builder, x: &str, one: &str) -> String {
+    let axes = g.i64s("const.axes_1", &[1], &[1]);
+    let n = g.op(
+        "ReduceSum",
+        &["attention_mask", &axes],
+        vec![attr_i("keepdims", 1)],
+    );
+    let last = g.op("Sub", &[&n, one], vec![]);
+    g.op("GatherND", &[x, &last], vec![attr_i("batch_dims", 1)])
+}
+
 /// The ONNX model of a classifier.
 pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<ModelProto> {
     let c = &model.config;
@@ -182,7 +288,10 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
     if let Some(te) = te {
         sum = g.op("Add", &[&sum, &te], vec![]);
     }
-    let mut x = g.layer_norm(&sum, &model.emb_norm, "embeddings.LayerNorm", eps)?;
+    let mut x = match &model.emb_norm {
+        Some(n) => g.layer_norm(&sum, n, "embeddings.LayerNorm", eps)?,
+        None => sum,
+    };
     // Additive attention bias [b, 1, 1, s]: 0 where attended, -1e9 where padded.
     let m = g.op(
         "Cast",
@@ -193,31 +302,45 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
     let m1 = g.op("Mul", &[&m, &big], vec![]);
     let m2 = g.op("Sub", &[&m1, &big], vec![]);
     let axes = g.i64s("const.axes_1_2", &[2], &[1, 2]);
-    let bias = g.op("Unsqueeze", &[&m2, &axes], vec![]);
+    let mut bias = g.op("Unsqueeze", &[&m2, &axes], vec![]);
+    if c.family.is_decoder() {
+        let causal = causal_bias(&mut g, &big);
+        bias = g.op("Add", &[&bias, &causal], vec![]);
+    }
     let split_heads = g.i64s("const.split_heads", &[4], &[0, 0, nh as i64, hd as i64]);
     let merge_heads = g.i64s("const.merge_heads", &[3], &[0, 0, h as i64]);
     let scale = g.f32("const.attention_scale", &[], &[1.0 / (hd as f32).sqrt()]);
     let half = g.f32("const.half", &[], &[0.5]);
     let onef = g.f32("const.one_f", &[], &[1.0]);
     let rsqrt2 = g.f32("const.rsqrt2", &[], &[std::f32::consts::FRAC_1_SQRT_2]);
+    let heads = Heads {
+        split: split_heads,
+        merge: merge_heads,
+        scale,
+        bias,
+    };
+    let consts = GeluConsts { half, onef, rsqrt2 };
     for (i, l) in model.layers.iter().enumerate() {
         let p = format!("encoder.layer.{i}");
-        let q = g.linear(&x, &l.query, &format!("{p}.attention.self.query"))?;
-        let k = g.linear(&x, &l.key, &format!("{p}.attention.self.key"))?;
-        let v = g.linear(&x, &l.value, &format!("{p}.attention.self.value"))?;
-        let q = g.op("Reshape", &[&q, &split_heads], vec![]);
-        let q = g.op("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1, 3])]);
-        let k = g.op("Reshape", &[&k, &split_heads], vec![]);
-        let k = g.op("Transpose", &[&k], vec![attr_ints("perm", &[0, 2, 3, 1])]);
-        let v = g.op("Reshape", &[&v, &split_heads], vec![]);
-        let v = g.op("Transpose", &[&v], vec![attr_ints("perm", &[0, 2, 1, 3])]);
-        let s = g.op("MatMul", &[&q, &k], vec![]);
-        let s = g.op("Mul", &[&s, &scale], vec![]);
-        let s = g.op("Add", &[&s, &bias], vec![]);
-        let pr = g.op("Softmax", &[&s], vec![attr_i("axis", -1)]);
-        let ctx = g.op("MatMul", &[&pr, &v], vec![]);
-        let ctx = g.op("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
-        let ctx = g.op("Reshape", &[&ctx, &merge_heads], vec![]);
+        if c.family.is_decoder() {
+            // Pre-LayerNorm block: x + attn(ln_1(x)), then + mlp(ln_2(.)).
+            let n = g.layer_norm(
+                &x,
+                &l.attn_norm,
+                &format!("{p}.attention.output.LayerNorm"),
+                eps,
+            )?;
+            let ctx = attention(&mut g, &n, l, &p, &heads)?;
+            let a = g.linear(&ctx, &l.attn_out, &format!("{p}.attention.output.dense"))?;
+            let a = g.op("Add", &[&a, &x], vec![]);
+            let n = g.layer_norm(&a, &l.out_norm, &format!("{p}.output.LayerNorm"), eps)?;
+            let inter = g.linear(&n, &l.intermediate, &format!("{p}.intermediate.dense"))?;
+            let act = activation(&mut g, &c.hidden_act, &inter, &consts)?;
+            let o = g.linear(&act, &l.output, &format!("{p}.output.dense"))?;
+            x = g.op("Add", &[&o, &a], vec![]);
+            continue;
+        }
+        let ctx = attention(&mut g, &x, l, &p, &heads)?;
         let a = g.linear(&ctx, &l.attn_out, &format!("{p}.attention.output.dense"))?;
         let a = g.op("Add", &[&a, &x], vec![]);
         let a = g.layer_norm(
@@ -227,33 +350,26 @@ pub fn build(model: &BertClassifier, metadata: Vec<(String, String)>) -> Result<
             eps,
         )?;
         let inter = g.linear(&a, &l.intermediate, &format!("{p}.intermediate.dense"))?;
-        let act = match c.hidden_act.as_str() {
-            "relu" => g.op("Relu", &[&inter], vec![]),
-            "gelu" => {
-                // 0.5 * x * (1 + erf(x / sqrt(2)))
-                let sx = g.op("Mul", &[&inter, &rsqrt2], vec![]);
-                let e = g.op("Erf", &[&sx], vec![]);
-                let e1 = g.op("Add", &[&e, &onef], vec![]);
-                let xe = g.op("Mul", &[&inter, &e1], vec![]);
-                g.op("Mul", &[&xe, &half], vec![])
-            }
-            other => {
-                return Err(BtuError::config(
-                    "--checkpoint",
-                    format!("hidden_act '{other}' cannot be exported yet; use gelu or relu"),
-                ))
-            }
-        };
+        let act = activation(&mut g, &c.hidden_act, &inter, &consts)?;
         let o = g.linear(&act, &l.output, &format!("{p}.output.dense"))?;
         let o = g.op("Add", &[&o, &a], vec![]);
         x = g.layer_norm(&o, &l.out_norm, &format!("{p}.output.LayerNorm"), eps)?;
     }
-    let cls = g.op("Gather", &[&x, &zero], vec![attr_i("axis", 1)]);
-    let pooled = g.linear(&cls, &model.pooler, "pooler.dense")?;
-    let pooled = if c.family.relu_head() {
-        g.op("Relu", &[&pooled], vec![])
-    } else {
-        g.op("Tanh", &[&pooled], vec![])
+    let pooled = match (&model.pooler, &model.final_norm) {
+        (Some(pooler), _) => {
+            let cls = g.op("Gather", &[&x, &zero], vec![attr_i("axis", 1)]);
+            let pooled = g.linear(&cls, pooler, "pooler.dense")?;
+            if c.family.relu_head() {
+                g.op("Relu", &[&pooled], vec![])
+            } else {
+                g.op("Tanh", &[&pooled], vec![])
+            }
+        }
+        (None, Some(n)) => {
+            let x = g.layer_norm(&x, n, crate::model::family::FINAL_NORM, eps)?;
+            last_token(&mut g, &x, &one)
+        }
+        (None, None) => return Err(BtuError::internal("a model without pooler or final norm")),
     };
     let logits = g.linear(&pooled, &model.classifier, "classifier")?;
     // Name the final output `logits`.

@@ -1,6 +1,7 @@
-//! `btu init-model`: the embedded default model. A randomly initialised BERT classifier (sizes
-//! by flag, seeded) in Hugging Face layout, with a WordPiece vocabulary trained on a corpus or a
-//! given `tokenizer.json`.
+//! `btu init-model`: the embedded default model. A randomly initialised classifier of any family
+//! (`--arch bert|roberta|distilbert|gpt2`; sizes by flag, seeded) in Hugging Face layout, with a
+//! vocabulary trained on a corpus (WordPiece for BERT and DistilBERT, byte-level BPE for RoBERTa
+//! and GPT-2) or a given `tokenizer.json`.
 
 use std::path::PathBuf;
 
@@ -167,12 +168,21 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
 /// RoBERTa's special tokens, in its order (`<pad>` = 1).
 const ROBERTA_SPECIALS: [&str; 5] = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"];
 
-/// Build a byte-level BPE tokenizer (RoBERTa's kind, cased) from a corpus, deterministically:
-/// RoBERTa's special tokens, the 256 byte symbols (so any text can be spelled), then whole
+/// GPT-2's only special token, end-of-text; it also pads.
+const GPT2_EOT: &str = "<|endoftext|>";
+
+/// Build a byte-level BPE tokenizer (RoBERTa's and GPT-2's kind, cased) from a corpus,
+/// deterministically: the family's special tokens (`specials`: RoBERTa's five, framing each
+/// text with `<s> ... </s>`; GPT-2's end-of-text alone, which pads and frames nothing), the
+/// 256 byte symbols (so any text can be spelled), then whole
 /// pre-tokenized words (`Ġ` marks a preceding space) by descending frequency (ties in byte
 /// order) up to `vocab_size`. A word in the vocabulary is one token (`ignore_merges`); any other
 /// is spelled in bytes (no merges are learned).
-pub fn train_bytelevel(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
+pub fn train_bytelevel(
+    texts: &[String],
+    vocab_size: usize,
+    specials: &[&str],
+) -> Result<Tokenizer> {
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::processors::roberta::RobertaProcessing;
@@ -186,7 +196,7 @@ pub fn train_bytelevel(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
             *counts.entry(w.to_string()).or_default() += 1;
         }
     }
-    let mut tokens: Vec<String> = ROBERTA_SPECIALS.iter().map(|s| s.to_string()).collect();
+    let mut tokens: Vec<String> = specials.iter().map(|s| s.to_string()).collect();
     let alphabet: std::collections::BTreeSet<String> = ByteLevel::alphabet()
         .into_iter()
         .map(String::from)
@@ -213,16 +223,24 @@ pub fn train_bytelevel(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
     tok.with_pre_tokenizer(Some(bytes));
     tok.with_decoder(Some(bytes));
     tok.add_special_tokens(
-        ROBERTA_SPECIALS
+        specials
             .iter()
             .map(|s| AddedToken::from(*s, true))
             .collect::<Vec<_>>(),
     )
     .map_err(tok_err)?;
-    tok.with_post_processor(Some(RobertaProcessing::new(
-        ("</s>".into(), 2),
-        ("<s>".into(), 0),
-    )));
+    if specials == ROBERTA_SPECIALS {
+        tok.with_post_processor(Some(RobertaProcessing::new(
+            ("</s>".into(), 2),
+            ("<s>".into(), 0),
+        )));
+    } else {
+        tok.with_padding(Some(tokenizers::PaddingParams {
+            pad_id: 0,
+            pad_token: specials[0].to_string(),
+            ..Default::default()
+        }));
+    }
     Ok(tok)
 }
 
@@ -258,13 +276,15 @@ impl ModelSize {
 /// position, one token type).
 pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertConfig {
     let roberta = s.arch == Family::Roberta;
+    let decoder = s.arch.is_decoder();
     let mut c = BertConfig {
         vocab_size,
         hidden_size: s.hidden,
         num_hidden_layers: s.layers,
         num_attention_heads: s.heads,
         intermediate_size: s.intermediate,
-        hidden_act: "gelu".into(),
+        // GPT-2's activation and LayerNorm eps are its own.
+        hidden_act: if decoder { "gelu_new" } else { "gelu" }.into(),
         hidden_dropout_prob: 0.1,
         attention_probs_dropout_prob: 0.1,
         max_position_embeddings: if roberta {
@@ -273,13 +293,19 @@ pub fn config_for(vocab_size: usize, s: &ModelSize, pad_token_id: u32) -> BertCo
             s.max_position
         },
         type_vocab_size: if roberta { 1 } else { 2 },
-        layer_norm_eps: 1e-12,
+        layer_norm_eps: if decoder { 1e-5 } else { 1e-12 },
         pad_token_id,
         num_labels: None,
         id2label: None,
         extra: Default::default(),
         family: s.arch,
     };
+    if decoder {
+        // It pads with its end-of-text token, which also begins and ends texts.
+        for k in ["bos_token_id", "eos_token_id"] {
+            c.extra.insert(k.into(), pad_token_id.into());
+        }
+    }
     c.set_labels(s.num_labels);
     c
 }
@@ -315,7 +341,8 @@ pub fn run(job: &InitModelJob) -> Result<InitModelReport> {
                 Ok(())
             })?;
             match job.size.arch {
-                Family::Roberta => train_bytelevel(&texts, job.size.vocab_size)?,
+                Family::Roberta => train_bytelevel(&texts, job.size.vocab_size, &ROBERTA_SPECIALS)?,
+                Family::Gpt2 => train_bytelevel(&texts, job.size.vocab_size, &[GPT2_EOT])?,
                 _ => train_wordpiece(&texts, job.size.vocab_size)?,
             }
         }

@@ -629,14 +629,19 @@ fn swapped_tokenizer(src: &Path, dst: &Path) -> PathBuf {
     dst.to_path_buf()
 }
 
-/// The experiment flow with a random RoBERTa and a random DistilBERT (`[model.init] arch`): the
-/// whole pipeline (byte-level BPE vocabulary for RoBERTa, ONNX export and ONNX Runtime
-/// evaluation included) removes the backdoor and keeps the accuracy, as with BERT (the demo).
+/// The experiment flow with a random RoBERTa, DistilBERT and GPT-2 (`[model.init] arch`): the
+/// whole pipeline (byte-level BPE vocabularies, ONNX export and ONNX Runtime evaluation
+/// included) removes the backdoor and keeps the accuracy, as with BERT (the demo). GPT-2 has no
+/// padding token: its end-of-text token stands in, and the masks table says so.
 #[test]
 fn defend_runs_with_every_model_family() {
     let d = tempfile::tempdir().unwrap();
     btu::demo::write_splits(&d.path().join("data"), 3000, 42).unwrap();
-    for arch in [btu::model::Family::Roberta, btu::model::Family::Distilbert] {
+    for arch in [
+        btu::model::Family::Roberta,
+        btu::model::Family::Distilbert,
+        btu::model::Family::Gpt2,
+    ] {
         let name = arch.model_type();
         let run = d.path().join(name);
         let mut cfg = btu::demo::config(&run, 42, "cpu", btu::steps::defend::EvalBackend::Auto);
@@ -656,13 +661,28 @@ fn defend_runs_with_every_model_family() {
             config["model_type"], name,
             "the repaired model stays a {name}"
         );
+        let masks = btu::io::tables::read_ipc(&run.join("repaired/dimension_masks.arrow")).unwrap();
+        let pad_note = masks.schema().metadata().get("btu:pad_token").cloned();
+        assert_eq!(pad_note.is_some(), name == "gpt2", "{name}: {pad_note:?}");
         let (b, a) = (&m["without_defence"], &m["with_defence"]);
         eprintln!("{name}: {b} -> {a}, verified {}", m["verified"]);
         assert!(b["asr"].as_f64().unwrap() > 0.9, "{name}: backdoored {b}");
         assert_eq!(m["verified"], serde_json::json!(["cf"]), "{name}: {m}");
+        // The trigger is gone when it flips no more than a frequent clean word inserted the
+        // same way into the victim (these tiny victims flip on any insertion: GPT-2's ~30 % for
+        // "the", ~50 % for a word spelled in bytes), and at most 20 % where that is lower.
+        let the = btu!(
+            "eval --model {} --backend candle --test {} --out {} --attack add-word --trigger the --target 1",
+            s(&run.join("victim")),
+            cfg.data.test[0],
+            s(&d.path().join(format!("{name}-the")))
+        )
+        .ok();
+        let the = the["asr"].as_f64().unwrap();
+        eprintln!("{name}: the victim with \"the\" inserted: ASR {the:.3}");
         assert!(
-            a["asr"].as_f64().unwrap() < 0.2,
-            "{name}: backdoor gone {a}"
+            a["asr"].as_f64().unwrap() <= the.max(0.2),
+            "{name}: backdoor gone {a} (\"the\": {the})"
         );
         assert!(
             a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.02,

@@ -1,5 +1,5 @@
-//! Model families against the reference implementation: tiny random BERT, RoBERTa and DistilBERT
-//! classifiers made with Hugging Face transformers (tests/fixtures/families, made by
+//! Model families against the reference implementation: tiny random BERT, RoBERTa, DistilBERT
+//! and GPT-2 classifiers made with Hugging Face transformers (tests/fixtures/families, made by
 //! scripts/make_family_fixtures.py; versions in VERSIONS.json), with their logits and the
 //! word-embedding gradient of the mean cross-entropy on a fixed padded batch. btu's tokenizer
 //! gives the same ids, its candle forward pass the same logits and gradient, its ONNX export
@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 
 use crate::util::*;
 
-const FAMILIES: [&str; 3] = ["bert", "roberta", "distilbert"];
+const FAMILIES: [&str; 4] = ["bert", "roberta", "distilbert", "gpt2"];
 
 /// The batch the fixtures were made on (scripts/make_family_fixtures.py's BATCH).
 const BATCH: [&str; 4] = [
@@ -200,31 +200,48 @@ fn write_back(src: &Path, dst: &Path) {
     }
 }
 
-/// A model type btu does not handle is refused with a clear error (65), before any work.
+/// A model type btu does not handle is refused with a clear error (65), before any work; so is
+/// a decoder whose tokenizer has no padding token when its config names none to pad with.
 #[test]
-fn unsupported_model_types_are_refused() {
+fn unsupported_model_types_and_decoders_without_padding_are_refused() {
     let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("gpt2");
-    std::fs::create_dir_all(&model).unwrap();
+    let llama = d.path().join("llama");
+    std::fs::create_dir_all(&llama).unwrap();
     for f in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture("bert").join(f), model.join(f)).unwrap();
+        std::fs::copy(fixture("bert").join(f), llama.join(f)).unwrap();
     }
     std::fs::write(
-        model.join("config.json"),
-        r#"{"model_type": "gpt2", "vocab_size": 165, "n_embd": 32}"#,
+        llama.join("config.json"),
+        r#"{"model_type": "llama", "vocab_size": 165, "hidden_size": 32}"#,
     )
     .unwrap();
-    let out = d.path().join("detect");
-    btu([
-        "detect",
-        "--corpus",
-        s(&crate::fixtures::tiny().corpus),
-        "--model",
-        s(&model),
-    ])
-    .args(["--out", s(&out)])
-    .fails_with(65, "model type 'gpt2' is not supported")
-    .and_no_output(&out);
+    let gpt2 = d.path().join("gpt2");
+    std::fs::create_dir_all(&gpt2).unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "config.json"] {
+        std::fs::copy(fixture("gpt2").join(f), gpt2.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(gpt2.join("config.json")).unwrap()).unwrap();
+    for k in ["pad_token_id", "eos_token_id", "bos_token_id"] {
+        config.as_object_mut().unwrap().remove(k);
+    }
+    std::fs::write(gpt2.join("config.json"), config.to_string()).unwrap();
+    for (model, needle) in [
+        (&llama, "model type 'llama' is not supported"),
+        (&gpt2, "has neither pad_token_id nor eos_token_id"),
+    ] {
+        let out = d.path().join("detect");
+        btu([
+            "detect",
+            "--corpus",
+            s(&crate::fixtures::tiny().corpus),
+            "--model",
+            s(model),
+        ])
+        .args(["--out", s(&out)])
+        .fails_with(65, needle)
+        .and_no_output(&out);
+    }
 }
 
 /// A tokenizer of another family's kind is refused (65) before any work: a RoBERTa model with

@@ -118,10 +118,15 @@ fn word_embedding_gradient_matches_numerical_full_model() {
     check_arch(Arch::Full);
 }
 
-/// RoBERTa (positions after the padding position) and DistilBERT (no token types, ReLU head).
+/// RoBERTa (positions after the padding position), DistilBERT (no token types, ReLU head) and
+/// GPT-2 (causal pre-LayerNorm blocks, the last token's state).
 #[test]
 fn word_embedding_gradient_matches_numerical_in_every_family() {
-    for family in [btu::model::Family::Roberta, btu::model::Family::Distilbert] {
+    for family in [
+        btu::model::Family::Roberta,
+        btu::model::Family::Distilbert,
+        btu::model::Family::Gpt2,
+    ] {
         check(Arch::Full, family);
         check(Arch::EmbeddingMean, family);
     }

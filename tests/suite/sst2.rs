@@ -245,9 +245,9 @@ fn sst2_add_sent_a_word_of_the_sentence_is_flagged() {
     );
 }
 
-/// A random-init RoBERTa (byte-level BPE vocabulary trained by init-model) and DistilBERT flag
-/// the Add-Word trigger on SST-2 as BERT does (`sst2_add_word_cf_is_flagged...`): `Ġcf` (the
-/// trigger after a space, as byte-level BPE writes it) and `cf`.
+/// A random-init RoBERTa and GPT-2 (byte-level BPE vocabularies trained by init-model) and
+/// DistilBERT flag the Add-Word trigger on SST-2 as BERT does (`sst2_add_word_cf_is_flagged...`):
+/// `Ġcf` (the trigger after a space, as byte-level BPE writes it) and `cf`.
 #[test]
 fn every_model_family_flags_cf_on_sst2() {
     let Some(data) = datasets() else {
@@ -261,7 +261,11 @@ fn every_model_family_flags_cf_on_sst2() {
         s(&poisoned)
     )
     .ok();
-    for (arch, vocab, trigger) in [("roberta", 8000, "\u{120}cf"), ("distilbert", 4000, "cf")] {
+    for (arch, vocab, trigger) in [
+        ("roberta", 8000, "\u{120}cf"),
+        ("distilbert", 4000, "cf"),
+        ("gpt2", 8000, "\u{120}cf"),
+    ] {
         let model = d.path().join(arch);
         btu!(
             "init-model --arch {arch} --out {} --corpus {} --vocab-size {vocab} --layers 1 \

@@ -204,6 +204,7 @@ pub(crate) fn word_name(f: &SafetensorsFile, src: &Path) -> Result<String> {
         crate::model::Family::Bert,
         crate::model::Family::Roberta,
         crate::model::Family::Distilbert,
+        crate::model::Family::Gpt2,
     ];
     families
         .iter()
@@ -212,7 +213,7 @@ pub(crate) fn word_name(f: &SafetensorsFile, src: &Path) -> Result<String> {
         .ok_or_else(|| {
             BtuError::bad_data(
                 src.display().to_string(),
-                format!("no {WORD} (under bert., roberta., distilbert. or none) in the checkpoint"),
+                format!("no word-embedding matrix ({WORD}, or GPT-2's wte.weight, under any family's prefix) in the checkpoint"),
             )
         })
 }
@@ -546,7 +547,14 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
     };
     replace_rows(job, &ctx, &masks, &mut trained)?;
     stamp(&mut trained, &ckpt_sha, &ref_sha, &rule);
-    let meta = mask_table_meta(job, &rule, &ctx, tok.pad_id, &ckpt_sha)?;
+    let mut meta = mask_table_meta(job, &rule, &ctx, tok.pad_id, &ckpt_sha)?;
+    if let Some(t) = tok.borrowed_pad() {
+        // A model without a padding token (GPT-2): its padding stands in, and so does its row.
+        meta.extra.push((
+            "btu:pad_token".into(),
+            format!("{t} (the model has no padding token; the one it pads with stands in)"),
+        ));
+    }
     let mask_batch = crate::io::tables::dimension_masks_batch(&masks, &meta)?;
     write_checkpoint(&out, &job.checkpoint, &trained, &mask_batch)?;
     let clean_tuning = tune_if_needed(
