@@ -204,6 +204,15 @@ pub fn all_schemas() -> Vec<(&'static str, Schema, Vec<&'static str>)> {
     ]
 }
 
+/// Metadata keys a table carries only sometimes: `dimension_masks`' `btu:pad_token`, written when
+/// the model has no padding token of its own (GPT-2) and another stands in.
+pub fn optional_metadata_keys(name: &str) -> &'static [&'static str] {
+    match name {
+        "dimension_masks" => &["btu:pad_token"],
+        _ => &[],
+    }
+}
+
 /// The JSON document committed as `schemas/<name>.schema.json`.
 pub fn schema_json(name: &str, schema: &Schema, metadata_keys: &[&str]) -> Value {
     let fields: Vec<Value> = schema
@@ -211,12 +220,17 @@ pub fn schema_json(name: &str, schema: &Schema, metadata_keys: &[&str]) -> Value
         .iter()
         .map(|f| json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
         .collect();
-    json!({
+    let mut doc = json!({
         "table": name,
         "format": if name == "flagged_rows" { "Parquet" } else { "Arrow IPC file" },
         "fields": fields,
         "metadata_keys": metadata_keys,
-    })
+    });
+    let optional = optional_metadata_keys(name);
+    if !optional.is_empty() {
+        doc["optional_metadata_keys"] = json!(optional);
+    }
+    doc
 }
 
 /// Write one record batch as an Arrow IPC file, atomically.
