@@ -46,3 +46,26 @@ class BtuPodOperator(KubernetesPodOperator):
         except Exception:  # noqa: BLE001 - unknown state: let Airflow's retry decide
             return None
         return None
+
+
+def step_tasks(steps, common, image):
+    """One BtuPodOperator per entry of `steps` (task id -> btu arguments), each with `common`
+    appended, the shared work volume (PVC btu-work) at /work and its summary pushed to XCom."""
+    from kubernetes.client import models as k8s
+
+    work = k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name="btu-work"))
+    work_mount = k8s.V1VolumeMount(name="work", mount_path="/work")
+    return {
+        name: BtuPodOperator(
+            task_id=name,
+            name=f"btu-{name.replace('_', '-')}",
+            image=image,
+            cmds=["btu"],
+            arguments=args + common,
+            volumes=[work],
+            volume_mounts=[work_mount],
+            do_xcom_push=True,
+            get_logs=True,
+        )
+        for name, args in steps.items()
+    }

@@ -87,29 +87,14 @@ if DAG is not None:
     import sys
 
     from airflow.providers.standard.operators.python import ShortCircuitOperator
-    from kubernetes.client import models as k8s
 
+    # The operator that retries only exit code 75, and the tasks built with it, live in
+    # btu_operator.py, beside this file.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from btu_operator import DAG_DEFAULTS, BtuPodOperator
-
-    work = k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name="btu-work"))
-    work_mount = k8s.V1VolumeMount(name="work", mount_path="/work")
+    from btu_operator import DAG_DEFAULTS, step_tasks
 
     with DAG(dag_id="btu_repair", params=PARAMS, tags=["btu", "backdoor"], **DAG_DEFAULTS) as dag:
-        tasks = {
-            name: BtuPodOperator(
-                task_id=name,
-                name=f"btu-{name.replace('_', '-')}",
-                image=IMAGE,
-                cmds=["btu"],
-                arguments=args + COMMON,
-                volumes=[work],
-                volume_mounts=[work_mount],
-                do_xcom_push=True,
-                get_logs=True,
-            )
-            for name, args in STEPS.items()
-        }
+        tasks = step_tasks(STEPS, COMMON, IMAGE)
         tasks["has_test"] = ShortCircuitOperator(
             task_id="has_test",
             python_callable=lambda params, **_: has_test(params),

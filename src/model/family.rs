@@ -339,8 +339,9 @@ mod tests {
             f(json!({"architectures": ["DistilBertForSequenceClassification"]})).unwrap(),
             Family::Distilbert
         );
-        let e = f(json!({"model_type": "gpt2"})).unwrap_err().to_string();
-        assert!(e.contains("'gpt2' is not supported"), "{e}");
+        assert_eq!(f(json!({"model_type": "gpt2"})).unwrap(), Family::Gpt2);
+        let e = f(json!({"model_type": "llama"})).unwrap_err().to_string();
+        assert!(e.contains("'llama' is not supported"), "{e}");
     }
 
     #[test]
@@ -365,6 +366,34 @@ mod tests {
             r.names("embeddings.word_embeddings.weight")[0],
             "roberta.embeddings.word_embeddings.weight"
         );
+    }
+
+    #[test]
+    fn gpt2_names_and_keys() {
+        let g = Family::Gpt2;
+        assert_eq!(
+            g.names("encoder.layer.1.intermediate.dense.weight")[0],
+            "transformer.h.1.mlp.c_fc.weight"
+        );
+        assert_eq!(g.names("classifier.weight"), ["score.weight"]);
+        assert_eq!(
+            g.names("encoder.final_norm.bias")[0],
+            "transformer.ln_f.bias"
+        );
+        assert!(g
+            .names("encoder.layer.0.attention.self.query.weight")
+            .is_empty());
+        let v = json!({"n_embd": 32, "n_layer": 2, "n_head": 2, "n_inner": null, "eos_token_id": 7, "vocab_size": 100});
+        let bert = g.to_bert_keys(v);
+        assert_eq!(
+            (
+                bert["intermediate_size"].clone(),
+                bert["pad_token_id"].clone()
+            ),
+            (json!(128), json!(7))
+        );
+        let back = g.from_bert_keys(bert);
+        assert!(back["n_inner"].is_null() && back["n_embd"] == 32, "{back}");
     }
 
     #[test]

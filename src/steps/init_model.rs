@@ -97,6 +97,25 @@ fn bert_tokenizer(wp: WordPiece) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+/// A vocabulary: `tokens` first, then the words of `counts` that `keep` accepts, by descending
+/// count (ties in byte order), up to `vocab_size` in all; ids in that order.
+fn vocabulary(
+    mut tokens: Vec<String>,
+    counts: &std::collections::HashMap<String, u64>,
+    keep: impl Fn(&str) -> bool,
+    vocab_size: usize,
+) -> ahash::AHashMap<String, u32> {
+    let mut words: Vec<(&String, &u64)> = counts.iter().filter(|(w, _)| keep(w)).collect();
+    words.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let room = vocab_size.saturating_sub(tokens.len());
+    tokens.extend(words.into_iter().take(room).map(|(w, _)| w.clone()));
+    tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect()
+}
+
 /// Build an uncased BERT WordPiece tokenizer from a corpus, deterministically: `[PAD]`=0,
 /// `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`, then every character seen (alone and as a `##`
 /// continuation, so any word can be spelled), then whole words by descending frequency (ties in
@@ -125,20 +144,9 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
             chars.insert(format!("##{c}"));
         }
     }
-    let mut words: Vec<(&String, &u64)> = counts
-        .iter()
-        .filter(|(w, _)| w.chars().count() > 1)
-        .collect();
-    words.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let mut tokens: Vec<String> = BERT_SPECIALS.iter().map(|s| s.to_string()).collect();
     tokens.extend(chars);
-    let room = vocab_size.saturating_sub(tokens.len());
-    tokens.extend(words.into_iter().take(room).map(|(w, _)| w.clone()));
-    let vocab: ahash::AHashMap<String, u32> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (t, i as u32))
-        .collect();
+    let vocab = vocabulary(tokens, &counts, |w| w.chars().count() > 1, vocab_size);
     let wp = WordPiece::builder()
         .vocab(vocab)
         .unk_token("[UNK]".into())
@@ -202,18 +210,7 @@ pub fn train_bytelevel(
         .map(String::from)
         .collect();
     tokens.extend(alphabet.iter().cloned());
-    let mut words: Vec<(&String, &u64)> = counts
-        .iter()
-        .filter(|(w, _)| !alphabet.contains(*w))
-        .collect();
-    words.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    let room = vocab_size.saturating_sub(tokens.len());
-    tokens.extend(words.into_iter().take(room).map(|(w, _)| w.clone()));
-    let vocab: ahash::AHashMap<String, u32> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (t, i as u32))
-        .collect();
+    let vocab = vocabulary(tokens, &counts, |w| !alphabet.contains(w), vocab_size);
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, vec![])
         .ignore_merges(true)

@@ -410,19 +410,8 @@ fn defend_runs_on_a_four_class_corpus() {
         b["acc"].as_f64().unwrap() > 0.8,
         "the victim learned 4 topics: {b}"
     );
-    assert!(
-        b["asr"].as_f64().unwrap() > 0.9,
-        "the victim is backdoored: {b}"
-    );
     assert_eq!(m["verified"], serde_json::json!(["cf"]), "{m}");
-    assert!(
-        a["asr"].as_f64().unwrap() < 0.2,
-        "the backdoor is gone: {a}"
-    );
-    assert!(
-        a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.02,
-        "accuracy kept: {b} -> {a}"
-    );
+    assert_defended(m, 0.2, "4 classes");
     // A model whose trained head has fewer classes than the labels is refused before any work.
     let d = tempfile::tempdir().unwrap();
     let other = d.path().join("two-class");
@@ -504,16 +493,10 @@ fn the_repair_flow_repairs_a_users_model_exactly_as_the_experiment_does() {
         &suspect.join("model.safetensors"),
         &exp_run.join("victim/model.safetensors"),
     );
-    for f in [
-        "detect/token_scores.arrow",
-        "detect/suspicious_tokens.arrow",
-        "verify/token_effects.arrow",
-        "repaired/dimension_masks.arrow",
-        "repaired/model.safetensors",
-        "verify-repaired/token_effects.arrow",
-        "eval-victim/predictions.parquet",
-        "eval-repaired/predictions.parquet",
-    ] {
+    for f in REPAIR_OUTPUTS
+        .into_iter()
+        .chain(["eval-victim/predictions.parquet"])
+    {
         same(&rep_run.join(f), &exp_run.join(f));
     }
     for k in [
@@ -530,18 +513,7 @@ fn the_repair_flow_repairs_a_users_model_exactly_as_the_experiment_does() {
         "repair flow, 4 classes: {b} -> {a}, flagged {}, verified {}",
         m_rep["flagged"], m_rep["verified"]
     );
-    assert!(
-        b["asr"].as_f64().unwrap() > 0.9,
-        "the suspect is backdoored: {b}"
-    );
-    assert!(
-        a["asr"].as_f64().unwrap() < 0.2,
-        "the backdoor is gone: {a}"
-    );
-    assert!(
-        a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.02,
-        "accuracy kept: {b} -> {a}"
-    );
+    assert_defended(&m_rep, 0.2, "repair flow");
 
     // Without a test split the repair still runs; nothing is evaluated, and the summary says so.
     let bare_run = d.path().join("bare");
@@ -666,7 +638,6 @@ fn defend_runs_with_every_model_family() {
         assert_eq!(pad_note.is_some(), name == "gpt2", "{name}: {pad_note:?}");
         let (b, a) = (&m["without_defence"], &m["with_defence"]);
         eprintln!("{name}: {b} -> {a}, verified {}", m["verified"]);
-        assert!(b["asr"].as_f64().unwrap() > 0.9, "{name}: backdoored {b}");
         assert_eq!(m["verified"], serde_json::json!(["cf"]), "{name}: {m}");
         // The trigger is gone when it flips no more than a frequent clean word inserted the
         // same way into the victim (these tiny victims flip on any insertion: GPT-2's ~30 % for
@@ -680,13 +651,19 @@ fn defend_runs_with_every_model_family() {
         .ok();
         let the = the["asr"].as_f64().unwrap();
         eprintln!("{name}: the victim with \"the\" inserted: ASR {the:.3}");
-        assert!(
-            a["asr"].as_f64().unwrap() <= the.max(0.2),
-            "{name}: backdoor gone {a} (\"the\": {the})"
-        );
-        assert!(
-            a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.02,
-            "{name}: accuracy kept: {b} -> {a}"
-        );
+        assert_defended(&m, the.max(0.2), name);
     }
+}
+
+/// A defend summary `m` whose victim was backdoored (ASR > 90 %) and whose repaired model has
+/// ASR at most `max_asr` and accuracy within 2 points of the victim's.
+fn assert_defended(m: &serde_json::Value, max_asr: f64, what: &str) {
+    let (b, a) = (&m["without_defence"], &m["with_defence"]);
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    assert!(f(b, "asr") > 0.9, "{what}: the victim is backdoored: {b}");
+    assert!(f(a, "asr") <= max_asr, "{what}: the backdoor is gone: {a}");
+    assert!(
+        f(a, "acc") >= f(b, "acc") - 0.02,
+        "{what}: accuracy kept: {b} -> {a}"
+    );
 }

@@ -604,3 +604,15 @@ pub fn topic_corpus(n: usize, classes: usize, seed: u64) -> (Vec<String>, Vec<i6
     }
     (texts, labels)
 }
+
+/// What a repair writes that two ways of making it must agree on byte for byte: detection's and
+/// verification's tables, the masks, the repaired checkpoint, the recheck and its predictions.
+pub const REPAIR_OUTPUTS: [&str; 7] = [
+    "detect/token_scores.arrow",
+    "detect/suspicious_tokens.arrow",
+    "verify/token_effects.arrow",
+    "repaired/dimension_masks.arrow",
+    "repaired/model.safetensors",
+    "verify-repaired/token_effects.arrow",
+    "eval-repaired/predictions.parquet",
+];
