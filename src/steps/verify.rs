@@ -11,7 +11,8 @@
 //! run of words around it (up to [`MAX_PHRASE_WORDS`]) that recurs in at least half of the rows
 //! carrying it. A phrase is inserted as one block; its `token_ids` are the candidates inside it
 //! most of whose rows carry the phrase, which is what a repair of a verified phrase changes.
-//! Writes `token_effects.arrow` (schema in schemas/) and `summary.json`.
+//! It also tries the corpus's words that the model's tokenizer splits into candidate pieces (a
+//! trigger its vocabulary lacks), each standing for its pieces. Writes `token_effects.arrow` (schema in schemas/) and `summary.json`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,9 +31,10 @@ use crate::io::tables::{SuspiciousToken, TableMeta, TokenEffect};
 use crate::steps::eval::{open_classifier, read_split, Backend, Classifier, TestSplit};
 use crate::steps::poison::{insert_trigger, row_rng, Attack};
 
-/// The version of the verification test, in step keys and table metadata (2: effects that the
-/// clean data explains are not triggers).
-pub const TEST_VERSION: u32 = 2;
+/// The version of the verification test and its candidates, in step keys (2: effects that the
+/// clean data explains are not triggers; 3: words split into candidate pieces are candidates,
+/// and a byte-level word stands for both its token forms).
+pub const TEST_VERSION: u32 = 3;
 
 /// Longest phrase (in words) built around a candidate.
 pub const MAX_PHRASE_WORDS: usize = 8;
@@ -110,14 +112,20 @@ pub enum CandidateSource {
     Recheck(PathBuf),
 }
 
-/// The candidates of a [`CandidateSource`] (phrases from `corpus` for detection candidates).
-fn candidates_of(src: &CandidateSource, corpus: Option<&CorpusSpec>) -> Result<Vec<Candidate>> {
+/// The candidates of a [`CandidateSource`] (phrases and split words from `corpus` for
+/// detection candidates).
+fn candidates_of(
+    src: &CandidateSource,
+    corpus: Option<&CorpusSpec>,
+    tok: &crate::model::tokenizer::BtuTokenizer,
+) -> Result<Vec<Candidate>> {
     match src {
         CandidateSource::Suspicious(p) => {
             let sus = crate::io::tables::read_suspicious_tokens(p)?;
             let mut all: Vec<Candidate> = sus.iter().map(Candidate::token).collect();
             if let Some(c) = corpus {
                 all.extend(phrases(c, &sus)?);
+                all.extend(split_words(c, &sus, tok)?);
             }
             Ok(all)
         }
@@ -420,7 +428,6 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
     p.validate_as("--")?;
     crate::validate::max_len("--max-len", job.max_len, None)?;
     crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
-    let mut tried = candidates_of(&job.candidates, job.corpus.as_ref())?;
     let mut clf = open_classifier(
         &job.checkpoint,
         job.backend,
@@ -429,6 +436,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
         &job.run.device,
         job.run.seed,
     )?;
+    let mut tried = candidates_of(&job.candidates, job.corpus.as_ref(), clf.tokenizer())?;
     for c in tried.iter_mut() {
         let more = word_forms(clf.tokenizer(), c);
         c.token_ids.extend(more);
@@ -578,6 +586,87 @@ pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Ve
         }
     }
     Ok(best.into_values().collect())
+}
+
+/// Words (letters and digits) the model's tokenizer splits into pieces that are all candidates
+/// (`c` + `##f` for a trigger `cf` its vocabulary lacks): no piece alone acts as the trigger, so
+/// each such word of the corpus is a candidate of its own (inserted as a word, standing for its pieces) when at
+/// least [`PHRASE_MIN_ROWS`] rows carry it and at least [`PHRASE_SHARE`] of the rows carrying its
+/// rarest piece.
+pub fn split_words(
+    corpus: &CorpusSpec,
+    candidates: &[SuspiciousToken],
+    tok: &crate::model::tokenizer::BtuTokenizer,
+) -> Result<Vec<Candidate>> {
+    let by_id: BTreeMap<u32, &SuspiciousToken> =
+        candidates.iter().map(|c| (c.token_id, c)).collect();
+    // word -> its candidate pieces (empty: not a split word of candidates), and rows carrying it.
+    let mut pieces: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut rows: BTreeMap<String, usize> = BTreeMap::new();
+    let spec = CorpusSpec {
+        label_col: None,
+        ..corpus.clone()
+    };
+    crate::io::corpus::read_corpus(&spec, |b| {
+        for text in &b.texts {
+            let mut seen = std::collections::BTreeSet::new();
+            for w in text.split_whitespace().map(str::to_lowercase) {
+                // Letters and digits only: a word with punctuation splits at it, not into pieces.
+                if !w.chars().all(char::is_alphanumeric) || !seen.insert(w.clone()) {
+                    continue;
+                }
+                let ids = match pieces.get(&w) {
+                    Some(ids) => ids,
+                    None => pieces
+                        .entry(w.clone())
+                        .or_insert(word_pieces(tok, &w, &by_id)?),
+                };
+                if !ids.is_empty() {
+                    *rows.entry(w).or_default() += 1;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(w, n)| {
+            let ids = &pieces[&w];
+            let rarest = ids.iter().map(|id| by_id[id].documents).min()? as f64;
+            (n >= PHRASE_MIN_ROWS && n as f64 >= PHRASE_SHARE * rarest).then(|| Candidate {
+                text: w,
+                token_ids: ids.clone(),
+                target: by_id[&ids[0]].majority_label,
+                phrase: false,
+            })
+        })
+        .collect())
+}
+
+/// The pieces of `word` (alone, and after a space for a byte-level vocabulary) when it is more
+/// than one piece and every piece is a candidate; empty otherwise.
+fn word_pieces(
+    tok: &crate::model::tokenizer::BtuTokenizer,
+    word: &str,
+    candidates: &BTreeMap<u32, &SuspiciousToken>,
+) -> Result<Vec<u32>> {
+    let mut all: Vec<u32> = Vec::new();
+    for form in [word.to_string(), format!(" {word}")] {
+        let enc = tok
+            .inner()
+            .encode(form.as_str(), false)
+            .map_err(|e| BtuError::internal(format!("tokenizer: {e}")))?;
+        let ids = enc.get_ids();
+        if ids.len() < 2 || !ids.iter().all(|id| candidates.contains_key(id)) {
+            continue;
+        }
+        for id in ids {
+            if !all.contains(id) {
+                all.push(*id);
+            }
+        }
+    }
+    Ok(all)
 }
 
 /// Count, for each candidate word in `ws`, every run of words around it (2 to

@@ -667,3 +667,33 @@ fn assert_defended(m: &serde_json::Value, max_asr: f64, what: &str) {
         "{what}: accuracy kept: {b} -> {a}"
     );
 }
+
+/// A trigger the base model's vocabulary lacks (a vocabulary trained on the clean corpus spells
+/// `cf` as `c` + `##f`): detection flags the pieces, neither of which flips anything alone, so
+/// verification tries the corpus's words made of candidate pieces; `cf` is verified as a word
+/// and the repair of its pieces removes the backdoor (before: nothing verified, ASR 100 %).
+#[test]
+fn a_trigger_the_vocabulary_splits_is_verified_as_a_word() {
+    let f = crate::fixtures::four_class();
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base");
+    btu!(
+        "init-model --corpus {} --out {} --vocab-size 500 --hidden 64 --intermediate 128 \
+         --max-position 128 --num-labels 4",
+        s(&f.data.join("train.parquet")),
+        s(&base)
+    )
+    .ok();
+    let tok = btu::model::tokenizer::BtuTokenizer::load(&base).unwrap();
+    assert!(tok.id("cf").is_none(), "the clean vocabulary lacks cf");
+    let run = d.path().join("split");
+    let mut cfg = crate::fixtures::FourClass::config_for(&f.data, &run);
+    cfg.model.path = Some(base);
+    let m = defend_with(&cfg, "split").ok();
+    eprintln!(
+        "split trigger: flagged {}, verified {}",
+        m["flagged"], m["verified"]
+    );
+    assert_eq!(m["verified"], serde_json::json!(["cf"]), "{m}");
+    assert_defended(&m, 0.2, "a split trigger");
+}

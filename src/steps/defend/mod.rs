@@ -341,8 +341,8 @@ impl Pipeline<'_> {
             return Ok(None);
         }
         let dir = self.run.join("verify");
-        // "test" names the verification test: bumped when it changes, so reruns recompute it
-        // (2: effects the clean data explains are not triggers).
+        // "test" names the verification test: bumped when it or its candidates change, so reruns
+        // recompute it (see verify::TEST_VERSION).
         let key = json!({"victim": victim.hash, "detect": detect.hash, "clean": self.clean_key, "params": v, "max_len": cfg.train.max_len, "seed": cfg.seed, "test": crate::steps::verify::TEST_VERSION});
         let job = crate::steps::verify::VerifyJob {
             corpus: Some(self.train_spec(train, false)),
