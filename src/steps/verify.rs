@@ -536,15 +536,8 @@ pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Ve
     // (candidate word, phrase words) -> rows; rows carrying each candidate word.
     let mut counts: BTreeMap<(String, Vec<String>), usize> = BTreeMap::new();
     let mut rows: BTreeMap<String, usize> = BTreeMap::new();
-    let spec = CorpusSpec {
-        label_col: None,
-        ..corpus.clone()
-    };
-    crate::io::corpus::read_corpus(&spec, |b| {
-        for text in &b.texts {
-            let ws: Vec<String> = text.split_whitespace().map(|w| w.to_lowercase()).collect();
-            count_windows(&ws, &words, &mut counts, &mut rows);
-        }
+    row_words(corpus, |ws| {
+        count_windows(&ws, &words, &mut counts, &mut rows);
         Ok(())
     })?;
     let mut best: BTreeMap<Vec<String>, Candidate> = BTreeMap::new();
@@ -603,27 +596,21 @@ pub fn split_words(
     // word -> its candidate pieces (empty: not a split word of candidates), and rows carrying it.
     let mut pieces: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let mut rows: BTreeMap<String, usize> = BTreeMap::new();
-    let spec = CorpusSpec {
-        label_col: None,
-        ..corpus.clone()
-    };
-    crate::io::corpus::read_corpus(&spec, |b| {
-        for text in &b.texts {
-            let mut seen = std::collections::BTreeSet::new();
-            for w in text.split_whitespace().map(str::to_lowercase) {
-                // Letters and digits only: a word with punctuation splits at it, not into pieces.
-                if !w.chars().all(char::is_alphanumeric) || !seen.insert(w.clone()) {
-                    continue;
-                }
-                let ids = match pieces.get(&w) {
-                    Some(ids) => ids,
-                    None => pieces
-                        .entry(w.clone())
-                        .or_insert(word_pieces(tok, &w, &by_id)?),
-                };
-                if !ids.is_empty() {
-                    *rows.entry(w).or_default() += 1;
-                }
+    row_words(corpus, |ws| {
+        let mut seen = std::collections::BTreeSet::new();
+        for w in ws {
+            // Letters and digits only: a word with punctuation splits at it, not into pieces.
+            if !w.chars().all(char::is_alphanumeric) || !seen.insert(w.clone()) {
+                continue;
+            }
+            let ids = match pieces.get(&w) {
+                Some(ids) => ids,
+                None => pieces
+                    .entry(w.clone())
+                    .or_insert(word_pieces(tok, &w, &by_id)?),
+            };
+            if !ids.is_empty() {
+                *rows.entry(w).or_default() += 1;
             }
         }
         Ok(())
@@ -667,6 +654,21 @@ fn word_pieces(
         }
     }
     Ok(all)
+}
+
+/// Each row of the corpus's text column as lower-cased whitespace-separated words.
+fn row_words(corpus: &CorpusSpec, mut f: impl FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+    let spec = CorpusSpec {
+        label_col: None,
+        ..corpus.clone()
+    };
+    crate::io::corpus::read_corpus(&spec, |b| {
+        for text in &b.texts {
+            f(text.split_whitespace().map(str::to_lowercase).collect())?;
+        }
+        Ok(())
+    })?;
+    Ok(())
 }
 
 /// Count, for each candidate word in `ws`, every run of words around it (2 to

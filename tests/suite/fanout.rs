@@ -361,17 +361,7 @@ fn the_argo_fan_out_runs_on_s3_and_equals_one_scan() {
     let steps = template("audit")["steps"].as_sequence().unwrap();
     let scan_step = &steps[1][0];
     assert_eq!(scan_step["withParam"], "{{steps.plan.outputs.result}}");
-    let item_params: Vec<(String, String)> = scan_step["arguments"]["parameters"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().into(),
-                p["value"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let item_params = crate::util::argo_parameters(&scan_step["arguments"]["parameters"]);
     assert_eq!(
         item_params,
         [

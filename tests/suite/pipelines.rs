@@ -37,17 +37,7 @@ fn argo_steps_parse(file: &str, needed: &[&str]) {
     let text = std::fs::read_to_string(root().join("pipelines/argo").join(file)).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("well-formed YAML");
     assert_eq!(doc["kind"], "WorkflowTemplate");
-    let params: Vec<(String, String)> = doc["spec"]["arguments"]["parameters"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().to_string(),
-                p["value"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let params = crate::util::argo_parameters(&doc["spec"]["arguments"]["parameters"]);
     let templates = doc["spec"]["templates"].as_sequence().unwrap();
     let mut commands = Vec::new();
     for t in templates {
@@ -458,17 +448,7 @@ fn the_repair_workflows_write_what_defend_writes() {
     // Argo: the DAG's tasks in dependency order; `when` guards the evaluation.
     let text = std::fs::read_to_string(root().join("pipelines/argo/btu-repair.yaml")).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    let defaults: Vec<(String, String)> = doc["spec"]["arguments"]["parameters"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().into(),
-                p["value"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let defaults = crate::util::argo_parameters(&doc["spec"]["arguments"]["parameters"]);
     let value = |name: &str| {
         repair_params(name).unwrap_or_else(|| {
             let default = defaults.iter().find(|(n, _)| n == name);
@@ -497,19 +477,7 @@ fn the_repair_workflows_write_what_defend_writes() {
             assert_eq!(when, "'{{workflow.parameters.test}}' != ''");
             assert_ne!(cond, "'' != ''", "the test split is given here");
         }
-        let inputs: Vec<(String, String)> = task["arguments"]["parameters"]
-            .as_sequence()
-            .map(|ps| {
-                ps.iter()
-                    .map(|p| {
-                        (
-                            p["name"].as_str().unwrap().into(),
-                            p["value"].as_str().unwrap().into(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let inputs = crate::util::argo_parameters(&task["arguments"]["parameters"]);
         let t = template(task["template"].as_str().unwrap());
         let args: Vec<String> = t["container"]["args"]
             .as_sequence()

@@ -616,3 +616,19 @@ pub const REPAIR_OUTPUTS: [&str; 7] = [
     "verify-repaired/token_effects.arrow",
     "eval-repaired/predictions.parquet",
 ];
+
+/// The `name`/`value` pairs of an Argo `parameters` list (workflow arguments or a step's).
+pub fn argo_parameters(list: &serde_yaml::Value) -> Vec<(String, String)> {
+    list.as_sequence()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap().into(),
+                        p["value"].as_str().unwrap().into(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
