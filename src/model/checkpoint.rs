@@ -215,7 +215,7 @@ impl ModelDir {
         f.read_exact(&mut header).map_err(io)?;
         let header: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&header).map_err(|e| corrupt(&self.weights, e))?;
-        Ok(header.contains_key(self.config.family.head_weight()))
+        Ok(header.contains_key(&self.config.family.head_weight()))
     }
 }
 
@@ -281,7 +281,7 @@ fn check_tokenizer_kind(
         ModelWrapper::BPE(_) => "BPE",
         _ => return Ok(()),
     };
-    let wanted = if matches!(family, super::Family::Roberta | super::Family::Gpt2) {
+    let wanted = if family.byte_level() {
         "BPE"
     } else {
         "WordPiece"
@@ -316,7 +316,7 @@ impl Checkpoint {
     pub fn has_head(&self) -> bool {
         self.weights
             .tensors
-            .contains_key(self.dir.config.family.head_weight())
+            .contains_key(&self.dir.config.family.head_weight())
     }
 
     /// The largest label a corpus may have for this model: below `--num-labels` when given,
@@ -496,15 +496,7 @@ impl Weights<'_> {
     /// The tensor of canonical name `name` (under any of the family's names), `None` when
     /// absent.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        self.get_named(&self.family.names(name), shape)
-    }
-
-    /// The first of the tensors `names` the checkpoint has, `None` when it has none.
-    fn get_named(&self, names: &[String], shape: &[usize]) -> Result<Option<Tensor>> {
-        let Some((full, raw)) = names
-            .iter()
-            .find_map(|c| self.file.tensors.get_key_value(c))
-        else {
+        let Some((full, raw)) = find(self.file, self.family, name) else {
             return Ok(None);
         };
         if raw.shape != shape {
@@ -570,15 +562,9 @@ impl Weights<'_> {
     /// fused query/key/value projection split in three.
     fn decoder_layer(&self, i: usize, intermediate: usize) -> Result<Layer> {
         let (p, h) = (format!("encoder.layer.{i}"), self.h);
-        let fused = |param: &str, shape: &[usize]| -> Result<Tensor> {
-            let names: Vec<String> = ["transformer.", ""]
-                .iter()
-                .map(|x| format!("{x}h.{i}.attn.c_attn.{param}"))
-                .collect();
-            self.get_named(&names, shape)?
-                .ok_or_else(|| self.bad(format!("missing tensor {} of a gpt2 model", names[0])))
-        };
-        let (w, b) = (fused("weight", &[h, 3 * h])?.t()?, fused("bias", &[3 * h])?);
+        let qkv = format!("{p}.{}", super::family::QKV);
+        let w = self.need(&format!("{qkv}.weight"), &[h, 3 * h])?.t()?;
+        let b = self.need(&format!("{qkv}.bias"), &[3 * h])?;
         let part = |k: usize| -> Result<Linear> {
             Ok(Linear {
                 w: w.narrow(0, k * h, h)?.contiguous()?,
@@ -629,11 +615,11 @@ impl Weights<'_> {
     /// The `labels`-class head: the checkpoint's when it fits, seeded from `rng` when it has
     /// none or `replace` (another class count was asked for), an error when it does not fit.
     fn head(&self, labels: usize, replace: bool, rng: &mut ChaCha8Rng) -> Result<Linear> {
-        let h = self.h;
-        let raw = |n: &str| find(self.file, self.family, n).map(|(_, t)| t);
         if self.family.is_decoder() {
             return self.decoder_head(labels, replace, rng);
         }
+        let h = self.h;
+        let raw = |n: &str| find(self.file, self.family, n).map(|(_, t)| t);
         match (raw("classifier.weight"), raw("classifier.bias")) {
             (Some(w), Some(b)) if w.shape == [labels, h] && b.shape == [labels] => Ok(Linear {
                 w: self.need("classifier.weight", &[labels, h])?,
@@ -711,20 +697,9 @@ pub fn save_model(
         ..Default::default()
     };
     file.metadata.insert("format".into(), "pt".into());
-    let family = model.config.family;
-    if family.is_decoder() {
-        return save_decoder(model, dir, file);
-    }
-    for (name, t) in model.named() {
-        let full = match family {
-            // BERT's head is bare, its encoder under `bert.`.
-            super::Family::Bert if name.starts_with("classifier.") => name,
-            _ => family.names(&name).into_iter().next().ok_or_else(|| {
-                BtuError::internal(format!("no {} name for {name}", family.model_type()))
-            })?,
-        };
-        let raw = raw_finite(dir, &full, t)?;
-        file.tensors.insert(full, raw);
+    for (name, t) in family_tensors(model)? {
+        let raw = raw_finite(dir, &name, &t)?;
+        file.tensors.insert(name, raw);
     }
     let p = dir.join("model.safetensors");
     std::fs::write(&p, safetensors_bytes(&file)).map_err(|e| BtuError::io(&p, e))?;
@@ -746,41 +721,38 @@ fn raw_finite(dir: &Path, name: &str, t: &Tensor) -> Result<RawTensor> {
     Ok(raw)
 }
 
-/// [`save_model`] for a decoder (GPT-2): `transformer.`-prefixed names, Conv1D weights as
-/// `[in, out]`, query/key/value joined into `attn.c_attn`, the head as `score.weight`.
-fn save_decoder(model: &BertClassifier, dir: &Path, mut file: SafetensorsFile) -> Result<()> {
+/// The model's tensors under the family's names, in the family's layout: a decoder's (GPT-2)
+/// Conv1D weights as `[in, out]` and query/key/value joined into one projection.
+fn family_tensors(model: &BertClassifier) -> Result<Vec<(String, Tensor)>> {
     let family = model.config.family;
-    let mut put = |name: String, t: &Tensor| -> Result<()> {
-        let raw = raw_finite(dir, &name, t)?;
-        file.tensors.insert(name, raw);
-        Ok(())
+    let name_of = |canonical: &str| {
+        family.names(canonical).into_iter().next().ok_or_else(|| {
+            BtuError::internal(format!("no {} name for {canonical}", family.model_type()))
+        })
     };
+    let decoder = family.is_decoder();
+    let mut out = Vec::new();
     for (name, t) in model.named() {
-        if name.contains(".attention.self.") {
-            continue; // joined into c_attn below
+        if decoder && name.contains(".attention.self.") {
+            continue; // joined below
         }
-        let full = family
-            .names(&name)
-            .into_iter()
-            .next()
-            .ok_or_else(|| BtuError::internal(format!("no gpt2 name for {name}")))?;
-        // GPT-2's Conv1D layers store their weights as [in, out].
-        if name.starts_with("encoder.layer.") && name.ends_with("dense.weight") {
-            put(full, &t.t()?.contiguous()?)?;
+        let conv1d =
+            decoder && name.starts_with("encoder.layer.") && name.ends_with("dense.weight");
+        let t = if conv1d {
+            t.t()?.contiguous()?
         } else {
-            put(full, t)?;
+            t.clone()
+        };
+        out.push((name_of(&name)?, t));
+    }
+    if decoder {
+        for (i, l) in model.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{i}.{}", super::family::QKV);
+            let w = Tensor::cat(&[&l.query.w, &l.key.w, &l.value.w], 0)?;
+            out.push((name_of(&format!("{p}.weight"))?, w.t()?.contiguous()?));
+            let b = Tensor::cat(&[&l.query.b, &l.key.b, &l.value.b], 0)?;
+            out.push((name_of(&format!("{p}.bias"))?, b));
         }
     }
-    for (i, l) in model.layers.iter().enumerate() {
-        let p = format!("transformer.h.{i}.attn.c_attn");
-        let w = Tensor::cat(&[&l.query.w, &l.key.w, &l.value.w], 0)?;
-        put(format!("{p}.weight"), &w.t()?.contiguous()?)?;
-        let b = Tensor::cat(&[&l.query.b, &l.key.b, &l.value.b], 0)?;
-        put(format!("{p}.bias"), &b)?;
-    }
-    let p = dir.join("model.safetensors");
-    std::fs::write(&p, safetensors_bytes(&file)).map_err(|e| BtuError::io(&p, e))?;
-    let p = dir.join("config.json");
-    std::fs::write(&p, model.config.to_json()?).map_err(|e| BtuError::io(&p, e))?;
-    Ok(())
+    Ok(out)
 }

@@ -66,9 +66,13 @@ const GPT2_KEYS: [(&str, &str); 9] = [
     ("attn_pdrop", "attention_probs_dropout_prob"),
 ];
 
-/// GPT-2's block tensors (after `h.N.`) and BERT's (after `encoder.layer.N.`); the fused
-/// query/key/value projection (`attn.c_attn`) is split and joined by the checkpoint code.
-const GPT2_LAYER: [(&str, &str); 5] = [
+/// The canonical name (after `encoder.layer.N.`) of a decoder's fused query/key/value
+/// projection, which BERT keeps as three (the checkpoint code splits and joins it).
+pub const QKV: &str = "attention.self.qkv";
+
+/// GPT-2's block tensors (after `h.N.`) and BERT's (after `encoder.layer.N.`).
+const GPT2_LAYER: [(&str, &str); 6] = [
+    ("attn.c_attn", QKV),
     ("ln_1", "attention.output.LayerNorm"),
     ("attn.c_proj", "attention.output.dense"),
     ("ln_2", "output.LayerNorm"),
@@ -134,14 +138,9 @@ impl Family {
         }
     }
 
-    /// The prefix of the encoder's tensors in a classification checkpoint.
-    pub fn prefix(self) -> &'static str {
-        match self {
-            Family::Bert => "bert.",
-            Family::Roberta => "roberta.",
-            Family::Distilbert => "distilbert.",
-            Family::Gpt2 => "transformer.",
-        }
+    /// Whether its tokenizer is byte-level BPE (RoBERTa, GPT-2) rather than WordPiece.
+    pub fn byte_level(self) -> bool {
+        matches!(self, Family::Roberta | Family::Gpt2)
     }
 
     /// Whether the model has token-type embeddings.
@@ -234,6 +233,8 @@ impl Family {
     /// write first; empty when the family has no such tensor.
     pub fn names(self, canonical: &str) -> Vec<String> {
         match self {
+            // BERT's head is bare, its encoder under `bert.`.
+            Family::Bert if canonical.starts_with("classifier.") => vec![canonical.to_string()],
             Family::Bert => {
                 let mut v = vec![format!("bert.{canonical}"), canonical.to_string()];
                 // Old TF-converted checkpoints name LayerNorm's parameters gamma and beta.
@@ -260,12 +261,8 @@ impl Family {
     }
 
     /// The head's weight as the checkpoint names it (its presence means a trained head).
-    pub fn head_weight(self) -> &'static str {
-        match self {
-            Family::Roberta => "classifier.out_proj.weight",
-            Family::Gpt2 => "score.weight",
-            _ => "classifier.weight",
-        }
+    pub fn head_weight(self) -> String {
+        self.names("classifier.weight").swap_remove(0)
     }
 }
 

@@ -492,22 +492,24 @@ impl BertClassifier {
 
     /// Convert every parameter to `dtype` (tests check gradients in f64).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let mut m = self.clone();
-        for t in m.params_mut() {
-            *t = t.to_dtype(dtype)?;
-        }
-        // A decoder's head bias is zeros, not a parameter; it follows the rest.
-        m.classifier.b = m.classifier.b.to_dtype(dtype)?;
-        Ok(m)
+        self.map_tensors(|t| t.to_dtype(dtype))
     }
 
     /// Move every parameter to `dev`.
     pub fn to_device(&self, dev: &Device) -> Result<Self> {
+        self.map_tensors(|t| t.to_device(dev))
+    }
+
+    /// A copy with `f` applied to every tensor: the parameters, and a decoder's head bias (zeros,
+    /// not a parameter, but it must follow the rest).
+    fn map_tensors(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
         let mut m = self.clone();
         for t in m.params_mut() {
-            *t = t.to_device(dev)?;
+            *t = f(t)?;
         }
-        m.classifier.b = m.classifier.b.to_device(dev)?;
+        if m.config.family.is_decoder() {
+            m.classifier.b = f(&m.classifier.b)?;
+        }
         Ok(m)
     }
 

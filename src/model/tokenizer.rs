@@ -17,14 +17,14 @@ use tokenizers::{Tokenizer, TruncationParams};
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec, Fingerprint};
 
-/// Names BERT-family tokenizers use for special tokens.
-pub const SPECIAL_NAMES: [&str; 10] = [
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", // BERT, DistilBERT
-    "<pad>", "<unk>", "<s>", "</s>", "<mask>", // RoBERTa
-];
-
-/// BERT's special tokens, in the order a vocabulary btu trains starts with.
+/// BERT's (and DistilBERT's) special tokens, in the order a vocabulary btu trains starts with.
 pub const BERT_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// RoBERTa's special tokens, in its order (`<pad>` = 1).
+pub const ROBERTA_SPECIALS: [&str; 5] = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"];
+
+/// GPT-2's only special token, end-of-text; it also pads.
+pub const GPT2_EOT: &str = "<|endoftext|>";
 
 /// Padding tokens by name, when the tokenizer has no padding configuration.
 pub const PAD_NAMES: [&str; 2] = ["[PAD]", "<pad>"];
@@ -92,7 +92,7 @@ impl BtuTokenizer {
             .filter(|(_, t)| t.special)
             .map(|(id, _)| *id)
             .collect();
-        for name in SPECIAL_NAMES {
+        for name in BERT_SPECIALS.iter().chain(&ROBERTA_SPECIALS) {
             if let Some(id) = inner.token_to_id(name) {
                 special.insert(id);
             }
@@ -173,24 +173,25 @@ impl BtuTokenizer {
     }
 }
 
-/// A tokenizer without a padding token (GPT-2's) pads with the model's `pad_token_id`, else its
-/// `eos_token_id` (what transformers users set), from `config.json` in `dir`: recorded as the
-/// tokenizer's padding, so an export carries it.
+/// A decoder's tokenizer without a padding token (GPT-2's) pads with the padding id its model's
+/// `config.json` in `dir` resolves to (`pad_token_id`, else `eos_token_id`: the config's own
+/// rule, [`crate::model::BertConfig::from_json`]), recorded as the tokenizer's padding so an
+/// export carries it.
 fn pad_from_config(inner: &mut Tokenizer, dir: &Path) {
     if inner.get_padding().is_some() || PAD_NAMES.iter().any(|p| inner.token_to_id(p).is_some()) {
         return;
     }
-    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+    let src = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&src) else {
         return;
     };
-    let config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let id = ["pad_token_id", "eos_token_id"]
-        .iter()
-        .find_map(|k| config[k].as_u64())
-        .map(|id| id as u32);
-    if let Some(pad_token) = id.and_then(|id| inner.id_to_token(id)) {
+    let Ok(config) = crate::model::BertConfig::from_json(&text, &src.display().to_string()) else {
+        return; // the model's own checks report a bad config
+    };
+    let pad_id = config.pad_token_id;
+    if let (true, Some(pad_token)) = (config.family.is_decoder(), inner.id_to_token(pad_id)) {
         inner.with_padding(Some(tokenizers::PaddingParams {
-            pad_id: id.expect("found"),
+            pad_id,
             pad_token,
             ..Default::default()
         }));

@@ -19,7 +19,7 @@ use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::model::checkpoint::save_model;
-use crate::model::tokenizer::{BtuTokenizer, BERT_SPECIALS};
+use crate::model::tokenizer::{BtuTokenizer, BERT_SPECIALS, GPT2_EOT, ROBERTA_SPECIALS};
 use crate::model::{BertClassifier, BertConfig, Family};
 
 /// Sizes of a random model: the flags of `btu init-model` and the `[model.init]` table of
@@ -173,12 +173,6 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
     Ok(tok)
 }
 
-/// RoBERTa's special tokens, in its order (`<pad>` = 1).
-const ROBERTA_SPECIALS: [&str; 5] = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"];
-
-/// GPT-2's only special token, end-of-text; it also pads.
-const GPT2_EOT: &str = "<|endoftext|>";
-
 /// Build a byte-level BPE tokenizer (RoBERTa's and GPT-2's kind, cased) from a corpus,
 /// deterministically: the family's special tokens (`specials`: RoBERTa's five, framing each
 /// text with `<s> ... </s>`; GPT-2's end-of-text alone, which pads and frames nothing), the
@@ -186,11 +180,11 @@ const GPT2_EOT: &str = "<|endoftext|>";
 /// pre-tokenized words (`Ġ` marks a preceding space) by descending frequency (ties in byte
 /// order) up to `vocab_size`. A word in the vocabulary is one token (`ignore_merges`); any other
 /// is spelled in bytes (no merges are learned).
-pub fn train_bytelevel(
-    texts: &[String],
-    vocab_size: usize,
-    specials: &[&str],
-) -> Result<Tokenizer> {
+pub fn train_bytelevel(texts: &[String], vocab_size: usize, family: Family) -> Result<Tokenizer> {
+    let specials: &[&str] = match family {
+        Family::Gpt2 => &[GPT2_EOT],
+        _ => &ROBERTA_SPECIALS,
+    };
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::processors::roberta::RobertaProcessing;
@@ -226,7 +220,7 @@ pub fn train_bytelevel(
             .collect::<Vec<_>>(),
     )
     .map_err(tok_err)?;
-    if specials == ROBERTA_SPECIALS {
+    if family != Family::Gpt2 {
         tok.with_post_processor(Some(RobertaProcessing::new(
             ("</s>".into(), 2),
             ("<s>".into(), 0),
@@ -338,8 +332,7 @@ pub fn run(job: &InitModelJob) -> Result<InitModelReport> {
                 Ok(())
             })?;
             match job.size.arch {
-                Family::Roberta => train_bytelevel(&texts, job.size.vocab_size, &ROBERTA_SPECIALS)?,
-                Family::Gpt2 => train_bytelevel(&texts, job.size.vocab_size, &[GPT2_EOT])?,
+                f if f.byte_level() => train_bytelevel(&texts, job.size.vocab_size, f)?,
                 _ => train_wordpiece(&texts, job.size.vocab_size)?,
             }
         }

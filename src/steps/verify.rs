@@ -124,8 +124,10 @@ fn candidates_of(
             let sus = crate::io::tables::read_suspicious_tokens(p)?;
             let mut all: Vec<Candidate> = sus.iter().map(Candidate::token).collect();
             if let Some(c) = corpus {
-                all.extend(phrases(c, &sus)?);
-                all.extend(split_words(c, &sus, tok)?);
+                // One read of the corpus for both kinds of built candidates.
+                let rows = row_words(c)?;
+                all.extend(phrases(&rows, &sus));
+                all.extend(split_words(&rows, &sus, tok)?);
             }
             Ok(all)
         }
@@ -202,12 +204,15 @@ pub fn wilson(k: u32, n: u32) -> (f64, f64) {
     )
 }
 
+/// Byte-level BPE's mark of a preceding space (`Ġ`, RoBERTa and GPT-2 vocabularies).
+const SPACE_MARK: char = '\u{120}';
+
 /// The text inserted for a vocabulary token: word pieces (`##x`) and byte-level BPE's
 /// word-start marker (`Ġx`, RoBERTa) lose their marker.
 fn surface(token: &str) -> &str {
     token
         .strip_prefix("##")
-        .or_else(|| token.strip_prefix('\u{120}'))
+        .or_else(|| token.strip_prefix(SPACE_MARK))
         .unwrap_or(token)
 }
 
@@ -222,7 +227,7 @@ fn word_forms(tok: &crate::model::tokenizer::BtuTokenizer, c: &Candidate) -> Vec
     if c.phrase {
         return Vec::new();
     }
-    match (tok.id(&format!("\u{120}{}", c.text)), tok.id(&c.text)) {
+    match (tok.id(&format!("{SPACE_MARK}{}", c.text)), tok.id(&c.text)) {
         (Some(spaced), Some(bare)) => [spaced, bare]
             .into_iter()
             .filter(|id| !c.token_ids.contains(id))
@@ -527,7 +532,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
 /// Phrase candidates: for every candidate word, the longest run of words around it that recurs in
 /// at least [`PHRASE_SHARE`] of the rows carrying it (and [`PHRASE_MIN_ROWS`] rows); phrases
 /// found from several candidates are one candidate, standing for all of them.
-pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Vec<Candidate>> {
+pub fn phrases(corpus: &[Vec<String>], candidates: &[SuspiciousToken]) -> Vec<Candidate> {
     let words: BTreeMap<String, &SuspiciousToken> = candidates
         .iter()
         .filter(|c| !c.token.starts_with("##"))
@@ -536,10 +541,9 @@ pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Ve
     // (candidate word, phrase words) -> rows; rows carrying each candidate word.
     let mut counts: BTreeMap<(String, Vec<String>), usize> = BTreeMap::new();
     let mut rows: BTreeMap<String, usize> = BTreeMap::new();
-    row_words(corpus, |ws| {
-        count_windows(&ws, &words, &mut counts, &mut rows);
-        Ok(())
-    })?;
+    for ws in corpus {
+        count_windows(ws, &words, &mut counts, &mut rows);
+    }
     let mut best: BTreeMap<Vec<String>, Candidate> = BTreeMap::new();
     for (w, c) in &words {
         let need = ((rows.get(w).copied().unwrap_or(0) as f64 * PHRASE_SHARE).ceil() as usize)
@@ -578,7 +582,7 @@ pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Ve
             }
         }
     }
-    Ok(best.into_values().collect())
+    best.into_values().collect()
 }
 
 /// Words (letters and digits) the model's tokenizer splits into pieces that are all candidates
@@ -587,7 +591,7 @@ pub fn phrases(corpus: &CorpusSpec, candidates: &[SuspiciousToken]) -> Result<Ve
 /// least [`PHRASE_MIN_ROWS`] rows carry it and at least [`PHRASE_SHARE`] of the rows carrying its
 /// rarest piece.
 pub fn split_words(
-    corpus: &CorpusSpec,
+    corpus: &[Vec<String>],
     candidates: &[SuspiciousToken],
     tok: &crate::model::tokenizer::BtuTokenizer,
 ) -> Result<Vec<Candidate>> {
@@ -596,25 +600,24 @@ pub fn split_words(
     // word -> its candidate pieces (empty: not a split word of candidates), and rows carrying it.
     let mut pieces: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let mut rows: BTreeMap<String, usize> = BTreeMap::new();
-    row_words(corpus, |ws| {
+    for ws in corpus {
         let mut seen = std::collections::BTreeSet::new();
         for w in ws {
             // Letters and digits only: a word with punctuation splits at it, not into pieces.
-            if !w.chars().all(char::is_alphanumeric) || !seen.insert(w.clone()) {
+            if !w.chars().all(char::is_alphanumeric) || !seen.insert(w) {
                 continue;
             }
-            let ids = match pieces.get(&w) {
+            let ids = match pieces.get(w) {
                 Some(ids) => ids,
                 None => pieces
                     .entry(w.clone())
-                    .or_insert(word_pieces(tok, &w, &by_id)?),
+                    .or_insert(word_pieces(tok, w, &by_id)?),
             };
             if !ids.is_empty() {
-                *rows.entry(w).or_default() += 1;
+                *rows.entry(w.clone()).or_default() += 1;
             }
         }
-        Ok(())
-    })?;
+    }
     Ok(rows
         .into_iter()
         .filter_map(|(w, n)| {
@@ -657,18 +660,21 @@ fn word_pieces(
 }
 
 /// Each row of the corpus's text column as lower-cased whitespace-separated words.
-fn row_words(corpus: &CorpusSpec, mut f: impl FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+fn row_words(corpus: &CorpusSpec) -> Result<Vec<Vec<String>>> {
     let spec = CorpusSpec {
         label_col: None,
         ..corpus.clone()
     };
+    let mut rows = Vec::new();
     crate::io::corpus::read_corpus(&spec, |b| {
-        for text in &b.texts {
-            f(text.split_whitespace().map(str::to_lowercase).collect())?;
-        }
+        rows.extend(
+            b.texts
+                .iter()
+                .map(|t| t.split_whitespace().map(str::to_lowercase).collect()),
+        );
         Ok(())
     })?;
-    Ok(())
+    Ok(rows)
 }
 
 /// Count, for each candidate word in `ws`, every run of words around it (2 to
