@@ -232,8 +232,9 @@ pub fn classes(num_labels: Option<usize>, config: usize, head: bool, needed: usi
 
 /// Refuse a `suspect` classifier that was not fine-tuned from `base`: its word-embedding matrix
 /// must have the base's shape (vocabulary and width) and its tokenizer must give every token the
-/// base's id, or the repair would compare and overwrite unrelated rows.
-pub fn check_fine_tuned_from(suspect: &Path, base: &Path) -> Result<()> {
+/// base's id, or the repair would compare and overwrite unrelated rows. Returns the suspect's
+/// directory.
+pub fn check_fine_tuned_from(suspect: &Path, base: &Path) -> Result<ModelDir> {
     let (s, b) = (ModelDir::open(suspect)?, ModelDir::open(base)?);
     let src = suspect.display().to_string();
     let fix = format!(
@@ -265,7 +266,7 @@ pub fn check_fine_tuned_from(suspect: &Path, base: &Path) -> Result<()> {
             format!("its tokenizer differs from the base model's ({differ} tokens missing or with other ids); {fix}"),
         ));
     }
-    Ok(())
+    Ok(s)
 }
 
 /// Refuse a tokenizer of another family's kind: BERT and DistilBERT read WordPiece pieces,

@@ -266,6 +266,18 @@ impl Family {
     }
 }
 
+/// A layer tensor's name in another family: `rest` is the canonical name after
+/// `encoder.layer.` (`N.<BERT module>.<param>`), `table` maps the family's module names to
+/// BERT's, `layers` is where the family keeps its layers; `None` when the table has no such
+/// module.
+fn layer_name(rest: &str, table: &[(&str, &str)], layers: &str) -> Option<String> {
+    let (n, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    table.iter().find_map(|(theirs, ours)| {
+        tail.strip_prefix(ours)
+            .map(|param| format!("{layers}.{n}.{theirs}{param}"))
+    })
+}
+
 fn gpt2_names(canonical: &str) -> Vec<String> {
     let inner = match canonical {
         "classifier.weight" => return vec!["score.weight".into()],
@@ -275,13 +287,8 @@ fn gpt2_names(canonical: &str) -> Vec<String> {
             if let Some(p) = c.strip_prefix(FINAL_NORM) {
                 format!("ln_f{p}")
             } else if let Some(rest) = c.strip_prefix("encoder.layer.") {
-                let (n, tail) = rest.split_once('.').unwrap_or((rest, ""));
-                let mapped = GPT2_LAYER.iter().find_map(|(theirs, ours)| {
-                    tail.strip_prefix(ours)
-                        .map(|param| format!("{theirs}{param}"))
-                });
-                match mapped {
-                    Some(t) => format!("h.{n}.{t}"),
+                match layer_name(rest, &GPT2_LAYER, "h") {
+                    Some(t) => t,
                     None => return vec![],
                 }
             } else {
@@ -303,17 +310,10 @@ fn distilbert_names(canonical: &str) -> Vec<String> {
         return vec![];
     }
     let inner = match canonical.strip_prefix("encoder.layer.") {
-        Some(rest) => {
-            let (n, tail) = rest.split_once('.').unwrap_or((rest, ""));
-            let mapped = DISTILBERT_LAYER.iter().find_map(|(theirs, ours)| {
-                tail.strip_prefix(ours)
-                    .map(|param| format!("{theirs}{param}"))
-            });
-            match mapped {
-                Some(t) => format!("transformer.layer.{n}.{t}"),
-                None => return vec![],
-            }
-        }
+        Some(rest) => match layer_name(rest, &DISTILBERT_LAYER, "transformer.layer") {
+            Some(t) => t,
+            None => return vec![],
+        },
         None => canonical.to_string(),
     };
     vec![format!("distilbert.{inner}"), inner]

@@ -338,8 +338,7 @@ impl DefendConfig {
     /// among its classes.
     fn suspect_classes(&self, suspect: &Path) -> Result<ModelClasses> {
         let base = self.model.path.as_ref().expect("validated");
-        crate::model::checkpoint::check_fine_tuned_from(suspect, base)?;
-        let md = crate::model::checkpoint::ModelDir::open(suspect)?;
+        let md = crate::model::checkpoint::check_fine_tuned_from(suspect, base)?;
         let src = suspect.display().to_string();
         if !md.has_head()? {
             return Err(BtuError::bad_data(
