@@ -10,6 +10,9 @@
 #   minilm.json     round 1 and training samples/s, btu vs torch, all-MiniLM-L6-v2, 2,000 SST-2 rows
 #   bert-base.json  the same for a BERT-base-sized random model (12 x 768, MiniLM's tokenizer)
 #   baseline.jsonl  ../shared/gpu/baseline/btu_round1_torch.py (the reference figures' script)
+#   detect-P.json, train-P.json, precision.json
+#                   --precision f32 / tf32 / bf16: detection and one training epoch on the same
+#                   rows, and how far tf32's and bf16's ranks are from f32's
 #   defend.json     the whole defence (btu defend, pipelines/default/sst2-addword.toml: detect,
 #                   victim 2 epochs, verify, unlearn, eval) on the GPU, with its wall time
 #   gpu.txt         nvidia-smi
@@ -88,6 +91,27 @@ prepare() {
   du -sh "$GPU"; du -sb "$GPU" | awk '{ if ($1 > 64 * 1048576) { print "over the 64 MiB carry limit"; exit 1 } }'
 }
 
+# --precision: detection (MiniLM, SST-2 rows poisoned with `cf` at 10 %, btu's default method) and
+# one training epoch in f32, tf32 (CUDA only) and bf16 on the same rows: each summary (seconds,
+# samples/s), and precision.json: how far tf32's and bf16's ranks are from f32's
+# (scripts/compare_detections.py).
+precision() { # BTU WORK OUT DEVICE ROWS
+  local btu=$1 work=$2 out=$3 device=$4 rows=$5 precs="f32 bf16" others=()
+  [ "$device" = cuda ] && precs="f32 tf32 bf16"
+  $btu --quiet poison --input "$BENCH/train.parquet" --output "$work/poisoned.parquet" \
+    --attack add-word --trigger cf --rate 0.1 --mode dirty --target 1 > /dev/null
+  for p in $precs; do
+    $btu --quiet detect --model "$work/minilm" --corpus "$work/poisoned.parquet" --limit "$rows" \
+      --prior-neutral --precision "$p" --device "${device/cuda/cuda:0}" --out "$work/det-$p" \
+      > "$out/detect-$p.json"
+    $btu --quiet train --model "$work/minilm" --corpus "$work/poisoned.parquet" --limit "$rows" \
+      --epochs 1 --precision "$p" --device "${device/cuda/cuda:0}" --out "$work/train-$p" \
+      > "$out/train-$p.json"
+    [ "$p" = f32 ] || others+=("$work/det-$p")
+  done
+  "$PY" scripts/compare_detections.py --btu "$btu" "$work/det-f32" "${others[@]}" > "$out/precision.json"
+}
+
 run() {
   local out=${OUT:-/tmp/gpu-bench} device=${BENCH_DEVICE:-cuda} rows=${ROWS:-2000} work
   work=$(mktemp -d)
@@ -114,6 +138,8 @@ run() {
   if [ "$device" = cuda ]; then
     NO_COMPILE=1 "$PY" "$BENCH/btu_round1_torch.py" > "$out/baseline.jsonl" || true
   fi
+  precision "$btu" "$work" "$out" "$device" "$rows"
+  echo "precision: $((SECONDS - t0)) s" >&2
   if [ "${DEFEND:-1}" = 0 ]; then rm -rf "$work"; return; fi
   local d0=$SECONDS
   $btu --quiet defend --config pipelines/default/sst2-addword.toml --run "$work/defend" \

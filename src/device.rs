@@ -69,3 +69,55 @@ pub fn keep_freed_memory() {
         }
     }
 }
+
+/// `--precision f32|tf32|bf16`: the arithmetic of a training step (`btu detect`, `btu train`).
+/// Every variant keeps the trained parameters and AdamW's moments in f32; only the forward and
+/// backward passes change. The default, f32, is what every committed result used.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// IEEE f32 throughout.
+    #[default]
+    F32,
+    /// f32 tensors, matrix products on CUDA tensor cores in TF32 (10-bit mantissa inputs, f32
+    /// accumulation); CUDA only.
+    Tf32,
+    /// Mixed precision: the frozen weights and the activations in bfloat16, LayerNorm, softmax
+    /// and the loss in f32, the trained parameters (the f32 master copy) cast at each step.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this is the default (left out of serialized parameters, so existing step hashes and
+    /// table provenance stay as they were).
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    /// Check that `dev` can run this precision; `flag` names the setting in the error.
+    pub fn check(&self, flag: &str, dev: &Device) -> Result<()> {
+        if *self == Precision::Tf32 && !dev.is_cuda() {
+            return Err(BtuError::config(
+                flag,
+                "tf32 is a CUDA tensor-core mode and the device is the CPU; use f32 (or bf16)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Switch the process's CUDA matrix products to TF32 (or back to f32) for this precision; a
+    /// no-op without the `cuda` feature or on the CPU.
+    pub fn set_matmul_mode(&self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(*self == Precision::Tf32);
+    }
+
+    /// The dtype the forward and backward passes compute in.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        match self {
+            Precision::Bf16 => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        }
+    }
+}

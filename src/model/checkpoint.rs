@@ -466,6 +466,7 @@ pub fn classifier_from(
     let replace_head = num_labels.is_some_and(|n| n != md.config.labels());
     let classifier = w.head(labels, replace_head, &mut rng)?;
     Ok(BertClassifier {
+        compute: word.dtype(),
         config,
         word,
         position,

@@ -21,7 +21,7 @@ pub fn predict_logits(
     for idx in bucketed_batches(&lengths, batch_size, None) {
         let b = make_batch(seqs, &idx, pad_id, None);
         let (ids, mask) = batch_tensors(&b, dev)?;
-        let logits = model.forward(Arch::Full, &ids, &mask.to_dtype(model.word.dtype())?)?;
+        let logits = model.forward(Arch::Full, &ids, &mask.to_dtype(model.compute)?)?;
         let rows = logits
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?

@@ -282,6 +282,9 @@ pub struct BertClassifier {
     /// Classification head (`classifier`), `h -> num_labels`; a decoder's has no bias (its
     /// `b` is zeros and not a parameter).
     pub classifier: Linear,
+    /// The dtype the passes compute in: the parameters' own, or bf16 under mixed precision
+    /// ([`BertClassifier::set_compute_dtype`]).
+    pub compute: DType,
 }
 
 /// Which parameters train.
@@ -384,6 +387,7 @@ impl BertClassifier {
         };
         let classifier = init_linear(&mut rng, h, config.labels(), dev)?;
         Ok(BertClassifier {
+            compute: word.dtype(),
             emb_norm: (!decoder).then(|| init_norm(h, dev)).transpose()?,
             final_norm: decoder.then(|| init_norm(h, dev)).transpose()?,
             config,
@@ -492,7 +496,43 @@ impl BertClassifier {
 
     /// Convert every parameter to `dtype` (tests check gradients in f64).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        self.map_tensors(|t| t.to_dtype(dtype))
+        let mut m = self.map_tensors(|t| t.to_dtype(dtype))?;
+        m.compute = dtype;
+        Ok(m)
+    }
+
+    /// Mixed precision: compute in `dtype` (bf16). The frozen parameters are converted once; the
+    /// trained ones (variables, the f32 master copy the optimiser updates) are cast at every
+    /// forward pass, the word embeddings row by row after the lookup. Call after
+    /// [`BertClassifier::make_trainable`].
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        for t in self.params_mut() {
+            if !t.is_variable() {
+                *t = t.to_dtype(dtype)?;
+            }
+        }
+        if self.config.family.is_decoder() {
+            self.classifier.b = self.classifier.b.to_dtype(dtype)?;
+        }
+        self.compute = dtype;
+        Ok(())
+    }
+
+    /// The model a pass computes with: itself, or under mixed precision a copy whose trained
+    /// parameters are cast (differentiably) to the compute dtype; the word embeddings stay.
+    fn for_compute(&self) -> Result<std::borrow::Cow<'_, Self>> {
+        let uniform = self
+            .named()
+            .iter()
+            .skip(1) // the word embeddings, cast after the lookup
+            .all(|(_, t)| t.dtype() == self.compute);
+        if uniform {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        }
+        let word = self.word.clone();
+        let mut m = self.map_tensors(|t| t.to_dtype(self.compute))?;
+        m.word = word;
+        Ok(std::borrow::Cow::Owned(m))
     }
 
     /// Move every parameter to `dev`.
@@ -554,6 +594,7 @@ impl BertClassifier {
         let word = self
             .word
             .embedding(&ids.flatten_all()?)?
+            .to_dtype(self.compute)?
             .reshape((b, l, h))?;
         let x = if self.config.family.offset_positions() {
             let pos = self
@@ -588,7 +629,7 @@ impl BertClassifier {
             return self.decode(ids, mask);
         }
         let eps = self.config.layer_norm_eps;
-        let bias = attention_bias(mask, self.word.dtype())?;
+        let bias = attention_bias(mask, self.compute)?;
         let mut x = self.embed_block(ids, mask)?;
         for layer in &self.layers {
             let ctx = self.attention(layer, &x, &bias)?;
@@ -638,7 +679,7 @@ impl BertClassifier {
     fn decode(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let eps = self.config.layer_norm_eps;
         let l = ids.dim(1)?;
-        let dtype = self.word.dtype();
+        let dtype = self.compute;
         let bias =
             attention_bias(mask, dtype)?.broadcast_add(&causal_bias(l, dtype, ids.device())?)?;
         let mut x = self.embed_block(ids, mask)?;
@@ -684,6 +725,12 @@ impl BertClassifier {
 
     /// Class logits `[b, num_labels]` for token ids `[b, l]` (u32) and a 0/1 mask `[b, l]`.
     pub fn forward(&self, arch: Arch, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.for_compute()?.forward_uniform(arch, ids, mask)
+    }
+
+    /// [`BertClassifier::forward`] once every parameter but the word embeddings is in the
+    /// compute dtype.
+    fn forward_uniform(&self, arch: Arch, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         match arch {
             Arch::Full => {
                 let x = self.encode(ids, mask)?;
@@ -695,6 +742,7 @@ impl BertClassifier {
                 let x = self
                     .word
                     .embedding(&ids.flatten_all()?)?
+                    .to_dtype(self.compute)?
                     .reshape((b, l, h))?;
                 let m = mask.to_dtype(x.dtype())?;
                 let summed = x.broadcast_mul(&m.unsqueeze(D::Minus1)?)?.sum(1)?;

@@ -5,8 +5,13 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
-/// LayerNorm over the last dimension from differentiable primitives.
+/// LayerNorm over the last dimension from differentiable primitives; a half-precision input is
+/// normalised in f32 (as PyTorch's autocast does) and returned in its own dtype.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return layer_norm(&f(x)?, &f(w)?, &f(b)?, eps)?.to_dtype(x.dtype());
+    }
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -14,8 +19,17 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     xn.broadcast_mul(w)?.broadcast_add(b)
 }
 
-/// Softmax over the last dimension from differentiable primitives.
+/// bf16 or f16: computed in f32 where precision matters (LayerNorm, softmax, the loss).
+fn is_half(d: DType) -> bool {
+    matches!(d, DType::BF16 | DType::F16)
+}
+
+/// Softmax over the last dimension from differentiable primitives (a half-precision input in
+/// f32, returned in its own dtype).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        return softmax_last(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -29,8 +43,12 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     xs.broadcast_sub(&lse)
 }
 
-/// Mean cross-entropy of `logits` [n, c] against `labels` (class indices).
+/// Mean cross-entropy of `logits` [n, c] against `labels` (class indices); half-precision
+/// logits are scored in f32.
 pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
+    if is_half(logits.dtype()) {
+        return cross_entropy(&logits.to_dtype(DType::F32)?, labels);
+    }
     let (n, c) = logits.dims2()?;
     let mut onehot = vec![0f64; n * c];
     for (i, &l) in labels.iter().enumerate() {
@@ -47,7 +65,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let inner = *dims.last().expect("linear input has a rank");
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((rows, inner))?;
-    let trainable = w.is_variable() || b.is_some_and(|b| b.is_variable());
+    // A trained weight is a variable, or under mixed precision a cast of one (tracked).
+    let trainable = w.track_op() || b.is_some_and(|b| b.track_op());
     let y = if trainable || !x2.track_op() {
         let y = x2.matmul(&w.t()?)?;
         match b {

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::defaults;
+use crate::device::Precision;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::CorpusSpec;
 use crate::io::tables::{SuspiciousToken, TokenScore};
@@ -99,6 +100,11 @@ pub struct DetectParams {
     #[arg(long, env = "BTU_PRIOR_NEUTRAL")]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub prior_neutral: bool,
+    /// Arithmetic of the rounds: f32, tf32 (CUDA tensor cores) or bf16 (mixed precision; the
+    /// trained embeddings stay f32). docs/decisions.md gives their measured effect on the ranks.
+    #[arg(long, env = "BTU_PRECISION", value_enum, default_value_t = Precision::F32)]
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Default for DetectParams {
@@ -114,6 +120,7 @@ impl Default for DetectParams {
             batching: Batching::Random,
             num_labels: None,
             prior_neutral: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -336,6 +343,8 @@ pub fn detect(
         };
         let mut model = base.clone();
         let vars = model.make_trainable(rp.trainable)?;
+        params.precision.set_matmul_mode();
+        model.set_compute_dtype(params.precision.compute_dtype())?;
         let mut opt = AdamW::new(
             vars.into_iter().map(|(_, v)| v).collect(),
             AdamWConfig {
@@ -582,6 +591,7 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
     job.params.validate()?;
     crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
     let dev = crate::device::parse_device(&job.run.device)?;
+    job.params.precision.check("--precision", &dev)?;
     let ckpt = Checkpoint::read(&job.model)?;
     ckpt.check_max_len("--max-len", job.params.max_len)?;
     let tok = &ckpt.tokenizer;

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::defaults;
+use crate::device::Precision;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::CorpusSpec;
 use crate::io::tables::canonical_json;
@@ -52,6 +53,11 @@ pub struct TrainParams {
     /// Number of classes of the head (default: the model config's).
     #[arg(long, env = "BTU_NUM_LABELS")]
     pub num_labels: Option<usize>,
+    /// Arithmetic of the training steps: f32, tf32 (CUDA tensor cores) or bf16 (mixed
+    /// precision; the parameters and AdamW's moments stay f32).
+    #[arg(long, env = "BTU_PRECISION", value_enum, default_value_t = Precision::F32)]
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl TrainParams {
@@ -88,6 +94,7 @@ impl Default for TrainParams {
             max_len: defaults::MAX_LEN,
             batching: Batching::Random,
             num_labels: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -143,6 +150,8 @@ pub fn fit(
     after_epoch: &mut dyn FnMut(usize, &BertClassifier, &AdamW, EpochStats) -> Result<()>,
 ) -> Result<()> {
     let vars = model.make_trainable(Trainable::All)?;
+    p.precision.set_matmul_mode();
+    model.set_compute_dtype(p.precision.compute_dtype())?;
     let mut opt = AdamW::new(
         vars.into_iter().map(|(_, v)| v).collect(),
         AdamWConfig {
@@ -341,6 +350,7 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<TrainReport> {
     p.validate()?;
     crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
     let dev = crate::device::parse_device(&job.run.device)?;
+    p.precision.check("--precision", &dev)?;
     let ckpt = Checkpoint::read(&job.model)?;
     ckpt.check_max_len("--max-len", p.max_len)?;
     let tok = &ckpt.tokenizer;

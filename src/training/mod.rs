@@ -244,7 +244,7 @@ pub fn train_epoch(
     let mut losses = Vec::with_capacity(batches.len());
     let mut samples = 0usize;
     let mut tokens = 0usize;
-    let dtype = model.word.dtype();
+    let dtype = model.compute;
     for idx in &batches {
         let b = make_batch(data.seqs, idx, data.pad_id, data.pad_to);
         let (ids, mask) = batch_tensors(&b, dev)?;

@@ -293,3 +293,61 @@ fn prior_neutral_head_stops_function_words_crowding_out_the_trigger_on_imbalance
         best_function_word(&neutral)
     );
 }
+
+/// `--precision bf16` (mixed precision) finds the trigger as f32 does and records itself in the
+/// tables' provenance, while f32 leaves the provenance as it was (no `precision` key, so earlier
+/// runs' hashes hold); `btu train --precision bf16` trains f32 weights; tf32 needs CUDA.
+#[test]
+fn bf16_precision_flags_the_trigger_and_tf32_needs_cuda() {
+    let d = tempfile::tempdir().unwrap();
+    let (corpus, model) = poisoned_synth(d.path(), &["--attack", "add-word", "--trigger", "cf"]);
+    let run = |p: &str| {
+        let out = d.path().join(format!("det-{p}"));
+        let v = btu!(
+            "detect --corpus {} --model {} --out {} --device cpu --precision {p}",
+            s(&corpus),
+            s(&model),
+            s(&out)
+        )
+        .ok();
+        (out, v)
+    };
+    let (f32_out, f32_sum) = run("f32");
+    let (bf_out, bf_sum) = run("bf16");
+    let round1 = |v: &serde_json::Value| v["rounds"][0]["selected"][0].clone();
+    assert_eq!(round1(&f32_sum), "cf", "{f32_sum}");
+    assert_eq!(round1(&bf_sum), "cf", "{bf_sum}");
+    let params = |out: &std::path::Path| {
+        let t = read_ipc(&out.join("suspicious_tokens.arrow")).unwrap();
+        t.schema().metadata()["btu:params"].clone()
+    };
+    assert!(!params(&f32_out).contains("precision"), "{}", params(&f32_out));
+    assert!(params(&bf_out).contains("\"precision\":\"bf16\""), "{}", params(&bf_out));
+
+    let victim = d.path().join("victim");
+    btu!(
+        "train --corpus {} --model {} --out {} --epochs 1 --lr 1e-3 --device cpu --precision bf16",
+        s(&corpus),
+        s(&model),
+        s(&victim)
+    )
+    .ok();
+    let w = candle_core::safetensors::load(victim.join("model.safetensors"), &candle_core::Device::Cpu)
+        .unwrap();
+    assert!(w.len() > 10);
+    for (name, t) in &w {
+        assert_eq!(t.dtype(), candle_core::DType::F32, "{name}: trained weights are saved in f32");
+        let finite = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(finite.iter().all(|x| x.is_finite()), "{name}");
+    }
+
+    let tf32 = d.path().join("det-tf32");
+    btu!(
+        "detect --corpus {} --model {} --out {} --device cpu --precision tf32",
+        s(&corpus),
+        s(&model),
+        s(&tf32)
+    )
+    .fails_with(78, "--precision")
+    .and_no_output(&tf32);
+}

@@ -197,3 +197,70 @@ fn differentiable_layer_norm_matches_reference_formula() {
         }
     }
 }
+
+/// `--precision bf16`: the frozen weights and activations in bf16, the trained parameters f32.
+/// Its gradients must be those of f32 up to bf16's rounding (the f32 path is proven against
+/// central differences above), land on the f32 variables, and skip frozen weights as f32 does;
+/// with every parameter trained, each one still gets its gradient through the per-step cast.
+#[test]
+fn mixed_precision_gradients_follow_f32_in_every_family() {
+    use btu::model::Family;
+    let rel = |a: &Tensor, b: &Tensor| -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let d = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = b.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f64>().unwrap() / n.to_scalar::<f64>().unwrap()).sqrt()
+    };
+    for family in [Family::Bert, Family::Roberta, Family::Distilbert, Family::Gpt2] {
+        for which in [Trainable::WordEmbeddings, Trainable::All] {
+            let mut base = tiny_of(7, family).to_dtype(DType::F32).unwrap();
+            base.classifier.w = (base.classifier.w.clone() * 20.0).unwrap();
+            let (ids, mask, labels) = batch();
+            let mask = mask.to_dtype(DType::F32).unwrap();
+            let grads_of = |bf16: bool| {
+                let mut m = base.clone();
+                let vars = m.make_trainable(which).unwrap();
+                if bf16 {
+                    m.set_compute_dtype(DType::BF16).unwrap();
+                }
+                let logits = m.forward(Arch::Full, &ids, &mask).unwrap();
+                assert_eq!(logits.dtype(), if bf16 { DType::BF16 } else { DType::F32 });
+                let loss = cross_entropy(&logits, &labels).unwrap();
+                assert_eq!(loss.dtype(), DType::F32, "the loss is scored in f32");
+                let g = loss.backward().unwrap();
+                let frozen_grad = g.get(&m.layers[0].query.w).is_some();
+                let out: Vec<(String, Tensor)> = vars
+                    .iter()
+                    .map(|(n, v)| {
+                        assert_eq!(v.dtype(), DType::F32, "{n}: the master copy stays f32");
+                        let gv = g.get(v.as_tensor()).unwrap_or_else(|| {
+                            panic!("{family:?} {which:?} bf16={bf16}: {n} got no gradient")
+                        });
+                        assert_eq!(gv.dtype(), DType::F32);
+                        (n.clone(), gv.clone())
+                    })
+                    .collect();
+                (out, frozen_grad, m)
+            };
+            let (f32_grads, _, _) = grads_of(false);
+            let (bf_grads, frozen_grad, m) = grads_of(true);
+            if which == Trainable::WordEmbeddings {
+                assert!(!frozen_grad, "{family:?}: a frozen weight got a gradient");
+                assert_eq!(m.layers[0].query.w.dtype(), DType::BF16);
+            }
+            for ((n, a), (_, b)) in bf_grads.iter().zip(&f32_grads) {
+                // The key bias adds one constant to a query's scores over all keys, which the
+                // softmax removes: its gradient is zero up to rounding, in f32 as in bf16.
+                if n.ends_with("key.bias") {
+                    continue;
+                }
+                let e = rel(a, b);
+                assert!(
+                    e < 0.05,
+                    "{family:?} {which:?} {n}: bf16 gradient off by {e:.3} (relative)"
+                );
+            }
+        }
+    }
+}
