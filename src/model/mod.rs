@@ -619,7 +619,7 @@ impl BertClassifier {
         match self.config.hidden_act.as_str() {
             "relu" => x.relu(),
             "gelu_new" => x.gelu(),
-            _ => x.gelu_erf(),
+            _ => ops::gelu_erf(x),
         }
     }
 
