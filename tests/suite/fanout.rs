@@ -178,8 +178,9 @@ fn sharded_scans_on_s3_together_equal_the_whole_scan() {
 
 #[test]
 fn a_killed_shard_leaves_no_object_and_its_rerun_writes_the_same_bytes() {
-    // 60,000 rows: long enough a scan to kill it on the way.
-    let Some((moto, _d)) = s3_lake("big", 2000, 30) else {
+    // 120,000 rows: long enough a scan to kill it on the way even when it has both cores (60,000
+    // rows once finished within the 700 ms).
+    let Some((moto, _d)) = s3_lake("big", 2000, 60) else {
         return;
     };
     let corpus = "s3://lake/big/";
