@@ -223,24 +223,6 @@ fn erf_fast(x: f32) -> f32 {
     y.copysign(x)
 }
 
-/// `f` over `out` (with the index of its first element), one contiguous range per core.
-fn par_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = out.len().div_ceil(threads).max(1 << 14);
-    std::thread::scope(|s| {
-        let mut parts = out.chunks_mut(chunk).enumerate();
-        // The calling thread takes the first range; the others go to scoped threads.
-        let first = parts.next();
-        for (c, part) in parts {
-            let f = &f;
-            s.spawn(move || f(c * chunk, part));
-        }
-        if let Some((c, part)) = first {
-            f(c * chunk, part);
-        }
-    });
-}
-
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
@@ -262,7 +244,7 @@ impl candle_core::CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut out = vec![0f32; x.len()];
-        par_chunks(&mut out, |start, part| {
+        par_rows(&mut out, 1, |start, part| {
             for (o, &v) in part.iter_mut().zip(&x[start..]) {
                 *o = 0.5 * v * (1.0 + erf_fast(v * std::f32::consts::FRAC_1_SQRT_2));
             }
@@ -298,7 +280,7 @@ impl CustomOp2 for GeluErfGrad {
             ));
         }
         let mut out = vec![0f32; x.len()];
-        par_chunks(&mut out, |start, part| {
+        par_rows(&mut out, 1, |start, part| {
             for ((o, &v), &gv) in part.iter_mut().zip(&x[start..]).zip(&g[start..]) {
                 let cdf = 0.5 * (1.0 + erf_fast(v * std::f32::consts::FRAC_1_SQRT_2));
                 let pdf = FRAC_1_SQRT_2PI * exp_nonpositive(-0.5 * v * v);
