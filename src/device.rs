@@ -74,7 +74,15 @@ pub fn keep_freed_memory() {
 /// Every variant keeps the trained parameters and AdamW's moments in f32; only the forward and
 /// backward passes change. The default, f32, is what every committed result used.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Precision {

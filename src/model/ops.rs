@@ -253,7 +253,9 @@ impl candle_core::CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?))
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?,
+        ))
     }
 }
 
@@ -320,7 +322,10 @@ impl candle_core::CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "layer norm")?;
-        let (w, b) = (f32_slice(s2, l2, "layer norm")?, f32_slice(s3, l3, "layer norm")?);
+        let (w, b) = (
+            f32_slice(s2, l2, "layer norm")?,
+            f32_slice(s3, l3, "layer norm")?,
+        );
         let h = w.len();
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, h, |r0, part| {
@@ -345,10 +350,14 @@ impl candle_core::CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let h = w.dim(0)?;
         let n = x.elem_count();
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = w.track_op().then(|| packed.narrow(0, n, h)).transpose()?;
-        let db = b.track_op().then(|| packed.narrow(0, n + h, h)).transpose()?;
+        let db = b
+            .track_op()
+            .then(|| packed.narrow(0, n + h, h))
+            .transpose()?;
         Ok((Some(dx), dw, db))
     }
 }
@@ -400,7 +409,10 @@ impl candle_core::CustomOp3 for LayerNormGrad {
                     d[j] = rstd * (gr[j] * w[j] - m1 - xhat * m2);
                 }
             }
-            partial.lock().expect("no panics while held").push((r0, acc));
+            partial
+                .lock()
+                .expect("no panics while held")
+                .push((r0, acc));
         });
         let mut partial = partial.into_inner().expect("no panics while held");
         partial.sort_by_key(|(r0, _)| *r0);
@@ -445,10 +457,15 @@ mod tests {
             let x = -90.0 + 90.0 * i as f64 / 20_000.0;
             let xf = x as f32;
             let (got, want) = (exp_nonpositive(xf) as f64, (xf as f64).exp());
-            assert!((got - want).abs() <= 3e-7 * want + 1e-37, "exp({x}): {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 3e-7 * want + 1e-37,
+                "exp({x}): {got} vs {want}"
+            );
         }
         let n = 70_001;
-        let xs: Vec<f64> = (0..n).map(|i| -9.0 + 18.0 * i as f64 / (n - 1) as f64).collect();
+        let xs: Vec<f64> = (0..n)
+            .map(|i| -9.0 + 18.0 * i as f64 / (n - 1) as f64)
+            .collect();
         let x64 = Tensor::from_slice(&xs, n, &Device::Cpu).unwrap();
         let exact = x64.gelu_erf().unwrap().to_vec1::<f64>().unwrap();
         let var = Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
@@ -458,16 +475,26 @@ mod tests {
         let w: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
         let wt = Tensor::from_slice(&w, n, &Device::Cpu).unwrap();
         let grads = (y * &wt).unwrap().sum_all().unwrap().backward().unwrap();
-        let g = grads.get(var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let f = |v: f64| 0.5 * v * (1.0 + erf_fast((v / std::f64::consts::SQRT_2) as f32) as f64);
         for i in 0..n {
             let v = xs[i];
-            assert!((got[i] as f64 - exact[i]).abs() <= 2e-6 * (1.0 + v.abs()), "gelu({v})");
+            assert!(
+                (got[i] as f64 - exact[i]).abs() <= 2e-6 * (1.0 + v.abs()),
+                "gelu({v})"
+            );
             // gelu'(v) = Phi(v) + v phi(v), and Phi(v) = gelu(v) / v.
             let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
             let cdf = if v == 0.0 { 0.5 } else { exact[i] / v };
             let (wi, gi) = (w[i] as f64, g[i] as f64);
-            assert!((gi - wi * (cdf + v * pdf)).abs() <= 1e-5, "gelu'({v}) exact");
+            assert!(
+                (gi - wi * (cdf + v * pdf)).abs() <= 1e-5,
+                "gelu'({v}) exact"
+            );
             let d = (f(v + 1e-3) - f(v - 1e-3)) / 2e-3;
             assert!((gi - wi * d).abs() <= 1e-3, "gelu'({v}) numerical");
         }
@@ -489,7 +516,11 @@ mod tests {
         let bias = Var::from_tensor(&t(h, 11, &[h])).unwrap();
         let gw = t(b * l * h, 13, &[b, l, h]);
         let run = |fused: bool| {
-            let f = if fused { layer_norm } else { layer_norm_primitives };
+            let f = if fused {
+                layer_norm
+            } else {
+                layer_norm_primitives
+            };
             let y = f(x.as_tensor(), w.as_tensor(), bias.as_tensor(), 1e-12).unwrap();
             let g = (&y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -500,7 +531,10 @@ mod tests {
         for (what, (a, e)) in ["y", "dx", "dw", "db"].iter().zip(fused.iter().zip(&prim)) {
             let scale = e.iter().fold(1f32, |m, v| m.max(v.abs()));
             let d = a.iter().zip(e).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-            assert!(d <= 2e-5 * scale, "{what}: fused differs by {d} (scale {scale})");
+            assert!(
+                d <= 2e-5 * scale,
+                "{what}: fused differs by {d} (scale {scale})"
+            );
         }
         // Frozen weight and bias: only the input gets a gradient.
         let (wf, bf) = (w.as_tensor().detach(), bias.as_tensor().detach());
@@ -509,5 +543,4 @@ mod tests {
         assert!(g.get(x.as_tensor()).is_some());
         assert!(g.get(&wf).is_none() && g.get(&bf).is_none());
     }
-
 }

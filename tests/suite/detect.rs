@@ -321,8 +321,16 @@ fn bf16_precision_flags_the_trigger_and_tf32_needs_cuda() {
         let t = read_ipc(&out.join("suspicious_tokens.arrow")).unwrap();
         t.schema().metadata()["btu:params"].clone()
     };
-    assert!(!params(&f32_out).contains("precision"), "{}", params(&f32_out));
-    assert!(params(&bf_out).contains("\"precision\":\"bf16\""), "{}", params(&bf_out));
+    assert!(
+        !params(&f32_out).contains("precision"),
+        "{}",
+        params(&f32_out)
+    );
+    assert!(
+        params(&bf_out).contains("\"precision\":\"bf16\""),
+        "{}",
+        params(&bf_out)
+    );
 
     let victim = d.path().join("victim");
     btu!(
@@ -332,11 +340,16 @@ fn bf16_precision_flags_the_trigger_and_tf32_needs_cuda() {
         s(&victim)
     )
     .ok();
-    let w = candle_core::safetensors::load(victim.join("model.safetensors"), &candle_core::Device::Cpu)
-        .unwrap();
+    let w =
+        candle_core::safetensors::load(victim.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     assert!(w.len() > 10);
     for (name, t) in &w {
-        assert_eq!(t.dtype(), candle_core::DType::F32, "{name}: trained weights are saved in f32");
+        assert_eq!(
+            t.dtype(),
+            candle_core::DType::F32,
+            "{name}: trained weights are saved in f32"
+        );
         let finite = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(finite.iter().all(|x| x.is_finite()), "{name}");
     }

@@ -212,7 +212,12 @@ fn mixed_precision_gradients_follow_f32_in_every_family() {
         let n = b.sqr().unwrap().sum_all().unwrap();
         (d.to_scalar::<f64>().unwrap() / n.to_scalar::<f64>().unwrap()).sqrt()
     };
-    for family in [Family::Bert, Family::Roberta, Family::Distilbert, Family::Gpt2] {
+    for family in [
+        Family::Bert,
+        Family::Roberta,
+        Family::Distilbert,
+        Family::Gpt2,
+    ] {
         for which in [Trainable::WordEmbeddings, Trainable::All] {
             let mut base = tiny_of(7, family).to_dtype(DType::F32).unwrap();
             base.classifier.w = (base.classifier.w.clone() * 20.0).unwrap();
