@@ -115,10 +115,12 @@ impl Precision {
         Ok(())
     }
 
-    /// Switch the process's CUDA matrix products to TF32 (or back to f32) for this precision; a
-    /// no-op without the `cuda` feature or on the CPU.
-    pub fn set_matmul_mode(&self) {
+    /// Switch the process's CUDA matrix products to TF32 for this precision until the returned
+    /// guard drops (then back to f32, so later steps of the same process, an evaluation or a
+    /// verification, run as asked); a no-op without the `cuda` feature or on the CPU.
+    pub fn matmul_mode(&self) -> MatmulMode {
         candle_core::cuda::set_gemm_reduced_precision_f32(*self == Precision::Tf32);
+        MatmulMode
     }
 
     /// The dtype the forward and backward passes compute in.
@@ -127,5 +129,15 @@ impl Precision {
             Precision::Bf16 => candle_core::DType::BF16,
             _ => candle_core::DType::F32,
         }
+    }
+}
+
+/// Restores f32 matrix products when dropped ([`Precision::matmul_mode`]).
+#[must_use = "the mode lasts as long as the guard"]
+pub struct MatmulMode;
+
+impl Drop for MatmulMode {
+    fn drop(&mut self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(false);
     }
 }

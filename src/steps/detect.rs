@@ -325,6 +325,7 @@ pub fn detect(
     if params.prior_neutral {
         base.classifier.b = prior_bias(&corpus.labels, base.config.labels(), dev)?;
     }
+    let _matmul = params.precision.matmul_mode();
     let mut selected_by_round: BTreeMap<u8, BTreeSet<u32>> = BTreeMap::new();
     let mut scores = Vec::with_capacity(3 * vocab);
     let mut rounds = Vec::new();
@@ -343,7 +344,6 @@ pub fn detect(
         };
         let mut model = base.clone();
         let vars = model.make_trainable(rp.trainable)?;
-        params.precision.set_matmul_mode();
         model.set_compute_dtype(params.precision.compute_dtype())?;
         let mut opt = AdamW::new(
             vars.into_iter().map(|(_, v)| v).collect(),

@@ -150,7 +150,7 @@ pub fn fit(
     after_epoch: &mut dyn FnMut(usize, &BertClassifier, &AdamW, EpochStats) -> Result<()>,
 ) -> Result<()> {
     let vars = model.make_trainable(Trainable::All)?;
-    p.precision.set_matmul_mode();
+    let _matmul = p.precision.matmul_mode();
     model.set_compute_dtype(p.precision.compute_dtype())?;
     let mut opt = AdamW::new(
         vars.into_iter().map(|(_, v)| v).collect(),
