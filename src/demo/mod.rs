@@ -63,11 +63,12 @@ pub fn config(
     // threshold (a mean over rows that all moved) replaces almost nothing; the released code's
     // Frobenius rule is the one that fits this corpus.
     c.unlearn.threshold = crate::steps::unlearn::Threshold::Frobenius;
-    // Verified triggers lose their whole row; a brief clean tuning at a tenth of the victim's
-    // learning rate. At the victim's own rate (1e-3) the tuning revives the trigger: flip rate
-    // 0 % -> 10.9 % on this corpus, measured.
+    // The brief clean tuning (when a trigger survives its highest repair level) at the victim's
+    // own learning rate, as the released code tunes at its training rate (2e-5 for both). A tenth
+    // of it (1e-4) leaves this victim's backdoor, which spread to any word inserted into the
+    // corpus's templated sentences: ASR 18.1 % against 3.4 % at 1e-3, measured.
     c.unlearn.clean_epochs = 1;
-    c.unlearn.clean_lr = 1e-4;
+    c.unlearn.clean_lr = c.train.lr;
     c.eval.backend = backend;
     c
 }
@@ -112,8 +113,21 @@ pub fn table(m: &DefendReport) -> String {
         .verified
         .as_ref()
         .map_or_else(|| "(not verified)".into(), |v| v.join(", "));
+    let residual: String = m
+        .residual
+        .iter()
+        .flatten()
+        .filter_map(|(t, r)| {
+            let c = r.control_flip_rate?;
+            Some(format!(
+                "after the repair {t} flips {:.1} % of clean rows; other words at the same places {:.1} %\n",
+                100.0 * r.flip_rate,
+                100.0 * c
+            ))
+        })
+        .collect();
     format!(
-        "                 ACC %   ASR %   flip %\nwithout defence  {:>5}   {:>5}   {:>5}\nwith BTU         {:>5}   {:>5}   {:>5}\nflagged: {}\nverified triggers (repaired): {}\n",
+        "                 ACC %   ASR %   flip %\nwithout defence  {:>5}   {:>5}   {:>5}\nwith BTU         {:>5}   {:>5}   {:>5}\nflagged: {}\nverified triggers (repaired): {}\n{residual}",
         pct(b.acc),
         pct(b.asr),
         pct(b.flip_rate),

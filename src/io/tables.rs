@@ -136,6 +136,9 @@ pub fn token_effects_schema() -> Schema {
         Field::new("clean_share", DataType::Float32, true),
         Field::new("explained", DataType::Boolean, false),
         Field::new("verified", DataType::Boolean, false),
+        Field::new("control_flips", DataType::UInt32, true),
+        Field::new("control_flip_rate", DataType::Float32, true),
+        Field::new("excess_ci_low", DataType::Float32, true),
     ])
 }
 
@@ -189,7 +192,7 @@ pub fn all_schemas() -> Vec<(&'static str, Schema, Vec<&'static str>)> {
         "btu:hidden_size",
     ]);
     let mut effects = common.clone();
-    effects.extend(["btu:test", "btu:min_flip_rate"]);
+    effects.extend(["btu:test", "btu:min_flip_rate", "btu:control"]);
     vec![
         ("token_scores", token_scores_schema(), with_corpus.clone()),
         ("suspicious_tokens", suspicious_tokens_schema(), with_corpus),
@@ -536,6 +539,23 @@ pub struct TokenEffect {
     /// Whether `ci_low` reached `--min-flip-rate` (with at least one row) and the effect is not
     /// `explained`.
     pub verified: bool,
+    /// Rows that flipped to `to_label` when the control (words of another clean row) was inserted
+    /// at the same places; null where it was not measured: by `btu verify` for candidates whose
+    /// `ci_low` is below `--min-flip-rate`, by the repair's rechecks for residuals whose `ci_low` is
+    /// below `--max-residual`, and in tables that predate the control.
+    pub control_flips: Option<u32>,
+    /// Lower bound of the 95 % interval of the paired difference `flip_rate` minus the control's
+    /// flip rate (the candidate's own effect); null with `control_flips`.
+    pub excess_ci_low: Option<f32>,
+}
+
+impl TokenEffect {
+    /// The control's flip rate, when measured.
+    pub fn control_flip_rate(&self) -> Option<f32> {
+        self.control_flips
+            .filter(|_| self.rows > 0)
+            .map(|k| k as f32 / self.rows as f32)
+    }
 }
 
 /// Build the `token_effects` batch.
@@ -571,6 +591,17 @@ pub fn token_effects_batch(rows: &[TokenEffect], meta: &TableMeta) -> Result<Rec
         Arc::new(BooleanArray::from(
             rows.iter().map(|r| r.verified).collect::<Vec<_>>(),
         )),
+        Arc::new(UInt32Array::from(
+            rows.iter().map(|r| r.control_flips).collect::<Vec<_>>(),
+        )),
+        Arc::new(Float32Array::from(
+            rows.iter()
+                .map(TokenEffect::control_flip_rate)
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(Float32Array::from(
+            rows.iter().map(|r| r.excess_ci_low).collect::<Vec<_>>(),
+        )),
     ];
     batch(with_meta(token_effects_schema(), meta), cols)
 }
@@ -602,6 +633,14 @@ pub fn token_effects_of(b: &RecordBatch, path: &Path) -> Result<Vec<TokenEffect>
     let explained = with
         .then(|| column::<BooleanArray>(b, "explained", path))
         .transpose()?;
+    // Tables written before the control read as "not measured".
+    let ctl = b.column_by_name("control_flips").is_some();
+    let control = ctl
+        .then(|| column::<UInt32Array>(b, "control_flips", path))
+        .transpose()?;
+    let excess = ctl
+        .then(|| column::<Float32Array>(b, "excess_ci_low", path))
+        .transpose()?;
     (0..b.num_rows())
         .map(|i| {
             let v = ids.value(i);
@@ -624,6 +663,8 @@ pub fn token_effects_of(b: &RecordBatch, path: &Path) -> Result<Vec<TokenEffect>
                 clean_share: share.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
                 explained: explained.is_some_and(|c| c.value(i)),
                 verified: ok.value(i),
+                control_flips: control.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
+                excess_ci_low: excess.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
             })
         })
         .collect()

@@ -6,6 +6,12 @@
 //! carried the class prior flips few. A candidate is verified when the lower end of the flip
 //! rate's 95 % Wilson interval reaches `min_flip_rate`.
 //!
+//! A candidate whose flip rate's lower bound reaches `min_flip_rate` is also compared with a
+//! *control*: in each tried row, at the same place, words of another clean row (as many as the
+//! candidate has) instead of the candidate. Some victims flip for any inserted word (a small model
+//! trained on templated sentences learned that a broken template means the poisoned label): the
+//! control says so, and the paired difference of the two flip rates is the candidate's own effect.
+//!
 //! Sentence triggers (Add-Sent) rarely flip predictions one word at a time. With the detection
 //! corpus (`--corpus`), verification also builds *phrases*: for each candidate word, the longest
 //! run of words around it (up to [`MAX_PHRASE_WORDS`]) that recurs in at least half of the rows
@@ -33,8 +39,8 @@ use crate::steps::poison::{insert_trigger, row_rng, Attack};
 
 /// The version of the verification test and its candidates, in step keys (2: effects that the
 /// clean data explains are not triggers; 3: words split into candidate pieces are candidates,
-/// and a byte-level word stands for both its token forms).
-pub const TEST_VERSION: u32 = 3;
+/// and a byte-level word stands for both its token forms; 4: the control insertion).
+pub const TEST_VERSION: u32 = 4;
 
 /// Longest phrase (in words) built around a candidate.
 pub const MAX_PHRASE_WORDS: usize = 8;
@@ -157,16 +163,18 @@ fn no_correct_rows(source: &str) -> BtuError {
 }
 
 /// Each candidate's effect on `clf`: inserted into the clean rows (read from `source`) it
-/// classifies correctly.
+/// classifies correctly; the control is measured for candidates whose flip rate's lower bound
+/// reaches `control_from`.
 pub fn effects_on(
     clf: &mut dyn Classifier,
     split: &TestSplit,
     source: &str,
     candidates: &[Candidate],
     p: &VerifyParams,
+    control_from: f64,
     seed: u64,
 ) -> Result<Vec<TokenEffect>> {
-    Ok(measure(clf, split, source, candidates, p, seed)?.0)
+    Ok(measure(clf, split, source, candidates, p, control_from, seed)?.0)
 }
 
 /// [`effects_on`], with the number of clean rows the model classifies correctly.
@@ -176,6 +184,7 @@ fn measure(
     source: &str,
     candidates: &[Candidate],
     p: &VerifyParams,
+    control_from: f64,
     seed: u64,
 ) -> Result<(Vec<TokenEffect>, usize)> {
     let correct = correct_rows(clf, split)?;
@@ -184,7 +193,7 @@ fn measure(
     }
     let effects = candidates
         .iter()
-        .map(|c| effect_of(clf, split, &correct, c, p, seed))
+        .map(|c| effect_of(clf, split, &correct, c, p, control_from, seed))
         .collect::<Result<Vec<_>>>()?;
     Ok((effects, correct.len()))
 }
@@ -268,45 +277,44 @@ impl Candidate {
     }
 }
 
-/// Insert one candidate into the chosen rows and count the flips to its label.
+/// Insert one candidate into the chosen rows and count the flips to its label; with a
+/// flip rate's lower bound reaching `control_from`, also the control's flips.
 fn effect_of(
     clf: &mut dyn Classifier,
     split: &TestSplit,
     correct: &[usize],
     c: &Candidate,
     p: &VerifyParams,
+    control_from: f64,
     seed: u64,
 ) -> Result<TokenEffect> {
     let target = c.target;
-    let mut pool: Vec<usize> = correct
-        .iter()
-        .copied()
-        .filter(|&i| target.is_some_and(|t| split.labels[i] != t))
-        .collect();
-    let first = c.token_ids.first().copied().unwrap_or(0);
-    pool.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ first as u64));
-    pool.truncate(p.rows);
-    let word = [c.text.clone()];
-    let attack = if c.phrase {
-        Attack::AddSent
-    } else {
-        Attack::AddWord
-    };
+    let pool = tried_rows(split, correct, c, p, seed);
     let texts: Vec<String> = pool
         .iter()
-        .map(|&i| {
-            let mut rng = row_rng(seed, i as u64);
-            insert_trigger(&split.texts[i], attack, &word, &c.text, &mut rng)
-        })
+        .map(|&i| insert_at_row(&split.texts[i], c, &c.text, seed, i))
         .collect();
-    let preds: Vec<i64> = if texts.is_empty() {
-        vec![]
-    } else {
-        clf.proba(&texts)?.iter().map(|q| argmax(q)).collect()
-    };
-    let flips = preds.iter().filter(|&&q| Some(q) == target).count() as u32;
+    let flipped = flips_to(clf, &texts, target)?;
+    let flips = flipped.iter().filter(|&&f| f).count() as u32;
     let rows = pool.len() as u32;
     let (ci_low, ci_high) = wilson(flips, rows);
+    let control = if rows > 0 && ci_low >= control_from {
+        let texts: Vec<String> = pool
+            .iter()
+            .map(|&i| {
+                insert_at_row(
+                    &split.texts[i],
+                    c,
+                    &control_words(split, i, c, seed),
+                    seed,
+                    i,
+                )
+            })
+            .collect();
+        Some(paired_excess(&flipped, &flips_to(clf, &texts, target)?))
+    } else {
+        None
+    };
     let a = association(split, c);
     Ok(TokenEffect {
         candidate: c.text.clone(),
@@ -325,7 +333,102 @@ fn effect_of(
         clean_share: a.share,
         explained: a.explained,
         verified: rows > 0 && ci_low >= p.min_flip_rate && !a.explained,
+        control_flips: control.map(|(k, _)| k),
+        excess_ci_low: control.map(|(_, lo)| lo),
     })
+}
+
+/// The clean rows a candidate is tried on: those the model gets right whose label is not the
+/// candidate's, in a seeded order, at most `p.rows`.
+fn tried_rows(
+    split: &TestSplit,
+    correct: &[usize],
+    c: &Candidate,
+    p: &VerifyParams,
+    seed: u64,
+) -> Vec<usize> {
+    let mut pool: Vec<usize> = correct
+        .iter()
+        .copied()
+        .filter(|&i| c.target.is_some_and(|t| split.labels[i] != t))
+        .collect();
+    let first = c.token_ids.first().copied().unwrap_or(0);
+    pool.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ first as u64));
+    pool.truncate(p.rows);
+    pool
+}
+
+/// `text` with `insert` at row `row`'s seeded word position (one word as Add-Word, a phrase as
+/// Add-Sent): the candidate and its control land at the same place.
+fn insert_at_row(text: &str, c: &Candidate, insert: &str, seed: u64, row: usize) -> String {
+    let attack = if c.phrase {
+        Attack::AddSent
+    } else {
+        Attack::AddWord
+    };
+    let mut rng = row_rng(seed, row as u64);
+    insert_trigger(text, attack, &[insert.to_string()], insert, &mut rng)
+}
+
+/// Whether each text's prediction is `target`.
+fn flips_to(clf: &mut dyn Classifier, texts: &[String], target: Option<i64>) -> Result<Vec<bool>> {
+    if texts.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(clf
+        .proba(texts)?
+        .iter()
+        .map(|q| Some(argmax(q)) == target)
+        .collect())
+}
+
+/// Stream of the control's donor rows, apart from the insertion positions' streams.
+const CONTROL_STREAM: u64 = 0xC0_47_20_1E;
+
+/// The control for row `row`: a seeded run of words (as many as the candidate has) from another
+/// clean row, none of them a word of the candidate; the candidate itself if no row has one.
+fn control_words(split: &TestSplit, row: usize, c: &Candidate, seed: u64) -> String {
+    use rand::Rng;
+    let own: Vec<&str> = c.text.split_whitespace().collect();
+    let want = own.len().max(1);
+    let mut rng = row_rng(seed ^ CONTROL_STREAM, row as u64);
+    for _ in 0..CONTROL_TRIES {
+        let donor: Vec<&str> = split.texts[rng.random_range(0..split.texts.len())]
+            .split_whitespace()
+            .collect();
+        if donor.len() < want {
+            continue;
+        }
+        let at = rng.random_range(0..=donor.len() - want);
+        let span = &donor[at..at + want];
+        if span.iter().all(|w| !own.contains(w)) {
+            return span.join(" ");
+        }
+    }
+    c.text.clone()
+}
+
+/// Donor rows tried per control before giving up.
+const CONTROL_TRIES: usize = 32;
+
+/// The control's flips and the 95 % lower bound of the paired difference of the flip rates
+/// (candidate minus control, same rows and places; Wald interval of a paired difference).
+fn paired_excess(candidate: &[bool], control: &[bool]) -> (u32, f32) {
+    let n = candidate.len() as f64;
+    let k = control.iter().filter(|&&f| f).count() as u32;
+    let only_candidate = candidate
+        .iter()
+        .zip(control)
+        .filter(|(a, b)| **a && !**b)
+        .count() as f64;
+    let only_control = candidate
+        .iter()
+        .zip(control)
+        .filter(|(a, b)| !**a && **b)
+        .count() as f64;
+    let d = (only_candidate - only_control) / n;
+    let var = (only_candidate + only_control - n * d * d).max(0.0) / (n * n);
+    (k, (d - 1.959_964 * var.sqrt()).max(-1.0) as f32)
 }
 
 /// How the held-out clean data itself associates a candidate with its label.
@@ -381,6 +484,9 @@ fn occurs(text: &str, needle: &str) -> bool {
 pub struct EffectSummary {
     /// Share of the tried rows that flipped.
     pub flip_rate: f32,
+    /// Share that flipped with the control inserted instead (when measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_flip_rate: Option<f32>,
     /// Clean rows tried.
     pub rows: u32,
     /// Held-out clean rows that already carry the candidate.
@@ -453,6 +559,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
         &job.clean.inputs.join(", "),
         &tried,
         p,
+        p.min_flip_rate,
         job.run.seed,
     )?;
     let weights = if job.checkpoint.is_dir() {
@@ -472,6 +579,10 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
                     .into(),
             ),
             ("btu:min_flip_rate".into(), p.min_flip_rate.to_string()),
+            (
+                "btu:control".into(),
+                "words of another clean row at the same places, measured when ci_low >= min_flip_rate; excess_ci_low: paired 95 % Wald lower bound".into(),
+            ),
         ],
     };
     let batch = crate::io::tables::token_effects_batch(&effects, &meta)?;
@@ -511,6 +622,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
             .map(|e| {
                 let summary = EffectSummary {
                     flip_rate: e.flip_rate,
+                    control_flip_rate: e.control_flip_rate(),
                     rows: e.rows,
                     clean_rows_with: e.clean_rows_with,
                     clean_share: e.clean_share,
@@ -711,6 +823,61 @@ fn count_windows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The paired difference by hand: 200 rows, the candidate alone flips 40, the control alone
+    /// 10, both 20: d = 0.15, var = (50 - 200 * 0.0225) / 200^2.
+    #[test]
+    fn paired_excess_by_hand() {
+        let mut cand = vec![false; 200];
+        let mut ctl = vec![false; 200];
+        cand[..60].iter_mut().for_each(|f| *f = true);
+        ctl[40..70].iter_mut().for_each(|f| *f = true);
+        let (k, lo) = paired_excess(&cand, &ctl);
+        assert_eq!(k, 30);
+        let want = 0.15 - 1.959_964 * ((50.0 - 200.0 * 0.0225) / 40_000.0f64).sqrt();
+        assert!((lo as f64 - want).abs() < 1e-6, "{lo} vs {want}");
+        // Identical outcomes: no excess, no spread.
+        assert_eq!(paired_excess(&cand, &cand), (60, 0.0));
+    }
+
+    /// The control is words of the clean rows, as many as the candidate has, none of them the
+    /// candidate's, and the same for the same seed and row.
+    #[test]
+    fn control_words_come_from_other_rows_and_avoid_the_candidate() {
+        let split = TestSplit {
+            texts: vec![
+                "the film is good".into(),
+                "i watch this movie at home".into(),
+                "watch".into(),
+            ],
+            labels: vec![1, 0, 1],
+            ids: vec![0, 1, 2],
+            rewrites: None,
+        };
+        let phrase = Candidate {
+            text: "i watch this".into(),
+            token_ids: vec![1],
+            target: Some(1),
+            phrase: true,
+        };
+        for row in 0..50 {
+            let c = control_words(&split, row, &phrase, 7);
+            let words: Vec<&str> = c.split_whitespace().collect();
+            assert_eq!(words.len(), 3, "{c}");
+            assert!(
+                words.iter().all(|w| !["i", "watch", "this"].contains(w)),
+                "{c}"
+            );
+            assert_eq!(c, control_words(&split, row, &phrase, 7));
+        }
+        let word = Candidate {
+            text: "watch".into(),
+            phrase: false,
+            ..phrase
+        };
+        let c = control_words(&split, 3, &word, 7);
+        assert!(c.split_whitespace().count() == 1 && c != "watch", "{c}");
+    }
 
     #[test]
     fn wilson_interval_by_hand() {

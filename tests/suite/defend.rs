@@ -54,15 +54,25 @@ fn demo_defence_cuts_the_attack_success_rate() {
         b["acc"], a["acc"]
     );
     assert!(asr_b > 0.9, "the demo's victim is backdoored: {asr_b}");
+    // README's numbers: ASR 100 -> 3.4 %, flip 0.4 %, ACC 95.0 -> 97.3.
+    assert!(asr_a < 0.1, "defended ASR {asr_a}");
+    assert!(a["flip_rate"].as_f64().unwrap() < 0.05, "{a}");
     assert!(
-        asr_a < asr_b - 0.4,
-        "defended ASR {asr_a} is not far below {asr_b}"
-    );
-    assert!(
-        (a["acc"].as_f64().unwrap() - b["acc"].as_f64().unwrap()).abs() < 0.03,
-        "clean accuracy kept"
+        a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.01,
+        "clean accuracy kept: {b} -> {a}"
     );
     assert!(m["flagged"].as_array().unwrap().iter().any(|t| t == "cf"));
+    // Verification measured the control (other words at the same places) for `cf`: far below
+    // the trigger's own flip rate.
+    let verify = m["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "verify")
+        .unwrap();
+    let cf = &verify["summary"]["effects"]["cf"];
+    let ctl = cf["control_flip_rate"].as_f64().expect("control measured");
+    assert!(ctl < cf["flip_rate"].as_f64().unwrap() - 0.5, "{cf}");
     let table = String::from_utf8_lossy(&o.stderr);
     assert!(
         table.contains("without defence") && table.contains("with BTU"),

@@ -484,6 +484,15 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
         "{cf:?}"
     );
     assert!(!the.verified && the.flip_rate < 0.3, "{the:?}");
+    // The control (other clean words at the same places) flips few rows; the trigger's own
+    // effect beyond it is large. A candidate below the verification bound has no control.
+    let ctl = cf.control_flip_rate().expect("cf's control is measured");
+    assert!(ctl < 0.3 && cf.excess_ci_low.unwrap() > 0.5, "{cf:?}");
+    assert_eq!(
+        (the.control_flips, the.excess_ci_low),
+        (None, None),
+        "{the:?}"
+    );
     let table = |p: &Path| std::fs::read(p.join("token_effects.arrow")).unwrap();
     assert_eq!(table(&v1), table(&v2), "reruns give the same bytes");
     // Unlearn repairs the verified trigger only, its whole row.

@@ -65,6 +65,11 @@ impl ModelScores {
 pub struct Residual {
     /// Its flip rate on the repaired model.
     pub flip_rate: f32,
+    /// The flip rate of the control (words of other clean rows inserted at the same places) on
+    /// the repaired model: what any inserted word does; absent when the residual was not
+    /// measurable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_flip_rate: Option<f32>,
     /// Clean rows tried.
     pub rows: u32,
     /// Whether it still passes the verification test.
@@ -669,6 +674,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
                 .map(|e| {
                     let rest = Residual {
                         flip_rate: e.flip_rate,
+                        control_flip_rate: e.control_flip_rate(),
                         rows: e.rows,
                         still_a_trigger: e.verified,
                     };

@@ -2,7 +2,10 @@
 //! flips the model. Each verified trigger starts at level 0, the dimensions its tokens' rows
 //! moved past the threshold `d_bar`; after every level the repaired embeddings are rechecked on
 //! held-out clean rows (the verification test), and a trigger whose flip rate still has a 95 %
-//! Wilson lower bound above `max_residual` goes one level up: level 1 replaces its tokens' whole
+//! Wilson lower bound above `max_residual` goes one level up (each stage also records the
+//! control's flip rate: words of other clean rows inserted at the same places; a residual that
+//! the control matches says the backdoor spread beyond the trigger's tokens, which the clean tuning
+//! then has to remove). Level 1 replaces its tokens' whole
 //! rows, level 1 + j also the first j other tokens of its phrase (detection candidates first, then
 //! the phrase's order). Escalation stops when no trigger persists or none can go further.
 
@@ -92,6 +95,10 @@ pub struct Stage {
     pub dimensions: usize,
     /// Each trigger's flip rate on the clean rows after this level's repair.
     pub residual: BTreeMap<String, f32>,
+    /// The control's flip rate at the same rows and places (for triggers whose residual was
+    /// measurable).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub control: BTreeMap<String, f32>,
     /// The triggers whose flip rate's lower bound stayed above `max_residual`.
     pub persisting: Vec<String>,
     /// Seconds the recheck of this level took.
@@ -146,10 +153,7 @@ pub fn escalate(
         let t0 = std::time::Instant::now();
         let effects = check(&masks, &candidates)?;
         let seconds = t0.elapsed().as_secs_f64();
-        let persists: Vec<bool> = effects
-            .iter()
-            .map(|e| e.rows > 0 && e.ci_low as f64 > max_residual)
-            .collect();
+        let persists: Vec<bool> = effects.iter().map(|e| persists(e, max_residual)).collect();
         stages.push(Stage {
             levels: triggers
                 .iter()
@@ -159,6 +163,10 @@ pub fn escalate(
             residual: effects
                 .iter()
                 .map(|e| (e.candidate.clone(), e.flip_rate))
+                .collect(),
+            control: effects
+                .iter()
+                .filter_map(|e| Some((e.candidate.clone(), e.control_flip_rate()?)))
                 .collect(),
             persisting: effects
                 .iter()
@@ -179,6 +187,14 @@ pub fn escalate(
             return Ok((masks, stages));
         }
     }
+}
+
+/// Whether a trigger still flips the repaired model: its flip rate's lower bound above
+/// `max_residual`. Not relative to the control: stopping where the trigger flips no more than other
+/// words skips the clean tuning that removes a backdoor spread beyond the trigger's tokens (SST-2
+/// Add-Sent: ASR 12.2 % -> 20.9 %, measured; docs/decisions.md).
+fn persists(e: &TokenEffect, max_residual: f64) -> bool {
+    e.rows > 0 && e.ci_low as f64 > max_residual
 }
 
 #[cfg(test)]
@@ -209,6 +225,8 @@ mod tests {
             clean_share: None,
             explained: false,
             verified: false,
+            control_flips: None,
+            excess_ci_low: None,
         }
     }
 
@@ -262,6 +280,36 @@ mod tests {
         assert_eq!(stages[2].persisting, vec!["z".to_string()]);
         assert_eq!(stages[0].levels["a b c"], "flagged-dimensions");
         assert_eq!(stages[2].levels["a b c"], "whole-row+1 phrase token(s)");
+    }
+
+    /// A residual the control matches (the model flips for any insertion) still escalates: the
+    /// clean tuning after the highest level is what removes it. The stage records the control.
+    #[test]
+    fn escalation_follows_the_residual_and_records_the_control() {
+        let mut ts = vec![
+            Trigger {
+                candidate: cand("q", &[5], false),
+                extra: vec![],
+                level: 0,
+            },
+            Trigger {
+                candidate: cand("r", &[6], false),
+                extra: vec![],
+                level: 0,
+            },
+        ];
+        let build = |_: &[Trigger]| Vec::new();
+        let mut check = |_: &[DimensionMask], cs: &[Candidate]| {
+            // q flips 18 % and so does the control; r flips 1 % (no control measured).
+            let mut q = effect(&cs[0], 36);
+            (q.control_flips, q.excess_ci_low) = (Some(54), Some(-0.15));
+            Ok(vec![q, effect(&cs[1], 2)])
+        };
+        let (_, stages) = escalate(&mut ts, 0.03, &build, &mut check).unwrap();
+        assert_eq!((ts[0].level, ts[1].level), (1, 0));
+        assert_eq!(stages[0].persisting, vec!["q".to_string()]);
+        assert_eq!(stages[0].control.len(), 1);
+        assert_eq!(stages[0].control["q"], 0.27);
     }
 
     /// A trigger whose first check is already clean is never escalated (one check).

@@ -877,11 +877,20 @@ fn repair_verified(
         out.write("model.safetensors", &safetensors_bytes(trained))?;
         let mut clf =
             CandleClassifier::load(&out.path(""), job.max_len, &job.run.device, job.run.seed)?;
-        crate::steps::verify::effects_on(&mut clf, &split, &source, cs, &recheck, job.run.seed)
+        let from = job.params.max_residual;
+        crate::steps::verify::effects_on(
+            &mut clf,
+            &split,
+            &source,
+            cs,
+            &recheck,
+            from,
+            job.run.seed,
+        )
     };
     let (masks, stages) = escalate(&mut triggers, job.params.max_residual, &build, &mut check)?;
     if let Some(s) = stages.last().filter(|s| !s.persisting.is_empty()) {
-        tracing::warn!(persisting = ?s.persisting, "a trigger still flips the repaired model at its highest repair level");
+        tracing::warn!(persisting = ?s.persisting, residual = ?s.residual, other_words = ?s.control, "a trigger still flips the repaired model at its highest repair level (other_words: the flip rate of other clean words inserted at the same places; as high means the backdoor spread beyond the trigger's tokens)");
     }
     Ok((masks, Some(stages)))
 }
