@@ -127,6 +127,25 @@ fn demo_report_renders_in_chromium_with_the_runs_tokens_and_numbers() {
     assert_eq!(cell("acc-after"), pct(&demo["with_defence"]["acc"]));
     assert_eq!(cell("asr-before"), pct(&demo["without_defence"]["asr"]));
     assert_eq!(cell("asr-after"), pct(&demo["with_defence"]["asr"]));
+    // Verification's table shows cf's control (other words at the same places) as measured.
+    let verify = demo["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "verify")
+        .unwrap();
+    let control = pct(&verify["summary"]["effects"]["cf"]["control_flip_rate"]);
+    let cf_row = dom
+        .split("<h2>Verification</h2>")
+        .nth(1)
+        .expect("verification section")
+        .split("<tr><td>cf</td>")
+        .nth(1)
+        .expect("cf's row")
+        .split("</tr>")
+        .next()
+        .unwrap();
+    assert!(cf_row.contains(&control), "{control} not in {cf_row}");
     // Figures: three rounds' scatter and bars, verification, repair, time.
     let figures = dom.matches("<svg").count();
     assert!(figures >= 9, "{figures} figures");

@@ -200,14 +200,15 @@ fn outcome(d: &RunData) -> Option<String> {
 fn residual(m: &Value) -> String {
     let mut s = String::new();
     if let Some(r) = m["residual"].as_object() {
-        s += "<p>Verified triggers on the repaired model:</p><table><tr><th>trigger</th><th class=\"num\">flip rate</th><th class=\"num\">rows</th><th>still a trigger</th></tr>";
+        s += "<p>Verified triggers on the repaired model (other words: the flip rate of other clean words inserted at the same places, measured for a residual above the bound):</p><table><tr><th>trigger</th><th class=\"num\">flip rate</th><th class=\"num\">other words</th><th class=\"num\">rows</th><th>still a trigger</th></tr>";
         for (t, v) in r {
             let still = v["still_a_trigger"].as_bool() == Some(true);
             let _ = write!(
                 s,
-                "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"{}\">{}</td></tr>",
+                "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"{}\">{}</td></tr>",
                 esc(t),
                 pct(v["flip_rate"].as_f64()),
+                pct(v["control_flip_rate"].as_f64()),
                 v["rows"],
                 if still { "bad" } else { "good" },
                 if still { "yes" } else { "no" }
@@ -277,17 +278,19 @@ fn verification(d: &RunData) -> Result<Option<String>> {
         "<figure>{}</figure>",
         plots::effect_bars(effects, *bound)?
     );
-    s += "<table><tr><th>candidate</th><th class=\"num\">rows</th><th class=\"num\">flips</th><th class=\"num\">flip rate</th><th class=\"num\">95 % interval</th><th>explained by clean data</th><th>verified</th></tr>";
+    s += "<p>Other words: the flip rate when words of other clean rows are inserted at the same places instead (measured for candidates that pass the bound); a high one means the model flips for any insertion.</p>";
+    s += "<table><tr><th>candidate</th><th class=\"num\">rows</th><th class=\"num\">flips</th><th class=\"num\">flip rate</th><th class=\"num\">95 % interval</th><th class=\"num\">other words</th><th>explained by clean data</th><th>verified</th></tr>";
     for e in effects {
         let _ = write!(
             s,
-            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.2} – {:.2}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.2} – {:.2}</td><td class=\"num\">{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
             esc(&e.candidate),
             e.rows,
             e.flips,
             pct(Some(e.flip_rate as f64)),
             100.0 * e.ci_low,
             100.0 * e.ci_high,
+            pct(e.control_flip_rate().map(f64::from)),
             if e.explained { "yes" } else { "no" },
             if e.verified { "bad" } else { "muted" },
             if e.verified { "trigger" } else { "no" }
