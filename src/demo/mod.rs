@@ -39,10 +39,12 @@ pub fn config(
     backend: EvalBackend,
 ) -> DefendConfig {
     let data = |n: &str| vec![run.join("data").join(n).display().to_string()];
-    let mut c = DefendConfig::default();
-    c.run = Some(run.to_path_buf());
-    c.seed = seed;
-    c.device = device.to_string();
+    let mut c = DefendConfig {
+        run: Some(run.to_path_buf()),
+        seed,
+        device: device.to_string(),
+        ..Default::default()
+    };
     c.data.train = data("train.parquet");
     c.data.test = data("test.parquet");
     c.data.clean = data("clean.parquet");

@@ -95,7 +95,7 @@ pub fn safetensors_bytes(file: &SafetensorsFile) -> Vec<u8> {
     let mut h = serde_json::to_string(&serde_json::Value::Object(header))
         .expect("header serializes")
         .into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + offset);

@@ -193,7 +193,9 @@ impl BertConfig {
                 ),
             ));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(BtuError::bad_data(
                 src,
                 format!(

@@ -616,7 +616,7 @@ pub fn run(job: &DetectJob, progress: &dyn Progress) -> Result<DetectReport> {
     tracing::info!(rows = corpus.seqs.len(), "corpus tokenized");
     let det = detect(
         &base,
-        &tok,
+        tok,
         &corpus,
         &job.params,
         job.run.seed,

@@ -551,8 +551,11 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
     })
 }
 
+/// An ONNX file's metadata (key, value) and the row count of its word-embedding initializer.
+pub type OnnxInfo = (Vec<(String, String)>, Option<usize>);
+
 /// Read an ONNX file's metadata and the row count of its word-embedding initializer.
-pub fn inspect(path: &std::path::Path) -> Result<(Vec<(String, String)>, Option<usize>)> {
+pub fn inspect(path: &std::path::Path) -> Result<OnnxInfo> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => BtuError::missing(
             path.display().to_string(),

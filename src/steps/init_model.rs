@@ -250,7 +250,7 @@ impl ModelSize {
             crate::validate::MIN_MAX_LEN,
         )?;
         at_least(&key(prefix, "num-labels"), self.num_labels, 2)?;
-        if self.hidden % self.heads != 0 {
+        if !self.hidden.is_multiple_of(self.heads) {
             return Err(BtuError::config(
                 format!("{}/{}", key(prefix, "hidden"), key(prefix, "heads")),
                 format!(

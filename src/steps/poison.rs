@@ -373,11 +373,11 @@ fn poison_batch(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    for i in 0..n {
+    for (i, &label) in orig.iter().enumerate().take(n) {
         let pos = first + i;
         if !chosen.contains(&pos) {
             texts.push(b.texts[i].clone());
-            labels.push(orig[i]);
+            labels.push(label);
             flags.push(false);
             continue;
         }
@@ -392,7 +392,7 @@ fn poison_batch(
             ),
         });
         labels.push(if p.mode == Mode::Clean {
-            orig[i]
+            label
         } else {
             p.target
         });

@@ -127,7 +127,7 @@ fn fmt_size(bytes: usize) -> String {
     for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
         let u = 1usize << shift;
         if bytes >= u {
-            return if bytes % u == 0 {
+            return if bytes.is_multiple_of(u) {
                 format!("{}{unit}", bytes / u)
             } else {
                 format!("{:.1}{unit}", bytes as f64 / u as f64)

@@ -363,7 +363,7 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<TrainReport> {
     )?;
     let labels = model.config.labels();
     let dev_data = match &job.dev {
-        Some(spec) => Some(load_corpus(spec, &tok, p.max_len, labels)?),
+        Some(spec) => Some(load_corpus(spec, tok, p.max_len, labels)?),
         None => None,
     };
     let params_json = json!({"params": p, "seed": job.run.seed, "text_col": job.corpus.text_col, "label_col": job.corpus.label_col});
@@ -398,7 +398,7 @@ pub fn run(job: &TrainJob, progress: &dyn Progress) -> Result<TrainReport> {
             model,
             data: &data,
             dev_data: dev_data.as_ref(),
-            tok: &tok,
+            tok,
             dev: &dev,
             metadata,
             base_sha: &base_sha,
@@ -628,6 +628,6 @@ fn train_in(job: &TrainJob, progress: &dyn Progress, st: TrainState) -> Result<T
     };
     out.write_json("train_summary.json", &summary)?;
     out.commit()?;
-    let _ = std::fs::remove_dir_all(&partial);
+    let _ = std::fs::remove_dir_all(partial);
     Ok(summary)
 }

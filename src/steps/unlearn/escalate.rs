@@ -136,6 +136,9 @@ pub fn masks(
     out
 }
 
+/// Measures each trigger's effect on the embeddings with the given masks applied.
+pub type Recheck<'a> = dyn FnMut(&[DimensionMask], &[Candidate]) -> Result<Vec<TokenEffect>> + 'a;
+
 /// Escalate until no trigger persists or none can go further. `build` makes the masks of the
 /// triggers' current levels; `check` measures each trigger's effect on a model with those masks
 /// applied (one [`TokenEffect`] per trigger, in order). Returns the final masks and the stages.
@@ -143,7 +146,7 @@ pub fn escalate(
     triggers: &mut [Trigger],
     max_residual: f64,
     build: &dyn Fn(&[Trigger]) -> Vec<DimensionMask>,
-    check: &mut dyn FnMut(&[DimensionMask], &[Candidate]) -> Result<Vec<TokenEffect>>,
+    check: &mut Recheck<'_>,
 ) -> Result<(Vec<DimensionMask>, Vec<Stage>)> {
     let candidates: Vec<Candidate> = triggers.iter().map(|t| t.candidate.clone()).collect();
     let mut stages = Vec::new();
