@@ -21,16 +21,9 @@ import subprocess
 import sys
 import tomllib
 
-FILES = [
-    "detect/token_scores.arrow",
-    "detect/suspicious_tokens.arrow",
-    "verify/token_effects.arrow",
-    "repaired/dimension_masks.arrow",
-    "repaired/model.safetensors",
-    "verify-repaired/token_effects.arrow",
-    "eval-victim/predictions.parquet",
-    "eval-repaired/predictions.parquet",
-]
+# The repair's outputs (one list, shared with the test suite), plus the victim's predictions.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "repair_outputs.txt")) as f:
+    FILES = [line.strip() for line in f if line.strip()] + ["eval-victim/predictions.parquet"]
 
 
 def toml_value(v):

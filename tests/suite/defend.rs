@@ -503,10 +503,7 @@ fn the_repair_flow_repairs_a_users_model_exactly_as_the_experiment_does() {
         &suspect.join("model.safetensors"),
         &exp_run.join("victim/model.safetensors"),
     );
-    for f in REPAIR_OUTPUTS
-        .into_iter()
-        .chain(["eval-victim/predictions.parquet"])
-    {
+    for f in repair_outputs().chain(["eval-victim/predictions.parquet"]) {
         same(&rep_run.join(f), &exp_run.join(f));
     }
     for k in [

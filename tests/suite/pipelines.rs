@@ -420,7 +420,7 @@ fn defend_repair(run: &Path, value: &dyn Fn(&str) -> String) -> btu::steps::defe
 /// The files a workflow's repair (its `/work`) and `btu defend`'s run directory share, equal
 /// byte for byte; the repair changed the suspect (the backdoor `cf` verified and repaired).
 fn assert_same_repair(work: &Path, run: &Path, what: &str) {
-    for f in crate::util::REPAIR_OUTPUTS {
+    for f in crate::util::repair_outputs() {
         let (a, b) = (work.join(f), run.join(f));
         assert!(
             std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),

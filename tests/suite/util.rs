@@ -607,15 +607,12 @@ pub fn topic_corpus(n: usize, classes: usize, seed: u64) -> (Vec<String>, Vec<i6
 
 /// What a repair writes that two ways of making it must agree on byte for byte: detection's and
 /// verification's tables, the masks, the repaired checkpoint, the recheck and its predictions.
-pub const REPAIR_OUTPUTS: [&str; 7] = [
-    "detect/token_scores.arrow",
-    "detect/suspicious_tokens.arrow",
-    "verify/token_effects.arrow",
-    "repaired/dimension_masks.arrow",
-    "repaired/model.safetensors",
-    "verify-repaired/token_effects.arrow",
-    "eval-repaired/predictions.parquet",
-];
+/// One list, shared with `scripts/repair_flow_check.py`.
+pub fn repair_outputs() -> impl Iterator<Item = &'static str> {
+    include_str!("../../scripts/repair_outputs.txt")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+}
 
 /// The `name`/`value` pairs of an Argo `parameters` list (workflow arguments or a step's).
 pub fn argo_parameters(list: &serde_yaml::Value) -> Vec<(String, String)> {
