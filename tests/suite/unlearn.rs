@@ -627,6 +627,15 @@ fn verify_builds_the_add_sent_phrase_from_the_corpus_and_verifies_it() {
         .find(|e| e.candidate == "i watch this 3d movie")
         .unwrap_or_else(|| panic!("no phrase candidate: {sum}"));
     assert!(phrase.verified && phrase.flip_rate > 0.9, "{phrase:?}");
+    // Its control, five words of other clean rows inserted at the same places, is measured and
+    // flips far fewer rows: the phrase's own effect, not the insertion's.
+    let ctl = phrase
+        .control_flip_rate()
+        .expect("the phrase's control is measured");
+    assert!(
+        ctl < phrase.flip_rate - 0.5 && phrase.excess_ci_low.unwrap() > 0.4,
+        "{phrase:?}"
+    );
     let tok = btu::model::tokenizer::BtuTokenizer::load(&m).unwrap();
     for w in ["watch", "3d"] {
         let id = tok.inner().token_to_id(w).unwrap();
