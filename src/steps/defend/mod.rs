@@ -66,8 +66,8 @@ pub struct Residual {
     /// Its flip rate on the repaired model.
     pub flip_rate: f32,
     /// The flip rate of the control (words of other clean rows inserted at the same places) on
-    /// the repaired model: what any inserted word does; absent when the residual was not
-    /// measurable.
+    /// the repaired model: what any inserted word does; absent where it was not measured (a
+    /// residual below the verification bound).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_flip_rate: Option<f32>,
     /// Clean rows tried.

@@ -2,12 +2,12 @@
 //! flips the model. Each verified trigger starts at level 0, the dimensions its tokens' rows
 //! moved past the threshold `d_bar`; after every level the repaired embeddings are rechecked on
 //! held-out clean rows (the verification test), and a trigger whose flip rate still has a 95 %
-//! Wilson lower bound above `max_residual` goes one level up (each stage also records the
-//! control's flip rate: words of other clean rows inserted at the same places; a residual that
-//! the control matches says the backdoor spread beyond the trigger's tokens, which the clean tuning
-//! then has to remove). Level 1 replaces its tokens' whole
+//! Wilson lower bound above `max_residual` goes one level up: level 1 replaces its tokens' whole
 //! rows, level 1 + j also the first j other tokens of its phrase (detection candidates first, then
-//! the phrase's order). Escalation stops when no trigger persists or none can go further.
+//! the phrase's order). Escalation stops when no trigger persists or none can go further. Each
+//! stage also records the control's flip rate (words of other clean rows inserted at the same
+//! places): a residual the control matches says the backdoor spread beyond the trigger's tokens,
+//! which the clean tuning then has to remove.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -95,8 +95,8 @@ pub struct Stage {
     pub dimensions: usize,
     /// Each trigger's flip rate on the clean rows after this level's repair.
     pub residual: BTreeMap<String, f32>,
-    /// The control's flip rate at the same rows and places (for triggers whose residual was
-    /// measurable).
+    /// The control's flip rate at the same rows and places (for triggers whose residual's lower
+    /// bound was above `max_residual`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub control: BTreeMap<String, f32>,
     /// The triggers whose flip rate's lower bound stayed above `max_residual`.
