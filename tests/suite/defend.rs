@@ -64,13 +64,7 @@ fn demo_defence_cuts_the_attack_success_rate() {
     assert!(m["flagged"].as_array().unwrap().iter().any(|t| t == "cf"));
     // Verification measured the control (other words at the same places) for `cf`: far below
     // the trigger's own flip rate.
-    let verify = m["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "verify")
-        .unwrap();
-    let cf = &verify["summary"]["effects"]["cf"];
+    let cf = &step(&m, "verify")["summary"]["effects"]["cf"];
     let ctl = cf["control_flip_rate"].as_f64().expect("control measured");
     assert!(ctl < cf["flip_rate"].as_f64().unwrap() - 0.5, "{cf}");
     let table = String::from_utf8_lossy(&o.stderr);
@@ -158,12 +152,7 @@ fn killed_defend_resumes_without_redoing_completed_steps_and_ends_identical() {
         "completed steps are not redone: {st:?}"
     );
     assert!(!st["train"]);
-    let train = resumed["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "train")
-        .unwrap();
+    let train = step(&resumed, "train");
     assert!(
         train["summary"]["resumed_from_epoch"].as_u64().unwrap() >= 2,
         "{}",

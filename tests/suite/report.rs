@@ -128,12 +128,7 @@ fn demo_report_renders_in_chromium_with_the_runs_tokens_and_numbers() {
     assert_eq!(cell("asr-before"), pct(&demo["without_defence"]["asr"]));
     assert_eq!(cell("asr-after"), pct(&demo["with_defence"]["asr"]));
     // Verification's table shows cf's control (other words at the same places) as measured.
-    let verify = demo["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "verify")
-        .unwrap();
+    let verify = crate::util::step(&demo, "verify");
     let control = pct(&verify["summary"]["effects"]["cf"]["control_flip_rate"]);
     let cf_row = dom
         .split("<h2>Verification</h2>")

@@ -605,6 +605,16 @@ pub fn topic_corpus(n: usize, classes: usize, seed: u64) -> (Vec<String>, Vec<i6
     (texts, labels)
 }
 
+/// The record of step `name` in a `btu defend` / `btu demo` summary (`{step, skipped, summary, ...}`).
+pub fn step<'a>(m: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    m["steps"]
+        .as_array()
+        .expect("a defend summary")
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {m}"))
+}
+
 /// What a repair writes that two ways of making it must agree on byte for byte: detection's and
 /// verification's tables, the masks, the repaired checkpoint, the recheck and its predictions.
 /// One list, shared with `scripts/repair_flow_check.py`.
