@@ -460,6 +460,24 @@ pub fn suspicious_tokens_batch(rows: &[SuspiciousToken], meta: &TableMeta) -> Re
     batch(with_meta(suspicious_tokens_schema(), meta), cols)
 }
 
+/// [`column`] where `present` (a column that older tables lack), else `None`.
+fn column_if<'a, T: 'static>(
+    present: bool,
+    b: &'a RecordBatch,
+    name: &str,
+    src: &Path,
+) -> Result<Option<&'a T>> {
+    present.then(|| column::<T>(b, name, src)).transpose()
+}
+
+/// Row `i` of a nullable primitive column.
+fn nullable<T: arrow::datatypes::ArrowPrimitiveType>(
+    c: &arrow::array::PrimitiveArray<T>,
+    i: usize,
+) -> Option<T::Native> {
+    c.is_valid(i).then(|| c.value(i))
+}
+
 fn column<'a, T: 'static>(b: &'a RecordBatch, name: &str, src: &Path) -> Result<&'a T> {
     b.column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
@@ -502,8 +520,8 @@ pub fn read_suspicious_tokens(path: &Path) -> Result<Vec<SuspiciousToken>> {
                 max_distance: maxd.value(i),
                 occurrences: occ.value(i),
                 documents: docs.value(i),
-                majority_label: (!maj.is_null(i)).then(|| maj.value(i)),
-                label_share: (!share.is_null(i)).then(|| share.value(i)),
+                majority_label: nullable(maj, i),
+                label_share: nullable(share, i),
             })
         })
         .collect()
@@ -624,23 +642,13 @@ pub fn token_effects_of(b: &RecordBatch, path: &Path) -> Result<Vec<TokenEffect>
     let ok = column::<BooleanArray>(b, "verified", path)?;
     // Tables written before the clean-association columns existed read as "no clean rows".
     let with = b.column_by_name("clean_rows_with").is_some();
-    let n_with = with
-        .then(|| column::<UInt32Array>(b, "clean_rows_with", path))
-        .transpose()?;
-    let share = with
-        .then(|| column::<Float32Array>(b, "clean_share", path))
-        .transpose()?;
-    let explained = with
-        .then(|| column::<BooleanArray>(b, "explained", path))
-        .transpose()?;
+    let n_with = column_if::<UInt32Array>(with, b, "clean_rows_with", path)?;
+    let share = column_if::<Float32Array>(with, b, "clean_share", path)?;
+    let explained = column_if::<BooleanArray>(with, b, "explained", path)?;
     // Tables written before the control read as "not measured".
     let ctl = b.column_by_name("control_flips").is_some();
-    let control = ctl
-        .then(|| column::<UInt32Array>(b, "control_flips", path))
-        .transpose()?;
-    let excess = ctl
-        .then(|| column::<Float32Array>(b, "excess_ci_low", path))
-        .transpose()?;
+    let control = column_if::<UInt32Array>(ctl, b, "control_flips", path)?;
+    let excess = column_if::<Float32Array>(ctl, b, "excess_ci_low", path)?;
     (0..b.num_rows())
         .map(|i| {
             let v = ids.value(i);
@@ -656,15 +664,15 @@ pub fn token_effects_of(b: &RecordBatch, path: &Path) -> Result<Vec<TokenEffect>
                 rows: rows.value(i),
                 flips: flips.value(i),
                 flip_rate: rate.value(i),
-                to_label: (!to.is_null(i)).then(|| to.value(i)),
+                to_label: nullable(to, i),
                 ci_low: lo.value(i),
                 ci_high: hi.value(i),
                 clean_rows_with: n_with.map_or(0, |c| c.value(i)),
-                clean_share: share.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
+                clean_share: share.and_then(|c| nullable(c, i)),
                 explained: explained.is_some_and(|c| c.value(i)),
                 verified: ok.value(i),
-                control_flips: control.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
-                excess_ci_low: excess.and_then(|c| (!c.is_null(i)).then(|| c.value(i))),
+                control_flips: control.and_then(|c| nullable(c, i)),
+                excess_ci_low: excess.and_then(|c| nullable(c, i)),
             })
         })
         .collect()
