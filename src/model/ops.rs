@@ -356,8 +356,11 @@ impl candle_core::CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let h = w.dim(0)?;
         let n = x.elem_count();
-        let packed =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let op = LayerNormGrad {
+            eps: self.eps,
+            params: w.track_op() || b.track_op(),
+        };
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = w.track_op().then(|| packed.narrow(0, n, h)).transpose()?;
         let db = b
@@ -368,9 +371,11 @@ impl candle_core::CustomOp3 for LayerNorm {
     }
 }
 
-/// LayerNorm's backward for (x, w, grad): `[dx (all of x) | dw (h) | db (h)]` in one buffer.
+/// LayerNorm's backward for (x, w, grad): `[dx (all of x) | dw (h) | db (h)]` in one buffer;
+/// dw and db stay zero unless `params` (a frozen LayerNorm, as in detection, needs dx only).
 struct LayerNormGrad {
     eps: f32,
+    params: bool,
 }
 
 impl candle_core::CustomOp3 for LayerNormGrad {
@@ -397,7 +402,8 @@ impl candle_core::CustomOp3 for LayerNormGrad {
         let partial = std::sync::Mutex::new(Vec::new());
         par_rows(dx, h, |r0, part| {
             let mut acc = vec![0f32; 2 * h];
-            with_simd(|| layer_norm_grad_rows(x, w, g, self.eps, r0, part, &mut acc));
+            let acc_rows = self.params.then_some(acc.as_mut_slice());
+            with_simd(|| layer_norm_grad_rows(x, w, g, self.eps, r0, part, acc_rows));
             partial
                 .lock()
                 .expect("no panics while held")
@@ -415,7 +421,7 @@ impl candle_core::CustomOp3 for LayerNormGrad {
 }
 
 /// LayerNorm's backward over the rows of `part` (row `r0` on): dx into `part`, each row's dw and
-/// db added to `acc` (`[dw | db]`).
+/// db added to `acc` (`[dw | db]`) when given.
 #[inline(always)]
 fn layer_norm_grad_rows(
     x: &[f32],
@@ -424,7 +430,7 @@ fn layer_norm_grad_rows(
     eps: f32,
     r0: usize,
     part: &mut [f32],
-    acc: &mut [f32],
+    mut acc: Option<&mut [f32]>,
 ) {
     let h = w.len();
     for (i, d) in part.chunks_mut(h).enumerate() {
@@ -439,11 +445,13 @@ fn layer_norm_grad_rows(
             s1 += dxhat;
             s2 += dxhat * xhat;
         }
-        let (dw, db) = acc.split_at_mut(h);
-        for j in 0..h {
-            let xhat = (row[j] - mean) * rstd;
-            dw[j] += gr[j] * xhat;
-            db[j] += gr[j];
+        if let Some(acc) = acc.as_deref_mut() {
+            let (dw, db) = acc.split_at_mut(h);
+            for j in 0..h {
+                let xhat = (row[j] - mean) * rstd;
+                dw[j] += gr[j] * xhat;
+                db[j] += gr[j];
+            }
         }
         let (m1, m2) = (s1 / h as f32, s2 / h as f32);
         for j in 0..h {
@@ -476,7 +484,7 @@ fn with_simd<R>(f: impl FnOnce() -> R) -> R {
 /// `f(first_row, rows)` over `out` seen as rows of `h`, one contiguous block of rows per core.
 fn par_rows(out: &mut [f32], h: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / h.max(1);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = candle_core::utils::get_num_threads();
     let per = rows.div_ceil(threads).max((1 << 14) / h.max(1)).max(1);
     std::thread::scope(|s| {
         let mut parts = out.chunks_mut(per * h).enumerate();
@@ -584,11 +592,13 @@ mod tests {
                 "{what}: fused differs by {d} (scale {scale})"
             );
         }
-        // Frozen weight and bias: only the input gets a gradient.
+        // Frozen weight and bias: only the input gets a gradient, the same as when they train.
         let (wf, bf) = (w.as_tensor().detach(), bias.as_tensor().detach());
         let y = layer_norm(x.as_tensor(), &wf, &bf, 1e-12).unwrap();
         let g = (&y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(g.get(x.as_tensor()).is_some());
+        let dx = g.get(x.as_tensor()).expect("dx");
+        let dx: Vec<f32> = dx.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(dx, fused[1], "dx with frozen weight and bias");
         assert!(g.get(&wf).is_none() && g.get(&bf).is_none());
     }
 }
