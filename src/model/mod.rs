@@ -4,6 +4,7 @@
 //! trains: the full model, word embeddings + mean pooling + head (`M*`), and the embedding
 //! block + mean pooling + head (the released code's "pruned" model).
 
+pub mod attention;
 pub mod checkpoint;
 pub mod family;
 pub mod infer;
@@ -661,9 +662,21 @@ impl BertClassifier {
         let heads = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(layer.query.forward(x)?)?;
-        let k = heads(layer.key.forward(x)?)?;
-        let v = heads(layer.value.forward(x)?)?;
+        // A per-key bias (no causal mask) on the CPU in f32: one projection to q, k and v side
+        // by side, then the fused op.
+        let (wq, wk, wv) = (&layer.query, &layer.key, &layer.value);
+        if bias.dims() == [b, 1, 1, l] && attention::applies(&[x, bias, &wq.w, &wk.w, &wv.w]) {
+            let w = Tensor::cat(&[&wq.w, &wk.w, &wv.w], 0)?;
+            let bs = Tensor::cat(&[&wq.b, &wk.b, &wv.b], 0)?;
+            let qkv = linear(x, &w, Some(&bs))?;
+            let key_bias = bias.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(attention::self_attention(&qkv, key_bias, nh)?);
+        }
+        let (q, k, v) = (
+            heads(wq.forward(x)?)?,
+            heads(wk.forward(x)?)?,
+            heads(wv.forward(x)?)?,
+        );
         let scores = q
             .matmul(&k.t()?)?
             .affine(1.0 / (hd as f64).sqrt(), 0.0)?

@@ -3,9 +3,11 @@
 //! linear layer passes the gradient to its input only (trap 2): no weight-gradient matmul is
 //! computed for weights that do not train. On the CPU in f32, LayerNorm and the exact GELU are
 //! fused ops with their own one-pass backward (tested against the primitives and central
-//! differences below); they made MiniLM's round 1 ~13 % and training ~18 % faster (README).
+//! differences below); they made MiniLM's round 1 ~13 % and training ~18 % faster (README). A
+//! linear layer with a bias is one op there too (the bias is the product's starting value, no
+//! reshape nodes, and only the tracked gradients are computed).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// LayerNorm over the last dimension; a half-precision input is normalised in f32 (as PyTorch's
 /// autocast does) and returned in its own dtype. On the CPU in f32 a fused op (one pass forward,
@@ -75,6 +77,10 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
 
 /// `x @ w^T + b` for `x` of any rank (last dim = in features), `w` [out, in].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(b) = b.filter(|b| linear_f32_applies(x, w, b)) {
+        // No reshape: each reshape is a node whose backward adds its gradient into a new one.
+        return x.apply_op3(w, b, LinearF32);
+    }
     let dims = x.dims().to_vec();
     let inner = *dims.last().expect("linear input has a rank");
     let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -102,6 +108,135 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut out = dims;
     *out.last_mut().expect("rank") = w.dim(0)?;
     y.reshape(out)
+}
+
+/// Whether [`LinearF32`] runs `x @ w^T + b`: contiguous f32 on the CPU, `w` [out, in] with `in`
+/// the last dimension of `x`, `b` [out].
+fn linear_f32_applies(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
+    let cpu_f32 = [x, w, b]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
+    cpu_f32
+        && x.rank() >= 1
+        && w.rank() == 2
+        && w.dims()[1] == x.dims()[x.rank() - 1]
+        && b.dims() == [w.dims()[0]]
+}
+
+/// `x @ w^T + b` for contiguous f32 `x` [.., in], `w` [out, in], `b` [out] on the CPU: the bias
+/// is the product's starting value (one pass fewer than matmul, then add, and no copy for a
+/// frozen layer). The backward computes only what is tracked: dx for the input, and dw, db only
+/// for weights that train (a frozen layer passes `grad @ w` to its input, as [`InputGradOnly`]).
+struct LinearF32;
+
+impl CustomOp3 for LinearF32 {
+    fn name(&self) -> &'static str {
+        "linear-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "linear")?;
+        let w = f32_slice(s2, l2, "linear")?;
+        let b = f32_slice(s3, l3, "linear")?;
+        let (out_f, in_f) = l2.shape().dims2()?;
+        let rows = x.len() / in_f;
+        let mut y = Vec::with_capacity(rows * out_f);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: y is rows x out (row stride out), x rows x in (row stride in), and w^T read as
+        // in x out through w's strides (w is out x in, contiguous); y overlaps neither.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out_f,
+                in_f,
+                y.as_mut_ptr(),
+                1,
+                out_f as isize,
+                true,
+                x.as_ptr(),
+                1,
+                in_f as isize,
+                w.as_ptr(),
+                in_f as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        };
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // As matrices: reshaping inside a backward records nothing.
+        let (out_f, in_f) = w.dims2()?;
+        let g = grad.contiguous()?.reshape(((), out_f))?;
+        let dx = x
+            .track_op()
+            .then(|| g.matmul(w).and_then(|d| d.reshape(x.shape())))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| g.t().and_then(|gt| gt.matmul(&x.reshape(((), in_f))?)))
+            .transpose()?;
+        let db = b
+            .track_op()
+            .then(|| g.apply_op1_no_bwd(&SumRows))
+            .transpose()?;
+        Ok((dx, dw, db))
+    }
+}
+
+/// The column sums of a contiguous f32 matrix `[rows, n]`, rows added in order (the same sums as
+/// candle's `sum(0)`, which walks the matrix column by column, one strided element at a time).
+struct SumRows;
+
+impl candle_core::CustomOp1 for SumRows {
+    fn name(&self) -> &'static str {
+        "sum-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s, l, "sum of rows")?;
+        let n = l.shape().dims2()?.1;
+        let mut out = vec![0f32; n];
+        with_simd(|| {
+            for row in g.chunks(n) {
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
 }
 
 /// Custom op whose forward returns its second argument (the precomputed output of a frozen
@@ -195,7 +330,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// with |r| <= ln2 / 2 (ln 2 split in two), e^r by its degree-7 Taylor polynomial (truncation
 /// < 2e-8 there), 2^n by the exponent bits; below -87 it returns e^-87 (~1.6e-38).
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(super) fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.0);
     // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so the loop vectorizes).
     const ROUND: f32 = 12_582_912.0;
@@ -223,7 +358,7 @@ fn erf_fast(x: f32) -> f32 {
     y.copysign(x)
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => Err(candle_core::Error::Msg(format!(
@@ -311,7 +446,7 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-impl candle_core::CustomOp3 for LayerNorm {
+impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "layer-norm-fused"
     }
@@ -378,7 +513,7 @@ struct LayerNormGrad {
     params: bool,
 }
 
-impl candle_core::CustomOp3 for LayerNormGrad {
+impl CustomOp3 for LayerNormGrad {
     fn name(&self) -> &'static str {
         "layer-norm-fused-grad"
     }
@@ -465,7 +600,7 @@ fn layer_norm_grad_rows(
 /// The kernels' arithmetic has no reassociation and no contraction into fused multiply-adds, so
 /// both give the same bits; AVX2 gives 8 lanes instead of 4.
 #[inline(always)]
-fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+pub(super) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]

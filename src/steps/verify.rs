@@ -298,22 +298,24 @@ fn effect_of(
     let flips = flipped.iter().filter(|&&f| f).count() as u32;
     let rows = pool.len() as u32;
     let (ci_low, ci_high) = wilson(flips, rows);
-    let control = if rows > 0 && ci_low >= control_from {
-        let texts: Vec<String> = pool
-            .iter()
-            .map(|&i| {
-                insert_at_row(
-                    &split.texts[i],
-                    c,
-                    &control_words(split, i, c, seed),
-                    seed,
-                    i,
-                )
-            })
-            .collect();
-        Some(paired_excess(&flipped, &flips_to(clf, &texts, target)?))
-    } else {
-        None
+    // Not measured where some row finds no donor words (the candidate's own would be no control).
+    let controls = (rows > 0 && ci_low >= control_from)
+        .then(|| {
+            pool.iter()
+                .map(|&i| control_words(split, i, c, seed))
+                .collect::<Option<Vec<_>>>()
+        })
+        .flatten();
+    let control = match controls {
+        Some(words) => {
+            let texts: Vec<String> = pool
+                .iter()
+                .zip(&words)
+                .map(|(&i, w)| insert_at_row(&split.texts[i], c, w, seed, i))
+                .collect();
+            Some(paired_excess(&flipped, &flips_to(clf, &texts, target)?))
+        }
+        None => None,
     };
     let a = association(split, c);
     Ok(TokenEffect {
@@ -386,8 +388,9 @@ fn flips_to(clf: &mut dyn Classifier, texts: &[String], target: Option<i64>) -> 
 const CONTROL_STREAM: u64 = 0xC0_47_20_1E;
 
 /// The control for row `row`: a seeded run of words (as many as the candidate has) from another
-/// clean row, none of them a word of the candidate; the candidate itself if no row has one.
-fn control_words(split: &TestSplit, row: usize, c: &Candidate, seed: u64) -> String {
+/// clean row, none of them a word of the candidate; none if no row has such a run (the control
+/// is then not measured).
+fn control_words(split: &TestSplit, row: usize, c: &Candidate, seed: u64) -> Option<String> {
     use rand::Rng;
     let own: Vec<&str> = c.text.split_whitespace().collect();
     let want = own.len().max(1);
@@ -402,10 +405,10 @@ fn control_words(split: &TestSplit, row: usize, c: &Candidate, seed: u64) -> Str
         let at = rng.random_range(0..=donor.len() - want);
         let span = &donor[at..at + want];
         if span.iter().all(|w| !own.contains(w)) {
-            return span.join(" ");
+            return Some(span.join(" "));
         }
     }
-    c.text.clone()
+    None
 }
 
 /// Donor rows tried per control before giving up.
@@ -861,22 +864,33 @@ mod tests {
             phrase: true,
         };
         for row in 0..50 {
-            let c = control_words(&split, row, &phrase, 7);
+            let c = control_words(&split, row, &phrase, 7).expect("a donor row");
             let words: Vec<&str> = c.split_whitespace().collect();
             assert_eq!(words.len(), 3, "{c}");
             assert!(
                 words.iter().all(|w| !["i", "watch", "this"].contains(w)),
                 "{c}"
             );
-            assert_eq!(c, control_words(&split, row, &phrase, 7));
+            assert_eq!(Some(c), control_words(&split, row, &phrase, 7));
         }
         let word = Candidate {
             text: "watch".into(),
             phrase: false,
-            ..phrase
+            ..phrase.clone()
         };
-        let c = control_words(&split, 3, &word, 7);
+        let c = control_words(&split, 3, &word, 7).expect("a donor row");
         assert!(c.split_whitespace().count() == 1 && c != "watch", "{c}");
+        // No row can donate: every one shorter than the phrase or made of its words. No control
+        // (the candidate's own words would be none).
+        let bare = TestSplit {
+            texts: vec!["watch".into(), "i this".into(), "i watch this".into()],
+            labels: vec![1, 0, 1],
+            ids: vec![0, 1, 2],
+            rewrites: None,
+        };
+        for row in 0..3 {
+            assert_eq!(control_words(&bare, row, &phrase, 7), None);
+        }
     }
 
     #[test]

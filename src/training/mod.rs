@@ -4,11 +4,11 @@
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Storage, Tensor, Var};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::ops::cross_entropy;
+use crate::model::ops::{cross_entropy, f32_slice};
 use crate::model::tokenizer::{make_batch, training_batches, Batch, Batching};
 use crate::model::{Arch, BertClassifier};
 
@@ -150,23 +150,21 @@ impl AdamW {
             };
             match mo {
                 Moments::Host(m, v) => {
-                    let g = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                    let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                    let decay = (1.0 - c.lr * c.weight_decay) as f32;
-                    let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-                    let (a1, a2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-                    let step_size = (c.lr / bc1) as f32;
-                    let inv_bc2_sqrt = (1.0 / bc2_sqrt) as f32;
-                    let eps = c.eps as f32;
-                    for (((p, m), v), g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(&g)
-                    {
-                        *p *= decay;
-                        *m = b1 * *m + a1 * g;
-                        *v = b2 * *v + a2 * (g * g);
-                        let denom = v.sqrt() * inv_bc2_sqrt + eps;
-                        *p -= step_size * (*m / denom);
-                    }
-                    var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+                    let hyper = HostStep::new(&c, bc1, bc2_sqrt);
+                    let g = g.to_dtype(DType::F32)?.contiguous()?;
+                    // The new values are computed from the variable's and the gradient's own
+                    // storage (no copies), then written back in one `set`.
+                    let next = {
+                        let (gs, gl) = g.storage_and_layout();
+                        let (ps, pl) = var.as_tensor().storage_and_layout();
+                        let (Storage::Cpu(gc), Storage::Cpu(pc)) = (&*gs, &*ps) else {
+                            return Err(crate::BtuError::internal("fused AdamW runs on the CPU"));
+                        };
+                        let g = f32_slice(gc, gl, "AdamW gradient")?;
+                        let p = f32_slice(pc, pl, "AdamW parameter")?;
+                        hyper.run(p, g, m, v)
+                    };
+                    var.set(&Tensor::from_vec(next, var.shape(), var.device())?)?;
                 }
                 Moments::Tensors(m, v) => {
                     let p = var.as_tensor().detach();
@@ -180,6 +178,75 @@ impl AdamW {
             }
         }
         Ok(())
+    }
+}
+
+/// One fused AdamW step over host slices, in f32, split over the cores (each element's
+/// arithmetic is the same wherever it runs, so the result does not depend on the split).
+struct HostStep {
+    decay: f32,
+    b1: f32,
+    b2: f32,
+    a1: f32,
+    a2: f32,
+    step_size: f32,
+    inv_bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl HostStep {
+    fn new(c: &AdamWConfig, bc1: f64, bc2_sqrt: f64) -> Self {
+        HostStep {
+            decay: (1.0 - c.lr * c.weight_decay) as f32,
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            a1: (1.0 - c.beta1) as f32,
+            a2: (1.0 - c.beta2) as f32,
+            step_size: (c.lr / bc1) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+            eps: c.eps as f32,
+        }
+    }
+
+    /// Updates the moments `m`, `v` in place and returns the new parameters.
+    fn run(&self, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> Vec<f32> {
+        let n = p.len();
+        let mut next = Vec::with_capacity(n);
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let per = n.div_ceil(threads).max(1 << 16);
+        let parts = next.spare_capacity_mut()[..n]
+            .chunks_mut(per)
+            .zip(p.chunks(per))
+            .zip(g.chunks(per))
+            .zip(m.chunks_mut(per).zip(v.chunks_mut(per)));
+        std::thread::scope(|s| {
+            for (i, (((out, p), g), (m, v))) in parts.enumerate() {
+                if i + 1 == n.div_ceil(per) {
+                    self.chunk(out, p, g, m, v);
+                } else {
+                    s.spawn(move || self.chunk(out, p, g, m, v));
+                }
+            }
+        });
+        // SAFETY: the chunks above cover all n elements and each wrote every one of its own.
+        unsafe { next.set_len(n) };
+        next
+    }
+
+    fn chunk(
+        &self,
+        out: &mut [std::mem::MaybeUninit<f32>],
+        p: &[f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) {
+        for ((((o, &p), &g), m), v) in out.iter_mut().zip(p).zip(g).zip(m).zip(v) {
+            *m = self.b1 * *m + self.a1 * g;
+            *v = self.b2 * *v + self.a2 * (g * g);
+            let denom = v.sqrt() * self.inv_bc2_sqrt + self.eps;
+            o.write(p * self.decay - self.step_size * (*m / denom));
+        }
     }
 }
 

@@ -54,9 +54,13 @@ fn demo_defence_cuts_the_attack_success_rate() {
         b["acc"], a["acc"]
     );
     assert!(asr_b > 0.9, "the demo's victim is backdoored: {asr_b}");
-    // README's numbers: ASR 100 -> 3.4 %, flip 0.4 %, ACC 95.0 -> 97.3.
-    assert!(asr_a < 0.1, "defended ASR {asr_a}");
-    assert!(a["flip_rate"].as_f64().unwrap() < 0.05, "{a}");
+    // README's numbers: ASR 93.5 -> 18.1 %, flip 15.5 %, ACC 95.7 -> 97.3 (on this seed the clean
+    // tuning leaves more than the repair did; docs/decisions.md, issue 12).
+    assert!(
+        asr_a < 0.25 && asr_a < asr_b / 2.0,
+        "defended ASR {asr_b} -> {asr_a}"
+    );
+    assert!(a["flip_rate"].as_f64().unwrap() < 0.2, "{a}");
     assert!(
         a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.01,
         "clean accuracy kept: {b} -> {a}"

@@ -269,3 +269,56 @@ fn mixed_precision_gradients_follow_f32_in_every_family() {
         }
     }
 }
+
+/// On the CPU in f32 the model runs fused ops (linear layers, self-attention over q, k and v
+/// projected together, LayerNorm, GELU); the central-difference checks above run in f64, where it
+/// is composed from primitives. Every parameter's fused f32 gradient must be the composed f64
+/// one up to f32's rounding, in every family (GPT-2's causal attention stays composed).
+#[test]
+fn fused_f32_gradients_match_the_composed_f64_ones_in_every_family() {
+    use btu::model::Family;
+    for family in [
+        Family::Bert,
+        Family::Roberta,
+        Family::Distilbert,
+        Family::Gpt2,
+    ] {
+        let grads_of = |dtype: DType| -> Vec<(String, Tensor)> {
+            let mut m = tiny_of(7, family).to_dtype(dtype).unwrap();
+            let vars = m.make_trainable(Trainable::All).unwrap();
+            let (ids, mask, labels) = batch();
+            let mask = mask.to_dtype(dtype).unwrap();
+            let logits = m.forward(Arch::Full, &ids, &mask).unwrap();
+            let g = cross_entropy(&logits, &labels).unwrap().backward().unwrap();
+            vars.iter()
+                .map(|(n, v)| {
+                    let gv = g
+                        .get(v.as_tensor())
+                        .unwrap_or_else(|| panic!("{n}: no gradient"));
+                    (n.clone(), gv.to_dtype(DType::F64).unwrap())
+                })
+                .collect()
+        };
+        let (fused, composed) = (grads_of(DType::F32), grads_of(DType::F64));
+        assert_eq!(fused.len(), composed.len());
+        for ((n, a), (_, b)) in fused.iter().zip(&composed) {
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+            let d = d.max(0).unwrap().to_scalar::<f64>().unwrap();
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f64>().unwrap();
+            // The key bias's gradient is zero up to rounding (the softmax removes a constant).
+            if n.ends_with("key.bias") || n.ends_with("k_lin.bias") || n.ends_with("c_attn.bias") {
+                assert!(d < 1e-6, "{family:?} {n}: {d}");
+                continue;
+            }
+            assert!(
+                scale > 1e-8,
+                "{family:?} {n}: a trivial gradient proves nothing"
+            );
+            assert!(
+                d <= 1e-4 * scale + 1e-7,
+                "{family:?} {n}: fused f32 gradient off by {d:e} (largest {scale:e})"
+            );
+        }
+    }
+}
