@@ -162,6 +162,11 @@ impl AdamW {
                         };
                         let g = f32_slice(gc, gl, "AdamW gradient")?;
                         let p = f32_slice(pc, pl, "AdamW parameter")?;
+                        if [g.len(), m.len(), v.len()] != [p.len(); 3] {
+                            return Err(crate::BtuError::internal(
+                                "AdamW: gradient or moments do not match the parameter",
+                            ));
+                        }
                         hyper.run(p, g, m, v)
                     };
                     var.set(&Tensor::from_vec(next, var.shape(), var.device())?)?;
