@@ -2,8 +2,9 @@
 //! batch row at a time on each core, every head's scores in one small buffer. The composed form
 //! (`transpose`, `contiguous`, two batched matmuls, `affine`, `broadcast_add`, softmax from
 //! primitives) makes a dozen passes over a `[b, heads, l, l]` tensor each way and runs its
-//! `b * heads` tiny products one after another; this op reads q, k, v in their `[b, l, h]`
-//! layout and writes the context in it. The backward recomputes the probabilities (a
+//! `b * heads` tiny products one after another; this op reads q, k and v side by side as one
+//! projection gives them (`[b, l, 3h]`) and writes the context as `[b, l, h]`; its gradient is
+//! one `[b, l, 3h]` tensor (one node instead of three). The backward recomputes the probabilities (a
 //! `l x l x d` product per head) instead of keeping them. CUDA, f64, half precision and causal
 //! masks keep the composed form (`BertClassifier::attention`).
 
@@ -93,11 +94,13 @@ impl View {
     }
 }
 
-/// `dst[m x n] (row stride dst_rs) = scale * a[m x k] @ b[k x n]`, on this thread.
+/// `dst[m x n] (row stride dst_rs) = scale * a[m x k] @ b[k x n]`, on this thread (gemm's own
+/// argument list, shortened).
 ///
 /// # Safety
 /// `a`, `b` and `dst` must address `m x k`, `k x n` and `m x n` elements through their strides;
 /// `dst` must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn matmul(
     m: usize,
     n: usize,
