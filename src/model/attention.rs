@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::ops::{exp_nonpositive, f32_slice, with_simd};
+use super::ops::{exp_nonpositive, f32_slice, par_rows, with_simd};
 
 /// Self-attention over `qkv` `[b, l, 3h]` (the query, key and value projections side by side,
 /// contiguous f32 on the CPU) with `heads` heads and an additive per-key bias `[b, l]` (0
@@ -30,12 +30,6 @@ pub fn self_attention(qkv: &Tensor, key_bias: Vec<f32>, heads: usize) -> Result<
         dims: Dims { l, h, heads },
         key_bias,
     })
-}
-
-/// Whether [`self_attention`] can run on these tensors (CPU, f32, contiguous).
-pub fn applies(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous())
 }
 
 #[derive(Clone, Copy)]
@@ -249,24 +243,6 @@ impl SelfAttention {
     }
 }
 
-/// `f(first_item, part)` over `out`, `items` items of `n` elements, one contiguous block of
-/// items per core.
-fn par_items(items: usize, n: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    let threads = candle_core::utils::get_num_threads().max(1);
-    let per = items.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let f = &f;
-        let blocks = items.div_ceil(per);
-        for (c, part) in out.chunks_mut(per * n).enumerate() {
-            if c + 1 == blocks {
-                f(c * per, part);
-            } else {
-                s.spawn(move || f(c * per, part));
-            }
-        }
-    });
-}
-
 impl CustomOp1 for SelfAttention {
     fn name(&self) -> &'static str {
         "self-attention-fused"
@@ -277,7 +253,7 @@ impl CustomOp1 for SelfAttention {
         let (n, l) = (self.dims.item(), self.dims.l);
         let items = qkv.len() / self.dims.item3();
         let mut out = vec![0f32; items * n];
-        par_items(items, n, &mut out, |first, part| {
+        par_rows(&mut out, n, |first, part| {
             let mut p = vec![0f32; l * l];
             for (i, o) in part.chunks_mut(n).enumerate() {
                 self.forward_item(qkv, first + i, o, &mut p);
@@ -314,7 +290,7 @@ impl CustomOp2 for SelfAttentionGrad<'_> {
         let (n3, l) = (op.dims.item3(), op.dims.l);
         let items = qkv.len() / n3;
         let mut d = vec![0f32; items * n3];
-        par_items(items, n3, &mut d, |first, part| {
+        par_rows(&mut d, n3, |first, part| {
             let mut scratch = vec![0f32; 2 * l * l];
             for (i, di) in part.chunks_mut(n3).enumerate() {
                 op.backward_item(qkv, g, first + i, di, &mut scratch);
@@ -352,12 +328,13 @@ mod tests {
     #[test]
     fn fused_attention_matches_composed_attention_and_its_gradient() -> Result<()> {
         let dev = Device::Cpu;
-        let (b, l, h, heads) = (5, 7, 12, 3);
+        // 10 rows of 16 x 3 * 48: par_rows splits them over two cores (blocks of 7 and 3).
+        let (b, l, h, heads) = (10, 16, 48, 4);
         let raw: Vec<f32> = (0..b * l * 3 * h)
             .map(|i| (((i as u64 * 2654435761) % 1000) as f32 / 500.0 - 1.0) * 1.5)
             .collect();
         let qkv = Var::from_vec(raw, (b, l, 3 * h), &dev)?;
-        let lens = [7u32, 3, 5, 1, 6];
+        let lens = [16u32, 3, 9, 1, 12, 16, 7, 2, 15, 10];
         let mask: Vec<u32> = lens
             .iter()
             .flat_map(|&n| (0..l as u32).map(move |j| u32::from(j < n)))

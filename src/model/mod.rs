@@ -665,7 +665,7 @@ impl BertClassifier {
         // A per-key bias (no causal mask) on the CPU in f32: one projection to q, k and v side
         // by side, then the fused op.
         let (wq, wk, wv) = (&layer.query, &layer.key, &layer.value);
-        if bias.dims() == [b, 1, 1, l] && attention::applies(&[x, bias, &wq.w, &wk.w, &wv.w]) {
+        if bias.dims() == [b, 1, 1, l] && ops::cpu_f32(&[x, bias, &wq.w, &wk.w, &wv.w]) {
             let w = Tensor::cat(&[&wq.w, &wk.w, &wv.w], 0)?;
             let bs = Tensor::cat(&[&wq.b, &wk.b, &wv.b], 0)?;
             let qkv = linear(x, &w, Some(&bs))?;

@@ -17,10 +17,11 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         return layer_norm(&f(x)?, &f(w)?, &f(b)?, eps)?.to_dtype(x.dtype());
     }
-    let cpu_f32 = [x, w, b]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
-    if cpu_f32 && w.rank() == 1 && b.dims() == w.dims() && x.dims().last() == Some(&w.dim(0)?) {
+    if cpu_f32(&[x, w, b])
+        && w.rank() == 1
+        && b.dims() == w.dims()
+        && x.dims().last() == Some(&w.dim(0)?)
+    {
         return x.apply_op3(w, b, LayerNorm { eps: eps as f32 });
     }
     layer_norm_primitives(x, w, b, eps)
@@ -33,6 +34,12 @@ pub fn layer_norm_primitives(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Re
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     xn.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Whether the fused CPU ops can take these tensors: all contiguous f32 on the CPU.
+pub(crate) fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
 /// bf16 or f16: computed in f32 where precision matters (LayerNorm, softmax, the loss).
@@ -113,10 +120,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// Whether [`LinearF32`] runs `x @ w^T + b`: contiguous f32 on the CPU, `w` [out, in] with `in`
 /// the last dimension of `x`, `b` [out].
 fn linear_f32_applies(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
-    let cpu_f32 = [x, w, b]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
-    cpu_f32
+    cpu_f32(&[x, w, b])
         && x.rank() >= 1
         && w.rank() == 2
         && w.dims()[1] == x.dims()[x.rank() - 1]
@@ -319,7 +323,7 @@ pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
 /// its erf and exp are scalar libm calls), written so the compiler vectorizes it and split over
 /// the cores; elsewhere (CUDA, f64, bf16) candle's `gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous() {
+    if cpu_f32(&[x]) {
         x.apply_op1(GeluErf)
     } else {
         x.gelu_erf()
@@ -617,7 +621,7 @@ pub(super) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// `f(first_row, rows)` over `out` seen as rows of `h`, one contiguous block of rows per core.
-fn par_rows(out: &mut [f32], h: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(super) fn par_rows(out: &mut [f32], h: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / h.max(1);
     let threads = candle_core::utils::get_num_threads();
     let per = rows.div_ceil(threads).max((1 << 14) / h.max(1)).max(1);
