@@ -332,9 +332,13 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// e^x for x <= 0 (all the GELU needs), branch-free so a loop over it vectorizes: x = n ln2 + r
 /// with |r| <= ln2 / 2 (ln 2 split in two), e^r by its degree-7 Taylor polynomial (truncation
-/// < 2e-8 there), 2^n by the exponent bits; below -87 it returns e^-87 (~1.6e-38).
+/// < 2e-8 there), 2^n by the exponent bits; below -87 it returns 0 (e^-87 is ~1.6e-38, near the
+/// smallest normal f32). Never a subnormal: on many x86 CPUs every multiply or add that reads or
+/// makes a subnormal takes a microcode assist (~100x slower), and the products after a softmax
+/// or a GELU's tail would make them by the thousand (masked keys' probabilities times values).
 #[inline(always)]
 pub(super) fn exp_nonpositive(x: f32) -> f32 {
+    let underflow = x < -87.0;
     let x = x.max(-87.0);
     // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so the loop vectorizes).
     const ROUND: f32 = 12_582_912.0;
@@ -346,7 +350,12 @@ pub(super) fn exp_nonpositive(x: f32) -> f32 {
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let e = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if underflow {
+        0.0
+    } else {
+        e
+    }
 }
 
 /// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, f32's rounding; PyTorch's vectorized
@@ -656,7 +665,16 @@ mod tests {
                 (got - want).abs() <= 3e-7 * want + 1e-37,
                 "exp({x}): {got} vs {want}"
             );
+            assert!(
+                got == 0.0 || got >= f32::MIN_POSITIVE as f64,
+                "exp({x}) = {got:e} is subnormal"
+            );
         }
+        assert_eq!(
+            exp_nonpositive(-1e9),
+            0.0,
+            "a masked key's weight is exactly zero"
+        );
         let n = 70_001;
         let xs: Vec<f64> = (0..n)
             .map(|i| -9.0 + 18.0 * i as f64 / (n - 1) as f64)

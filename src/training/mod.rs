@@ -4,13 +4,16 @@
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, Var};
 use serde::Serialize;
 
 use crate::error::Result;
 use crate::model::ops::{cross_entropy, f32_slice};
 use crate::model::tokenizer::{make_batch, training_batches, Batch, Batching};
 use crate::model::{Arch, BertClassifier};
+
+mod rows;
+pub use rows::{GatheredRows, GradView};
 
 /// AdamW hyper-parameters (PyTorch defaults but for the learning rate).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -138,40 +141,59 @@ impl AdamW {
         Ok(())
     }
 
-    /// One update from the gradients in `grads`.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+    /// Whether `table` is one of the variables stepped on the host (CPU f32), the ones
+    /// [`AdamW::step`] can take as gathered rows.
+    pub fn steps_rows_of(&self, table: &Tensor) -> bool {
+        self.state
+            .iter()
+            .any(|(var, mo)| matches!(mo, Moments::Host(..)) && var.as_tensor().id() == table.id())
+    }
+
+    /// One update from the gradients in `grads`. `rows`, when given, carries the gradient of
+    /// the variable it was gathered from (see [`GatheredRows`]): the rows it holds take their
+    /// gradients, every other row of that variable a gradient of zero, as a dense gradient
+    /// would give them.
+    pub fn step(&mut self, grads: &GradStore, rows: Option<&GatheredRows>) -> Result<()> {
         self.step += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step);
         let bc2_sqrt = (1.0 - c.beta2.powi(self.step)).sqrt();
         for (var, mo) in self.state.iter_mut() {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
+            let gathered = rows.filter(|r| r.table == var.as_tensor().id());
             match mo {
                 Moments::Host(m, v) => {
                     let hyper = HostStep::new(&c, bc1, bc2_sqrt);
-                    let g = g.to_dtype(DType::F32)?.contiguous()?;
-                    // The new values are computed from the variable's and the gradient's own
-                    // storage (no copies), then written back in one `set`.
-                    let next = {
-                        let (gs, gl) = g.storage_and_layout();
-                        let (ps, pl) = var.as_tensor().storage_and_layout();
-                        let (Storage::Cpu(gc), Storage::Cpu(pc)) = (&*gs, &*ps) else {
-                            return Err(crate::BtuError::internal("fused AdamW runs on the CPU"));
-                        };
-                        let g = f32_slice(gc, gl, "AdamW gradient")?;
-                        let p = f32_slice(pc, pl, "AdamW parameter")?;
-                        if [g.len(), m.len(), v.len()] != [p.len(); 3] {
-                            return Err(crate::BtuError::internal(
-                                "AdamW: gradient or moments do not match the parameter",
-                            ));
+                    match gathered {
+                        Some(r) => {
+                            let Some(g) = r.grad(grads)? else { continue };
+                            let width = var.elem_count() / var.dim(0)?.max(1);
+                            let view = GradView::Rows {
+                                ids: &r.ids,
+                                grads: &g,
+                                width,
+                            };
+                            host_step(var, hyper, view, m, v)?;
                         }
-                        hyper.run(p, g, m, v)
-                    };
-                    var.set(&Tensor::from_vec(next, var.shape(), var.device())?)?;
+                        None => {
+                            let Some(g) = grads.get(var.as_tensor()) else {
+                                continue;
+                            };
+                            let g = g.to_dtype(DType::F32)?.contiguous()?;
+                            let (gs, gl) = g.storage_and_layout();
+                            let Storage::Cpu(gc) = &*gs else {
+                                return Err(crate::BtuError::internal(
+                                    "fused AdamW runs on the CPU",
+                                ));
+                            };
+                            let view = GradView::Dense(f32_slice(gc, gl, "AdamW gradient")?);
+                            host_step(var, hyper, view, m, v)?;
+                        }
+                    }
                 }
                 Moments::Tensors(m, v) => {
+                    let Some(g) = grads.get(var.as_tensor()) else {
+                        continue;
+                    };
                     let p = var.as_tensor().detach();
                     let decayed = p.affine(1.0 - c.lr * c.weight_decay, 0.0)?;
                     *m = ((m.affine(c.beta1, 0.0)?) + g.affine(1.0 - c.beta1, 0.0)?)?;
@@ -186,8 +208,69 @@ impl AdamW {
     }
 }
 
-/// One fused AdamW step over host slices, in f32, split over the cores (each element's
-/// arithmetic is the same wherever it runs, so the result does not depend on the split).
+/// The fused step of one host variable, written into the variable's own storage (no new
+/// matrix, no copy back).
+fn host_step(
+    var: &Var,
+    hyper: HostStep,
+    grad: GradView,
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<()> {
+    let op = InPlaceStep {
+        hyper,
+        grad,
+        moments: std::cell::RefCell::new((m, v)),
+    };
+    var.as_tensor().inplace_op1(&op)?;
+    Ok(())
+}
+
+/// [`HostStep`] as candle's in-place op over the variable's storage.
+struct InPlaceStep<'a> {
+    hyper: HostStep,
+    grad: GradView<'a>,
+    moments: std::cell::RefCell<(&'a mut [f32], &'a mut [f32])>,
+}
+
+impl candle_core::InplaceOp1 for InPlaceStep<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-host-step"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(all) = s else {
+            candle_core::bail!("AdamW's host step takes an f32 parameter")
+        };
+        let n = l.shape().elem_count();
+        if !l.is_contiguous() || l.start_offset() + n > all.len() {
+            candle_core::bail!("AdamW's host step takes a contiguous parameter")
+        }
+        let p = &mut all[l.start_offset()..l.start_offset() + n];
+        let mut mo = self.moments.borrow_mut();
+        let (m, v) = &mut *mo;
+        let grad_len = match self.grad {
+            GradView::Dense(g) => g.len(),
+            GradView::Rows { ids, grads, width } => {
+                if ids.iter().any(|&id| (id as usize + 1) * width > n)
+                    || grads.len() != ids.len() * width
+                {
+                    candle_core::bail!("AdamW: gathered rows do not match the parameter")
+                }
+                n
+            }
+        };
+        if [grad_len, m.len(), v.len()] != [n; 3] || n % self.grad.width() != 0 {
+            candle_core::bail!("AdamW: gradient or moments do not match the parameter")
+        }
+        self.hyper.run(p, self.grad, m, v);
+        Ok(())
+    }
+}
+
+/// One fused AdamW step over host slices, in f32, split over the cores by whole rows (each
+/// element's arithmetic is the same wherever it runs, so the result does not depend on the
+/// split).
 struct HostStep {
     decay: f32,
     b1: f32,
@@ -213,46 +296,72 @@ impl HostStep {
         }
     }
 
-    /// Updates the moments `m`, `v` in place and returns the new parameters.
-    fn run(&self, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> Vec<f32> {
+    /// Updates the parameters `p` and the moments `m`, `v` in place.
+    fn run(&self, p: &mut [f32], g: GradView, m: &mut [f32], v: &mut [f32]) {
         let n = p.len();
-        let mut next = Vec::with_capacity(n);
+        let w = g.width();
         let threads = candle_core::utils::get_num_threads().max(1);
-        let per = n.div_ceil(threads).max(1 << 16);
-        let parts = next.spare_capacity_mut()[..n]
+        let per = ((n / w).div_ceil(threads).max((1 << 16) / w).max(1)) * w;
+        let zeros = vec![0.0f32; w];
+        let zeros = &zeros;
+        let parts = p
             .chunks_mut(per)
-            .zip(p.chunks(per))
-            .zip(g.chunks(per))
             .zip(m.chunks_mut(per).zip(v.chunks_mut(per)));
         std::thread::scope(|s| {
-            for (i, (((out, p), g), (m, v))) in parts.enumerate() {
-                if i + 1 == n.div_ceil(per) {
-                    self.chunk(out, p, g, m, v);
+            let last = n.div_ceil(per).saturating_sub(1);
+            for (i, (p, (m, v))) in parts.enumerate() {
+                let mut job = move || {
+                    g.runs(i * per, p.len(), zeros, |at, g| {
+                        let end = at + g.len();
+                        self.chunk(&mut p[at..end], g, &mut m[at..end], &mut v[at..end]);
+                    })
+                };
+                if i == last {
+                    job();
                 } else {
-                    s.spawn(move || self.chunk(out, p, g, m, v));
+                    s.spawn(job);
                 }
             }
         });
-        // SAFETY: the chunks above cover all n elements and each wrote every one of its own.
-        unsafe { next.set_len(n) };
-        next
     }
 
-    fn chunk(
-        &self,
-        out: &mut [std::mem::MaybeUninit<f32>],
-        p: &[f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-    ) {
-        for ((((o, &p), &g), m), v) in out.iter_mut().zip(p).zip(g).zip(m).zip(v) {
+    fn chunk(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
             *m = self.b1 * *m + self.a1 * g;
             *v = self.b2 * *v + self.a2 * (g * g);
             let denom = v.sqrt() * self.inv_bc2_sqrt + self.eps;
-            o.write(p * self.decay - self.step_size * (*m / denom));
+            *p = *p * self.decay - self.step_size * (*m / denom);
         }
     }
+}
+
+/// One optimiser step on one batch; returns the batch's mean loss. When the optimiser steps the
+/// word embeddings on the host, the batch trains only the rows it reads ([`GatheredRows`]; the
+/// same parameters as the dense gradient, bit for bit).
+pub fn train_step(
+    model: &BertClassifier,
+    arch: Arch,
+    opt: &mut AdamW,
+    ids: &Tensor,
+    mask: &Tensor,
+    labels: &[u32],
+) -> Result<f64> {
+    let (loss, rows) = if opt.steps_rows_of(&model.word) {
+        let rows = GatheredRows::gather(&model.word, ids)?;
+        let on_rows = BertClassifier {
+            word: rows.leaf.as_tensor().clone(),
+            ..model.clone()
+        };
+        let logits = on_rows.forward(arch, &rows.local, mask)?;
+        (cross_entropy(&logits, labels)?, Some(rows))
+    } else {
+        (
+            cross_entropy(&model.forward(arch, ids, mask)?, labels)?,
+            None,
+        )
+    };
+    opt.step(&loss.backward()?, rows.as_ref())?;
+    Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// What one epoch did.
@@ -321,11 +430,7 @@ pub fn train_epoch(
         let b = make_batch(data.seqs, idx, data.pad_id, data.pad_to);
         let (ids, mask) = batch_tensors(&b, dev)?;
         let labels: Vec<u32> = idx.iter().map(|&i| data.labels[i]).collect();
-        let logits = model.forward(arch, &ids, &mask.to_dtype(dtype)?)?;
-        let loss = cross_entropy(&logits, &labels)?;
-        let grads = loss.backward()?;
-        opt.step(&grads)?;
-        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let l = train_step(model, arch, opt, &ids, &mask.to_dtype(dtype)?, &labels)?;
         if !l.is_finite() {
             return Err(crate::BtuError::bad_data(
                 "training",
@@ -432,7 +537,7 @@ mod tests {
             let (mut p, mut m, mut v) = (init.clone(), vec![0.0; n], vec![0.0; n]);
             for t in 1..=5 {
                 let g = grad(t);
-                opt.step(&grads_of(&var, &g)).unwrap();
+                opt.step(&grads_of(&var, &g), None).unwrap();
                 reference(&mut p, &mut m, &mut v, &g, t as i32, cfg);
                 let got = values(&var);
                 let tol = if dtype == DType::F32 { 2e-6 } else { 1e-12 };
@@ -451,15 +556,65 @@ mod tests {
             let mut opt2 = AdamW::new(vec![var2.clone()], cfg).unwrap();
             opt2.restore(opt.steps(), saved).unwrap();
             let g = grad(6);
-            opt.step(&grads_of(&var, &g)).unwrap();
-            opt2.step(&grads_of(&var2, &g)).unwrap();
+            opt.step(&grads_of(&var, &g), None).unwrap();
+            opt2.step(&grads_of(&var2, &g), None).unwrap();
             assert_eq!(values(&var), values(&var2));
             // A variable without a gradient is left alone.
             let before = values(&var);
             let other = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-            opt.step(&other.as_tensor().sum_all().unwrap().backward().unwrap())
-                .unwrap();
+            opt.step(
+                &other.as_tensor().sum_all().unwrap().backward().unwrap(),
+                None,
+            )
+            .unwrap();
             assert_eq!(values(&var), before);
+        }
+    }
+
+    /// The host step given a batch's rows and their gradients takes the same step, bit for bit,
+    /// as given the dense gradient (zeros elsewhere), over a matrix large enough to be split
+    /// over the cores, rows touched and untouched, moments that fade to signed zeros.
+    #[test]
+    fn host_step_on_gathered_rows_equals_the_dense_step_bit_for_bit() {
+        let (rows, width) = (300usize, 512usize);
+        let n = rows * width;
+        let init: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 1013) as f32 - 506.0) / 300.0)
+            .collect();
+        let hyper = || HostStep::new(&AdamWConfig::with_lr(1e-3), 0.1, 0.03);
+        let (mut pd, mut md, mut vd) = (init.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+        let (mut ps, mut ms, mut vs) = (init, vec![0.0f32; n], vec![0.0f32; n]);
+        for step in 0..4usize {
+            // Rows touched this step: a different subset each time, including the first and last.
+            let ids: Vec<u32> = (0..rows as u32)
+                .filter(|r| (*r as usize * 7 + step) % 5 == 0 || *r == 0 || *r == rows as u32 - 1)
+                .collect();
+            let grads: Vec<f32> = (0..ids.len() * width)
+                .map(|i| ((i * 13 + step * 7) % 29) as f32 / 9.0 - 1.5)
+                .map(|g| if step == 0 { -g * 1e-30 } else { g })
+                .collect();
+            let mut dense = vec![0.0f32; n];
+            for (k, &id) in ids.iter().enumerate() {
+                let at = id as usize * width;
+                dense[at..at + width].copy_from_slice(&grads[k * width..(k + 1) * width]);
+            }
+            hyper().run(&mut pd, GradView::Dense(&dense), &mut md, &mut vd);
+            let view = GradView::Rows {
+                ids: &ids,
+                grads: &grads,
+                width,
+            };
+            hyper().run(&mut ps, view, &mut ms, &mut vs);
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&pd) == bits(&ps), "parameters differ at step {step}");
+            assert!(
+                bits(&md) == bits(&ms),
+                "first moments differ at step {step}"
+            );
+            assert!(
+                bits(&vd) == bits(&vs),
+                "second moments differ at step {step}"
+            );
         }
     }
 }
