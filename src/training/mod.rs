@@ -260,7 +260,7 @@ impl candle_core::InplaceOp1 for InPlaceStep<'_> {
                 n
             }
         };
-        if [grad_len, m.len(), v.len()] != [n; 3] || n % self.grad.width() != 0 {
+        if [grad_len, m.len(), v.len()] != [n; 3] || !n.is_multiple_of(self.grad.width()) {
             candle_core::bail!("AdamW: gradient or moments do not match the parameter")
         }
         self.hyper.run(p, self.grad, m, v);
@@ -593,7 +593,9 @@ mod tests {
         for step in 0..4usize {
             // Rows touched this step: a different subset each time, including the first and last.
             let ids: Vec<u32> = (0..rows as u32)
-                .filter(|r| (*r as usize * 7 + step) % 5 == 0 || *r == 0 || *r == rows as u32 - 1)
+                .filter(|r| {
+                    (*r as usize * 7 + step).is_multiple_of(5) || *r == 0 || *r == rows as u32 - 1
+                })
                 .collect();
             let grads: Vec<f32> = (0..ids.len() * width)
                 .map(|i| ((i * 13 + step * 7) % 29) as f32 / 9.0 - 1.5)
