@@ -54,8 +54,10 @@ fn demo_defence_cuts_the_attack_success_rate() {
         b["acc"], a["acc"]
     );
     assert!(asr_b > 0.9, "the demo's victim is backdoored: {asr_b}");
-    // README's numbers: ASR 93.5 -> 18.1 %, flip 15.5 %, ACC 95.7 -> 97.3 (on this seed the clean
-    // tuning leaves more than the repair did; docs/decisions.md, issue 12).
+    // README's numbers: ASR 99.3 -> 2.7 %, flip 0.0 %, ACC kept (an AVX-512 CPU, session 12). The
+    // tiny victim depends on the CPU's rounding: on session 11's machine ASR 93.5 -> 18.1 %, flip
+    // 15.5 %, ACC 95.7 -> 97.3 (there the clean tuning left more than the repair did;
+    // docs/decisions.md, issue 12). The bounds hold for both.
     assert!(
         asr_a < 0.25 && asr_a < asr_b / 2.0,
         "defended ASR {asr_b} -> {asr_a}"
