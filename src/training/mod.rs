@@ -162,33 +162,23 @@ impl AdamW {
             let gathered = rows.filter(|r| r.table == var.as_tensor().id());
             match mo {
                 Moments::Host(m, v) => {
+                    // The gradient: of the gathered rows (the leaf), or of the whole variable.
+                    let leaf = gathered.map(|r| r.leaf.as_tensor());
+                    let Some(g) = grads.get(leaf.unwrap_or(var.as_tensor())) else {
+                        continue;
+                    };
                     let hyper = HostStep::new(&c, bc1, bc2_sqrt);
-                    match gathered {
-                        Some(r) => {
-                            let Some(g) = r.grad(grads)? else { continue };
-                            let width = var.elem_count() / var.dim(0)?.max(1);
-                            let view = GradView::Rows {
+                    with_host_f32(g, |g| {
+                        let view = match gathered {
+                            Some(r) => GradView::Rows {
                                 ids: &r.ids,
-                                grads: &g,
-                                width,
-                            };
-                            host_step(var, hyper, view, m, v)?;
-                        }
-                        None => {
-                            let Some(g) = grads.get(var.as_tensor()) else {
-                                continue;
-                            };
-                            let g = g.to_dtype(DType::F32)?.contiguous()?;
-                            let (gs, gl) = g.storage_and_layout();
-                            let Storage::Cpu(gc) = &*gs else {
-                                return Err(crate::BtuError::internal(
-                                    "fused AdamW runs on the CPU",
-                                ));
-                            };
-                            let view = GradView::Dense(f32_slice(gc, gl, "AdamW gradient")?);
-                            host_step(var, hyper, view, m, v)?;
-                        }
-                    }
+                                grads: g,
+                                width: var.elem_count() / var.dim(0)?.max(1),
+                            },
+                            None => GradView::Dense(g),
+                        };
+                        host_step(var, hyper, view, m, v)
+                    })?;
                 }
                 Moments::Tensors(m, v) => {
                     let Some(g) = grads.get(var.as_tensor()) else {
@@ -206,6 +196,16 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// Calls `f` with the values of `t` (an f32 tensor on the CPU) as a contiguous slice.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(c) = &*s else {
+        return Err(crate::BtuError::internal("fused AdamW runs on the CPU"));
+    };
+    f(f32_slice(c, l, "AdamW gradient")?)
 }
 
 /// The fused step of one host variable, written into the variable's own storage (no new
@@ -249,18 +249,7 @@ impl candle_core::InplaceOp1 for InPlaceStep<'_> {
         let p = &mut all[l.start_offset()..l.start_offset() + n];
         let mut mo = self.moments.borrow_mut();
         let (m, v) = &mut *mo;
-        let grad_len = match self.grad {
-            GradView::Dense(g) => g.len(),
-            GradView::Rows { ids, grads, width } => {
-                if ids.iter().any(|&id| (id as usize + 1) * width > n)
-                    || grads.len() != ids.len() * width
-                {
-                    candle_core::bail!("AdamW: gathered rows do not match the parameter")
-                }
-                n
-            }
-        };
-        if [grad_len, m.len(), v.len()] != [n; 3] || !n.is_multiple_of(self.grad.width()) {
+        if !self.grad.covers(n) || m.len() != n || v.len() != n {
             candle_core::bail!("AdamW: gradient or moments do not match the parameter")
         }
         self.hyper.run(p, self.grad, m, v);

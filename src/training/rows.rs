@@ -7,11 +7,9 @@
 //! come out bit for bit the same (PyTorch's dense `nn.Embedding` + AdamW: untouched rows still
 //! decay and their moments still fade).
 
-use candle_core::backprop::GradStore;
-use candle_core::{Storage, Tensor, TensorId, Var};
+use candle_core::{Tensor, TensorId, Var};
 
 use crate::error::Result;
-use crate::model::ops::f32_slice;
 
 /// The rows of an embedding matrix one batch reads.
 pub struct GatheredRows {
@@ -45,22 +43,6 @@ impl GatheredRows {
             local: Tensor::from_vec(local, ids.shape(), ids.device())?,
         })
     }
-
-    /// The gradient of the gathered rows in `grads` as f32 on the host, `[ids.len() * h]`;
-    /// `None` when the backward pass did not reach them.
-    pub fn grad(&self, grads: &GradStore) -> Result<Option<Vec<f32>>> {
-        let Some(g) = grads.get(self.leaf.as_tensor()) else {
-            return Ok(None);
-        };
-        let g = g.contiguous()?;
-        let (s, l) = g.storage_and_layout();
-        let Storage::Cpu(c) = &*s else {
-            return Err(crate::BtuError::internal(
-                "sparse embedding rows train on the CPU",
-            ));
-        };
-        Ok(Some(f32_slice(c, l, "embedding rows' gradient")?.to_vec()))
-    }
 }
 
 /// A gradient as the optimiser reads it: every element, or only some rows (the rest are zero).
@@ -81,6 +63,20 @@ pub enum GradView<'a> {
 }
 
 impl GradView<'_> {
+    /// Whether this is a gradient for a parameter of `n` elements: one value each, or whole rows
+    /// of it (ids ascending, every id a row of the parameter).
+    pub fn covers(&self, n: usize) -> bool {
+        match *self {
+            GradView::Dense(g) => g.len() == n,
+            GradView::Rows { ids, grads, width } => {
+                width > 0
+                    && n.is_multiple_of(width)
+                    && grads.len() == ids.len() * width
+                    && ids.last().is_none_or(|&id| (id as usize + 1) * width <= n)
+            }
+        }
+    }
+
     /// Elements per row: the unit the optimiser splits the parameter into.
     pub fn width(&self) -> usize {
         match self {

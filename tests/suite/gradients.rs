@@ -6,6 +6,14 @@ use btu::model::{Arch, BertClassifier, Trainable};
 use btu::steps::init_model::{config_for, ModelSize};
 use candle_core::{DType, Device, Tensor};
 
+/// Every model family btu supports.
+const FAMILIES: [btu::model::Family; 4] = [
+    btu::model::Family::Bert,
+    btu::model::Family::Roberta,
+    btu::model::Family::Distilbert,
+    btu::model::Family::Gpt2,
+];
+
 fn tiny(seed: u64) -> BertClassifier {
     tiny_of(seed, btu::model::Family::Bert)
 }
@@ -204,7 +212,6 @@ fn differentiable_layer_norm_matches_reference_formula() {
 /// with every parameter trained, each one still gets its gradient through the per-step cast.
 #[test]
 fn mixed_precision_gradients_follow_f32_in_every_family() {
-    use btu::model::Family;
     let rel = |a: &Tensor, b: &Tensor| -> f64 {
         let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
         let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
@@ -212,12 +219,7 @@ fn mixed_precision_gradients_follow_f32_in_every_family() {
         let n = b.sqr().unwrap().sum_all().unwrap();
         (d.to_scalar::<f64>().unwrap() / n.to_scalar::<f64>().unwrap()).sqrt()
     };
-    for family in [
-        Family::Bert,
-        Family::Roberta,
-        Family::Distilbert,
-        Family::Gpt2,
-    ] {
+    for family in FAMILIES {
         for which in [Trainable::WordEmbeddings, Trainable::All] {
             let mut base = tiny_of(7, family).to_dtype(DType::F32).unwrap();
             base.classifier.w = (base.classifier.w.clone() * 20.0).unwrap();
@@ -276,13 +278,7 @@ fn mixed_precision_gradients_follow_f32_in_every_family() {
 /// one up to f32's rounding, in every family (GPT-2's causal attention stays composed).
 #[test]
 fn fused_f32_gradients_match_the_composed_f64_ones_in_every_family() {
-    use btu::model::Family;
-    for family in [
-        Family::Bert,
-        Family::Roberta,
-        Family::Distilbert,
-        Family::Gpt2,
-    ] {
+    for family in FAMILIES {
         let grads_of = |dtype: DType| -> Vec<(String, Tensor)> {
             let mut m = tiny_of(7, family).to_dtype(dtype).unwrap();
             let vars = m.make_trainable(Trainable::All).unwrap();
@@ -329,7 +325,6 @@ fn fused_f32_gradients_match_the_composed_f64_ones_in_every_family() {
 /// read different rows, in every family, with only the embeddings or everything trained.
 #[test]
 fn training_on_gathered_embedding_rows_gives_the_dense_step_bit_for_bit() {
-    use btu::model::Family;
     use btu::training::{train_step, AdamW, AdamWConfig};
     let batches = [
         vec![2u32, 5, 7, 9, 3, 2, 11, 13, 3, 0],
@@ -341,12 +336,7 @@ fn training_on_gathered_embedding_rows_gives_the_dense_step_bit_for_bit() {
         vec![1f32, 1., 1., 1., 0., 1., 1., 1., 1., 1.],
         vec![1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.],
     ];
-    for family in [
-        Family::Bert,
-        Family::Roberta,
-        Family::Distilbert,
-        Family::Gpt2,
-    ] {
+    for family in FAMILIES {
         for which in [Trainable::WordEmbeddings, Trainable::All] {
             let base = tiny_of(7, family).to_dtype(DType::F32).unwrap();
             let (mut dense, mut gathered) = (base.clone(), base);
