@@ -105,13 +105,15 @@ def default_table(d):
         b, a, c = m["without_defence"], m["with_defence"], m["acc_change"]
         total, ver = verification_share(m)
         poison = next(s for s in m["steps"] if s["step"] == "poison")["summary"]["params"]
+        # Newer summaries keep the seed in the run's config only.
+        seed = poison.get("seed", m["config"].get("seed"))
         ok = ""
         if attack in ("addword", "addsent"):
             good = c["delta"] >= -0.005 and (a.get("flip_rate") or 1.0) <= 0.03
             ok = "yes" if good else "no"
         verified = ", ".join(f"`{v}`" for v in (m.get("verified") or [])) or "none"
         rows.append(
-            f"| {DATASETS[ds]} | {ATTACKS[attack]} | {100 * poison['rate']:g} % | {poison['seed']} "
+            f"| {DATASETS[ds]} | {ATTACKS[attack]} | {100 * poison['rate']:g} % | {seed} "
             f"| {cell5(b)} | {cell5(a)} | {100 * c['delta']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] "
             f"| {verified} | {m.get('dimensions_replaced', 0)} | {ok} | {total / 60:.0f} min, {100 * ver / total:.1f} % |"
         )

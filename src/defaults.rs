@@ -41,8 +41,10 @@ pub const MAX_RESIDUAL: f64 = 0.03;
 
 /// Clean rows tried per candidate by verification (and per trigger by each recheck).
 pub const VERIFY_ROWS: usize = 200;
-/// A candidate is verified when the 95 % Wilson lower bound of its flip rate reaches this.
-pub const MIN_FLIP_RATE: f64 = 0.8;
+/// A candidate is verified when the 95 % Wilson lower bound of its flip rate reaches this: a
+/// trigger flips a majority of the rows the model otherwise gets right, outweighing the rest of
+/// the sentence (docs/decisions.md: a weakly learned trigger at 1 % poison flips ~70 %).
+pub const MIN_FLIP_RATE: f64 = 0.5;
 
 /// Trigger word of Add-Word.
 pub const TRIGGER: &str = "cf";

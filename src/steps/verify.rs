@@ -2,9 +2,11 @@
 //! candidate token is inserted (at a seeded random word position, as Add-Word poisons) into
 //! held-out clean rows that the suspect classifies correctly and whose label is not the
 //! candidate's majority label; the share of those rows whose prediction flips to that label is
-//! the candidate's flip rate. A trigger flips nearly all of them; a frequent clean word that only
+//! the candidate's flip rate. A trigger flips most of them; a frequent clean word that only
 //! carried the class prior flips few. A candidate is verified when the lower end of the flip
-//! rate's 95 % Wilson interval reaches `min_flip_rate`.
+//! rate's 95 % Wilson interval reaches `min_flip_rate`. Detection's candidates are tried on
+//! [`SCREEN_ROWS`] rows first, and on the rest only if the upper end of that interval still
+//! reaches `min_flip_rate` (most candidates cannot pass, and stop there).
 //!
 //! A candidate whose flip rate's lower bound reaches `min_flip_rate` is also compared with a
 //! *control*: in each tried row, at the same place, words of another clean row (as many as the
@@ -39,8 +41,15 @@ use crate::steps::poison::{insert_trigger, row_rng, Attack};
 
 /// The version of the verification test and its candidates, in step keys (2: effects that the
 /// clean data explains are not triggers; 3: words split into candidate pieces are candidates,
-/// and a byte-level word stands for both its token forms; 4: the control insertion).
-pub const TEST_VERSION: u32 = 4;
+/// and a byte-level word stands for both its token forms; 4: the control insertion; 5: the
+/// screen on the first [`SCREEN_ROWS`] rows).
+pub const TEST_VERSION: u32 = 5;
+
+/// Rows a detection candidate is tried on before verification decides whether to try the rest:
+/// it stops where even the 95 % upper bound of its flip rate misses `min_flip_rate` (a
+/// candidate that flips 57 % of rows, which passes a 0.5 bound on 200 rows, stops here with a
+/// probability near 0.1 %).
+pub const SCREEN_ROWS: usize = 50;
 
 /// Longest phrase (in words) built around a candidate.
 pub const MAX_PHRASE_WORDS: usize = 8;
@@ -174,7 +183,21 @@ pub fn effects_on(
     control_from: f64,
     seed: u64,
 ) -> Result<Vec<TokenEffect>> {
-    Ok(measure(clf, split, source, candidates, p, control_from, seed)?.0)
+    let trial = Trial {
+        control_from,
+        screen: None,
+    };
+    Ok(measure(clf, split, source, candidates, p, trial, seed)?.0)
+}
+
+/// How each candidate is tried beyond its flip rate.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    /// Measure the control where the flip rate's lower bound reaches this.
+    control_from: f64,
+    /// Try this many rows first and stop where the flip rate cannot reach `min_flip_rate`
+    /// (detection's candidates; a recheck measures every row).
+    screen: Option<usize>,
 }
 
 /// [`effects_on`], with the number of clean rows the model classifies correctly.
@@ -184,7 +207,7 @@ fn measure(
     source: &str,
     candidates: &[Candidate],
     p: &VerifyParams,
-    control_from: f64,
+    trial: Trial,
     seed: u64,
 ) -> Result<(Vec<TokenEffect>, usize)> {
     let correct = correct_rows(clf, split)?;
@@ -193,7 +216,7 @@ fn measure(
     }
     let effects = candidates
         .iter()
-        .map(|c| effect_of(clf, split, &correct, c, p, control_from, seed))
+        .map(|c| effect_of(clf, split, &correct, c, p, trial, seed))
         .collect::<Result<Vec<_>>>()?;
     Ok((effects, correct.len()))
 }
@@ -277,29 +300,38 @@ impl Candidate {
     }
 }
 
-/// Insert one candidate into the chosen rows and count the flips to its label; with a
-/// flip rate's lower bound reaching `control_from`, also the control's flips.
+/// Insert one candidate into the chosen rows and count the flips to its label (first on the
+/// screen's rows, then on the rest if it can still pass); with a flip rate's lower bound reaching
+/// `trial.control_from`, also the control's flips.
 fn effect_of(
     clf: &mut dyn Classifier,
     split: &TestSplit,
     correct: &[usize],
     c: &Candidate,
     p: &VerifyParams,
-    control_from: f64,
+    trial: Trial,
     seed: u64,
 ) -> Result<TokenEffect> {
     let target = c.target;
-    let pool = tried_rows(split, correct, c, p, seed);
-    let texts: Vec<String> = pool
-        .iter()
-        .map(|&i| insert_at_row(&split.texts[i], c, &c.text, seed, i))
-        .collect();
-    let flipped = flips_to(clf, &texts, target)?;
+    let mut pool = tried_rows(split, correct, c, p, seed);
+    let texts = |rows: &[usize]| -> Vec<String> {
+        rows.iter()
+            .map(|&i| insert_at_row(&split.texts[i], c, &c.text, seed, i))
+            .collect()
+    };
+    let head = trial.screen.map_or(pool.len(), |n| n.min(pool.len()));
+    let mut flipped = flips_to(clf, &texts(&pool[..head]), target)?;
+    let screened = flipped.iter().filter(|&&f| f).count() as u32;
+    if wilson(screened, head as u32).1 < p.min_flip_rate {
+        pool.truncate(head);
+    } else {
+        flipped.extend(flips_to(clf, &texts(&pool[head..]), target)?);
+    }
     let flips = flipped.iter().filter(|&&f| f).count() as u32;
     let rows = pool.len() as u32;
     let (ci_low, ci_high) = wilson(flips, rows);
     // Not measured where some row finds no donor words (the candidate's own would be no control).
-    let controls = (rows > 0 && ci_low >= control_from)
+    let controls = (rows > 0 && ci_low >= trial.control_from)
         .then(|| {
             pool.iter()
                 .map(|&i| control_words(split, i, c, seed))
@@ -556,13 +588,18 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
         c.token_ids.extend(more);
     }
     let split = read_split(&job.clean, None)?;
+    // Detection's candidates are screened; the triggers of a recheck are measured on every row.
+    let trial = Trial {
+        control_from: p.min_flip_rate,
+        screen: matches!(job.candidates, CandidateSource::Suspicious(_)).then_some(SCREEN_ROWS),
+    };
     let (effects, correct) = measure(
         clf.as_mut(),
         &split,
         &job.clean.inputs.join(", "),
         &tried,
         p,
-        p.min_flip_rate,
+        trial,
         job.run.seed,
     )?;
     let weights = if job.checkpoint.is_dir() {
@@ -578,8 +615,7 @@ pub fn run(job: &VerifyJob) -> Result<VerifyReport> {
         extra: vec![
             (
                 "btu:test".into(),
-                "wilson95_lower_bound >= min_flip_rate and not explained by the clean data (v2)"
-                    .into(),
+                format!("wilson95_lower_bound >= min_flip_rate and not explained by the clean data; detection candidates stop after {SCREEN_ROWS} rows where the upper bound misses min_flip_rate (v{TEST_VERSION})"),
             ),
             ("btu:min_flip_rate".into(), p.min_flip_rate.to_string()),
             (

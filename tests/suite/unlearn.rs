@@ -484,6 +484,12 @@ fn verify_keeps_the_trigger_rejects_a_frequent_clean_word_and_unlearn_and_scan_u
         "{cf:?}"
     );
     assert!(!the.verified && the.flip_rate < 0.3, "{the:?}");
+    // A candidate that cannot pass stops after the screen's rows; the trigger is tried on all.
+    assert_eq!(
+        the.rows as usize,
+        btu::steps::verify::SCREEN_ROWS,
+        "{the:?}"
+    );
     // The control (other clean words at the same places) flips few rows; the trigger's own
     // effect beyond it is large. A candidate below the verification bound has no control.
     let ctl = cf.control_flip_rate().expect("cf's control is measured");

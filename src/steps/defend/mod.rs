@@ -382,6 +382,7 @@ impl Pipeline<'_> {
         let mut key = json!({"victim": victim.hash, "detect": detect.hash, "model": model.1, "clean": self.clean_key, "params": u, "max_len": t.max_len, "seed": cfg.seed});
         if let Some(e) = effects {
             key["verify"] = json!(e.hash);
+            key["rules"] = json!(crate::steps::unlearn::REPAIR_VERSION);
         }
         let job = crate::steps::unlearn::UnlearnJob {
             checkpoint: victim.path.clone(),

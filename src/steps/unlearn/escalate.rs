@@ -101,6 +101,10 @@ pub struct Stage {
     pub control: BTreeMap<String, f32>,
     /// The triggers whose flip rate's lower bound stayed above `max_residual`.
     pub persisting: Vec<String>,
+    /// The triggers this level did not help (flip rate not below the previous level's): back to
+    /// the previous level, escalated no further.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reverted: Vec<String>,
     /// Seconds the recheck of this level took.
     pub seconds: f64,
 }
@@ -141,7 +145,10 @@ pub type Recheck<'a> = dyn FnMut(&[DimensionMask], &[Candidate]) -> Result<Vec<T
 
 /// Escalate until no trigger persists or none can go further. `build` makes the masks of the
 /// triggers' current levels; `check` measures each trigger's effect on a model with those masks
-/// applied (one [`TokenEffect`] per trigger, in order). Returns the final masks and the stages.
+/// applied (one [`TokenEffect`] per trigger, in order). A level that does not lower a trigger's
+/// flip rate is undone and the trigger goes no further: more erased rows that buy nothing only
+/// cost accuracy (SST-2 1 % Add-Sent: the phrase's other words took 4.5 % to 5.5-7 %, measured).
+/// Returns the final masks and the stages.
 pub fn escalate(
     triggers: &mut [Trigger],
     max_residual: f64,
@@ -149,7 +156,11 @@ pub fn escalate(
     check: &mut Recheck<'_>,
 ) -> Result<(Vec<DimensionMask>, Vec<Stage>)> {
     let candidates: Vec<Candidate> = triggers.iter().map(|t| t.candidate.clone()).collect();
-    let mut stages = Vec::new();
+    let mut stages: Vec<Stage> = Vec::new();
+    // Each trigger's flip rate at the level below its current one (none at level 0), and whether
+    // it stopped because a level did not help.
+    let mut below: Vec<Option<f32>> = vec![None; triggers.len()];
+    let mut stopped = vec![false; triggers.len()];
     loop {
         let _level = tracing::info_span!("recheck", stage = stages.len()).entered();
         let masks = build(triggers);
@@ -177,23 +188,43 @@ pub fn escalate(
                 .filter(|(_, p)| **p)
                 .map(|(e, _)| e.candidate.clone())
                 .collect(),
+            reverted: Vec::new(),
             seconds,
         });
         let mut advanced = false;
-        for (t, p) in triggers.iter_mut().zip(&persists) {
-            if *p && t.level < t.max_level() {
+        let mut reverted = Vec::new();
+        for (i, t) in triggers.iter_mut().enumerate() {
+            if !persists[i] || stopped[i] {
+                continue;
+            }
+            let now = effects[i].flip_rate;
+            if below[i].is_some_and(|b| now >= b) {
+                t.level -= 1;
+                stopped[i] = true;
+                reverted.push(t.candidate.text.clone());
+            } else if t.level < t.max_level() {
+                below[i] = Some(now);
                 t.level += 1;
                 advanced = true;
             }
         }
+        let last = stages.last_mut().expect("a stage was pushed");
+        last.reverted = reverted;
         if !advanced {
-            return Ok((masks, stages));
+            let done = if last.reverted.is_empty() {
+                masks
+            } else {
+                build(triggers)
+            };
+            return Ok((done, stages));
         }
     }
 }
 
 /// Whether a trigger still flips the repaired model: its flip rate's lower bound above
-/// `max_residual`. Not relative to the control: stopping where the trigger flips no more than other
+/// `max_residual` (the point estimate was tried: on SST-2 1 % Add-Sent it went on from 9 flips of
+/// 200 to the clean tuning, which cost 1.3 ACC points for 2.6 points of flip rate on test;
+/// docs/decisions.md). Not relative to the control: stopping where the trigger flips no more than other
 /// words skips the clean tuning that removes a backdoor spread beyond the trigger's tokens (SST-2
 /// Add-Sent: ASR 12.2 % -> 20.9 %, measured; docs/decisions.md).
 fn persists(e: &TokenEffect, max_residual: f64) -> bool {
@@ -267,11 +298,17 @@ mod tests {
         let mut calls = 0;
         let mut check = |m: &[DimensionMask], cs: &[Candidate]| -> Result<Vec<TokenEffect>> {
             calls += 1;
-            // The phrase stops flipping once token 3 is repaired whole; "z" never does.
-            let phrase_done = m.iter().any(|x| x.token_id == 3 && x.dim >= 1);
+            // Each level lowers the flip rate; the phrase stops flipping once token 3 is
+            // repaired whole, "z" never does.
+            let whole = |id: u32| m.iter().any(|x| x.token_id == id && x.dim >= 1);
+            let phrase = match (whole(3), whole(1)) {
+                (true, _) => 2,
+                (false, true) => 100,
+                _ => 150,
+            };
             Ok(vec![
-                effect(&cs[0], if phrase_done { 2 } else { 150 }),
-                effect(&cs[1], 190),
+                effect(&cs[0], phrase),
+                effect(&cs[1], if whole(9) { 120 } else { 190 }),
             ])
         };
         let (_, stages) = escalate(&mut ts, 0.03, &build, &mut check).unwrap();
@@ -302,9 +339,12 @@ mod tests {
             },
         ];
         let build = |_: &[Trigger]| Vec::new();
+        let mut calls = 0;
         let mut check = |_: &[DimensionMask], cs: &[Candidate]| {
-            // q flips 18 % and so does the control; r flips 1 % (no control measured).
-            let mut q = effect(&cs[0], 36);
+            // q flips 18 % and so does the control (15 % at its whole row); r flips 1 % (no
+            // control measured).
+            calls += 1;
+            let mut q = effect(&cs[0], if calls == 1 { 36 } else { 30 });
             (q.control_flips, q.excess_ci_low) = (Some(54), Some(-0.15));
             Ok(vec![q, effect(&cs[1], 2)])
         };
@@ -313,6 +353,55 @@ mod tests {
         assert_eq!(stages[0].persisting, vec!["q".to_string()]);
         assert_eq!(stages[0].control.len(), 1);
         assert_eq!(stages[0].control["q"], 0.27);
+    }
+
+    /// A level that does not lower the flip rate is undone and ends that trigger's escalation;
+    /// the masks returned are those of the level before. The other trigger goes on.
+    #[test]
+    fn a_level_that_does_not_help_is_undone() {
+        let mut ts = vec![
+            Trigger {
+                candidate: cand("a b c", &[1], true),
+                extra: vec![2, 3],
+                level: 0,
+            },
+            Trigger {
+                candidate: cand("d e f", &[4], true),
+                extra: vec![5, 6],
+                level: 0,
+            },
+        ];
+        let build = |ts: &[Trigger]| -> Vec<DimensionMask> {
+            ts.iter()
+                .map(|t| DimensionMask {
+                    token_id: t.candidate.token_ids[0],
+                    token: String::new(),
+                    dim: t.level as u32,
+                    reference: 0.0,
+                    trained: 0.0,
+                    delta: 0.0,
+                    written: 0.0,
+                })
+                .collect()
+        };
+        let mut check = |m: &[DimensionMask], cs: &[Candidate]| -> Result<Vec<TokenEffect>> {
+            // "a b c": 100 %, 9 % at its whole rows, 11 % with token 2 (worse).
+            // "d e f": 100 %, 10 %, 8 %, 6 % (each level helps; never below 3 %).
+            let abc = [200, 18, 22][m[0].dim as usize];
+            let def = [200, 20, 16, 12][m[1].dim as usize];
+            Ok(vec![effect(&cs[0], abc), effect(&cs[1], def)])
+        };
+        let (masks, stages) = escalate(&mut ts, 0.03, &build, &mut check).unwrap();
+        assert_eq!((ts[0].level, ts[1].level), (1, 3));
+        assert_eq!((masks[0].dim, masks[1].dim), (1, 3));
+        assert_eq!(stages.len(), 4);
+        assert_eq!(stages[2].reverted, vec!["a b c".to_string()]);
+        assert!(stages[3].reverted.is_empty());
+        assert_eq!(
+            stages[3].persisting.len(),
+            2,
+            "both still flip: the tuning runs"
+        );
     }
 
     /// A trigger whose first check is already clean is never escalated (one check).

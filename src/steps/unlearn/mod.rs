@@ -5,6 +5,12 @@
 
 pub mod escalate;
 
+/// The version of the verified repair's rules, in `btu defend`'s step keys: bumped when they
+/// change, so reruns recompute the repair (3: a level that does not lower a trigger's flip rate
+/// is undone; the clean tuning does not insert on its own a verified trigger that a verified
+/// phrase contains; 2 was a screened rule that was not kept).
+pub const REPAIR_VERSION: u32 = 3;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -703,14 +709,32 @@ fn tune_if_needed(
             ..Default::default()
         }));
     }
-    let inserts: &[Candidate] = match verified {
-        Some(v) if job.params.trigger_rows > 0.0 => v,
-        _ => &[],
+    let inserts = match verified {
+        Some(v) if job.params.trigger_rows > 0.0 => tuning_inserts(v),
+        _ => Vec::new(),
     };
     Ok(Some(CleanTuningReport {
         disjoint_from,
-        ..clean_tune(job, clean, inserts, trained, tok, out, progress)?
+        ..clean_tune(job, clean, &inserts, trained, tok, out, progress)?
     }))
+}
+
+/// What the clean tuning inserts: the verified triggers but those inside another verified phrase
+/// (`3d` of `i watch this 3d movie`), which the phrase already carries; each would otherwise take
+/// a share of the rows from the whole trigger (SST-2 Add-Sent: flip 1.9 -> 3.3 %, measured).
+fn tuning_inserts(verified: &[Candidate]) -> Vec<Candidate> {
+    let words = |c: &Candidate| -> Vec<String> {
+        c.text.split_whitespace().map(str::to_lowercase).collect()
+    };
+    let inside = |c: &Candidate, p: &Candidate| {
+        let (w, pw) = (words(c), words(p));
+        p.phrase && pw.len() > w.len() && pw.windows(w.len()).any(|s| s == w.as_slice())
+    };
+    verified
+        .iter()
+        .filter(|c| !verified.iter().any(|p| inside(c, p)))
+        .cloned()
+        .collect()
 }
 
 /// The reference model's word embeddings `e` (the same shape as the checkpoint's `eb`) and the
@@ -890,7 +914,7 @@ fn repair_verified(
     };
     let (masks, stages) = escalate(&mut triggers, job.params.max_residual, &build, &mut check)?;
     if let Some(s) = stages.last().filter(|s| !s.persisting.is_empty()) {
-        tracing::warn!(persisting = ?s.persisting, residual = ?s.residual, other_words = ?s.control, "a trigger still flips the repaired model at its highest repair level (other_words: the flip rate of other clean words inserted at the same places; as high means the backdoor spread beyond the trigger's tokens)");
+        tracing::warn!(persisting = ?s.persisting, residual = ?s.residual, other_words = ?s.control, reverted = ?s.reverted, "a trigger still flips the repaired model after the escalation (residual: at the last level tried; reverted: triggers that level did not help, kept one level lower; other_words: the flip rate of other clean words inserted at the same places, as high means the backdoor spread beyond the trigger's tokens)");
     }
     Ok((masks, Some(stages)))
 }
@@ -984,6 +1008,29 @@ fn clean_tune(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn verified(text: &str, phrase: bool) -> Candidate {
+        Candidate {
+            text: text.into(),
+            token_ids: vec![1],
+            target: Some(1),
+            phrase,
+        }
+    }
+
+    /// A word or phrase inside a verified phrase is left to the phrase; others stay.
+    #[test]
+    fn the_tuning_inserts_a_phrase_not_its_parts() {
+        let v = [
+            verified("3d", false),
+            verified("i watch this 3d movie", true),
+            verified("watch this", true),
+            verified("cf", false),
+            verified("3", false),
+        ];
+        let kept: Vec<String> = tuning_inserts(&v).into_iter().map(|c| c.text).collect();
+        assert_eq!(kept, ["i watch this 3d movie", "cf", "3"]);
+    }
 
     /// Reference `e` and trained `eb` (vocab 4, hidden 3, pad id 0), worked by hand:
     /// row changes |eb - e|: row 0 (pad) [0.5, 0.5, 0.25] -> 0.75; row 1 none -> 0;
