@@ -46,9 +46,9 @@ use crate::steps::poison::{insert_trigger, row_rng, Attack};
 pub const TEST_VERSION: u32 = 5;
 
 /// Rows a detection candidate is tried on before verification decides whether to try the rest:
-/// it stops where even the 95 % upper bound of its flip rate misses `min_flip_rate` (a
-/// candidate that flips 57 % of rows, which passes a 0.5 bound on 200 rows, stops here with a
-/// probability near 0.1 %).
+/// it stops where even the 95 % upper bound of its flip rate misses `min_flip_rate` (at most 18
+/// flips of 50 for 0.5; a candidate that flips 57 % of rows, the least that passes a 0.5 bound on
+/// 200 rows, stops here with a probability of 0.2 %, one that flips 63 % with 0.01 %).
 pub const SCREEN_ROWS: usize = 50;
 
 /// Longest phrase (in words) built around a candidate.

@@ -223,8 +223,8 @@ pub fn escalate(
 
 /// Whether a trigger still flips the repaired model: its flip rate's lower bound above
 /// `max_residual` (the point estimate was tried: on SST-2 1 % Add-Sent it went on from 9 flips of
-/// 200 to the clean tuning, which cost 1.3 ACC points for 2.6 points of flip rate on test;
-/// docs/decisions.md). Not relative to the control: stopping where the trigger flips no more than other
+/// 200 to the clean tuning, which cost 1.2 ACC points and took the flip rate on test from 6.1 to
+/// 2.6 %; docs/decisions.md). Not relative to the control: stopping where the trigger flips no more than other
 /// words skips the clean tuning that removes a backdoor spread beyond the trigger's tokens (SST-2
 /// Add-Sent: ASR 12.2 % -> 20.9 %, measured; docs/decisions.md).
 fn persists(e: &TokenEffect, max_residual: f64) -> bool {
