@@ -321,13 +321,12 @@ fn effect_of(
     };
     let head = trial.screen.map_or(pool.len(), |n| n.min(pool.len()));
     let mut flipped = flips_to(clf, &texts(&pool[..head]), target)?;
-    let screened = flipped.iter().filter(|&&f| f).count() as u32;
-    if wilson(screened, head as u32).1 < p.min_flip_rate {
+    if wilson(count(&flipped), head as u32).1 < p.min_flip_rate {
         pool.truncate(head);
     } else {
         flipped.extend(flips_to(clf, &texts(&pool[head..]), target)?);
     }
-    let flips = flipped.iter().filter(|&&f| f).count() as u32;
+    let flips = count(&flipped);
     let rows = pool.len() as u32;
     let (ci_low, ci_high) = wilson(flips, rows);
     // Not measured where some row finds no donor words (the candidate's own would be no control).
@@ -404,6 +403,11 @@ fn insert_at_row(text: &str, c: &Candidate, insert: &str, seed: u64, row: usize)
     insert_trigger(text, attack, &[insert.to_string()], insert, &mut rng)
 }
 
+/// How many of `flags` are set (flipped rows).
+fn count(flags: &[bool]) -> u32 {
+    flags.iter().filter(|&&f| f).count() as u32
+}
+
 /// Whether each text's prediction is `target`.
 fn flips_to(clf: &mut dyn Classifier, texts: &[String], target: Option<i64>) -> Result<Vec<bool>> {
     if texts.is_empty() {
@@ -450,7 +454,7 @@ const CONTROL_TRIES: usize = 32;
 /// (candidate minus control, same rows and places; Wald interval of a paired difference).
 fn paired_excess(candidate: &[bool], control: &[bool]) -> (u32, f32) {
     let n = candidate.len() as f64;
-    let k = control.iter().filter(|&&f| f).count() as u32;
+    let k = count(control);
     let only_candidate = candidate
         .iter()
         .zip(control)
@@ -503,7 +507,7 @@ fn association(split: &TestSplit, c: &Candidate) -> Association {
 
 /// Whether lower-cased `text` contains `needle` (a word or a phrase) as whole words (BERT's
 /// basic tokenizer splits on whitespace and punctuation).
-fn occurs(text: &str, needle: &str) -> bool {
+pub(crate) fn occurs(text: &str, needle: &str) -> bool {
     let words = |s: &str| -> Vec<String> {
         s.split(|ch: char| !ch.is_alphanumeric())
             .filter(|w| !w.is_empty())

@@ -264,6 +264,19 @@ mod tests {
         }
     }
 
+    /// A stand-in mask that records the trigger's level in `dim`, for the checks to read.
+    fn level_mask(token_id: u32, t: &Trigger) -> DimensionMask {
+        DimensionMask {
+            token_id,
+            token: String::new(),
+            dim: t.level as u32,
+            reference: 0.0,
+            trained: 0.0,
+            delta: 0.0,
+            written: 0.0,
+        }
+    }
+
     /// A trigger that flips until `need` tokens are whole rows goes level by level to there and
     /// stops; a trigger that never stops flipping ends at its highest level.
     #[test]
@@ -282,17 +295,7 @@ mod tests {
         ];
         let build = |ts: &[Trigger]| -> Vec<DimensionMask> {
             ts.iter()
-                .flat_map(|t| {
-                    t.tokens().into_iter().map(move |id| DimensionMask {
-                        token_id: id,
-                        token: String::new(),
-                        dim: t.level as u32,
-                        reference: 0.0,
-                        trained: 0.0,
-                        delta: 0.0,
-                        written: 0.0,
-                    })
-                })
+                .flat_map(|t| t.tokens().into_iter().map(|id| level_mask(id, t)))
                 .collect()
         };
         let mut calls = 0;
@@ -373,15 +376,7 @@ mod tests {
         ];
         let build = |ts: &[Trigger]| -> Vec<DimensionMask> {
             ts.iter()
-                .map(|t| DimensionMask {
-                    token_id: t.candidate.token_ids[0],
-                    token: String::new(),
-                    dim: t.level as u32,
-                    reference: 0.0,
-                    trained: 0.0,
-                    delta: 0.0,
-                    written: 0.0,
-                })
+                .map(|t| level_mask(t.candidate.token_ids[0], t))
                 .collect()
         };
         let mut check = |m: &[DimensionMask], cs: &[Candidate]| -> Result<Vec<TokenEffect>> {
