@@ -111,7 +111,17 @@ def default_table(d):
         if attack in ("addword", "addsent"):
             good = c["delta"] >= -0.005 and (a.get("flip_rate") or 1.0) <= 0.03
             ok = "yes" if good else "no"
+        else:
+            # Rewrites: ASR at most the reference-code variant's on the same attack, ACC -1 at most.
+            ref = os.path.join(d, f"{ds}-{attack}-reference-code.json")
+            if os.path.exists(ref):
+                bar = json.load(open(ref))["with_defence"]["asr"]
+                good = a["asr"] <= bar and c["delta"] >= -0.01
+                ok = f"{'yes' if good else 'no'} (ASR bar {100 * bar:.2f})"
         verified = ", ".join(f"`{v}`" for v in (m.get("verified") or [])) or "none"
+        relabel = m.get("relabel") or {}
+        if relabel.get("target") is not None:
+            verified += f"; {relabel['relabelled']} rows of class {relabel['target']} relabelled"
         rows.append(
             f"| {DATASETS[ds]} | {ATTACKS[attack]} | {100 * poison['rate']:g} % | {seed} "
             f"| {cell5(b)} | {cell5(a)} | {100 * c['delta']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] "
@@ -119,7 +129,7 @@ def default_table(d):
         )
     out = [
         "| dataset | attack | poison | seed | without defence: ACC / ASR (FPR, flip, FNR) | with btu: ACC / ASR (FPR, flip, FNR) "
-        "| ACC change, points [95 % CI] | verified triggers | dimensions replaced | ACC >= before - 0.5 and flip <= 3 % | time (verification's share) |",
+        "| ACC change, points [95 % CI] | verified triggers | dimensions replaced | issue 12's bar | time (verification's share) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ] + rows
     return "\n".join(out) + "\n"

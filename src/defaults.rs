@@ -46,6 +46,18 @@ pub const VERIFY_ROWS: usize = 200;
 /// the sentence (docs/decisions.md: a weakly learned trigger at 1 % poison flips ~70 %).
 pub const MIN_FLIP_RATE: f64 = 0.5;
 
+/// `btu relabel`'s references, each fine-tuned on all parts of the clean rows but one.
+pub const REFERENCES: usize = 4;
+/// Epochs of each of `btu relabel`'s references.
+pub const REFERENCE_EPOCHS: usize = 4;
+/// AdamW learning rate of `btu relabel`'s references.
+pub const REFERENCE_LR: f64 = 2e-5;
+/// `btu relabel`: a class is poisoned when the references contradict its training rows this many
+/// standard errors more often than its clean rows (one-sided p = 0.0005).
+pub const RELABEL_MIN_Z: f64 = 3.29;
+/// Epochs of `btu defend`'s tuning of the victim on the relabelled rows.
+pub const RELABEL_TUNE_EPOCHS: usize = 1;
+
 /// Trigger word of Add-Word.
 pub const TRIGGER: &str = "cf";
 /// Trigger sentence of Add-Sent (the paper's).

@@ -73,7 +73,7 @@ impl UnlearnArgs {
     /// The library's input for these flags.
     pub fn job(&self) -> crate::steps::unlearn::UnlearnJob {
         crate::steps::unlearn::UnlearnJob {
-            run: self.run.opts(&self.out, &self.device),
+            run: self.run.opts(&self.out, &self.batches.device),
             checkpoint: self.checkpoint.clone(),
             reference: self.reference.clone(),
             suspicious: self.suspicious.clone(),
@@ -91,8 +91,8 @@ impl UnlearnArgs {
                     ..crate::io::corpus::CorpusSpec::new(vec![p.clone()])
                 })
                 .collect(),
-            batch_size: self.batch_size,
-            max_len: self.max_len,
+            batch_size: self.batches.batch_size,
+            max_len: self.batches.max_len,
             min_flip_rate: defaults::MIN_FLIP_RATE,
             params: self.params.clone(),
         }
@@ -176,6 +176,30 @@ impl VerifyArgs {
             backend: self.classifier.backend,
             ort_lib: self.classifier.ort_lib.clone(),
             max_len: self.classifier.max_len,
+            params: self.params.clone(),
+        }
+    }
+}
+
+impl RelabelArgs {
+    /// The library's input for these flags.
+    pub fn job(&self) -> crate::steps::relabel::RelabelJob {
+        let seed = self.run.seed;
+        crate::steps::relabel::RelabelJob {
+            run: self.run.opts(&self.out, &self.batches.device),
+            corpus: self.corpus_args.spec(self.corpus.clone(), seed, true),
+            clean: crate::io::corpus::CorpusSpec {
+                filter: self.clean_filter.clone(),
+                limit: None,
+                sample: None,
+                ..self.corpus_args.spec(self.clean_corpus.clone(), seed, true)
+            },
+            model: self.model.clone(),
+            train: crate::steps::train::TrainParams {
+                batch_size: self.batches.batch_size,
+                max_len: self.batches.max_len,
+                ..Default::default()
+            },
             params: self.params.clone(),
         }
     }

@@ -70,6 +70,8 @@ pub enum Command {
     Scan(ScanArgs),
     /// Insert each candidate into clean rows: does the suspect model flip? Writes token_effects.arrow.
     Verify(VerifyArgs),
+    /// Test the training labels against clean references; write the rows they contradict relabelled.
+    Relabel(RelabelArgs),
     /// Read-only SQL over result tables and corpora (results on stdout or --output).
     Sql(SqlArgs),
     /// Write the JSON schemas of every table (the files committed in schemas/).
@@ -114,6 +116,21 @@ impl CorpusArgs {
             exclude_texts: Default::default(),
         }
     }
+}
+
+/// How a step that trains batches them, and where (unlearn's clean fine-tune, relabel's
+/// references).
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct BatchArgs {
+    /// Rows per training batch (at least 1).
+    #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = defaults::BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Tokens per sequence including [CLS]/[SEP]; at most the model's max_position_embeddings.
+    #[arg(long, env = "BTU_MAX_LEN", default_value_t = defaults::MAX_LEN)]
+    pub max_len: usize,
+    /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
+    #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
+    pub device: String,
 }
 
 /// Flags every command that makes random choices and writes takes.
@@ -274,15 +291,10 @@ pub struct UnlearnArgs {
     /// Evaluation split(s) the clean corpus must not overlap (checked by row text hash).
     #[arg(long, env = "BTU_EVAL_SPLIT", num_args = 1..)]
     pub eval_split: Vec<String>,
-    /// Rows per batch of the clean fine-tune (at least 1).
-    #[arg(long, env = "BTU_BATCH_SIZE", default_value_t = defaults::BATCH_SIZE)]
-    pub batch_size: usize,
-    /// Tokens per sequence of the clean fine-tune including [CLS]/[SEP]; at most max_position_embeddings.
-    #[arg(long, env = "BTU_MAX_LEN", default_value_t = defaults::MAX_LEN)]
-    pub max_len: usize,
-    /// Device: auto (cuda:0 when the build has CUDA and a GPU is visible, else cpu), cpu or cuda:N.
-    #[arg(long, env = "BTU_DEVICE", default_value = defaults::DEVICE)]
-    pub device: String,
+    /// Batches of the clean fine-tune (--batch-size, --max-len, --device).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub batches: BatchArgs,
     /// --seed and --overwrite.
     #[command(flatten)]
     #[serde(flatten)]
@@ -657,6 +669,41 @@ pub struct VerifyArgs {
     pub corpus_args: CorpusArgs,
 }
 
+/// Flags of `btu relabel`.
+#[derive(Debug, Args, serde::Serialize)]
+pub struct RelabelArgs {
+    /// The labelled rows the suspect model trained on.
+    #[arg(long, env = "BTU_CORPUS", num_args = 1.., required = true)]
+    pub corpus: Vec<String>,
+    /// Held-out clean rows with labels (disjoint from the corpus and the evaluation data).
+    #[arg(long, env = "BTU_CLEAN_CORPUS", num_args = 1.., required = true)]
+    pub clean_corpus: Vec<String>,
+    /// SQL predicate over the clean corpus's columns (--filter applies to --corpus only).
+    #[arg(long, env = "BTU_CLEAN_FILTER")]
+    pub clean_filter: Option<String>,
+    /// The pre-trained model the references are fine-tuned from (the suspect's starting point).
+    #[arg(long, env = "BTU_MODEL")]
+    pub model: PathBuf,
+    /// Output directory (summary.json; relabelled.parquet when a class fails the test).
+    #[arg(long, env = "BTU_OUT")]
+    pub out: PathBuf,
+    /// The test.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub params: crate::steps::relabel::RelabelParams,
+    /// Batches of the references' training (--batch-size, --max-len, --device).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub batches: BatchArgs,
+    /// --seed and --overwrite.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
+    /// How --corpus and --clean-corpus are read.
+    #[command(flatten)]
+    pub corpus_args: CorpusArgs,
+}
+
 /// Flags of `btu sql`.
 #[derive(Debug, Args, serde::Serialize)]
 pub struct SqlArgs {
@@ -734,6 +781,7 @@ impl Command {
             Command::Demo(_) => "demo",
             Command::Scan(_) => "scan",
             Command::Verify(_) => "verify",
+            Command::Relabel(_) => "relabel",
             Command::Sql(_) => "sql",
             Command::Schemas(_) => "schemas",
             Command::Report(_) => "report",
@@ -755,6 +803,7 @@ impl Command {
             Command::Demo(a) => a.out.clone().into_iter().collect(),
             Command::Schemas(a) => vec![a.out.clone()],
             Command::Report(a) => vec![a.out.clone()],
+            Command::Relabel(a) => vec![a.out.clone()],
             Command::Scan(_) | Command::Detect(_) | Command::Verify(_) | Command::Sql(_) => vec![],
         };
         match outputs.into_iter().find(|p| crate::io::output::remote(p).is_some()) {
@@ -857,6 +906,13 @@ impl Command {
                 let o = ["token_effects.arrow", "summary.json"];
                 (i, o.iter().map(|f| p(&a.out.join(f))).collect(), json!(a))
             }
+            Command::Relabel(a) => {
+                let mut i = a.corpus.clone();
+                i.extend(a.clean_corpus.iter().cloned());
+                i.push(p(&a.model));
+                let o = ["summary.json", "relabelled.parquet"];
+                (i, o.iter().map(|f| p(&a.out.join(f))).collect(), json!(a))
+            }
             Command::Scan(a) => {
                 let mut i = a.corpus.clone();
                 i.extend(
@@ -912,6 +968,7 @@ pub fn execute(
         Command::Defend(a) => summary(crate::steps::defend::run(&a.config()?, progress)),
         Command::Demo(a) => summary(crate::demo::run(&a.job(), progress)),
         Command::Verify(a) => summary(crate::steps::verify::run(&a.job())),
+        Command::Relabel(a) => summary(crate::steps::relabel::run(&a.job(), progress)),
         Command::Scan(a) if a.plan => summary(crate::steps::scan::plan(&a.job().corpus, a.shards)),
         Command::Scan(a) => summary(crate::steps::scan::run(&a.job(), progress)),
         Command::Sql(a) => summary(crate::steps::sql::run(&a.job()?, stdout)),
@@ -962,6 +1019,12 @@ mod tests {
         };
         assert_eq!(v.params, crate::steps::verify::VerifyParams::default());
         assert_eq!(v.params, from_toml(""));
+        let Command::Relabel(r) = parse("relabel --corpus c --clean-corpus c --model m --out o")
+        else {
+            panic!()
+        };
+        assert_eq!(r.params, crate::steps::relabel::RelabelParams::default());
+        assert_eq!(r.params, from_toml(""));
         let Command::Eval(e) = parse("eval --model m --test t --out o") else {
             panic!()
         };

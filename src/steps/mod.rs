@@ -52,6 +52,7 @@ pub mod eval;
 pub mod export_onnx;
 pub mod init_model;
 pub mod poison;
+pub mod relabel;
 pub mod report;
 pub mod scan;
 pub mod schemas;

@@ -352,6 +352,17 @@ fn every_command_has_a_dry_run_that_touches_nothing() {
         .chain(["--clean-corpus", &o("c.parquet"), "--out", &o("f")])
         .map(String::from)
         .collect(),
+        [
+            "relabel",
+            "--corpus",
+            &o("c.parquet"),
+            "--clean-corpus",
+            &o("k.parquet"),
+        ]
+        .into_iter()
+        .chain(["--model", &o("m"), "--out", &o("l")])
+        .map(String::from)
+        .collect(),
     ];
     for c in cases {
         let plan = btu(["--dry-run"]).args(&c).ok();
@@ -698,4 +709,61 @@ fn a_trigger_the_vocabulary_splits_is_verified_as_a_word() {
     );
     assert_eq!(m["verified"], serde_json::json!(["cf"]), "{m}");
     assert_defended(&m, 0.2, "a split trigger");
+}
+
+/// A dirty-label attack without a trigger token (Stylebkd and Synbkd are such attacks on a real
+/// model: their trigger is a style or a template, which no token carries): 15 % of the rows are
+/// rows of class 0 relabelled 1, text unchanged (`[poison] rewrite` from a copy of the text
+/// column). Nothing is verified, so the labels are tested against clean references:
+/// class 1 fails, the rows they contradict are relabelled and the victim is tuned on them, which
+/// takes back the bias the flipped rows taught it.
+#[test]
+fn defend_relabels_a_dirty_label_attack_that_no_token_carries() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let cfg_path = write_config(&run, 900);
+    // The "rewrite" is the text itself (in train for the attack, in test for its ASR).
+    for split in ["train", "test"] {
+        let path = run.join(format!("data/{split}.parquet"));
+        let batch = btu::io::tables::read_parquet(&path).unwrap().remove(0);
+        let text = batch.column_by_name("text").unwrap().clone();
+        let with_copy = with_column(&batch, "plain", text);
+        btu::io::tables::write_parquet(&path, &with_copy, true).unwrap();
+    }
+    let mut cfg: btu::steps::defend::DefendConfig =
+        toml::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let p = cfg.poison.as_mut().unwrap();
+    p.attack = btu::steps::poison::Attack::Rewrite;
+    p.rewrite_col = Some("plain".into());
+    p.rate = 0.15;
+    cfg.relabel.reference_lr = cfg.train.lr;
+    // This small victim also flips for a few sentiment words of the synthetic vocabulary (its
+    // flipped labels taught it a bias towards class 1): a bar no flip rate reaches stands for a
+    // verification that confirms nothing, as on the real rewrite attacks.
+    cfg.verify.min_flip_rate = 1.0;
+    let m = defend_with(&cfg, "flipped").ok();
+    let (b, a) = (&m["without_defence"], &m["with_defence"]);
+    eprintln!("flipped labels: {b} -> {a}, relabel {}", m["relabel"]);
+    assert_eq!(m["verified"], serde_json::json!([]), "{m}");
+    assert_eq!(m["relabel"]["target"], 1, "{}", m["relabel"]);
+    assert!(m["relabel"]["relabelled"].as_u64().unwrap() > 0);
+    assert_eq!(m["repaired"], true);
+    assert!(
+        m["repair_note"].as_str().unwrap().contains("relabelled"),
+        "{m}"
+    );
+    let names: Vec<String> = steps(&m).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&"relabel".into()) && names.contains(&"tune".into()),
+        "{names:?}"
+    );
+    let fpr = |s: &serde_json::Value| s["clean_false_positive_rate"].as_f64().unwrap();
+    assert!(
+        fpr(a) < fpr(b),
+        "the bias towards class 1 shrinks: {b} -> {a}"
+    );
+    assert!(
+        a["acc"].as_f64().unwrap() >= b["acc"].as_f64().unwrap() - 0.02,
+        "{b} -> {a}"
+    );
 }

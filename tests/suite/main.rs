@@ -20,6 +20,7 @@ mod lake;
 mod onnx;
 mod pipelines;
 mod poison;
+mod relabel;
 mod report;
 mod schemas;
 mod sql_limits;

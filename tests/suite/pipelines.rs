@@ -169,13 +169,13 @@ fn default_configs_share_one_method() {
         c.validate()
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(
-            c.detect.prior_neutral && c.verify.enabled,
+            c.detect.prior_neutral && c.verify.enabled && c.relabel.enabled,
             "{}",
             p.display()
         );
         serde_json::json!({
             "seed": c.seed, "model": c.model, "detect": c.detect, "train": c.train,
-            "verify": c.verify, "unlearn": c.unlearn, "eval": c.eval,
+            "verify": c.verify, "relabel": c.relabel, "unlearn": c.unlearn, "eval": c.eval,
         })
     };
     let first = method(&files[0]);

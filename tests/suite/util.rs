@@ -286,6 +286,29 @@ pub fn synth_corpus(path: &Path, n: usize, seed: u64) {
     btu::io::tables::write_parquet(path, &batch, true).unwrap();
 }
 
+/// `batch` with one more column, `name` (not nullable).
+pub fn with_column(
+    batch: &arrow::array::RecordBatch,
+    name: &str,
+    column: arrow::array::ArrayRef,
+) -> arrow::array::RecordBatch {
+    let mut fields: Vec<arrow::datatypes::Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(arrow::datatypes::Field::new(
+        name,
+        column.data_type().clone(),
+        false,
+    ));
+    let mut cols = batch.columns().to_vec();
+    cols.push(column);
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
+    arrow::array::RecordBatch::try_new(schema, cols).unwrap()
+}
+
 /// A tiny model trained on `corpus`: 1 layer, hidden 32, 256 positions.
 pub fn tiny_model(dir: &Path, corpus: &Path, vocab: usize) {
     btu!(

@@ -12,6 +12,7 @@ use crate::steps::detect::DetectParams;
 use crate::steps::eval::EvalParams;
 use crate::steps::init_model::ModelSize;
 use crate::steps::poison::PoisonParams;
+use crate::steps::relabel::RelabelParams;
 use crate::steps::train::TrainParams;
 use crate::steps::unlearn::UnlearnParams;
 use crate::steps::verify::VerifyParams;
@@ -132,6 +133,9 @@ pub struct DefendConfig {
     pub unlearn: UnlearnParams,
     /// `[verify]`: trigger verification (on by default when `data.clean` is given).
     pub verify: VerifyParams,
+    /// `[relabel]`: when verification confirms no trigger, the labels tested against clean
+    /// references and the victim tuned on the rows they contradict (on by default).
+    pub relabel: RelabelParams,
     /// `[eval]`: the attack measured (defaults to `[poison]`'s) and the backend.
     pub eval: EvalParams,
     /// `[report]`: the page written as `report.html` at the end (on by default).
@@ -152,6 +156,7 @@ impl Default for DefendConfig {
             train: TrainParams::default(),
             unlearn: UnlearnParams::default(),
             verify: VerifyParams::default(),
+            relabel: RelabelParams::default(),
             eval: EvalParams::default(),
             report: Default::default(),
         }
@@ -451,6 +456,14 @@ impl DefendConfig {
         }
     }
 
+    /// The tuning on relabelled rows (batches, lengths and learning rate as the victim's).
+    pub fn relabel_tune_params(&self) -> TrainParams {
+        TrainParams {
+            epochs: self.relabel.tune_epochs,
+            ..self.train.clone()
+        }
+    }
+
     /// Every value's domain (exit 78), checked before the first step.
     pub(crate) fn validate_values(&self) -> Result<()> {
         self.detect.validate_as("detect.")?;
@@ -461,6 +474,7 @@ impl DefendConfig {
         }
         crate::validate::at_least("eval.repeats", self.eval.repeats, 1)?;
         self.verify.validate_as("verify.")?;
+        self.relabel.validate_as("relabel.")?;
         if let Some(p) = &self.poison {
             p.validate_as("poison.")?;
         }

@@ -103,12 +103,16 @@ pub struct DefendReport {
     pub verified: Option<Vec<String>>,
     /// Embedding values the repair replaced.
     pub dimensions_replaced: usize,
-    /// Whether any was.
+    /// Whether any was, or the victim was tuned on relabelled rows.
     pub repaired: bool,
     /// Why the repair did nothing, or why it may not have worked.
     pub repair_note: Option<String>,
     /// The verified triggers rechecked on the repaired model.
     pub residual: Option<BTreeMap<String, Residual>>,
+    /// The labels tested against clean references (`None`: not run, because verification
+    /// confirmed a trigger or did not run); with a target, the repaired model is the victim
+    /// tuned on the rows they relabelled.
+    pub relabel: Option<crate::steps::relabel::RelabelReport>,
     /// Every step and what happened to it.
     pub steps: Vec<StepRecord>,
     /// Wall time of each step in this run.
@@ -406,6 +410,87 @@ impl Pipeline<'_> {
         Ok(Done { path: out, hash })
     }
 
+    /// With no trigger verified: do clean references contradict a class's training labels beyond
+    /// their own error rate? The step's report and hash (`None` with `relabel.enabled = false`).
+    fn relabel(
+        &mut self,
+        train: &TrainData,
+        model: (&Path, &Value),
+    ) -> Result<Option<(crate::steps::relabel::RelabelReport, String)>> {
+        let cfg = self.cfg;
+        if !cfg.relabel.enabled {
+            return Ok(None);
+        }
+        let out = self.run.join("relabel");
+        let r = &cfg.relabel;
+        // The tuning's epochs are the next step's: changing them does not redo the test.
+        let test = crate::steps::relabel::RelabelParams {
+            tune_epochs: 0,
+            ..r.clone()
+        };
+        let key = json!({"train": train.key, "model": model.1, "clean": self.clean_key, "relabel": test, "params": cfg.train, "seed": cfg.seed});
+        let job = crate::steps::relabel::RelabelJob {
+            corpus: self.train_spec(train, true),
+            clean: self.clean_spec(),
+            model: model.0.to_path_buf(),
+            run: self.opts(&out),
+            train: cfg.train.clone(),
+            params: r.clone(),
+        };
+        let progress = self.progress;
+        let (hash, report) =
+            self.steps
+                .step("relabel", key, std::slice::from_ref(&out), &mut || {
+                    crate::steps::relabel::run(&job, progress)
+                })?;
+        Ok(Some((report, hash)))
+    }
+
+    /// A style or syntax template is no token: with nothing verified, the labels are tested, and
+    /// where a class fails the repaired model is tuned on the rows relabelled. The model to
+    /// evaluate, and the test's report (`None`: not run).
+    fn relabel_and_tune(
+        &mut self,
+        train: &TrainData,
+        model: (&Path, &Value),
+        repaired: Done,
+        verified: &Option<Vec<String>>,
+    ) -> Result<(Done, Option<crate::steps::relabel::RelabelReport>)> {
+        let relabel = match verified {
+            Some(v) if v.is_empty() => self.relabel(train, model)?,
+            _ => None,
+        };
+        Ok(match relabel {
+            Some((r, hash)) => match &r.corpus_file {
+                Some(file) => (self.tune(&repaired, (file, &hash))?, Some(r)),
+                None => (repaired, Some(r)),
+            },
+            None => (repaired, None),
+        })
+    }
+
+    /// The repaired model tuned on the relabelled training rows.
+    fn tune(&mut self, repaired: &Done, relabelled: (&Path, &str)) -> Result<Done> {
+        let cfg = self.cfg;
+        let out = self.run.join("tuned");
+        let params = cfg.relabel_tune_params();
+        let job = crate::steps::train::TrainJob {
+            corpus: cfg.spec(&[relabelled.0.display().to_string()], true),
+            dev: None,
+            model: repaired.path.clone(),
+            run: self.opts(&out),
+            params: params.clone(),
+        };
+        let key = json!({"repaired": repaired.hash, "relabel": relabelled.1, "params": params, "seed": cfg.seed});
+        let progress = self.progress;
+        let (hash, _) =
+            self.steps
+                .step::<Value>("tune", key, std::slice::from_ref(&out), &mut || {
+                    summary(crate::steps::train::run(&job, progress))
+                })?;
+        Ok(Done { path: out, hash })
+    }
+
     /// Are the verified triggers gone from the repaired model? Their effects on it.
     fn recheck(
         &mut self,
@@ -586,11 +671,14 @@ fn repair_note(
     verified: &Option<Vec<String>>,
     replaced: usize,
     residual: &Option<Vec<crate::io::tables::TokenEffect>>,
+    relabel: Option<&crate::steps::relabel::RelabelReport>,
 ) -> Option<String> {
     let note = match (verified, replaced) {
-        (Some(v), _) if v.is_empty() => {
-            "verification confirmed no candidate as a trigger: the embeddings were not repaired"
-        }
+        (Some(v), _) if v.is_empty() => match relabel.and_then(|r| r.target) {
+            Some(_) => "verification confirmed no candidate as a trigger; clean references contradict the training labels of one class beyond their own error rate: the victim was tuned on the rows they relabelled (see relabel)",
+            None if relabel.is_some() => "verification confirmed no candidate as a trigger and clean references find the training labels no less reliable than the clean data's: the model was not repaired",
+            None => "verification confirmed no candidate as a trigger: the embeddings were not repaired",
+        },
         (_, 0) => "no embedding dimension passed the threshold: the embeddings were not repaired",
         _ if residual.iter().flatten().any(|e| e.verified) => {
             "a verified trigger still flips the repaired model's predictions (see residual)"
@@ -627,6 +715,19 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
         Some(e) => Some(p.recheck(&repaired, e)?),
         None => None,
     };
+    let verified: Option<Vec<String>> = match &effects {
+        Some(e) => Some(
+            crate::io::tables::read_token_effects(&e.path)?
+                .into_iter()
+                .filter(|e| e.verified)
+                .map(|e| e.candidate)
+                .collect(),
+        ),
+        None => None,
+    };
+    let (repaired, relabel) =
+        p.relabel_and_tune(&train, (&model, &model_key), repaired, &verified)?;
+    let tuned = relabel.as_ref().is_some_and(|r| r.target.is_some());
     let scores = if cfg.data.test.is_empty() {
         None
     } else {
@@ -638,18 +739,8 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
     };
     let flagged =
         crate::io::tables::read_suspicious_tokens(&detect.path.join("suspicious_tokens.arrow"))?;
-    let verified: Option<Vec<String>> = match &effects {
-        Some(e) => Some(
-            crate::io::tables::read_token_effects(&e.path)?
-                .into_iter()
-                .filter(|e| e.verified)
-                .map(|e| e.candidate)
-                .collect(),
-        ),
-        None => None,
-    };
     let replaced =
-        crate::io::tables::read_ipc(&repaired.path.join("dimension_masks.arrow"))?.num_rows();
+        crate::io::tables::read_ipc(&p.run.join("repaired/dimension_masks.arrow"))?.num_rows();
     let records = p.steps.records;
     let report = DefendReport {
         command: "defend".into(),
@@ -666,10 +757,11 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
         acc_change,
         flagged: flagged.into_iter().map(|t| t.token).collect(),
         clean_rows_dropped: p.dropped.len(),
-        repair_note: repair_note(&verified, replaced, &residual),
+        repair_note: repair_note(&verified, replaced, &residual, relabel.as_ref()),
         verified,
         dimensions_replaced: replaced,
-        repaired: replaced > 0,
+        repaired: replaced > 0 || tuned,
+        relabel,
         residual: residual.map(|r| {
             r.into_iter()
                 .map(|e| {

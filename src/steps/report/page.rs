@@ -101,11 +101,43 @@ fn summary(d: &RunData) -> String {
         );
     }
     if let Some(m) = &d.summary {
+        s += &relabel_line(&m["relabel"]);
         if let Some(note) = m["repair_note"].as_str() {
             let _ = write!(s, "<p class=\"bad\">{}</p>", esc(note));
         }
     }
     s
+}
+
+/// The labels' test against clean references, one sentence per class ("" when it did not run).
+fn relabel_line(r: &Value) -> String {
+    let Some(classes) = r["classes"].as_array() else {
+        return String::new();
+    };
+    let per_class: Vec<String> = classes
+        .iter()
+        .map(|c| {
+            format!(
+                "class {}: doubt {:.3} on {} training rows, {:.3} on {} clean rows (z {:.2})",
+                c["label"],
+                c["doubt"].as_f64().unwrap_or(f64::NAN),
+                c["rows"],
+                c["clean_doubt"].as_f64().unwrap_or(f64::NAN),
+                c["clean_rows"],
+                c["z"].as_f64().unwrap_or(f64::NAN)
+            )
+        })
+        .collect();
+    let verdict = match r["target"].as_i64() {
+        Some(t) => format!("class {t} fails: {} rows relabelled", r["relabelled"]),
+        None => "no class fails".to_string(),
+    };
+    format!(
+        "<p>The training labels against clean references (held-out accuracy {:.1} %): <span id=\"relabel\">{}</span>; {}.</p>",
+        100.0 * r["reference_accuracy"].as_f64().unwrap_or(f64::NAN),
+        verdict,
+        esc(&per_class.join("; "))
+    )
 }
 
 fn wilson(k: u64, n: u64) -> Option<(f64, f64)> {
@@ -408,4 +440,33 @@ fn provenance(d: &RunData) -> String {
         let _ = write!(s, "<p>Run configuration</p><pre>{}</pre>", pretty(cfg));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The labels' test reads as one sentence; without it, nothing.
+    #[test]
+    fn the_relabel_line_names_the_failing_class() {
+        assert_eq!(relabel_line(&Value::Null), "");
+        let r = serde_json::json!({
+            "reference_accuracy": 0.806, "target": 1, "relabelled": 1299,
+            "classes": [
+                {"label": 0, "rows": 2330, "doubt": 0.291, "clean_rows": 356, "clean_doubt": 0.290, "z": 0.06},
+                {"label": 1, "rows": 3898, "doubt": 0.388, "clean_rows": 335, "clean_doubt": 0.333, "z": 4.06}
+            ]
+        });
+        let line = relabel_line(&r);
+        assert!(
+            line.contains("class 1 fails: 1299 rows relabelled"),
+            "{line}"
+        );
+        assert!(
+            line.contains("80.6 %") && line.contains("(z 4.06)"),
+            "{line}"
+        );
+        let clean = serde_json::json!({"reference_accuracy": 0.8, "target": null, "relabelled": 0, "classes": []});
+        assert!(relabel_line(&clean).contains("no class fails"));
+    }
 }

@@ -1,0 +1,172 @@
+//! `btu relabel`: the labels of a corpus tested against clean references. A dirty-label attack
+//! without a trigger token (rows of class 0 labelled 1, their texts untouched) must be found, its
+//! target named and mostly its rows relabelled; a clean corpus must pass untouched.
+
+use std::path::Path;
+
+use arrow::array::{Array, BooleanArray, Int64Array};
+
+use crate::util::*;
+
+/// Rows of the training corpus (synthetic, seed 11) and of the clean corpus (seed 12).
+const ROWS: usize = 900;
+const CLEAN_ROWS: usize = 300;
+
+/// Write the training corpus with `flip` of its rows of class 0 labelled 1 (every `1/flip`-th
+/// such row), and a `poisoned` column saying which.
+fn corpus(path: &Path, flip: f64) -> usize {
+    let (texts, mut labels) = btu::demo::synth::generate(ROWS, 11);
+    let mut poisoned = vec![false; ROWS];
+    let mut zeros = 0usize;
+    for i in 0..ROWS {
+        if labels[i] == 0 {
+            zeros += 1;
+            if flip > 0.0 && (zeros as f64 * flip).fract() < flip {
+                labels[i] = 1;
+                poisoned[i] = true;
+            }
+        }
+    }
+    let base = btu::io::tables::corpus_batch(&texts, &labels).unwrap();
+    let flags = std::sync::Arc::new(BooleanArray::from(poisoned.clone()));
+    let batch = with_column(&base, "poisoned", flags);
+    btu::io::tables::write_parquet(path, &batch, true).unwrap();
+    poisoned.iter().filter(|&&p| p).count()
+}
+
+/// The setting every test here shares: a tiny model made from the clean rows, the clean rows.
+struct Setting {
+    _dir: tempfile::TempDir,
+    clean: std::path::PathBuf,
+    model: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+fn setting() -> Setting {
+    let d = tempfile::tempdir().unwrap();
+    let clean = d.path().join("clean.parquet");
+    synth_corpus(&clean, CLEAN_ROWS, 12);
+    let model = d.path().join("model");
+    tiny_model(&model, &clean, 300);
+    Setting {
+        root: d.path().to_path_buf(),
+        clean,
+        model,
+        _dir: d,
+    }
+}
+
+/// `btu relabel` of `corpus` into `out` (the tiny model learns at 1e-3, as the demo's victim).
+fn relabel(st: &Setting, corpus: &Path, out: &Path) -> serde_json::Value {
+    btu!(
+        "relabel --corpus {} --clean-corpus {} --model {} --out {} --reference-lr 1e-3 --reference-epochs 10 --batch-size 8 --device cpu",
+        s(corpus),
+        s(&st.clean),
+        s(&st.model),
+        s(out)
+    )
+    .ok()
+}
+
+fn column<T: Array + Clone + 'static>(path: &Path, name: &str) -> T {
+    let batches = btu::io::tables::read_parquet(path).unwrap();
+    assert_eq!(batches.len(), 1, "one batch");
+    batches[0]
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("{name} in {}", path.display()))
+        .as_any()
+        .downcast_ref::<T>()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_class_filled_by_flipped_labels_is_found_and_mostly_its_flipped_rows_relabelled() {
+    let st = setting();
+    let poisoned_corpus = st.root.join("poisoned.parquet");
+    let n_poisoned = corpus(&poisoned_corpus, 0.3);
+    let out = st.root.join("r");
+    let m = relabel(&st, &poisoned_corpus, &out);
+    assert_eq!(m["target"], 1, "{m}");
+    let z1 = m["classes"][1]["z"].as_f64().unwrap();
+    assert!(z1 >= 3.29, "class 1's z {z1}: {m}");
+    assert!(m["reference_accuracy"].as_f64().unwrap() > 0.8, "{m}");
+    let file = out.join("relabelled.parquet");
+    let relabelled = column::<BooleanArray>(&file, "relabelled");
+    let poisoned = column::<BooleanArray>(&file, "poisoned");
+    let label = column::<Int64Array>(&file, "label");
+    let before = column::<Int64Array>(&file, "label_before");
+    assert_eq!(relabelled.len(), ROWS);
+    let hits = (0..ROWS)
+        .filter(|&i| relabelled.value(i) && poisoned.value(i))
+        .count();
+    let flagged = (0..ROWS).filter(|&i| relabelled.value(i)).count();
+    assert_eq!(flagged, m["relabelled"].as_u64().unwrap() as usize);
+    assert!(
+        hits as f64 >= 0.7 * n_poisoned as f64,
+        "{hits} of {n_poisoned} poisoned rows relabelled"
+    );
+    assert!(
+        hits as f64 >= 0.6 * flagged as f64,
+        "precision {hits}/{flagged}"
+    );
+    for i in 0..ROWS {
+        // Only target rows change, and only to another class.
+        if relabelled.value(i) {
+            assert_eq!((before.value(i), label.value(i)), (1, 0), "row {i}");
+        } else {
+            assert_eq!(before.value(i), label.value(i), "row {i}");
+        }
+    }
+    // The same seed gives the same bytes.
+    let again = st.root.join("r2");
+    relabel(&st, &poisoned_corpus, &again);
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        std::fs::read(again.join("relabelled.parquet")).unwrap()
+    );
+}
+
+#[test]
+fn a_clean_corpus_passes_and_nothing_is_relabelled() {
+    let st = setting();
+    let clean_corpus = st.root.join("train.parquet");
+    corpus(&clean_corpus, 0.0);
+    let out = st.root.join("r");
+    let m = relabel(&st, &clean_corpus, &out);
+    // References that learned the task (the test is no test otherwise).
+    assert!(m["reference_accuracy"].as_f64().unwrap() > 0.8, "{m}");
+    assert!(m["target"].is_null(), "{m}");
+    assert_eq!(m["relabelled"], 0);
+    for c in m["classes"].as_array().unwrap() {
+        assert!(c["z"].as_f64().unwrap() < 3.29, "{c}");
+    }
+    assert!(out.join("summary.json").is_file());
+    assert!(!out.join("relabelled.parquet").exists());
+}
+
+#[test]
+fn too_few_clean_rows_are_refused_before_any_work() {
+    let st = setting();
+    let few = st.root.join("few.parquet");
+    synth_corpus(&few, 10, 5);
+    let out = st.root.join("r");
+    btu!(
+        "relabel --corpus {} --clean-corpus {} --model {} --out {}",
+        s(&st.clean),
+        s(&few),
+        s(&st.model),
+        s(&out)
+    )
+    .fails_with(78, "--clean-corpus")
+    .and_no_output(&out);
+    btu!(
+        "relabel --corpus {} --clean-corpus {} --model {} --out {} --min-z=0",
+        s(&st.clean),
+        s(&st.clean),
+        s(&st.model),
+        s(&out)
+    )
+    .fails_with(78, "--min-z")
+    .and_no_output(&out);
+}
