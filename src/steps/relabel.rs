@@ -301,7 +301,7 @@ fn finite(p: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
         Ok(p)
     } else {
         Err(BtuError::internal(
-            "a relabelling reference predicts non-finite probabilities (its training diverged); lower [train] lr",
+            "a relabelling reference predicts non-finite probabilities (its training diverged); lower --reference-lr ([relabel] reference_lr)",
         ))
     }
 }
@@ -317,6 +317,38 @@ struct Readings {
     corpus_pred: Vec<Vec<usize>>,
 }
 
+/// A reference: the pre-trained model with a new head, fine-tuned on `data`.
+fn train_reference(
+    job: &RelabelJob,
+    ckpt: &Checkpoint,
+    data: &TokenizedCorpus,
+    (classes, part): (usize, usize),
+    dev: &Device,
+    progress: &dyn Progress,
+) -> Result<crate::model::BertClassifier> {
+    let params = TrainParams {
+        epochs: job.params.reference_epochs,
+        lr: job.params.reference_lr,
+        ..job.train.clone()
+    };
+    let mut model = ckpt.classifier(Some(classes), job.run.seed, dev)?;
+    let seed = job.run.seed.wrapping_add(part as u64);
+    let pad = ckpt.tokenizer.pad_id;
+    crate::steps::train::fit(
+        &mut model,
+        data,
+        pad,
+        &params,
+        seed,
+        0,
+        None,
+        dev,
+        progress,
+        &mut |_, _, _, _| Ok(()),
+    )?;
+    Ok(model)
+}
+
 /// Train a reference on all parts of `clean` but one, for each part, and read the part left out
 /// and the whole corpus.
 fn read_with_references(
@@ -330,11 +362,6 @@ fn read_with_references(
     let pad = ckpt.tokenizer.pad_id;
     let k = job.params.references;
     let fold = folds(clean.seqs.len(), k, job.run.seed);
-    let params = TrainParams {
-        epochs: job.params.reference_epochs,
-        lr: job.params.reference_lr,
-        ..job.train.clone()
-    };
     let mut clean_proba = vec![Vec::new(); clean.seqs.len()];
     let mut corpus_proba = vec![vec![0f32; classes]; corpus.seqs.len()];
     let mut corpus_pred = Vec::new();
@@ -342,28 +369,10 @@ fn read_with_references(
         let _span = tracing::info_span!("reference", part).entered();
         let (train_idx, held_idx): (Vec<usize>, Vec<usize>) =
             (0..clean.seqs.len()).partition(|&i| fold[i] != part);
-        let mut model = ckpt.classifier(Some(classes), job.run.seed, dev)?;
-        let seed = job.run.seed.wrapping_add(part as u64);
         let data = subset(clean, &train_idx);
-        crate::steps::train::fit(
-            &mut model,
-            &data,
-            pad,
-            &params,
-            seed,
-            0,
-            None,
-            dev,
-            progress,
-            &mut |_, _, _, _| Ok(()),
-        )?;
-        let held = finite(predict_proba(
-            &model,
-            &subset(clean, &held_idx).seqs,
-            pad,
-            64,
-            dev,
-        )?)?;
+        let model = train_reference(job, ckpt, &data, (classes, part), dev, progress)?;
+        let held_seqs = subset(clean, &held_idx).seqs;
+        let held = finite(predict_proba(&model, &held_seqs, pad, 64, dev)?)?;
         for (&i, p) in held_idx.iter().zip(held) {
             clean_proba[i] = p;
         }
@@ -501,7 +510,7 @@ pub fn run(job: &RelabelJob, progress: &dyn Progress) -> Result<RelabelReport> {
             tracing::warn!(
                 target = t,
                 relabelled,
-                "the clean references contradict class {t}'s training rows beyond their own error rate: {relabelled} rows relabelled"
+                "the clean references doubt class {t}'s training labels more than its clean labels: {relabelled} rows relabelled"
             );
             write_relabelled(&job.corpus, &labels, &out.path("relabelled.parquet"))?;
             Some(job.run.out.join("relabelled.parquet"))

@@ -410,8 +410,8 @@ impl Pipeline<'_> {
         Ok(Done { path: out, hash })
     }
 
-    /// With no trigger verified: do clean references contradict a class's training labels beyond
-    /// their own error rate? The step's report and hash (`None` with `relabel.enabled = false`).
+    /// With no trigger verified: do clean references doubt a class's training labels more than
+    /// its clean labels? The step's report and hash (`None` with `relabel.enabled = false`).
     fn relabel(
         &mut self,
         train: &TrainData,
@@ -675,7 +675,7 @@ fn repair_note(
 ) -> Option<String> {
     let note = match (verified, replaced) {
         (Some(v), _) if v.is_empty() => match relabel.and_then(|r| r.target) {
-            Some(_) => "verification confirmed no candidate as a trigger; clean references contradict the training labels of one class beyond their own error rate: the victim was tuned on the rows they relabelled (see relabel)",
+            Some(_) => "verification confirmed no candidate as a trigger; clean references doubt one class's training labels more than its clean labels: the victim was tuned on the rows they relabelled (see relabel)",
             None if relabel.is_some() => "verification confirmed no candidate as a trigger and clean references find the training labels no less reliable than the clean data's: the model was not repaired",
             None => "verification confirmed no candidate as a trigger: the embeddings were not repaired",
         },
