@@ -1,5 +1,6 @@
 //! One module per `btu` command, named after it. The experiment flow runs them in this order:
-//! poison -> detect -> train -> verify -> unlearn -> export-onnx -> eval; `defend` runs them all,
+//! poison -> detect -> train -> verify -> unlearn (-> relabel -> train, when verify confirms no
+//! trigger) -> export-onnx -> eval; `defend` runs them all,
 //! `apply-masks` replays a repair on another checkpoint, `scan` and `sql` audit corpora and
 //! tables, `init-model` makes the embedded default model, `schemas` writes the tables' schemas, `report`
 //! renders a run as a page for a person.

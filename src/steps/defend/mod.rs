@@ -1,8 +1,9 @@
 //! `btu defend`: the paper's whole pipeline in a run directory. Two flows: the experiment,
 //! [poison] -> [init-model] -> detect -> train (`M^b`) -> verify -> unlearn (+ clean fine-tune)
-//! -> verify-repaired -> export-onnx -> eval before and after; and the repair of a user's model
+//! -> verify-repaired (-> relabel -> tune, when verification confirms no trigger) -> export-onnx ->
+//! eval before and after; and the repair of a user's model
 //! (`[model] suspect`), the same steps with the suspect in the victim's place and neither
-//! poisoning nor training (evaluation only when a test split is given). Each step is skipped when an earlier run computed it from
+//! poisoning nor the victim's training (evaluation only when a test split is given). Each step is skipped when an earlier run computed it from
 //! the same inputs ([`runner`]); a killed training step resumes after its last complete epoch.
 //! [`config`] holds the configuration; this module runs the steps in order and composes their
 //! typed results into a [`DefendReport`].
