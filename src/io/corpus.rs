@@ -223,6 +223,20 @@ pub fn resolve_inputs(inputs: &[String]) -> Result<Vec<InputFile>> {
     Ok(local)
 }
 
+/// Refuse (65, `message` says what to do) inputs whose files have different columns, from their
+/// footers alone: for a step that writes the rows back as one file, before any work.
+pub fn check_same_columns(inputs: &[String], message: &str) -> Result<()> {
+    let files = resolve_inputs(inputs)?;
+    let columns = |f: &InputFile| f.schema.as_ref().map(|s| s.fields().clone());
+    match files.split_first() {
+        Some((first, rest)) => match rest.iter().find(|f| columns(f) != columns(first)) {
+            Some(other) => Err(BtuError::bad_data(&other.path, message)),
+            None => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
 fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let p = entry?.path();

@@ -766,6 +766,23 @@ impl<W: std::io::Write + Send> ParquetSink<W> {
         Ok(())
     }
 
+    /// Append a batch read from `source`, refusing one whose columns differ from the batches
+    /// before it (exit 65, `message` says what to do).
+    pub fn write_same_columns(
+        &mut self,
+        batch: &RecordBatch,
+        source: &str,
+        message: &str,
+    ) -> Result<()> {
+        if self
+            .schema()
+            .is_some_and(|s| s.fields() != batch.schema().fields())
+        {
+            return Err(BtuError::bad_data(source, message));
+        }
+        self.write(batch)
+    }
+
     /// Close the file (with the schema `empty` gives when no batch was written); returns the
     /// rows written.
     pub fn finish(mut self, empty: impl FnOnce() -> SchemaRef) -> Result<usize> {

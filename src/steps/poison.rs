@@ -457,16 +457,11 @@ pub fn run(job: &PoisonJob) -> Result<PoisonReport> {
             rows += b.texts.len();
             poisoned += columns.2.iter().filter(|&&f| f).count();
             let batch = output_batch(job, &b, columns)?;
-            if sink
-                .schema()
-                .is_some_and(|s| s.fields() != batch.schema().fields())
-            {
-                return Err(BtuError::bad_data(
-                    b.source.to_string(),
-                    "the input files have different columns; poison them separately",
-                ));
-            }
-            sink.write(&batch)
+            sink.write_same_columns(
+                &batch,
+                &b.source,
+                "the input files have different columns; poison them separately",
+            )
         })?;
         if sink.schema().is_some() {
             sink.finish(|| unreachable!("a batch was written"))?;

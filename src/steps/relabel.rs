@@ -39,6 +39,9 @@ use crate::model::tokenizer::{load_corpus, TokenizedCorpus};
 use crate::progress::Progress;
 use crate::steps::train::TrainParams;
 
+/// Why corpus files with different columns are refused (they are written back as one file).
+const DIFFERENT_COLUMNS: &str = "the corpus files have different columns; relabel them separately";
+
 /// Clean rows the test needs at least (the references train on parts of them).
 pub const MIN_CLEAN_ROWS: usize = 20;
 
@@ -437,16 +440,7 @@ fn write_relabelled(spec: &CorpusSpec, labels: &[i64], path: &std::path::Path) -
         cols.push(Arc::new(Int64Array::from(before.clone())));
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
             .map_err(|e| BtuError::internal(format!("relabelled batch: {e}")))?;
-        if sink
-            .schema()
-            .is_some_and(|s| s.fields() != batch.schema().fields())
-        {
-            return Err(BtuError::bad_data(
-                b.source.to_string(),
-                "the corpus files have different columns; relabel them separately",
-            ));
-        }
-        sink.write(&batch)
+        sink.write_same_columns(&batch, &b.source, DIFFERENT_COLUMNS)
     })?;
     sink.finish(|| unreachable!("the corpus has rows"))?;
     Ok(())
@@ -454,6 +448,7 @@ fn write_relabelled(spec: &CorpusSpec, labels: &[i64], path: &std::path::Path) -
 
 /// Read both corpora (labels checked against the model), refusing too little clean data.
 fn read_inputs(job: &RelabelJob, ckpt: &Checkpoint) -> Result<(TokenizedCorpus, TokenizedCorpus)> {
+    crate::io::corpus::check_same_columns(&job.corpus.inputs, DIFFERENT_COLUMNS)?;
     let bound = ckpt.label_bound(job.train.num_labels);
     let max_len = job.train.max_len;
     let clean = load_corpus(&job.clean, &ckpt.tokenizer, max_len, bound)?;

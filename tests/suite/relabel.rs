@@ -170,3 +170,31 @@ fn too_few_clean_rows_are_refused_before_any_work() {
     .fails_with(78, "--min-z")
     .and_no_output(&out);
 }
+
+/// Corpus files with different columns cannot make one relabelled file: refused (65) from their
+/// footers before any reference is trained (one line on stderr: no relabelling warning came
+/// first), nothing written.
+#[test]
+fn corpus_files_with_different_columns_are_refused() {
+    let st = setting();
+    let whole = st.root.join("poisoned.parquet");
+    corpus(&whole, 0.3);
+    let batch = btu::io::tables::read_parquet(&whole).unwrap().remove(0);
+    let (a, b) = (st.root.join("a.parquet"), st.root.join("b.parquet"));
+    let half = batch.num_rows() / 2;
+    btu::io::tables::write_parquet(&a, &batch.slice(0, half), true).unwrap();
+    let rest = batch.slice(half, batch.num_rows() - half);
+    let extra = rest.column_by_name("text").unwrap().clone();
+    btu::io::tables::write_parquet(&b, &with_column(&rest, "note", extra), true).unwrap();
+    let out = st.root.join("r");
+    btu!(
+        "relabel --corpus {} {} --clean-corpus {} --model {} --out {} --reference-lr 1e-3 --reference-epochs 10 --batch-size 8 --device cpu",
+        s(&a),
+        s(&b),
+        s(&st.clean),
+        s(&st.model),
+        s(&out)
+    )
+    .fails_with(65, "different columns")
+    .and_no_output(&out);
+}
