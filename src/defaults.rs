@@ -52,9 +52,15 @@ pub const REFERENCES: usize = 4;
 pub const REFERENCE_EPOCHS: usize = 4;
 /// AdamW learning rate of `btu relabel`'s references.
 pub const REFERENCE_LR: f64 = 2e-5;
-/// `btu relabel`: a class is poisoned when the references contradict its training rows this many
-/// standard errors more often than its clean rows (one-sided p = 0.0005).
+/// `btu relabel`: a class is poisoned when the references doubt its training rows this many
+/// standard errors more than its clean rows (one-sided p = 0.0005).
 pub const RELABEL_MIN_Z: f64 = 3.29;
+/// `btu relabel`: a target row is relabelled when the references' mean probability of the other
+/// classes is at least this (and another class is their most likely: at 0.5 that alone). Higher
+/// relabels fewer clean rows and fewer poisoned ones: on both datasets' rewrite attacks 0.7 cuts
+/// HSOL Stylebkd's accuracy cost from 1.05 to 0.32 points but leaves both SST-2 rows' backdoors
+/// above issue 12's bar (docs/decisions.md, "No trigger token").
+pub const RELABEL_MIN_DOUBT: f64 = 0.5;
 /// Epochs of `btu defend`'s tuning of the victim on the relabelled rows.
 pub const RELABEL_TUNE_EPOCHS: usize = 1;
 

@@ -48,9 +48,10 @@ class BtuPodOperator(KubernetesPodOperator):
         return None
 
 
-def step_tasks(steps, common, image):
+def step_tasks(steps, common, image, trigger_rules=None):
     """One BtuPodOperator per entry of `steps` (task id -> btu arguments), each with `common`
-    appended, the shared work volume (PVC btu-work) at /work and its summary pushed to XCom."""
+    appended, the shared work volume (PVC btu-work) at /work, its summary pushed to XCom and its
+    trigger rule from `trigger_rules` (task id -> rule; Airflow's all_success otherwise)."""
     from kubernetes.client import models as k8s
 
     work = k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name="btu-work"))
@@ -66,6 +67,7 @@ def step_tasks(steps, common, image):
             volume_mounts=[work_mount],
             do_xcom_push=True,
             get_logs=True,
+            trigger_rule=(trigger_rules or {}).get(name, "all_success"),
         )
         for name, args in steps.items()
     }

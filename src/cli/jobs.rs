@@ -93,7 +93,7 @@ impl UnlearnArgs {
                 .collect(),
             batch_size: self.batches.batch_size,
             max_len: self.batches.max_len,
-            min_flip_rate: defaults::MIN_FLIP_RATE,
+            min_flip_rate: self.min_flip_rate,
             params: self.params.clone(),
         }
     }

@@ -291,6 +291,10 @@ pub struct UnlearnArgs {
     /// Evaluation split(s) the clean corpus must not overlap (checked by row text hash).
     #[arg(long, env = "BTU_EVAL_SPLIT", num_args = 1..)]
     pub eval_split: Vec<String>,
+    /// The escalation's rechecks find a trigger still there when the 95 % Wilson lower bound of
+    /// its flip rate reaches this, in (0, 1] (btu verify's --min-flip-rate).
+    #[arg(long, env = "BTU_MIN_FLIP_RATE", default_value_t = crate::defaults::MIN_FLIP_RATE)]
+    pub min_flip_rate: f64,
     /// Batches of the clean fine-tune (--batch-size, --max-len, --device).
     #[command(flatten)]
     #[serde(flatten)]

@@ -6,23 +6,24 @@
 //! A dirty-label attack moves rows of other classes into the target class: their texts still read
 //! as their own class. The clean rows are cut into [`RelabelParams::references`] parts and a
 //! reference is fine-tuned from the pre-trained model on all parts but one, for each part
-//! (cross-fitting): each reads the part it did not train on, which gives every class's *held-out*
-//! contradiction rate (clean rows of class `c` put elsewhere), and each reads the training rows.
-//! A class whose training rows the references contradict significantly more often than its clean
-//! rows (one-sided two-proportion z test, [`RelabelParams::min_z`]; single references on both
-//! sides, so like is compared with like) is the poisoned one, the attack's target; with none, the
-//! corpus's labels are as reliable as the clean data's and nothing is relabelled. Otherwise the
-//! target's rows that the references (probabilities averaged) put in another class take that
-//! class's label, and the corpus so relabelled is written (`relabelled.parquet`: the input's
-//! columns, the label replaced, plus `relabelled` and `label_before`), for `btu train --model
-//! SUSPECT` to tune the suspect on (`btu defend` does: `[relabel] tune_epochs`). Writes
-//! `summary.json` and, when the test finds a target, `relabelled.parquet`.
+//! (cross-fitting): each reads the part it did not train on and every training row. A row's
+//! *doubt* is the probability the references give the classes other than its label (for a
+//! training row the references' mean, for a clean row the held-out reference's). A class whose
+//! training rows are doubted more than its clean rows (Welch's z of the two means at least
+//! [`RelabelParams::min_z`]) is the poisoned one, the attack's target; with none, the corpus's
+//! labels are as reliable as the clean data's and nothing is relabelled. Otherwise the target's
+//! rows that the references doubt at least [`RelabelParams::min_doubt`] and put in another class
+//! take that class's label, and the corpus so relabelled is written (`relabelled.parquet`: the
+//! input's columns, the label replaced, plus `relabelled`, `label_before` and `doubt`), for `btu
+//! train --model SUSPECT` to tune the suspect on (`btu defend` does: `[relabel] tune_epochs`).
+//! Writes `summary.json` and, when the test finds a target and relabels rows of it,
+//! `relabelled.parquet`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch};
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
 use candle_core::Device;
 use rand::seq::SliceRandom;
@@ -41,6 +42,9 @@ use crate::steps::train::TrainParams;
 
 /// Why corpus files with different columns are refused (they are written back as one file).
 const DIFFERENT_COLUMNS: &str = "the corpus files have different columns; relabel them separately";
+
+/// The columns `relabelled.parquet` adds to the corpus's (an input's own are replaced).
+const ADDED_COLUMNS: [&str; 3] = ["relabelled", "label_before", "doubt"];
 
 /// Clean rows the test needs at least (the references train on parts of them).
 pub const MIN_CLEAN_ROWS: usize = 20;
@@ -64,10 +68,14 @@ pub struct RelabelParams {
     /// AdamW learning rate of the references, finite in (0, 1].
     #[arg(long, env = "BTU_REFERENCE_LR", default_value_t = defaults::REFERENCE_LR)]
     pub reference_lr: f64,
-    /// A class is poisoned when its training rows' contradiction rate exceeds its clean rows'
-    /// by this many standard errors (one-sided two-proportion z; 3.29 is p = 0.0005).
+    /// A class is poisoned when its training rows' mean doubt exceeds its clean rows' by this
+    /// many standard errors (Welch's z, one-sided; 3.29 is p = 0.0005).
     #[arg(long, env = "BTU_MIN_Z", default_value_t = defaults::RELABEL_MIN_Z)]
     pub min_z: f64,
+    /// A row of the target is relabelled when the references' mean probability of the other
+    /// classes (its doubt) is at least this, in (0, 1), and another class is their most likely.
+    #[arg(long, env = "BTU_MIN_DOUBT", default_value_t = defaults::RELABEL_MIN_DOUBT)]
+    pub min_doubt: f64,
     /// `btu defend` only: epochs of the victim's tuning on the relabelled rows.
     #[arg(skip = defaults::RELABEL_TUNE_EPOCHS)]
     pub tune_epochs: usize,
@@ -81,6 +89,7 @@ impl Default for RelabelParams {
             reference_epochs: defaults::REFERENCE_EPOCHS,
             reference_lr: defaults::REFERENCE_LR,
             min_z: defaults::RELABEL_MIN_Z,
+            min_doubt: defaults::RELABEL_MIN_DOUBT,
             tune_epochs: defaults::RELABEL_TUNE_EPOCHS,
         }
     }
@@ -99,6 +108,12 @@ impl RelabelParams {
             return Err(BtuError::config(
                 key(prefix, "min-z"),
                 format!("{} is not a positive number of standard errors", self.min_z),
+            ));
+        }
+        if !(self.min_doubt > 0.0 && self.min_doubt < 1.0) {
+            return Err(BtuError::config(
+                key(prefix, "min-doubt"),
+                format!("{} is not a probability in (0, 1)", self.min_doubt),
             ));
         }
         Ok(())
@@ -169,7 +184,7 @@ pub struct RelabelReport {
     pub target: Option<i64>,
     /// Rows relabelled (0 without a target).
     pub relabelled: usize,
-    /// The relabelled corpus (absent without a target).
+    /// The relabelled corpus (absent without a target or without a row relabelled).
     pub corpus_file: Option<PathBuf>,
     /// The parameters.
     pub params: RelabelParams,
@@ -244,13 +259,13 @@ fn class_tests(
             let clean: Vec<usize> = (0..clean_labels.len())
                 .filter(|&i| clean_labels[i] as usize == c)
                 .collect();
-            let doubt: Vec<f64> = rows
+            let doubts: Vec<f64> = rows
                 .iter()
-                .map(|&i| 1.0 - r.corpus_proba[i][c] as f64)
+                .map(|&i| doubt(&r.corpus_proba[i], c as u32))
                 .collect();
             let clean_doubt: Vec<f64> = clean
                 .iter()
-                .map(|&i| 1.0 - r.clean_proba[i][c] as f64)
+                .map(|&i| doubt(&r.clean_proba[i], c as u32))
                 .collect();
             let wrong: usize = r
                 .corpus_pred
@@ -267,11 +282,11 @@ fn class_tests(
                 label: c as i64,
                 rows: rows.len(),
                 contradiction_rate: rate,
-                doubt: mean_var(&doubt).0,
+                doubt: mean_var(&doubts).0,
                 clean_rows: clean.len(),
                 clean_contradicted: clean_wrong,
                 clean_doubt: mean_var(&clean_doubt).0,
-                z: welch_z(&doubt, &clean_doubt),
+                z: welch_z(&doubts, &clean_doubt),
                 z_counts: two_proportion_z(rate, rows.len(), clean_rate, clean.len()),
             }
         })
@@ -394,22 +409,36 @@ fn read_with_references(
     })
 }
 
-/// The new label of every training row: the references' class for the target's rows they put
-/// elsewhere, the label as given otherwise.
-fn new_labels(labels: &[u32], pred: &[usize], target: Option<i64>) -> Vec<i64> {
+/// A row's doubt: the probability `p` gives the classes other than its `label`.
+fn doubt(p: &[f32], label: u32) -> f64 {
+    1.0 - p[label as usize] as f64
+}
+
+/// The new label of every training row: for the target's rows that the references (`proba`,
+/// averaged) doubt at least `min_doubt` and put in another class, that class; the label as
+/// given otherwise.
+fn new_labels(labels: &[u32], proba: &[Vec<f32>], target: Option<i64>, min_doubt: f64) -> Vec<i64> {
     labels
         .iter()
-        .zip(pred)
-        .map(|(&l, &p)| match target {
-            Some(t) if l as i64 == t && p as i64 != t => p as i64,
-            _ => l as i64,
+        .zip(proba)
+        .map(|(&l, p)| {
+            let other = argmax(p) as i64;
+            match target {
+                Some(t) if l as i64 == t && other != t && doubt(p, l) >= min_doubt => other,
+                _ => l as i64,
+            }
         })
         .collect()
 }
 
-/// Write the corpus with `labels` in place of its label column, plus `relabelled` and
-/// `label_before` (a second pass over the same rows, in the same order).
-fn write_relabelled(spec: &CorpusSpec, labels: &[i64], path: &std::path::Path) -> Result<()> {
+/// Write the corpus with `labels` in place of its label column, plus `relabelled`,
+/// `label_before` and the references' `doubt` of the label before (a second pass over the same
+/// rows, in the same order).
+fn write_relabelled(
+    spec: &CorpusSpec,
+    (labels, doubts): (&[i64], &[f64]),
+    path: &std::path::Path,
+) -> Result<()> {
     let label_col = spec.label_col.clone().expect("labels requested");
     let mut at = 0usize;
     let mut file = std::fs::File::create(path).map_err(|e| BtuError::io(path.to_path_buf(), e))?;
@@ -417,12 +446,13 @@ fn write_relabelled(spec: &CorpusSpec, labels: &[i64], path: &std::path::Path) -
     read_corpus(spec, |b| {
         let before = b.labels.as_ref().expect("labels requested");
         let after = &labels[at..at + before.len()];
+        let doubt = &doubts[at..at + before.len()];
         at += before.len();
         let input = b.batch.schema();
         let mut fields: Vec<Field> = Vec::new();
         let mut cols: Vec<ArrayRef> = Vec::new();
         for (f, c) in input.fields().iter().zip(b.batch.columns()) {
-            if f.name() == "relabelled" || f.name() == "label_before" {
+            if ADDED_COLUMNS.contains(&f.name().as_str()) {
                 continue;
             }
             if f.name() == &label_col {
@@ -438,6 +468,8 @@ fn write_relabelled(spec: &CorpusSpec, labels: &[i64], path: &std::path::Path) -
         cols.push(Arc::new(BooleanArray::from(changed)));
         fields.push(Field::new("label_before", DataType::Int64, false));
         cols.push(Arc::new(Int64Array::from(before.clone())));
+        fields.push(Field::new("doubt", DataType::Float64, false));
+        cols.push(Arc::new(Float64Array::from(doubt.to_vec())));
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
             .map_err(|e| BtuError::internal(format!("relabelled batch: {e}")))?;
         sink.write_same_columns(&batch, &b.source, DIFFERENT_COLUMNS)
@@ -471,6 +503,49 @@ fn read_inputs(job: &RelabelJob, ckpt: &Checkpoint) -> Result<(TokenizedCorpus, 
     Ok((clean, corpus))
 }
 
+/// The relabelled corpus, written when the test found a target and relabelled rows of it (its
+/// path; `None` otherwise, with a warning either way a target was found).
+fn write_outcome(
+    job: &RelabelJob,
+    out: &crate::io::output::OutputDir,
+    (corpus, r): (&TokenizedCorpus, &Readings),
+    (target, labels): (Option<i64>, &[i64]),
+    relabelled: usize,
+) -> Result<Option<PathBuf>> {
+    let Some(t) = target else {
+        return Ok(None);
+    };
+    if relabelled == 0 {
+        tracing::warn!(
+            target = t,
+            "the clean references doubt class {t}'s training labels more than its clean labels, but none of its rows enough to relabel it (--min-doubt): nothing relabelled"
+        );
+        return Ok(None);
+    }
+    tracing::warn!(
+        target = t,
+        relabelled,
+        "the clean references doubt class {t}'s training labels more than its clean labels: {relabelled} rows relabelled"
+    );
+    let doubts: Vec<f64> = (corpus.labels.iter().zip(&r.corpus_proba))
+        .map(|(&l, p)| doubt(p, l))
+        .collect();
+    write_relabelled(
+        &job.corpus,
+        (labels, &doubts),
+        &out.path("relabelled.parquet"),
+    )?;
+    Ok(Some(job.run.out.join("relabelled.parquet")))
+}
+
+/// The share of the clean rows whose held-out reference gives them their own label.
+fn held_out_accuracy(clean: &TokenizedCorpus, r: &Readings) -> f64 {
+    let correct = (clean.labels.iter().zip(&r.clean_proba))
+        .filter(|(&l, p)| l as usize == argmax(p))
+        .count();
+    correct as f64 / clean.seqs.len() as f64
+}
+
 /// `btu relabel`.
 pub fn run(job: &RelabelJob, progress: &dyn Progress) -> Result<RelabelReport> {
     let t0 = Instant::now();
@@ -484,34 +559,19 @@ pub fn run(job: &RelabelJob, progress: &dyn Progress) -> Result<RelabelReport> {
     let all: Vec<u32> = clean.labels.iter().chain(&corpus.labels).copied().collect();
     let classes = ckpt.classes(job.train.num_labels, &all);
     let r = read_with_references(job, &ckpt, (&clean, &corpus), classes, &dev, progress)?;
-    let pred: Vec<usize> = r.corpus_proba.iter().map(|p| argmax(p)).collect();
     let tests = class_tests((&corpus.labels, &r), &clean.labels, classes);
     let target = poisoned_class(&tests, job.params.min_z);
-    let labels = new_labels(&corpus.labels, &pred, target);
-    let relabelled = labels
-        .iter()
-        .zip(&corpus.labels)
+    let labels = new_labels(
+        &corpus.labels,
+        &r.corpus_proba,
+        target,
+        job.params.min_doubt,
+    );
+    let relabelled = (labels.iter().zip(&corpus.labels))
         .filter(|(a, &b)| **a != b as i64)
         .count();
-    let correct = clean
-        .labels
-        .iter()
-        .zip(&r.clean_proba)
-        .filter(|(&l, p)| l as usize == argmax(p))
-        .count();
     let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
-    let corpus_file = match target {
-        Some(t) => {
-            tracing::warn!(
-                target = t,
-                relabelled,
-                "the clean references doubt class {t}'s training labels more than its clean labels: {relabelled} rows relabelled"
-            );
-            write_relabelled(&job.corpus, &labels, &out.path("relabelled.parquet"))?;
-            Some(job.run.out.join("relabelled.parquet"))
-        }
-        None => None,
-    };
+    let corpus_file = write_outcome(job, &out, (&corpus, &r), (target, &labels), relabelled)?;
     let report = RelabelReport {
         command: "relabel".into(),
         version: crate::VERSION.into(),
@@ -519,7 +579,7 @@ pub fn run(job: &RelabelJob, progress: &dyn Progress) -> Result<RelabelReport> {
         model: job.model.clone(),
         rows: corpus.seqs.len(),
         clean_rows: clean.seqs.len(),
-        reference_accuracy: correct as f64 / clean.seqs.len() as f64,
+        reference_accuracy: held_out_accuracy(&clean, &r),
         classes: tests,
         target,
         relabelled,
@@ -572,13 +632,29 @@ mod tests {
         assert_eq!(poisoned_class(&[test(0, 3.0), test(1, -2.0)], 3.29), None);
     }
 
-    /// Only the target's rows that the references put elsewhere change; without a target none.
+    /// Only the target's rows that the references put elsewhere with a doubt of at least
+    /// `min_doubt` change; without a target none.
     #[test]
-    fn only_contradicted_target_rows_are_relabelled() {
-        let labels = [1, 1, 0, 0, 1];
-        let pred = [0, 1, 1, 0, 0];
-        assert_eq!(new_labels(&labels, &pred, Some(1)), vec![0, 1, 0, 0, 0]);
-        assert_eq!(new_labels(&labels, &pred, None), vec![1, 1, 0, 0, 1]);
+    fn only_doubted_target_rows_are_relabelled() {
+        let p = |x: f32| vec![1.0 - x, x];
+        let labels = [1, 1, 0, 0, 1, 1];
+        let proba = [p(0.1), p(0.9), p(0.9), p(0.2), p(0.4), p(0.25)];
+        assert_eq!(
+            new_labels(&labels, &proba, Some(1), 0.7),
+            vec![0, 1, 0, 0, 1, 0]
+        );
+        assert_eq!(
+            new_labels(&labels, &proba, Some(1), 0.5),
+            vec![0, 1, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            new_labels(&labels, &proba, None, 0.5),
+            vec![1, 1, 0, 0, 1, 1]
+        );
+        // Three classes: a doubt above one half is not enough when the label is still the most
+        // likely class; the row takes the references' most likely class.
+        let proba3 = [vec![0.3, 0.45, 0.25], vec![0.1, 0.15, 0.75]];
+        assert_eq!(new_labels(&[1, 1], &proba3, Some(1), 0.5), vec![1, 2]);
     }
 
     /// Per class: rows with the label, the share each reference puts elsewhere (averaged), the

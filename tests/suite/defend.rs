@@ -264,6 +264,25 @@ fn defend_exit_codes_per_class_of_failure() {
     assert!(!r3.exists());
 }
 
+/// The relabel step (run when verification confirms nothing) trains references on parts of the
+/// clean rows: a run with fewer than it needs stops before its first step, naming `data.clean`
+/// and the way out, not an hour later when verification has confirmed nothing.
+#[test]
+fn defend_refuses_too_few_clean_rows_for_relabel_before_any_step() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("few");
+    let cfg = write_config(&run, 40);
+    let f = btu(["defend", "--config", s(&cfg)])
+        .fails_with(78, "data.clean")
+        .and_no_output(&run.join("poison"))
+        .and_no_output(&run.join("metrics.json"));
+    let err = String::from_utf8_lossy(&f.output.stderr);
+    assert!(
+        err.contains("relabel.enabled = false") && err.contains("at least 20"),
+        "{err}"
+    );
+}
+
 #[test]
 fn every_command_has_a_dry_run_that_touches_nothing() {
     let d = tempfile::tempdir().unwrap();

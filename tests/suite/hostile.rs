@@ -121,6 +121,9 @@ fn non_finite_or_absurd_learning_rates_are_refused_before_any_work() {
     btu!("{detect} --max-len 1").fails_with(78, "--max-len");
     let unlearn = format!("unlearn --checkpoint {v} --reference {m} --suspicious {sus} --out {o}");
     btu!("{unlearn} --clean-corpus {c} --clean-lr NaN").fails_with(78, "--clean-lr");
+    for rate in ["NaN", "0", "1.5"] {
+        btu!("{unlearn} --min-flip-rate={rate}").fails_with(78, "--min-flip-rate");
+    }
     assert!(!out.exists());
     assert!(
         partial_dir(d, "out").is_none(),

@@ -15,6 +15,17 @@ fn parses(args: &[String], what: &str) -> Cli {
         .unwrap_or_else(|e| panic!("{what}: `{}` does not parse:\n{e}", full.join(" ")))
 }
 
+/// The btu commands the repair workflows run (the relabel branch's `relabel` and `train` too).
+const REPAIR_COMMANDS: &[&str] = &[
+    "detect",
+    "verify",
+    "unlearn",
+    "relabel",
+    "train",
+    "export-onnx",
+    "eval",
+];
+
 #[test]
 fn argo_workflow_template_steps_parse_and_retry_only_temporary_failures() {
     for (file, needed) in [
@@ -22,10 +33,7 @@ fn argo_workflow_template_steps_parse_and_retry_only_temporary_failures() {
             "btu-workflowtemplate.yaml",
             &["detect", "train", "unlearn", "export-onnx", "eval"][..],
         ),
-        (
-            "btu-repair.yaml",
-            &["detect", "verify", "unlearn", "export-onnx", "eval"][..],
-        ),
+        ("btu-repair.yaml", REPAIR_COMMANDS),
     ] {
         argo_steps_parse(file, needed);
     }
@@ -87,10 +95,7 @@ fn airflow_dag_compiles_and_its_steps_parse() {
             "btu_dag.py",
             &["detect", "train", "unlearn", "export-onnx", "eval"][..],
         ),
-        (
-            "btu_repair_dag.py",
-            &["detect", "verify", "unlearn", "export-onnx", "eval"][..],
-        ),
+        ("btu_repair_dag.py", REPAIR_COMMANDS),
     ] {
         airflow_steps_parse(file, needed);
     }
@@ -134,9 +139,12 @@ fn airflow_steps_parse(file: &str, needed: &[&str]) {
     for e in v["EDGES"].as_array().unwrap() {
         for t in e.as_array().unwrap() {
             let t = t.as_str().unwrap();
-            // has_test: the repair DAG's check for a test split (not a btu step).
+            // DECISIONS: the repair DAG's branch tasks (not btu steps).
+            let decision = v["DECISIONS"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|x| x == t));
             assert!(
-                steps.contains_key(t) || t == "has_test",
+                steps.contains_key(t) || decision,
                 "{file}: edge to unknown task {t}"
             );
         }
@@ -364,7 +372,19 @@ json.dump(out, open(sys.argv[2], "w"))
     );
     assert_eq!(
         repair["eval_repaired"]["upstream"],
-        serde_json::json!(["export_repaired", "has_test"])
+        serde_json::json!(["export_repaired", "export_tuned", "has_test"])
+    );
+    assert_eq!(
+        repair["choose_model"]["type"], "BranchPythonOperator",
+        "{repair}"
+    );
+    assert_eq!(
+        repair["choose_model"]["upstream"],
+        serde_json::json!(["tune", "unlearn"])
+    );
+    assert_eq!(
+        repair["tune"]["upstream"],
+        serde_json::json!(["relabelled", "unlearn"])
     );
     let fan = &v["dags"]["btu_scan_fanout"];
     assert_eq!(fan["scan"]["mapped"], true, "{fan}");
@@ -373,11 +393,20 @@ json.dump(out, open(sys.argv[2], "w"))
     assert_eq!(fan["plan"]["retries"], 3);
 }
 
+/// Which repair a workflow test runs: the fixture's `cf` verified (the default), or verification
+/// made to confirm nothing (a bar no flip rate reaches), so that the labels are tested and the
+/// repaired model tuned on the rows relabelled.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Branch {
+    Verified,
+    Relabel,
+}
+
 /// The parameters a workflow's repair runs with here: the fixture experiment's model and
 /// poisoned corpus as a user's, and the demo's method for synthetic corpora (Frobenius
-/// threshold, clean tuning at 1e-4) where btu's defaults are chosen for real models. `None`:
-/// the file's own default.
-fn repair_params(name: &str) -> Option<String> {
+/// threshold, clean tuning at 1e-4, references and the tuning at the victim's 1e-3) where btu's
+/// defaults are chosen for real models. `None`: the file's own default.
+fn repair_params(name: &str, branch: Branch) -> Option<String> {
     let f = crate::fixtures::four_class();
     let p = |x: PathBuf| Some(x.display().to_string());
     match name.replace('_', "-").as_str() {
@@ -388,6 +417,8 @@ fn repair_params(name: &str) -> Option<String> {
         "test" => p(f.data.join("test.parquet")),
         "threshold" => Some("frobenius".into()),
         "clean-lr" => Some("1e-4".into()),
+        "reference-lr" | "tune-lr" => Some("1e-3".into()),
+        "min-flip-rate" if branch == Branch::Relabel => Some("1".into()),
         _ => None,
     }
 }
@@ -405,10 +436,16 @@ fn defend_repair(run: &Path, value: &dyn Fn(&str) -> String) -> btu::steps::defe
     cfg.detect.alpha = value("alpha").parse().unwrap();
     cfg.detect.lr = value("detect-lr").parse().unwrap();
     cfg.detect.prior_neutral = true;
+    cfg.verify.min_flip_rate = value("min-flip-rate").parse().unwrap();
     cfg.unlearn.threshold = clap::ValueEnum::from_str(&value("threshold"), false).unwrap();
     cfg.unlearn.replacement = clap::ValueEnum::from_str(&value("replacement"), false).unwrap();
     cfg.unlearn.clean_epochs = value("clean-epochs").parse().unwrap();
     cfg.unlearn.clean_lr = value("clean-lr").parse().unwrap();
+    cfg.relabel.reference_lr = value("reference-lr").parse().unwrap();
+    cfg.relabel.min_doubt = value("min-doubt").parse().unwrap();
+    cfg.relabel.tune_epochs = value("tune-epochs").parse().unwrap();
+    // The repair flow trains nothing but the tuning, at the suspect's learning rate.
+    cfg.train.lr = value("tune-lr").parse().unwrap();
     cfg.seed = value("seed").parse().unwrap();
     let path = run.with_extension("toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
@@ -418,64 +455,177 @@ fn defend_repair(run: &Path, value: &dyn Fn(&str) -> String) -> btu::steps::defe
 }
 
 /// The files a workflow's repair (its `/work`) and `btu defend`'s run directory share, equal
-/// byte for byte; the repair changed the suspect (the backdoor `cf` verified and repaired).
-fn assert_same_repair(work: &Path, run: &Path, what: &str) {
-    for f in crate::util::repair_outputs() {
+/// byte for byte, on either branch: `cf` verified and repaired, or nothing verified and the
+/// repaired model tuned on the relabelled rows.
+fn assert_same_repair(work: &Path, run: &Path, branch: Branch, what: &str) {
+    let relabelled = (branch == Branch::Relabel).then_some("relabel/relabelled.parquet");
+    for f in crate::util::repair_outputs().chain(relabelled) {
         let (a, b) = (work.join(f), run.join(f));
         assert!(
             std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
             "{what}: {f} differs from btu defend's"
         );
     }
-    let verify: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(work.join("verify/summary.json")).unwrap()).unwrap();
-    assert_eq!(
-        verify["verified"],
-        serde_json::json!(["cf"]),
-        "{what}: {verify}"
-    );
+    if branch == Branch::Relabel {
+        // The tuned weights, byte for byte (the provenance names the corpus's path, which differs).
+        let f = "tuned/model.safetensors";
+        assert!(
+            tensors(&work.join(f)) == tensors(&run.join(f)),
+            "{what}: {f} differs from btu defend's"
+        );
+    }
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(work.join(f)).unwrap()).unwrap()
+    };
+    let verify = read("verify/summary.json");
+    match branch {
+        Branch::Verified => {
+            assert_eq!(
+                verify["verified"],
+                serde_json::json!(["cf"]),
+                "{what}: {verify}"
+            );
+            assert!(!work.join("relabel").exists(), "{what}: relabel ran");
+        }
+        Branch::Relabel => {
+            assert_eq!(
+                verify["verified"],
+                serde_json::json!([]),
+                "{what}: {verify}"
+            );
+            let relabel = read("relabel/summary.json");
+            assert_eq!(relabel["target"], 3, "{what}: {relabel}");
+            assert!(relabel["relabelled"].as_u64().unwrap() > 0, "{what}");
+        }
+    }
 }
 
-/// The repair flow's Argo template and Airflow DAG, run as their engines would (each step's
-/// command line in the DAG's order, `/work` a directory of the test's, the evaluation only with
-/// a test split), write what `btu defend --suspect` writes, byte for byte.
-#[test]
-fn the_repair_workflows_write_what_defend_writes() {
-    if !crate::util::have_ort("the repair workflows evaluate the ONNX export") {
-        return;
+/// A safetensors file's tensors: its header without `__metadata__`, and its data bytes.
+fn tensors(path: &Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header.as_object_mut().unwrap().remove("__metadata__");
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// How an Argo DAG task ended, as the controller marks it: run, skipped by its `when`, or
+/// omitted because its `depends` came out false.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Ended {
+    Succeeded,
+    Skipped,
+    Omitted,
+}
+
+/// Argo's `depends` over the tasks ended so far: task names, optionally with `.Succeeded`,
+/// `.Skipped` or `.Omitted`, joined by `&&` and `||`, with parentheses; a bare name holds when
+/// the task succeeded or was skipped (Argo's meaning).
+fn argo_depends(expr: &str, ended: &std::collections::BTreeMap<String, Ended>) -> bool {
+    fn or(t: &[&str], at: &mut usize, e: &std::collections::BTreeMap<String, Ended>) -> bool {
+        let mut v = and(t, at, e);
+        while t.get(*at) == Some(&"||") {
+            *at += 1;
+            v |= and(t, at, e);
+        }
+        v
     }
-    let d = tempfile::tempdir().unwrap();
-    // Argo: the DAG's tasks in dependency order; `when` guards the evaluation.
-    let text = std::fs::read_to_string(root().join("pipelines/argo/btu-repair.yaml")).unwrap();
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    let defaults = crate::util::argo_parameters(&doc["spec"]["arguments"]["parameters"]);
-    let value = |name: &str| {
-        repair_params(name).unwrap_or_else(|| {
-            let default = defaults.iter().find(|(n, _)| n == name);
-            default
-                .unwrap_or_else(|| panic!("no parameter {name}"))
-                .1
-                .clone()
-        })
+    fn and(t: &[&str], at: &mut usize, e: &std::collections::BTreeMap<String, Ended>) -> bool {
+        let mut v = atom(t, at, e);
+        while t.get(*at) == Some(&"&&") {
+            *at += 1;
+            v &= atom(t, at, e);
+        }
+        v
+    }
+    fn atom(t: &[&str], at: &mut usize, e: &std::collections::BTreeMap<String, Ended>) -> bool {
+        let tok = t[*at];
+        *at += 1;
+        if tok == "(" {
+            let v = or(t, at, e);
+            assert_eq!(t[*at], ")", "unbalanced depends");
+            *at += 1;
+            return v;
+        }
+        let (name, result) = tok.split_once('.').unwrap_or((tok, ""));
+        let s = *e
+            .get(name)
+            .unwrap_or_else(|| panic!("depends on {name}, which is listed later"));
+        match result {
+            "" => matches!(s, Ended::Succeeded | Ended::Skipped),
+            "Succeeded" => s == Ended::Succeeded,
+            "Skipped" => s == Ended::Skipped,
+            "Omitted" => s == Ended::Omitted,
+            r => panic!("unknown task result {r}"),
+        }
+    }
+    let spaced = expr.replace('(', " ( ").replace(')', " ) ");
+    let tokens: Vec<&str> = spaced.split_whitespace().collect();
+    let mut at = 0;
+    let v = or(&tokens, &mut at, ended);
+    assert_eq!(at, tokens.len(), "depends `{expr}` not read to its end");
+    v
+}
+
+/// Argo's `when` of the repair template: the test-split guard, or a literal compared with an
+/// earlier task's summary field (`LIT OP {{=jsonpath(tasks.T.outputs.parameters.summary,
+/// '$.F')}}`, OP `==` with `true`/`false` or `<` with a number; the tag last, as Argo needs).
+/// Anything else fails the test.
+fn argo_when(
+    when: &str,
+    value: &dyn Fn(&str) -> String,
+    summaries: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> bool {
+    let Some((test, tag)) = when.split_once("{{=") else {
+        assert_eq!(when, "'{{workflow.parameters.test}}' != ''");
+        let cond = crate::util::fill_placeholders(when, &|k| {
+            k.strip_prefix("workflow.parameters.").map(value)
+        });
+        return cond != "'' != ''";
     };
-    let run = d.path().join("defend");
-    defend_repair(&run, &value);
-    let work = d.path().join("argo-work");
+    let rest = tag.strip_prefix("jsonpath(tasks.").expect(when);
+    let (task, rest) = rest
+        .split_once(".outputs.parameters.summary, '$.")
+        .expect(when);
+    let field = rest.strip_suffix("')}}").expect(when);
+    let got = &summaries
+        .get(task)
+        .unwrap_or_else(|| panic!("{when}: {task} did not run"))[field];
+    match test.trim().split_once(' ').expect(when) {
+        ("false", "==") => got == &serde_json::Value::Bool(false),
+        ("true", "==") => got == &serde_json::Value::Bool(true),
+        (n, "<") => n.parse::<f64>().expect(when) < got.as_f64().expect(when),
+        _ => panic!("unknown when {when}"),
+    }
+}
+
+/// Run the Argo repair template's DAG as its controller would: the tasks in their order, each
+/// omitted when its `depends` is false and skipped when its `when` is, the others run (their
+/// command lines, `/work` at `work`, Argo's summary file at `summary`). How each ended.
+fn run_argo_repair(
+    doc: &serde_yaml::Value,
+    value: &dyn Fn(&str) -> String,
+    work: &Path,
+    summary: &Path,
+) -> std::collections::BTreeMap<String, Ended> {
     let templates = doc["spec"]["templates"].as_sequence().unwrap();
     let template = |name: &str| templates.iter().find(|t| t["name"] == name).unwrap();
     let tasks = template("repair")["dag"]["tasks"].as_sequence().unwrap();
-    let mut done: Vec<String> = Vec::new();
+    let mut ended = std::collections::BTreeMap::new();
+    let mut summaries = std::collections::BTreeMap::new();
     for task in tasks {
-        let name = task["name"].as_str().unwrap();
+        let name = task["name"].as_str().unwrap().to_string();
         if let Some(dep) = task["depends"].as_str() {
-            assert!(done.iter().any(|t| t == dep), "{name} listed before {dep}");
+            if !argo_depends(dep, &ended) {
+                ended.insert(name, Ended::Omitted);
+                continue;
+            }
         }
         if let Some(when) = task["when"].as_str() {
-            let cond = crate::util::fill_placeholders(when, &|k| {
-                k.strip_prefix("workflow.parameters.").map(&value)
-            });
-            assert_eq!(when, "'{{workflow.parameters.test}}' != ''");
-            assert_ne!(cond, "'' != ''", "the test split is given here");
+            if !argo_when(when, value, &summaries) {
+                ended.insert(name, Ended::Skipped);
+                continue;
+            }
         }
         let inputs = crate::util::argo_parameters(&task["arguments"]["parameters"]);
         let t = template(task["template"].as_str().unwrap());
@@ -491,59 +641,187 @@ fn the_repair_workflows_write_what_defend_writes() {
                     let p = k.strip_prefix("inputs.parameters.")?;
                     let v = &inputs.iter().find(|(n, _)| n == p)?.1;
                     Some(crate::util::fill_placeholders(v, &|k| {
-                        k.strip_prefix("workflow.parameters.").map(&value)
+                        k.strip_prefix("workflow.parameters.").map(value)
                     }))
                 });
-                on_volume(&a, &work, &d.path().join("summary.json"))
+                on_volume(&a, work, summary)
             })
             .collect();
         crate::util::btu(&args).success();
-        done.push(name.to_string());
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
+        summaries.insert(name.clone(), s);
+        ended.insert(name, Ended::Succeeded);
     }
-    assert_same_repair(&work, &run, "Argo");
+    ended
+}
 
-    // Airflow: STEPS in EDGES order (a topological order of the DAG), `/work` another directory.
-    let v = airflow_literals(&root().join("pipelines/airflow/btu_repair_dag.py"));
-    let params = v["PARAMS"].as_object().unwrap();
-    let value = |name: &str| {
-        repair_params(name)
-            .unwrap_or_else(|| params[&name.replace('-', "_")].as_str().unwrap().into())
-    };
-    let run = d.path().join("defend-airflow");
-    defend_repair(&run, &value);
-    let work = d.path().join("airflow-work");
+/// Run the Airflow repair DAG's steps as the scheduler would: STEPS in a topological order of
+/// EDGES, the branches decided by the DAG module's own functions (`no_trigger`, `relabelled`,
+/// `model_to_ship`) on the summaries, `/work` at `work`. The tasks run.
+fn run_airflow_repair(
+    v: &serde_json::Value,
+    value: &dyn Fn(&str) -> String,
+    work: &Path,
+    summary: &Path,
+) -> Vec<String> {
     let steps = v["STEPS"].as_object().unwrap();
     let common: Vec<String> = serde_json::from_value(v["COMMON"].clone()).unwrap();
-    for name in [
-        "detect",
-        "verify",
-        "unlearn",
-        "verify_repaired",
-        "export_repaired",
-        "eval_suspect",
-        "eval_repaired",
-    ] {
+    let mut summaries = serde_json::Map::new();
+    let mut ran = Vec::new();
+    let mut step = |name: &str, summaries: &mut serde_json::Map<String, serde_json::Value>| {
         let mut args: Vec<String> = steps[name]
             .as_array()
             .unwrap()
             .iter()
             .map(|a| {
                 let a = crate::util::fill_placeholders(a.as_str().unwrap(), &|k| {
-                    k.strip_prefix("params.").map(&value)
+                    k.strip_prefix("params.").map(value)
                 });
-                on_volume(&a, &work, &d.path().join("summary.json"))
+                on_volume(&a, work, summary)
             })
             .collect();
         args.extend(common.iter().cloned());
+        args.extend(["--summary".into(), summary.display().to_string()]);
         crate::util::btu(&args).success();
+        let s = serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
+        summaries.insert(name.to_string(), s);
+        ran.push(name.to_string());
+    };
+    for name in ["detect", "verify", "unlearn", "verify_repaired"] {
+        step(name, &mut summaries);
     }
-    assert_same_repair(&work, &run, "Airflow");
-    let edges: Vec<(String, String)> = serde_json::from_value(v["EDGES"].clone()).unwrap();
+    if airflow_decides("no_trigger", summaries.get("verify")) {
+        step("relabel", &mut summaries);
+        if airflow_decides("relabelled", summaries.get("relabel")) {
+            step("tune", &mut summaries);
+        }
+    }
+    let export = airflow_choice("model_to_ship", summaries.get("tune"));
+    step(&export, &mut summaries);
+    for name in ["eval_suspect", "eval_repaired"] {
+        step(name, &mut summaries);
+    }
+    ran
+}
+
+/// The repair DAG module's decision function `f` on a task's summary (`None`: the task did not
+/// run), called with plain python (the module imports without Airflow).
+fn airflow_call(f: &str, summary: Option<&serde_json::Value>) -> serde_json::Value {
+    let script = "import json,sys\nsys.path.insert(0,sys.argv[1])\nimport btu_repair_dag as m\nprint(json.dumps(getattr(m,sys.argv[2])(json.loads(sys.argv[3]))))";
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(root().join("pipelines/airflow"))
+        .arg(f)
+        .arg(summary.unwrap_or(&serde_json::Value::Null).to_string())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn airflow_decides(f: &str, summary: Option<&serde_json::Value>) -> bool {
+    airflow_call(f, summary).as_bool().unwrap()
+}
+
+fn airflow_choice(f: &str, summary: Option<&serde_json::Value>) -> String {
+    airflow_call(f, summary).as_str().unwrap().to_string()
+}
+
+/// The repair flow's Argo template and Airflow DAG, run as their engines would (the DAG's
+/// conditions decided on the steps' summaries, `/work` a directory of the test's), write what
+/// `btu defend --suspect` writes, byte for byte, on both branches: a trigger verified and
+/// repaired; nothing verified, the labels tested and the repaired model tuned on the rows
+/// relabelled (the tuned model exported and evaluated).
+#[test]
+fn the_repair_workflows_write_what_defend_writes() {
+    if !crate::util::have_ort("the repair workflows evaluate the ONNX export") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("pipelines/argo/btu-repair.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let defaults = crate::util::argo_parameters(&doc["spec"]["arguments"]["parameters"]);
+    let airflow = airflow_literals(&root().join("pipelines/airflow/btu_repair_dag.py"));
+    let params = airflow["PARAMS"].as_object().unwrap();
+    for branch in [Branch::Verified, Branch::Relabel] {
+        let dir = d.path().join(format!("{branch:?}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Argo.
+        let value = |name: &str| {
+            repair_params(name, branch).unwrap_or_else(|| {
+                let default = defaults.iter().find(|(n, _)| n == name);
+                default
+                    .unwrap_or_else(|| panic!("no parameter {name}"))
+                    .1
+                    .clone()
+            })
+        };
+        let run = dir.join("defend");
+        defend_repair(&run, &value);
+        let work = dir.join("argo-work");
+        let ended = run_argo_repair(&doc, &value, &work, &dir.join("summary.json"));
+        let tuned = branch == Branch::Relabel;
+        let expect = |ran: bool| {
+            if ran {
+                Ended::Succeeded
+            } else {
+                Ended::Skipped
+            }
+        };
+        assert_eq!(ended["relabel"], expect(tuned), "{branch:?}: {ended:?}");
+        let tune = if tuned {
+            Ended::Succeeded
+        } else {
+            Ended::Omitted
+        };
+        assert_eq!(ended["tune"], tune, "{branch:?}: {ended:?}");
+        let shipped = if tuned {
+            "export-tuned"
+        } else {
+            "export-repaired"
+        };
+        assert_eq!(ended[shipped], Ended::Succeeded, "{branch:?}: {ended:?}");
+        assert_eq!(
+            ended["eval-repaired"],
+            Ended::Succeeded,
+            "{branch:?}: {ended:?}"
+        );
+        assert_same_repair(&work, &run, branch, "Argo");
+
+        // Airflow: the same, with the DAG's own parameters and decisions.
+        let value = |name: &str| {
+            repair_params(name, branch)
+                .unwrap_or_else(|| params[&name.replace('-', "_")].as_str().unwrap().into())
+        };
+        let run = dir.join("defend-airflow");
+        defend_repair(&run, &value);
+        let work = dir.join("airflow-work");
+        let ran = run_airflow_repair(&airflow, &value, &work, &dir.join("summary.json"));
+        let shipped = if tuned {
+            "export_tuned"
+        } else {
+            "export_repaired"
+        };
+        assert!(ran.iter().any(|t| t == shipped), "{branch:?}: {ran:?}");
+        assert_eq!(
+            ran.iter().any(|t| t == "tune"),
+            tuned,
+            "{branch:?}: {ran:?}"
+        );
+        assert_same_repair(&work, &run, branch, "Airflow");
+    }
+    let edges: Vec<(String, String)> = serde_json::from_value(airflow["EDGES"].clone()).unwrap();
     for (a, b) in [
         ("detect", "verify"),
         ("verify", "unlearn"),
-        ("unlearn", "export_repaired"),
+        ("verify", "no_trigger"),
+        ("no_trigger", "relabel"),
+        ("relabelled", "tune"),
+        ("tune", "choose_model"),
+        ("choose_model", "export_tuned"),
         ("export_repaired", "eval_repaired"),
+        ("export_tuned", "eval_repaired"),
         ("has_test", "eval_suspect"),
     ] {
         assert!(edges.contains(&(a.into(), b.into())), "no edge {a} -> {b}");
@@ -564,7 +842,7 @@ fn on_volume(arg: &str, work: &Path, summary: &Path) -> String {
 
 /// A DAG module's literals (STEPS, PARAMS, COMMON, EDGES), read with plain python.
 fn airflow_literals(dag: &Path) -> serde_json::Value {
-    let script = "import ast,json,sys\nt=ast.parse(open(sys.argv[1]).read())\nv={}\nfor n in t.body:\n  if isinstance(n,ast.Assign) and isinstance(n.targets[0],ast.Name) and n.targets[0].id in ('STEPS','PARAMS','COMMON','EDGES'):\n    v[n.targets[0].id]=ast.literal_eval(n.value)\nprint(json.dumps(v))";
+    let script = "import ast,json,sys\nt=ast.parse(open(sys.argv[1]).read())\nv={}\nfor n in t.body:\n  if isinstance(n,ast.Assign) and isinstance(n.targets[0],ast.Name) and n.targets[0].id in ('STEPS','PARAMS','COMMON','EDGES','DECISIONS'):\n    v[n.targets[0].id]=ast.literal_eval(n.value)\nprint(json.dumps(v))";
     let o = std::process::Command::new("python3")
         .args(["-c", script])
         .arg(dag)

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use arrow::array::{Array, BooleanArray, Int64Array};
+use arrow::array::{Array, BooleanArray, Float64Array, Int64Array};
 
 use crate::util::*;
 
@@ -110,7 +110,14 @@ fn a_class_filled_by_flipped_labels_is_found_and_mostly_its_flipped_rows_relabel
         hits as f64 >= 0.6 * flagged as f64,
         "precision {hits}/{flagged}"
     );
+    let doubt = column::<Float64Array>(&file, "doubt");
+    let min_doubt = m["params"]["min_doubt"].as_f64().unwrap();
     for i in 0..ROWS {
+        assert!((0.0..=1.0).contains(&doubt.value(i)), "row {i}");
+        // Two classes: a target row is relabelled exactly when the references doubt it enough.
+        if before.value(i) == 1 {
+            assert_eq!(relabelled.value(i), doubt.value(i) >= min_doubt, "row {i}");
+        }
         // Only target rows change, and only to another class.
         if relabelled.value(i) {
             assert_eq!((before.value(i), label.value(i)), (1, 0), "row {i}");
@@ -169,6 +176,17 @@ fn too_few_clean_rows_are_refused_before_any_work() {
     )
     .fails_with(78, "--min-z")
     .and_no_output(&out);
+    for doubt in ["0", "1", "NaN", "-0.5"] {
+        btu!(
+            "relabel --corpus {} --clean-corpus {} --model {} --out {} --min-doubt={doubt}",
+            s(&st.clean),
+            s(&st.clean),
+            s(&st.model),
+            s(&out)
+        )
+        .fails_with(78, "--min-doubt")
+        .and_no_output(&out);
+    }
 }
 
 /// Corpus files with different columns cannot make one relabelled file: refused (65) from their

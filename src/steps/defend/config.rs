@@ -302,10 +302,37 @@ impl DefendConfig {
             Some(classes.positions),
         )?;
         crate::validate::max_len("train.max_len", self.train.max_len, Some(classes.positions))?;
+        let dropped = self.clean_overlap()?;
+        self.check_relabel_rows(&dropped)?;
         Ok(Preflight {
-            dropped: self.clean_overlap()?,
+            dropped,
             classes: (classes.run != classes.config).then_some(classes.run),
         })
+    }
+
+    /// The relabel step (run when verification confirms nothing) trains references on parts of
+    /// the clean rows: refuse at the start a run that would stop there for want of them.
+    fn check_relabel_rows(&self, dropped: &std::collections::BTreeSet<[u8; 32]>) -> Result<()> {
+        if !(self.relabel.enabled && self.verify.enabled) || self.data.clean.is_empty() {
+            return Ok(());
+        }
+        let spec = CorpusSpec {
+            exclude_texts: dropped.clone(),
+            ..self.spec_filtered(&self.data.clean, false, self.data.clean_filter.as_ref())
+        };
+        let mut rows = 0usize;
+        crate::io::corpus::read_corpus(&spec, |b| {
+            rows += b.texts.len();
+            Ok(())
+        })?;
+        let min = crate::steps::relabel::MIN_CLEAN_ROWS;
+        if rows < min {
+            return Err(BtuError::config(
+                "data.clean",
+                format!("{rows} clean rows (after its filter and the rows shared with evaluation); [relabel] trains references on parts of them and needs at least {min}: give more clean rows, or set relabel.enabled = false"),
+            ));
+        }
+        Ok(())
     }
 
     /// The model's classes (its config's) and the run's: a model directory with a trained head

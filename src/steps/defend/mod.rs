@@ -675,9 +675,10 @@ fn repair_note(
     relabel: Option<&crate::steps::relabel::RelabelReport>,
 ) -> Option<String> {
     let note = match (verified, replaced) {
-        (Some(v), _) if v.is_empty() => match relabel.and_then(|r| r.target) {
-            Some(_) => "verification confirmed no candidate as a trigger; clean references doubt one class's training labels more than its clean labels: the victim was tuned on the rows they relabelled (see relabel)",
-            None if relabel.is_some() => "verification confirmed no candidate as a trigger and clean references find the training labels no less reliable than the clean data's: the model was not repaired",
+        (Some(v), _) if v.is_empty() => match relabel.map(|r| (r.target, r.relabelled)) {
+            Some((Some(_), 0)) => "verification confirmed no candidate as a trigger; clean references doubt one class's training labels more than its clean labels but none of its rows enough to relabel it (relabel.min_doubt): the model was not repaired",
+            Some((Some(_), _)) => "verification confirmed no candidate as a trigger; clean references doubt one class's training labels more than its clean labels: the victim was tuned on the rows they relabelled (see relabel)",
+            Some((None, _)) => "verification confirmed no candidate as a trigger and clean references find the training labels no less reliable than the clean data's: the model was not repaired",
             None => "verification confirmed no candidate as a trigger: the embeddings were not repaired",
         },
         (_, 0) => "no embedding dimension passed the threshold: the embeddings were not repaired",
@@ -728,7 +729,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
     };
     let (repaired, relabel) =
         p.relabel_and_tune(&train, (&model, &model_key), repaired, &verified)?;
-    let tuned = relabel.as_ref().is_some_and(|r| r.target.is_some());
+    let tuned = relabel.as_ref().is_some_and(|r| r.corpus_file.is_some());
     let scores = if cfg.data.test.is_empty() {
         None
     } else {

@@ -604,6 +604,7 @@ pub fn run(job: &UnlearnJob, progress: &dyn Progress) -> Result<UnlearnReport> {
 /// The repair's and the clean fine-tune's parameters, and the output, before any work.
 fn validate(job: &UnlearnJob) -> Result<()> {
     job.params.validate_as("--")?;
+    job.recheck_params().validate_as("--")?;
     if job.clean_corpus.is_some() {
         job.clean_params().validate_as("--", true)?;
     }
