@@ -202,7 +202,8 @@ fn default_configs_share_one_method() {
 fn defend_configs_in_pipelines_load_and_plan() {
     let dir = root().join("pipelines");
     let mut runs = std::collections::BTreeSet::new();
-    for p in tomls(&dir).into_iter().chain(tomls(&dir.join("default"))) {
+    let folders = [dir.clone(), dir.join("default"), dir.join("reference-code")];
+    for p in folders.iter().flat_map(|f| tomls(f)) {
         let cfg = btu::steps::defend::DefendConfig::from_file(&p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         cfg.validate()
