@@ -688,7 +688,8 @@ pub struct RelabelArgs {
     /// The pre-trained model the references are fine-tuned from (the suspect's starting point).
     #[arg(long, env = "BTU_MODEL")]
     pub model: PathBuf,
-    /// Output directory (summary.json; relabelled.parquet when a class fails the test).
+    /// Output directory (summary.json; relabelled.parquet when a class fails the test and rows
+    /// of it are doubted enough to relabel).
     #[arg(long, env = "BTU_OUT")]
     pub out: PathBuf,
     /// The test.

@@ -302,8 +302,8 @@ impl DefendConfig {
             Some(classes.positions),
         )?;
         crate::validate::max_len("train.max_len", self.train.max_len, Some(classes.positions))?;
-        let dropped = self.clean_overlap()?;
-        self.check_relabel_rows(&dropped)?;
+        let (dropped, clean_rows) = self.clean_overlap()?;
+        self.check_relabel_rows(clean_rows)?;
         Ok(Preflight {
             dropped,
             classes: (classes.run != classes.config).then_some(classes.run),
@@ -311,22 +311,12 @@ impl DefendConfig {
     }
 
     /// The relabel step (run when verification confirms nothing) trains references on parts of
-    /// the clean rows: refuse at the start a run that would stop there for want of them.
-    fn check_relabel_rows(&self, dropped: &std::collections::BTreeSet<[u8; 32]>) -> Result<()> {
-        if !(self.relabel.enabled && self.verify.enabled) || self.data.clean.is_empty() {
-            return Ok(());
-        }
-        let spec = CorpusSpec {
-            exclude_texts: dropped.clone(),
-            ..self.spec_filtered(&self.data.clean, false, self.data.clean_filter.as_ref())
-        };
-        let mut rows = 0usize;
-        crate::io::corpus::read_corpus(&spec, |b| {
-            rows += b.texts.len();
-            Ok(())
-        })?;
+    /// the clean rows (`rows`, after the overlap is dropped): refuse at the start a run that would
+    /// stop there for want of them.
+    fn check_relabel_rows(&self, rows: usize) -> Result<()> {
         let min = crate::steps::relabel::MIN_CLEAN_ROWS;
-        if rows < min {
+        let runs = self.relabel.enabled && self.verify.enabled && !self.data.clean.is_empty();
+        if runs && rows < min {
             return Err(BtuError::config(
                 "data.clean",
                 format!("{rows} clean rows (after its filter and the rows shared with evaluation); [relabel] trains references on parts of them and needs at least {min}: give more clean rows, or set relabel.enabled = false"),
@@ -406,17 +396,18 @@ impl DefendConfig {
     }
 
     /// The clean rows' text hashes to drop (`data.drop_overlap`): those shared with the
-    /// evaluation splits, refused unless dropping was asked for.
-    fn clean_overlap(&self) -> Result<std::collections::BTreeSet<[u8; 32]>> {
+    /// evaluation splits, refused unless dropping was asked for; and how many clean rows remain.
+    fn clean_overlap(&self) -> Result<(std::collections::BTreeSet<[u8; 32]>, usize)> {
         let mut drop = std::collections::BTreeSet::new();
         if self.data.clean.is_empty() {
-            return Ok(drop);
+            return Ok((drop, 0));
         }
-        let clean = crate::steps::unlearn::text_hashes(&self.spec_filtered(
+        let rows = crate::steps::unlearn::row_text_hashes(&self.spec_filtered(
             &self.data.clean,
             false,
             self.data.clean_filter.as_ref(),
         ))?;
+        let clean: std::collections::BTreeSet<[u8; 32]> = rows.iter().copied().collect();
         for spec in self.eval_specs(false) {
             let split = spec.inputs.join(",");
             let shared: Vec<[u8; 32]> = crate::steps::unlearn::text_hashes(&spec)?
@@ -440,7 +431,8 @@ impl DefendConfig {
                 "dropping clean rows that also occur in the evaluation splits"
             );
         }
-        Ok(drop)
+        let kept = rows.iter().filter(|h| !drop.contains(*h)).count();
+        Ok((drop, kept))
     }
 }
 

@@ -111,8 +111,8 @@ pub struct DefendReport {
     /// The verified triggers rechecked on the repaired model.
     pub residual: Option<BTreeMap<String, Residual>>,
     /// The labels tested against clean references (`None`: not run, because verification
-    /// confirmed a trigger or did not run); with a target, the repaired model is the victim
-    /// tuned on the rows they relabelled.
+    /// confirmed a trigger or did not run); when it relabelled rows, the repaired model is the
+    /// victim tuned on them.
     pub relabel: Option<crate::steps::relabel::RelabelReport>,
     /// Every step and what happened to it.
     pub steps: Vec<StepRecord>,
@@ -822,5 +822,41 @@ mod tests {
             serde_json::to_value(&empty).unwrap()
         );
         assert_eq!((d.seed, d.device.as_str()), (42, "auto"));
+    }
+
+    /// With nothing verified, the note says what the labels' test did: no target, a target with
+    /// no row doubted enough (nothing tuned), or rows relabelled and the victim tuned.
+    #[test]
+    fn the_repair_note_says_what_the_labels_test_did() {
+        let report =
+            |target: Option<i64>, relabelled: usize| crate::steps::relabel::RelabelReport {
+                command: "relabel".into(),
+                version: String::new(),
+                out: PathBuf::new(),
+                model: PathBuf::new(),
+                rows: 10,
+                clean_rows: 20,
+                reference_accuracy: 0.9,
+                classes: vec![],
+                target,
+                relabelled,
+                corpus_file: None,
+                params: Default::default(),
+                seed: 42,
+                seconds: 0.0,
+            };
+        let none = Some(vec![]);
+        let note = |r: Option<&crate::steps::relabel::RelabelReport>| {
+            repair_note(&none, 0, &None, r).unwrap()
+        };
+        assert!(note(None).contains("embeddings were not repaired"));
+        assert!(note(Some(&report(None, 0))).contains("no less reliable"));
+        assert!(note(Some(&report(Some(1), 0))).contains("none of its rows enough"));
+        assert!(note(Some(&report(Some(1), 5))).contains("tuned on the rows they relabelled"));
+        // A verified trigger: the labels' test is not the note's business.
+        assert_eq!(
+            repair_note(&Some(vec!["cf".into()]), 384, &None, None),
+            None
+        );
     }
 }

@@ -398,15 +398,18 @@ impl UnlearnJob {
 
 /// The text hashes ([`crate::io::corpus::text_sha256`]) of every row of a corpus.
 pub fn text_hashes(spec: &CorpusSpec) -> Result<BTreeSet<[u8; 32]>> {
-    let mut out = BTreeSet::new();
+    Ok(row_text_hashes(spec)?.into_iter().collect())
+}
+
+/// The text hash of each row of a corpus, in order (duplicates kept).
+pub fn row_text_hashes(spec: &CorpusSpec) -> Result<Vec<[u8; 32]>> {
+    let mut out = Vec::new();
     let spec = CorpusSpec {
         label_col: None,
         ..spec.clone()
     };
     read_corpus(&spec, |b| {
-        for t in &b.texts {
-            out.insert(crate::io::corpus::text_sha256(t));
-        }
+        out.extend(b.texts.iter().map(|t| crate::io::corpus::text_sha256(t)));
         Ok(())
     })?;
     Ok(out)
