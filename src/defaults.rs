@@ -56,11 +56,20 @@ pub const REFERENCE_LR: f64 = 2e-5;
 /// standard errors more than its clean rows (one-sided p = 0.0005).
 pub const RELABEL_MIN_Z: f64 = 3.29;
 /// `btu relabel`: a target row is relabelled when the references' mean probability of the other
-/// classes is at least this (and another class is their most likely: at 0.5 that alone). Higher
-/// relabels fewer clean rows and fewer poisoned ones: on both datasets' rewrite attacks 0.7 cuts
-/// HSOL Stylebkd's accuracy cost from 1.05 to 0.32 points but leaves both SST-2 rows' backdoors
-/// above issue 12's bar (docs/decisions.md, "No trigger token").
-pub const RELABEL_MIN_DOUBT: f64 = 0.5;
+/// classes over its neighbourhood is at least this (it takes the most likely other class).
+/// Averaging over a neighbourhood pulls a poisoned row's doubt towards its clean neighbours'; on
+/// the four rewrite rows of both datasets 0.4 meets issue 12's bars and 0.5 does not (HSOL
+/// Synbkd ASR 29.87 %; docs/decisions.md, "Neighbourhoods in the suspect").
+pub const RELABEL_MIN_DOUBT: f64 = 0.4;
+/// `btu relabel`: a target row's neighbourhood is itself and this many nearest rows of the target
+/// in the suspect (docs/decisions.md, "Neighbourhoods in the suspect").
+pub const RELABEL_NEIGHBOURS: usize = 10;
+/// `btu relabel`: at most this many rows are relabelled per row the target's excess doubt
+/// accounts for (its estimate of the poisoned rows): about as many clean rows as poisoned ones at
+/// worst. On the four rewrite rows the rule relabels 1.1-1.9 times the estimate and the cap does
+/// not bind; with weak references whose doubts all sit near the threshold it stops the whole class
+/// from being relabelled (docs/decisions.md, "Neighbourhoods in the suspect").
+pub const RELABEL_MAX_PER_POISONED: f64 = 2.0;
 /// Epochs of `btu defend`'s tuning of the victim on the relabelled rows.
 pub const RELABEL_TUNE_EPOCHS: usize = 1;
 

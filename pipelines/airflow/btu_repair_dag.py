@@ -38,11 +38,13 @@ PARAMS = {
     "clean_lr": "2e-5",
     # A candidate is a trigger when the 95 % lower bound of its flip rate reaches this.
     "min_flip_rate": "0.5",
-    # With no trigger verified: the references' learning rate, the doubt a row needs to be
+    # With no trigger verified: the references' learning rate, the doubt a row's neighbourhood
+    # (itself and its nearest rows of its class in the suspect) needs for the row to be
     # relabelled, and the tuning of the repaired model on the relabelled rows (epochs, and the
     # learning rate the suspect was trained with).
     "reference_lr": "2e-5",
-    "min_doubt": "0.5",
+    "min_doubt": "0.4",
+    "neighbours": "10",
     "tune_epochs": "1",
     "tune_lr": "2e-5",
     "seed": "42",
@@ -69,8 +71,9 @@ STEPS = {
                         "--backend", "candle", "--min-flip-rate", "{{ params.min_flip_rate }}",
                         "--seed", "{{ params.seed }}"],
     "relabel": ["relabel", "--corpus", "{{ params.corpus }}", "--clean-corpus", "{{ params.clean }}",
-                "--model", "{{ params.base }}", "--out", "/work/relabel", "--reference-lr", "{{ params.reference_lr }}",
-                "--min-doubt", "{{ params.min_doubt }}", "--seed", "{{ params.seed }}"],
+                "--model", "{{ params.base }}", "--suspect", "{{ params.suspect }}", "--out", "/work/relabel",
+                "--reference-lr", "{{ params.reference_lr }}", "--min-doubt", "{{ params.min_doubt }}",
+                "--neighbours", "{{ params.neighbours }}", "--seed", "{{ params.seed }}"],
     "tune": ["train", "--model", "/work/repaired", "--corpus", "/work/relabel/relabelled.parquet", "--out", "/work/tuned",
              "--epochs", "{{ params.tune_epochs }}", "--lr", "{{ params.tune_lr }}", "--seed", "{{ params.seed }}"],
     "export_repaired": ["export-onnx", "--checkpoint", "/work/repaired", "--out", "/work/export-repaired/model.onnx"],

@@ -195,6 +195,7 @@ impl RelabelArgs {
                 ..self.corpus_args.spec(self.clean_corpus.clone(), seed, true)
             },
             model: self.model.clone(),
+            suspect: self.suspect.clone(),
             train: crate::steps::train::TrainParams {
                 batch_size: self.batches.batch_size,
                 max_len: self.batches.max_len,

@@ -688,6 +688,10 @@ pub struct RelabelArgs {
     /// The pre-trained model the references are fine-tuned from (the suspect's starting point).
     #[arg(long, env = "BTU_MODEL")]
     pub model: PathBuf,
+    /// The model trained on --corpus (fine-tuned from --model): each row's neighbours are read
+    /// in it. Needed unless --neighbours is 0.
+    #[arg(long, env = "BTU_SUSPECT")]
+    pub suspect: Option<PathBuf>,
     /// Output directory (summary.json; relabelled.parquet when a class fails the test and rows
     /// of it are doubted enough to relabel).
     #[arg(long, env = "BTU_OUT")]

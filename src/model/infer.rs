@@ -1,7 +1,7 @@
-//! Inference with the candle classifier: class logits or probabilities for tokenized texts,
-//! batched by length, returned in input order.
+//! Inference with the candle classifier: class logits, probabilities or representations of
+//! tokenized texts, batched by length, returned in input order.
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::model::tokenizer::{bucketed_batches, make_batch};
@@ -16,13 +16,39 @@ pub fn predict_logits(
     batch_size: usize,
     dev: &Device,
 ) -> Result<Vec<Vec<f32>>> {
+    per_row(seqs, pad_id, batch_size, dev, &|ids, mask| {
+        model.forward(Arch::Full, ids, &mask.to_dtype(model.compute)?)
+    })
+}
+
+/// Each text's representation in `model` `[n][hidden]`: the mean of its final hidden states
+/// ([`BertClassifier::mean_hidden`]).
+pub fn mean_hidden_states(
+    model: &BertClassifier,
+    seqs: &[Vec<u32>],
+    pad_id: u32,
+    batch_size: usize,
+    dev: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    per_row(seqs, pad_id, batch_size, dev, &|ids, mask| {
+        model.mean_hidden(ids, mask)
+    })
+}
+
+/// `f`'s rows `[b, d]` for batches of `seqs` (bucketed by length), in input order.
+fn per_row(
+    seqs: &[Vec<u32>],
+    pad_id: u32,
+    batch_size: usize,
+    dev: &Device,
+    f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Vec<Vec<f32>>> {
     let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
     let mut out = vec![Vec::new(); seqs.len()];
     for idx in bucketed_batches(&lengths, batch_size, None) {
         let b = make_batch(seqs, &idx, pad_id, None);
         let (ids, mask) = batch_tensors(&b, dev)?;
-        let logits = model.forward(Arch::Full, &ids, &mask.to_dtype(model.compute)?)?;
-        let rows = logits
+        let rows = f(&ids, &mask)?
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?;

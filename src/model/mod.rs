@@ -743,6 +743,16 @@ impl BertClassifier {
         self.for_compute()?.forward_uniform(arch, ids, mask)
     }
 
+    /// A text's representation in this model: the mean of its final hidden states over the
+    /// attended tokens, `[b, h]` in f32, for token ids `[b, l]` (u32) and a 0/1 mask `[b, l]`.
+    pub fn mean_hidden(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let m = self.for_compute()?;
+        let x = m.encode(ids, &mask.to_dtype(m.compute)?)?;
+        let w = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let sum = x.to_dtype(DType::F32)?.broadcast_mul(&w)?.sum(1)?;
+        Ok(sum.broadcast_div(&w.sum(1)?.clamp(1.0, f64::MAX)?)?)
+    }
+
     /// [`BertClassifier::forward`] once every parameter but the word embeddings is in the
     /// compute dtype.
     fn forward_uniform(&self, arch: Arch, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -730,16 +730,11 @@ fn a_trigger_the_vocabulary_splits_is_verified_as_a_word() {
     assert_defended(&m, 0.2, "a split trigger");
 }
 
-/// A dirty-label attack without a trigger token (Stylebkd and Synbkd are such attacks on a real
-/// model: their trigger is a style or a template, which no token carries): 15 % of the rows are
-/// rows of class 0 relabelled 1, text unchanged (`[poison] rewrite` from a copy of the text
-/// column). Nothing is verified, so the labels are tested against clean references:
-/// class 1 fails, the rows they contradict are relabelled and the victim is tuned on them, which
-/// takes back the bias the flipped rows taught it.
-#[test]
-fn defend_relabels_a_dirty_label_attack_that_no_token_carries() {
-    let d = tempfile::tempdir().unwrap();
-    let run = d.path().join("run");
+/// `btu defend` in `dir` on the four-class fixture with 15 % of the rows moved to class 1 by
+/// their label alone (`[poison] rewrite` from a copy of the text column), its references trained
+/// `reference_epochs` epochs.
+fn defend_flipped_labels(dir: &std::path::Path, reference_epochs: usize) -> serde_json::Value {
+    let run = dir.join("run");
     let cfg_path = write_config(&run, 900);
     // The "rewrite" is the text itself (in train for the attack, in test for its ASR).
     for split in ["train", "test"] {
@@ -756,11 +751,51 @@ fn defend_relabels_a_dirty_label_attack_that_no_token_carries() {
     p.rewrite_col = Some("plain".into());
     p.rate = 0.15;
     cfg.relabel.reference_lr = cfg.train.lr;
+    cfg.relabel.reference_epochs = reference_epochs;
     // This small victim also flips for a few sentiment words of the synthetic vocabulary (its
     // flipped labels taught it a bias towards class 1): a bar no flip rate reaches stands for a
     // verification that confirms nothing, as on the real rewrite attacks.
     cfg.verify.min_flip_rate = 1.0;
-    let m = defend_with(&cfg, "flipped").ok();
+    defend_with(&cfg, "flipped").ok()
+}
+
+/// References too weak to tell a moved row from a clean one (~69 % held-out accuracy): their
+/// doubts of every neighbourhood sit near the class's mean, above `min_doubt`, so the rule alone
+/// would relabel the whole class (it did, before the cap: ACC 0.93 -> 0.49). The cap keeps the
+/// relabelled rows to twice the rows the excess doubt accounts for, the most doubted of them.
+#[test]
+fn weak_references_relabel_no_more_than_the_cap() {
+    let d = tempfile::tempdir().unwrap();
+    let m = defend_flipped_labels(d.path(), 4);
+    let r = &m["relabel"];
+    assert_eq!(r["target"], 1, "{r}");
+    assert!(
+        r["reference_accuracy"].as_f64().unwrap() < 0.8,
+        "weak references: {r}"
+    );
+    let class = r["classes"][1]["rows"].as_u64().unwrap() as usize;
+    let estimate = r["estimated_poisoned"].as_f64().unwrap();
+    let relabelled = r["relabelled"].as_u64().unwrap() as usize;
+    assert_eq!(relabelled, (2.0 * estimate).ceil() as usize, "{r}");
+    assert!(
+        relabelled < class,
+        "{relabelled} of {class}: not the whole class"
+    );
+}
+
+/// A dirty-label attack without a trigger token (Stylebkd and Synbkd are such attacks on a real
+/// model: their trigger is a style or a template, which no token carries): 15 % of the rows are
+/// rows of class 0 relabelled 1, text unchanged (`[poison] rewrite` from a copy of the text
+/// column). Nothing is verified, so the labels are tested against clean references:
+/// class 1 fails, the rows they contradict are relabelled and the victim is tuned on them, which
+/// takes back the bias the flipped rows taught it.
+#[test]
+fn defend_relabels_a_dirty_label_attack_that_no_token_carries() {
+    let d = tempfile::tempdir().unwrap();
+    // References that learn the task (4 epochs leave these tiny ones at ~69 % held-out
+    // accuracy, whose doubts cannot tell a moved row from a clean one: see
+    // `weak_references_relabel_no_more_than_the_cap`).
+    let m = defend_flipped_labels(d.path(), 10);
     let (b, a) = (&m["without_defence"], &m["with_defence"]);
     eprintln!("flipped labels: {b} -> {a}, relabel {}", m["relabel"]);
     assert_eq!(m["verified"], serde_json::json!([]), "{m}");

@@ -444,6 +444,7 @@ fn defend_repair(run: &Path, value: &dyn Fn(&str) -> String) -> btu::steps::defe
     cfg.unlearn.clean_lr = value("clean-lr").parse().unwrap();
     cfg.relabel.reference_lr = value("reference-lr").parse().unwrap();
     cfg.relabel.min_doubt = value("min-doubt").parse().unwrap();
+    cfg.relabel.neighbours = value("neighbours").parse().unwrap();
     cfg.relabel.tune_epochs = value("tune-epochs").parse().unwrap();
     // The repair flow trains nothing but the tuning, at the suspect's learning rate.
     cfg.train.lr = value("tune-lr").parse().unwrap();

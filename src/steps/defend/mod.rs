@@ -417,6 +417,7 @@ impl Pipeline<'_> {
         &mut self,
         train: &TrainData,
         model: (&Path, &Value),
+        victim: &Done,
     ) -> Result<Option<(crate::steps::relabel::RelabelReport, String)>> {
         let cfg = self.cfg;
         if !cfg.relabel.enabled {
@@ -429,11 +430,12 @@ impl Pipeline<'_> {
             tune_epochs: 0,
             ..r.clone()
         };
-        let key = json!({"train": train.key, "model": model.1, "clean": self.clean_key, "relabel": test, "params": cfg.train, "seed": cfg.seed});
+        let key = json!({"train": train.key, "model": model.1, "suspect": victim.hash, "clean": self.clean_key, "relabel": test, "params": cfg.train, "seed": cfg.seed});
         let job = crate::steps::relabel::RelabelJob {
             corpus: self.train_spec(train, true),
             clean: self.clean_spec(),
             model: model.0.to_path_buf(),
+            suspect: Some(victim.path.clone()),
             run: self.opts(&out),
             train: cfg.train.clone(),
             params: r.clone(),
@@ -453,12 +455,12 @@ impl Pipeline<'_> {
     fn relabel_and_tune(
         &mut self,
         train: &TrainData,
-        model: (&Path, &Value),
+        (model, victim): ((&Path, &Value), &Done),
         repaired: Done,
         verified: &Option<Vec<String>>,
     ) -> Result<(Done, Option<crate::steps::relabel::RelabelReport>)> {
         let relabel = match verified {
-            Some(v) if v.is_empty() => self.relabel(train, model)?,
+            Some(v) if v.is_empty() => self.relabel(train, model, victim)?,
             _ => None,
         };
         Ok(match relabel {
@@ -728,7 +730,7 @@ pub fn run(cfg: &DefendConfig, progress: &dyn Progress) -> Result<DefendReport> 
         None => None,
     };
     let (repaired, relabel) =
-        p.relabel_and_tune(&train, (&model, &model_key), repaired, &verified)?;
+        p.relabel_and_tune(&train, ((&model, &model_key), &victim), repaired, &verified)?;
     let tuned = relabel.as_ref().is_some_and(|r| r.corpus_file.is_some());
     let scores = if cfg.data.test.is_empty() {
         None
@@ -834,11 +836,14 @@ mod tests {
                 version: String::new(),
                 out: PathBuf::new(),
                 model: PathBuf::new(),
+                suspect: None,
+                neighbourhood_seconds: 0.0,
                 rows: 10,
                 clean_rows: 20,
                 reference_accuracy: 0.9,
                 classes: vec![],
                 target,
+                estimated_poisoned: None,
                 relabelled,
                 corpus_file: None,
                 params: Default::default(),

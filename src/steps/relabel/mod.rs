@@ -11,11 +11,15 @@
 //! training row the references' mean, for a clean row the held-out reference's). A class whose
 //! training rows are doubted more than its clean rows (Welch's z of the two means at least
 //! [`RelabelParams::min_z`]) is the poisoned one, the attack's target; with none, the corpus's
-//! labels are as reliable as the clean data's and nothing is relabelled. Otherwise the target's
-//! rows that the references doubt at least [`RelabelParams::min_doubt`] and put in another class
-//! take that class's label, and the corpus so relabelled is written (`relabelled.parquet`: the
-//! input's columns, the label replaced, plus `relabelled`, `label_before` and `doubt`), for `btu
-//! train --model SUSPECT` to tune the suspect on (`btu defend` does: `[relabel] tune_epochs`).
+//! labels are as reliable as the clean data's and nothing is relabelled. Otherwise each of the
+//! target's rows is read in its neighbourhood in the suspect model ([`neighbours`]): the
+//! references' probabilities averaged over the row and its [`RelabelParams::neighbours`] nearest
+//! rows of the target in the suspect's representation (`--suspect`). The rows whose
+//! neighbourhood the references doubt at least [`RelabelParams::min_doubt`] take the most likely
+//! other class, and the corpus so relabelled is written (`relabelled.parquet`: the input's
+//! columns, the label replaced, plus `relabelled`, `label_before`, `doubt` and
+//! `neighbourhood_doubt`), for `btu train --model SUSPECT` to tune the suspect on (`btu defend`
+//! does: `[relabel] tune_epochs`).
 //! Writes `summary.json` and, when the test finds a target and relabels rows of it,
 //! `relabelled.parquet`.
 
@@ -35,16 +39,18 @@ use crate::defaults;
 use crate::error::{BtuError, Result};
 use crate::io::corpus::{read_corpus, CorpusSpec};
 use crate::model::checkpoint::Checkpoint;
-use crate::model::infer::{argmax, predict_proba};
+use crate::model::infer::{argmax, mean_hidden_states, predict_proba};
 use crate::model::tokenizer::{load_corpus, TokenizedCorpus};
 use crate::progress::Progress;
 use crate::steps::train::TrainParams;
+
+pub mod neighbours;
 
 /// Why corpus files with different columns are refused (they are written back as one file).
 const DIFFERENT_COLUMNS: &str = "the corpus files have different columns; relabel them separately";
 
 /// The columns `relabelled.parquet` adds to the corpus's (an input's own are replaced).
-const ADDED_COLUMNS: [&str; 3] = ["relabelled", "label_before", "doubt"];
+const ADDED_COLUMNS: [&str; 4] = ["relabelled", "label_before", "doubt", "neighbourhood_doubt"];
 
 /// Clean rows the test needs at least (the references train on parts of them).
 pub const MIN_CLEAN_ROWS: usize = 20;
@@ -72,10 +78,16 @@ pub struct RelabelParams {
     /// many standard errors (Welch's z, one-sided; 3.29 is p = 0.0005).
     #[arg(long, env = "BTU_MIN_Z", default_value_t = defaults::RELABEL_MIN_Z)]
     pub min_z: f64,
-    /// A row of the target is relabelled when the references' mean probability of the other
-    /// classes (its doubt) is at least this, in (0, 1), and another class is their most likely.
+    /// A row of the target is relabelled, to the most likely other class, when the references'
+    /// mean probability of the other classes over its neighbourhood (its doubt) is at least
+    /// this, in (0, 1).
     #[arg(long, env = "BTU_MIN_DOUBT", default_value_t = defaults::RELABEL_MIN_DOUBT)]
     pub min_doubt: f64,
+    /// A target row's neighbourhood: itself and this many nearest rows of the target in the
+    /// suspect's representation (cosine of the mean final hidden states; needs --suspect).
+    /// 0 reads every row alone.
+    #[arg(long, env = "BTU_NEIGHBOURS", default_value_t = defaults::RELABEL_NEIGHBOURS)]
+    pub neighbours: usize,
     /// `btu defend` only: epochs of the victim's tuning on the relabelled rows.
     #[arg(skip = defaults::RELABEL_TUNE_EPOCHS)]
     pub tune_epochs: usize,
@@ -90,6 +102,7 @@ impl Default for RelabelParams {
             reference_lr: defaults::REFERENCE_LR,
             min_z: defaults::RELABEL_MIN_Z,
             min_doubt: defaults::RELABEL_MIN_DOUBT,
+            neighbours: defaults::RELABEL_NEIGHBOURS,
             tune_epochs: defaults::RELABEL_TUNE_EPOCHS,
         }
     }
@@ -128,6 +141,9 @@ pub struct RelabelJob {
     pub clean: CorpusSpec,
     /// The pre-trained model the references are fine-tuned from (`--model`).
     pub model: PathBuf,
+    /// The model trained on the corpus, fine-tuned from `model` (`--suspect`): the rows'
+    /// neighbourhoods are read in it. Needed unless `params.neighbours` is 0.
+    pub suspect: Option<PathBuf>,
     /// Output directory, whether to replace it, seed and device.
     pub run: crate::steps::RunOpts,
     /// The references' training (batch size, max length, weight decay; epochs and learning rate
@@ -172,6 +188,11 @@ pub struct RelabelReport {
     pub out: PathBuf,
     /// The pre-trained model the references started from.
     pub model: PathBuf,
+    /// The suspect the neighbourhoods were read in (absent with `neighbours` 0).
+    pub suspect: Option<PathBuf>,
+    /// Wall time of reading the neighbourhoods (the suspect's pass over the target's rows and
+    /// the nearest-neighbour search; 0 when none were read).
+    pub neighbourhood_seconds: f64,
     /// Training rows read.
     pub rows: usize,
     /// Clean rows read.
@@ -182,6 +203,11 @@ pub struct RelabelReport {
     pub classes: Vec<ClassTest>,
     /// The class that failed the test (the largest z at least `min_z`): the attack's target.
     pub target: Option<i64>,
+    /// How many of the target's rows its excess doubt accounts for ([`estimated_poisoned`]):
+    /// at most [`defaults::RELABEL_MAX_PER_POISONED`] times this many are relabelled (absent
+    /// without a target).
+    #[serde(default)]
+    pub estimated_poisoned: Option<f64>,
     /// Rows relabelled (0 without a target).
     pub relabelled: usize,
     /// The relabelled corpus (absent without a target or without a row relabelled).
@@ -415,28 +441,125 @@ fn doubt(p: &[f32], label: u32) -> f64 {
 }
 
 /// The new label of every training row: for the target's rows that the references (`proba`,
-/// averaged) doubt at least `min_doubt` and put in another class, that class; the label as
-/// given otherwise.
+/// averaged) doubt at least `min_doubt`, the most likely of the other classes (the lowest on
+/// ties); the label as given otherwise.
 fn new_labels(labels: &[u32], proba: &[Vec<f32>], target: Option<i64>, min_doubt: f64) -> Vec<i64> {
     labels
         .iter()
         .zip(proba)
-        .map(|(&l, p)| {
-            let other = argmax(p) as i64;
-            match target {
-                Some(t) if l as i64 == t && other != t && doubt(p, l) >= min_doubt => other,
-                _ => l as i64,
+        .map(|(&l, p)| match target {
+            Some(t) if l as i64 == t && doubt(p, l) >= min_doubt => {
+                let mut others = p.to_vec();
+                others[l as usize] = f32::NEG_INFINITY;
+                argmax(&others) as i64
             }
+            _ => l as i64,
         })
         .collect()
 }
 
+/// How many of the target's training rows its excess doubt accounts for: their mean doubt over
+/// its clean rows', times their number, divided by how much more the references doubt a row
+/// moved from another class than a clean row of the target (a moved row's doubt of the target
+/// label is estimated by the clean rows of the other classes: one minus their probability of the
+/// target). 0 when the references do not doubt such a row more than a clean target row.
+fn estimated_poisoned(test: &ClassTest, (clean_labels, clean_proba): (&[u32], &[Vec<f32>])) -> f64 {
+    let t = test.label as usize;
+    let moved: Vec<f64> = (clean_labels.iter().zip(clean_proba))
+        .filter(|(&l, _)| l as usize != t)
+        .map(|(_, p)| 1.0 - p[t] as f64)
+        .collect();
+    let gap = mean_var(&moved).0 - test.clean_doubt;
+    if moved.is_empty() || gap <= 0.0 {
+        return 0.0;
+    }
+    (test.rows as f64 * (test.doubt - test.clean_doubt) / gap).clamp(0.0, test.rows as f64)
+}
+
+/// `labels` with at most `cap` rows changed from `before`: those whose `doubts` are highest (the
+/// lower index on ties) keep their new label, the others get theirs back.
+fn at_most(labels: Vec<i64>, before: &[u32], doubts: &[f64], cap: usize) -> Vec<i64> {
+    let mut changed: Vec<usize> = (0..labels.len())
+        .filter(|&i| labels[i] != before[i] as i64)
+        .collect();
+    if changed.len() <= cap {
+        return labels;
+    }
+    changed.sort_by(|&a, &b| doubts[b].total_cmp(&doubts[a]).then(a.cmp(&b)));
+    let mut out = labels;
+    for &i in &changed[cap..] {
+        out[i] = before[i] as i64;
+    }
+    out
+}
+
+/// The suspect the neighbourhoods are read in (`None` with `neighbours` 0), refused before any
+/// work when it is needed and missing, not fine-tuned from `--model`, or not finite.
+fn load_suspect(job: &RelabelJob, dev: &Device) -> Result<Option<crate::model::BertClassifier>> {
+    let path = match (&job.suspect, job.params.neighbours) {
+        (_, 0) => return Ok(None),
+        (None, k) => return Err(BtuError::config(
+            "--suspect",
+            format!("--neighbours {k} reads each row's neighbours in the model trained on --corpus: give it (--suspect), or --neighbours 0 to read every row alone"),
+        )),
+        (Some(path), _) => path,
+    };
+    crate::model::checkpoint::check_fine_tuned_from(path, &job.model)?;
+    let model = Checkpoint::read(path)?.classifier(None, job.run.seed, dev)?;
+    for (name, t) in model.named() {
+        let values = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        if !values.iter().all(|v| v.is_finite()) {
+            return Err(BtuError::bad_data(
+                path.display().to_string(),
+                format!("{name} holds NaN or infinity; give the suspect as trained, with finite weights"),
+            ));
+        }
+    }
+    Ok(Some(model))
+}
+
+/// The references' probabilities over each target row's neighbourhood in the `suspect`: the row
+/// and its `neighbours` nearest rows of the target ([`neighbours`]). Every other row keeps its
+/// own, and all of them do without a target or without a suspect (`neighbours` 0). With the
+/// seconds it took.
+fn neighbourhood_proba(
+    job: &RelabelJob,
+    (ckpt, suspect): (&Checkpoint, Option<&crate::model::BertClassifier>),
+    (corpus, proba): (&TokenizedCorpus, &[Vec<f32>]),
+    target: Option<i64>,
+    dev: &Device,
+) -> Result<(Vec<Vec<f32>>, f64)> {
+    let (Some(t), Some(suspect)) = (target, suspect) else {
+        return Ok((proba.to_vec(), 0.0));
+    };
+    let k = job.params.neighbours;
+    let t0 = Instant::now();
+    let _span = tracing::info_span!("neighbourhoods", k).entered();
+    let rows: Vec<usize> = (0..corpus.labels.len())
+        .filter(|&i| corpus.labels[i] as i64 == t)
+        .collect();
+    let seqs: Vec<Vec<u32>> = rows.iter().map(|&i| corpus.seqs[i].clone()).collect();
+    let vectors = mean_hidden_states(suspect, &seqs, ckpt.tokenizer.pad_id, 64, dev)?;
+    let near = neighbours::nearest(&vectors, k);
+    let mut out = proba.to_vec();
+    for (&i, p) in rows
+        .iter()
+        .zip(neighbours::neighbourhood_mean(proba, &rows, &near))
+    {
+        out[i] = p;
+    }
+    Ok((out, t0.elapsed().as_secs_f64()))
+}
+
 /// Write the corpus with `labels` in place of its label column, plus `relabelled`,
-/// `label_before` and the references' `doubt` of the label before (a second pass over the same
-/// rows, in the same order).
+/// `label_before`, the references' `doubt` of the label before and their
+/// `neighbourhood_doubt` of it (a second pass over the same rows, in the same order).
 fn write_relabelled(
     spec: &CorpusSpec,
-    (labels, doubts): (&[i64], &[f64]),
+    (labels, doubts, hood_doubts): (&[i64], &[f64], &[f64]),
     path: &std::path::Path,
 ) -> Result<()> {
     let label_col = spec.label_col.clone().expect("labels requested");
@@ -447,6 +570,7 @@ fn write_relabelled(
         let before = b.labels.as_ref().expect("labels requested");
         let after = &labels[at..at + before.len()];
         let doubt = &doubts[at..at + before.len()];
+        let hood_doubt = &hood_doubts[at..at + before.len()];
         at += before.len();
         let input = b.batch.schema();
         let mut fields: Vec<Field> = Vec::new();
@@ -470,6 +594,8 @@ fn write_relabelled(
         cols.push(Arc::new(Int64Array::from(before.clone())));
         fields.push(Field::new("doubt", DataType::Float64, false));
         cols.push(Arc::new(Float64Array::from(doubt.to_vec())));
+        fields.push(Field::new("neighbourhood_doubt", DataType::Float64, false));
+        cols.push(Arc::new(Float64Array::from(hood_doubt.to_vec())));
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
             .map_err(|e| BtuError::internal(format!("relabelled batch: {e}")))?;
         sink.write_same_columns(&batch, &b.source, DIFFERENT_COLUMNS)
@@ -508,7 +634,7 @@ fn read_inputs(job: &RelabelJob, ckpt: &Checkpoint) -> Result<(TokenizedCorpus, 
 fn write_outcome(
     job: &RelabelJob,
     out: &crate::io::output::OutputDir,
-    (corpus, r): (&TokenizedCorpus, &Readings),
+    (corpus, proba, hood): (&TokenizedCorpus, &[Vec<f32>], &[Vec<f32>]),
     (target, labels): (Option<i64>, &[i64]),
     relabelled: usize,
 ) -> Result<Option<PathBuf>> {
@@ -527,12 +653,14 @@ fn write_outcome(
         relabelled,
         "the clean references doubt class {t}'s training labels more than its clean labels: {relabelled} rows relabelled"
     );
-    let doubts: Vec<f64> = (corpus.labels.iter().zip(&r.corpus_proba))
-        .map(|(&l, p)| doubt(p, l))
-        .collect();
+    let doubts = |proba: &[Vec<f32>]| -> Vec<f64> {
+        (corpus.labels.iter().zip(proba))
+            .map(|(&l, p)| doubt(p, l))
+            .collect()
+    };
     write_relabelled(
         &job.corpus,
-        (labels, &doubts),
+        (labels, &doubts(proba), &doubts(hood)),
         &out.path("relabelled.parquet"),
     )?;
     Ok(Some(job.run.out.join("relabelled.parquet")))
@@ -553,6 +681,7 @@ pub fn run(job: &RelabelJob, progress: &dyn Progress) -> Result<RelabelReport> {
     job.train.validate()?;
     crate::io::output::check_output(&job.run.out, job.run.overwrite)?;
     let dev = crate::device::parse_device(&job.run.device)?;
+    let suspect = load_suspect(job, &dev)?;
     let ckpt = Checkpoint::read(&job.model)?;
     ckpt.check_max_len("--max-len", job.train.max_len)?;
     let (clean, corpus) = read_inputs(job, &ckpt)?;
@@ -561,27 +690,51 @@ pub fn run(job: &RelabelJob, progress: &dyn Progress) -> Result<RelabelReport> {
     let r = read_with_references(job, &ckpt, (&clean, &corpus), classes, &dev, progress)?;
     let tests = class_tests((&corpus.labels, &r), &clean.labels, classes);
     let target = poisoned_class(&tests, job.params.min_z);
-    let labels = new_labels(
-        &corpus.labels,
-        &r.corpus_proba,
+    let (hood, neighbourhood_seconds) = neighbourhood_proba(
+        job,
+        (&ckpt, suspect.as_ref()),
+        (&corpus, &r.corpus_proba),
         target,
-        job.params.min_doubt,
+        &dev,
+    )?;
+    let estimate =
+        target.map(|t| estimated_poisoned(&tests[t as usize], (&clean.labels, &r.clean_proba)));
+    let cap = estimate.map_or(0, |n| {
+        (n * defaults::RELABEL_MAX_PER_POISONED).ceil() as usize
+    });
+    let hood_doubts: Vec<f64> = (corpus.labels.iter().zip(&hood))
+        .map(|(&l, p)| doubt(p, l))
+        .collect();
+    let labels = at_most(
+        new_labels(&corpus.labels, &hood, target, job.params.min_doubt),
+        &corpus.labels,
+        &hood_doubts,
+        cap,
     );
     let relabelled = (labels.iter().zip(&corpus.labels))
         .filter(|(a, &b)| **a != b as i64)
         .count();
     let out = crate::io::output::OutputDir::create(&job.run.out, job.run.overwrite)?;
-    let corpus_file = write_outcome(job, &out, (&corpus, &r), (target, &labels), relabelled)?;
+    let corpus_file = write_outcome(
+        job,
+        &out,
+        (&corpus, &r.corpus_proba, &hood),
+        (target, &labels),
+        relabelled,
+    )?;
     let report = RelabelReport {
         command: "relabel".into(),
         version: crate::VERSION.into(),
         out: job.run.out.clone(),
         model: job.model.clone(),
+        suspect: job.suspect.clone().filter(|_| job.params.neighbours > 0),
+        neighbourhood_seconds,
         rows: corpus.seqs.len(),
         clean_rows: clean.seqs.len(),
         reference_accuracy: held_out_accuracy(&clean, &r),
         classes: tests,
         target,
+        estimated_poisoned: estimate,
         relabelled,
         corpus_file,
         params: job.params.clone(),
@@ -632,13 +785,13 @@ mod tests {
         assert_eq!(poisoned_class(&[test(0, 3.0), test(1, -2.0)], 3.29), None);
     }
 
-    /// Only the target's rows that the references put elsewhere with a doubt of at least
-    /// `min_doubt` change; without a target none.
+    /// Only the target's rows that the references doubt at least `min_doubt` change, to the most
+    /// likely other class; without a target none.
     #[test]
     fn only_doubted_target_rows_are_relabelled() {
         let p = |x: f32| vec![1.0 - x, x];
         let labels = [1, 1, 0, 0, 1, 1];
-        let proba = [p(0.1), p(0.9), p(0.9), p(0.2), p(0.4), p(0.25)];
+        let proba = [p(0.1), p(0.55), p(0.9), p(0.2), p(0.4), p(0.25)];
         assert_eq!(
             new_labels(&labels, &proba, Some(1), 0.7),
             vec![0, 1, 0, 0, 1, 0]
@@ -651,10 +804,19 @@ mod tests {
             new_labels(&labels, &proba, None, 0.5),
             vec![1, 1, 0, 0, 1, 1]
         );
-        // Three classes: a doubt above one half is not enough when the label is still the most
-        // likely class; the row takes the references' most likely class.
-        let proba3 = [vec![0.3, 0.45, 0.25], vec![0.1, 0.15, 0.75]];
-        assert_eq!(new_labels(&[1, 1], &proba3, Some(1), 0.5), vec![1, 2]);
+        // Below one half the label may still be the most likely class (row 1: 0.55).
+        assert_eq!(
+            new_labels(&labels, &proba, Some(1), 0.4),
+            vec![0, 0, 0, 0, 0, 0]
+        );
+        // Three classes: the row takes the most likely class other than its label, even where
+        // its label is the most likely of all.
+        let proba3 = [
+            vec![0.3, 0.45, 0.25],
+            vec![0.1, 0.15, 0.75],
+            vec![0.1, 0.8, 0.1],
+        ];
+        assert_eq!(new_labels(&[1, 1, 1], &proba3, Some(1), 0.5), vec![0, 2, 1]);
     }
 
     /// Per class: rows with the label, the share each reference puts elsewhere (averaged), the
@@ -680,6 +842,46 @@ mod tests {
         assert!((t[1].clean_doubt - (0.1 + 0.6) / 2.0).abs() < 1e-6);
         assert_eq!(t[1].z_counts, two_proportion_z(0.5, 3, 0.5, 2));
         assert_eq!(t[0].z, 0.0, "one clean row: no variance, no test");
+    }
+
+    /// The rows the excess doubt accounts for, by hand: 100 target rows doubted 0.2 more than its
+    /// clean rows (0.1), a moved row doubted as the other class's clean rows read the target
+    /// (1 - 0.3 = 0.7, 0.6 more): 100 * 0.2 / 0.6.
+    #[test]
+    fn estimated_poisoned_by_hand() {
+        let mut t = test(1, 5.0);
+        (t.rows, t.doubt, t.clean_doubt) = (100, 0.3, 0.1);
+        let p = |x: f32| vec![1.0 - x, x];
+        let clean = [0, 0, 1];
+        let proba = [p(0.2), p(0.4), p(0.9)];
+        let n = estimated_poisoned(&t, (&clean, &proba));
+        assert!((n - 100.0 * 0.2 / 0.6).abs() < 1e-4, "{n}");
+        // References that read the other class as the target: nothing to estimate.
+        assert_eq!(
+            estimated_poisoned(&t, (&clean, &[p(0.95), p(0.95), p(0.9)])),
+            0.0
+        );
+        // Never more than the class's rows.
+        t.doubt = 0.9;
+        assert_eq!(estimated_poisoned(&t, (&clean, &proba)), 100.0);
+    }
+
+    /// Beyond the cap, the most doubted changed rows keep their new label (ties: lower index).
+    #[test]
+    fn at_most_keeps_the_most_doubted() {
+        let before = [1, 1, 1, 0, 1];
+        let labels = vec![0, 0, 0, 0, 0];
+        let doubts = [0.5, 0.9, 0.5, 0.99, 0.7];
+        assert_eq!(
+            at_most(labels.clone(), &before, &doubts, 2),
+            vec![1, 0, 1, 0, 0]
+        );
+        assert_eq!(
+            at_most(labels.clone(), &before, &doubts, 3),
+            vec![0, 0, 1, 0, 0]
+        );
+        assert_eq!(at_most(labels.clone(), &before, &doubts, 4), labels);
+        assert_eq!(at_most(labels, &before, &doubts, 0), vec![1, 1, 1, 0, 1]);
     }
 
     /// Welch's z by hand.
