@@ -203,7 +203,7 @@ pub struct RelabelReport {
     pub classes: Vec<ClassTest>,
     /// The class that failed the test (the largest z at least `min_z`): the attack's target.
     pub target: Option<i64>,
-    /// How many of the target's rows its excess doubt accounts for ([`estimated_poisoned`]):
+    /// How many of the target's rows its excess doubt accounts for (an estimate of the poisoned):
     /// at most [`defaults::RELABEL_MAX_PER_POISONED`] times this many are relabelled (absent
     /// without a target).
     #[serde(default)]
