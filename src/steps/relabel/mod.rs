@@ -440,6 +440,13 @@ fn doubt(p: &[f32], label: u32) -> f64 {
     1.0 - p[label as usize] as f64
 }
 
+/// Every row's doubt of its label under `proba`.
+fn row_doubts(labels: &[u32], proba: &[Vec<f32>]) -> Vec<f64> {
+    (labels.iter().zip(proba))
+        .map(|(&l, p)| doubt(p, l))
+        .collect()
+}
+
 /// The new label of every training row: for the target's rows that the references (`proba`,
 /// averaged) doubt at least `min_doubt`, the most likely of the other classes (the lowest on
 /// ties); the label as given otherwise.
@@ -634,7 +641,7 @@ fn read_inputs(job: &RelabelJob, ckpt: &Checkpoint) -> Result<(TokenizedCorpus, 
 fn write_outcome(
     job: &RelabelJob,
     out: &crate::io::output::OutputDir,
-    (corpus, proba, hood): (&TokenizedCorpus, &[Vec<f32>], &[Vec<f32>]),
+    (corpus, proba, hood_doubts): (&TokenizedCorpus, &[Vec<f32>], &[f64]),
     (target, labels): (Option<i64>, &[i64]),
     relabelled: usize,
 ) -> Result<Option<PathBuf>> {
@@ -653,14 +660,9 @@ fn write_outcome(
         relabelled,
         "the clean references doubt class {t}'s training labels more than its clean labels: {relabelled} rows relabelled"
     );
-    let doubts = |proba: &[Vec<f32>]| -> Vec<f64> {
-        (corpus.labels.iter().zip(proba))
-            .map(|(&l, p)| doubt(p, l))
-            .collect()
-    };
     write_relabelled(
         &job.corpus,
-        (labels, &doubts(proba), &doubts(hood)),
+        (labels, &row_doubts(&corpus.labels, proba), hood_doubts),
         &out.path("relabelled.parquet"),
     )?;
     Ok(Some(job.run.out.join("relabelled.parquet")))
@@ -702,9 +704,7 @@ pub fn run(job: &RelabelJob, progress: &dyn Progress) -> Result<RelabelReport> {
     let cap = estimate.map_or(0, |n| {
         (n * defaults::RELABEL_MAX_PER_POISONED).ceil() as usize
     });
-    let hood_doubts: Vec<f64> = (corpus.labels.iter().zip(&hood))
-        .map(|(&l, p)| doubt(p, l))
-        .collect();
+    let hood_doubts = row_doubts(&corpus.labels, &hood);
     let labels = at_most(
         new_labels(&corpus.labels, &hood, target, job.params.min_doubt),
         &corpus.labels,
@@ -718,7 +718,7 @@ pub fn run(job: &RelabelJob, progress: &dyn Progress) -> Result<RelabelReport> {
     let corpus_file = write_outcome(
         job,
         &out,
-        (&corpus, &r.corpus_proba, &hood),
+        (&corpus, &r.corpus_proba, &hood_doubts),
         (target, &labels),
         relabelled,
     )?;
